@@ -1,0 +1,539 @@
+//! Forward mode with K tangents carried in one tensor (see [`crate::layout`]).
+
+use crate::layout::{from_canonical, split3, tangent_shape, to_canonical};
+use crate::ops::{Binary, Ops, Unary};
+use sofo_tensor::backend::{Cpu, Gemm, Kernels, Mat};
+use sofo_tensor::{Float, Result, Tensor, TensorError};
+
+/// A primal value and its K tangents (`None`: all tangents are zero).
+#[derive(Clone, Debug)]
+pub struct Dual<T: Float> {
+    pub primal: Tensor<T>,
+    pub tangent: Option<Tensor<T>>,
+}
+
+impl<T: Float> Dual<T> {
+    pub fn constant(primal: Tensor<T>) -> Self {
+        Dual {
+            primal,
+            tangent: None,
+        }
+    }
+}
+
+/// The forward-K engine. With `k = 0` nothing carries a tangent and it is a
+/// plain primal evaluator.
+#[derive(Debug, Clone, Copy)]
+pub struct Fwd {
+    k: usize,
+}
+
+impl Fwd {
+    pub fn new(k: usize) -> Self {
+        Fwd { k }
+    }
+    /// A primal-only evaluator.
+    pub fn primal() -> Self {
+        Fwd { k: 0 }
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// A value with given tangents (layout of [`crate::layout`]).
+    pub fn dual<T: Float>(&self, primal: Tensor<T>, tangent: Tensor<T>) -> Result<Dual<T>> {
+        let want = tangent_shape(primal.shape(), self.k);
+        if tangent.shape() != want.as_slice() {
+            return Err(TensorError::shape(
+                "Fwd::dual",
+                format!(
+                    "tangents {want:?} for a primal of shape {:?}",
+                    primal.shape()
+                ),
+                format!("{:?}", tangent.shape()),
+            ));
+        }
+        Ok(Dual {
+            primal,
+            tangent: Some(tangent),
+        })
+    }
+
+    fn canonical_or_zeros<T: Float>(&self, v: &Dual<T>) -> Result<Tensor<T>> {
+        let shape = v.primal.shape();
+        match &v.tangent {
+            Some(t) => to_canonical(t, shape, self.k),
+            None => {
+                let mut s = vec![self.k];
+                s.extend_from_slice(shape);
+                Ok(Tensor::zeros(&s))
+            }
+        }
+    }
+
+    /// The tangent rule of a linear op, applied in the canonical layout.
+    fn linear_rule<T: Float>(
+        &self,
+        primal: Tensor<T>,
+        inputs: &[&Dual<T>],
+        f: impl Fn(&[&Tensor<T>]) -> Result<Tensor<T>>,
+    ) -> Result<Dual<T>> {
+        if inputs.iter().all(|v| v.tangent.is_none()) {
+            return Ok(Dual::constant(primal));
+        }
+        let cs: Vec<Tensor<T>> = inputs
+            .iter()
+            .map(|v| self.canonical_or_zeros(v))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor<T>> = cs.iter().collect();
+        let tc = f(&refs)?;
+        let t = from_canonical(&tc, self.k)?;
+        Ok(Dual {
+            primal,
+            tangent: Some(t),
+        })
+    }
+}
+
+/// out[p, k, l] = d[p, l] · t[p, k, l]
+fn scale_rows<T: Float>(d: &[T], t: &Tensor<T>, k: usize, l: usize) -> Tensor<T> {
+    let mut out = Tensor::scratch(t.shape());
+    let src = t.data();
+    Cpu.for_rows(out.data_mut(), l, |i, row| {
+        let dr = &d[(i / k) * l..(i / k + 1) * l];
+        let sr = &src[i * l..(i + 1) * l];
+        for j in 0..l {
+            row[j] = dr[j] * sr[j];
+        }
+    });
+    out
+}
+
+impl<T: Float> Ops<T> for Fwd {
+    type V = Dual<T>;
+
+    fn constant(&mut self, t: Tensor<T>) -> Dual<T> {
+        Dual::constant(t)
+    }
+
+    fn value<'a>(&self, v: &'a Dual<T>) -> &'a Tensor<T> {
+        &v.primal
+    }
+
+    fn unary(&mut self, x: &Dual<T>, op: Unary) -> Result<Dual<T>> {
+        let y = x.primal.map(|v| op.apply(v));
+        let tangent = match &x.tangent {
+            None => None,
+            Some(t) => Some(match op {
+                Unary::AddScalar(_) => t.clone(),
+                Unary::Neg | Unary::MulScalar(_) => {
+                    let s = op.derivative(T::zero(), T::zero());
+                    t.scale(s)
+                }
+                _ => {
+                    let mut d = Tensor::scratch(x.primal.shape());
+                    Cpu.zip_into(x.primal.data(), y.data(), d.data_mut(), |a, b| {
+                        op.derivative(a, b)
+                    });
+                    let (_, k, l) = split3(x.primal.shape(), self.k);
+                    scale_rows(d.data(), t, k, l)
+                }
+            }),
+        };
+        Ok(Dual { primal: y, tangent })
+    }
+
+    fn binary(&mut self, a: &Dual<T>, b: &Dual<T>, op: Binary) -> Result<Dual<T>> {
+        let name = match op {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+            Binary::Div => "div",
+        };
+        let y = a
+            .primal
+            .broadcast_zip(&b.primal, name, |u, v| op.apply(u, v))?;
+        if a.tangent.is_none() && b.tangent.is_none() {
+            return Ok(Dual::constant(y));
+        }
+        // Partials ∂y/∂a and ∂y/∂b at the output's shape.
+        let shape = y.shape().to_vec();
+        let ab = a.primal.broadcast_to(&shape)?;
+        let bb = b.primal.broadcast_to(&shape)?;
+        let partial = |wrt_a: bool| -> Result<Tensor<T>> {
+            Ok(match (op, wrt_a) {
+                (Binary::Add, _) => Tensor::full(&shape, T::one()),
+                (Binary::Sub, true) => Tensor::full(&shape, T::one()),
+                (Binary::Sub, false) => Tensor::full(&shape, -T::one()),
+                (Binary::Mul, true) => bb.clone(),
+                (Binary::Mul, false) => ab.clone(),
+                (Binary::Div, true) => bb.map(|v| T::one() / v),
+                (Binary::Div, false) => ab.zip_map(&bb, "div", |u, v| -u / (v * v))?,
+            })
+        };
+        let (_, k, l) = split3(&shape, self.k);
+        let mut out: Option<Tensor<T>> = None;
+        for (v, wrt_a) in [(a, true), (b, false)] {
+            let Some(t) = &v.tangent else { continue };
+            // tangents of this operand at the output's shape, in layout
+            let tb = if v.primal.shape() == shape.as_slice() {
+                t.clone()
+            } else {
+                let c = to_canonical(t, v.primal.shape(), self.k)?;
+                let mut padded = vec![self.k];
+                padded.extend(std::iter::repeat_n(1, shape.len() - v.primal.rank()));
+                padded.extend_from_slice(v.primal.shape());
+                let mut full = vec![self.k];
+                full.extend_from_slice(&shape);
+                from_canonical(&c.reshape(&padded)?.broadcast_to(&full)?, self.k)?
+            };
+            let term = scale_rows(partial(wrt_a)?.data(), &tb, k, l);
+            out = Some(match out {
+                None => term,
+                Some(mut o) => {
+                    o.axpy(T::one(), &term)?;
+                    o
+                }
+            });
+        }
+        Ok(Dual {
+            primal: y,
+            tangent: out,
+        })
+    }
+
+    fn matmul(&mut self, a: &Dual<T>, b: &Dual<T>) -> Result<Dual<T>> {
+        let y = a.primal.matmul(&b.primal)?;
+        if a.tangent.is_none() && b.tangent.is_none() {
+            return Ok(Dual::constant(y));
+        }
+        let kdim = b.primal.shape()[0];
+        let n = b.primal.shape()[1];
+        let rows = a.primal.numel() / kdim.max(1);
+        let k = self.k;
+        let mut t = Tensor::scratch(&tangent_shape(y.shape(), k));
+        let mut written = false;
+        if let Some(at) = &a.tangent {
+            // ȧ · b over all R·K rows at once
+            Cpu.gemm(
+                Gemm::new(rows * k, n, kdim),
+                t.data_mut(),
+                Mat::row_major(n),
+                None,
+                at.data(),
+                Mat::row_major(kdim),
+                b.primal.data(),
+                Mat::row_major(n),
+                T::one(),
+            );
+            written = true;
+        }
+        if let Some(bt) = &b.tangent {
+            // a · [ḃ_1 … ḃ_K] as one GEMM; the result is already in layout
+            Cpu.gemm(
+                Gemm::new(rows, k * n, kdim),
+                t.data_mut(),
+                Mat::row_major(k * n),
+                written.then_some(T::one()),
+                a.primal.data(),
+                Mat::row_major(kdim),
+                bt.data(),
+                Mat::row_major(k * n),
+                T::one(),
+            );
+        }
+        Ok(Dual {
+            primal: y,
+            tangent: Some(t),
+        })
+    }
+
+    fn linear(
+        &mut self,
+        leak: Option<(&Dual<T>, T)>,
+        scale: T,
+        terms: &[(&Dual<T>, &Dual<T>)],
+        bias: Option<&Dual<T>>,
+    ) -> Result<Dual<T>> {
+        let (a0, w0) = terms
+            .first()
+            .ok_or_else(|| TensorError::arg("linear", "needs at least one (input, weight) term"))?;
+        if w0.primal.rank() != 2 {
+            return Err(TensorError::shape(
+                "linear",
+                "a weight of rank 2",
+                format!("{:?}", w0.primal.shape()),
+            ));
+        }
+        let n = w0.primal.shape()[1];
+        let mut out_shape = a0.primal.shape().to_vec();
+        if out_shape.is_empty() {
+            return Err(TensorError::shape(
+                "linear",
+                "an input of rank ≥ 1",
+                "a scalar",
+            ));
+        }
+        *out_shape.last_mut().unwrap() = n;
+        let rows: usize = out_shape[..out_shape.len() - 1].iter().product();
+        for (a, w) in terms {
+            let ra = a.primal.rank();
+            let ok = w.primal.rank() == 2
+                && ra == out_shape.len()
+                && a.primal.shape()[..ra - 1] == out_shape[..ra - 1]
+                && a.primal.shape()[ra - 1] == w.primal.shape()[0]
+                && w.primal.shape()[1] == n;
+            if !ok {
+                return Err(TensorError::shape(
+                    "linear",
+                    format!("input [.., k] and weight [k, {n}] giving {out_shape:?}"),
+                    format!("{:?} · {:?}", a.primal.shape(), w.primal.shape()),
+                ));
+            }
+        }
+        if let Some(b) = bias {
+            if b.primal.shape() != [n] {
+                return Err(TensorError::shape(
+                    "linear bias",
+                    format!("[{n}]"),
+                    format!("{:?}", b.primal.shape()),
+                ));
+            }
+        }
+        if let Some((x, _)) = leak {
+            if x.primal.shape() != out_shape.as_slice() {
+                return Err(TensorError::shape(
+                    "linear leak",
+                    format!("{out_shape:?}"),
+                    format!("{:?}", x.primal.shape()),
+                ));
+            }
+        }
+
+        // primal: init with leak and bias, then accumulate the products
+        let mut y = Tensor::scratch(&out_shape);
+        {
+            let bias_d = bias.map(|b| b.primal.data());
+            let x_d = leak.map(|(x, c)| (x.primal.data(), c));
+            Cpu.for_rows(y.data_mut(), n, |r, row| {
+                for j in 0..n {
+                    let mut v = match bias_d {
+                        Some(b) => scale * b[j],
+                        None => T::zero(),
+                    };
+                    if let Some((x, c)) = x_d {
+                        v += c * x[r * n + j];
+                    }
+                    row[j] = v;
+                }
+            });
+        }
+        for (a, w) in terms {
+            let kd = w.primal.shape()[0];
+            Cpu.gemm(
+                Gemm::new(rows, n, kd),
+                y.data_mut(),
+                Mat::row_major(n),
+                Some(T::one()),
+                a.primal.data(),
+                Mat::row_major(kd),
+                w.primal.data(),
+                Mat::row_major(n),
+                scale,
+            );
+        }
+
+        let any_tangent = terms
+            .iter()
+            .any(|(a, w)| a.tangent.is_some() || w.tangent.is_some())
+            || bias.is_some_and(|b| b.tangent.is_some())
+            || leak.is_some_and(|(x, _)| x.tangent.is_some());
+        if !any_tangent {
+            return Ok(Dual::constant(y));
+        }
+        let k = self.k;
+        let mut t = Tensor::scratch(&tangent_shape(&out_shape, k));
+        {
+            let bias_t = bias.and_then(|b| b.tangent.as_ref()).map(|t| t.data());
+            let x_t = leak.and_then(|(x, c)| x.tangent.as_ref().map(|t| (t.data(), c)));
+            // row i of the tangent is (batch row i / k, tangent i % k)
+            Cpu.for_rows(t.data_mut(), n, |i, row| {
+                let kk = i % k;
+                match (bias_t, x_t) {
+                    (None, None) => row.fill(T::zero()),
+                    (Some(b), None) => {
+                        let br = &b[kk * n..(kk + 1) * n];
+                        for j in 0..n {
+                            row[j] = scale * br[j];
+                        }
+                    }
+                    (None, Some((x, c))) => {
+                        let xr = &x[i * n..(i + 1) * n];
+                        for j in 0..n {
+                            row[j] = c * xr[j];
+                        }
+                    }
+                    (Some(b), Some((x, c))) => {
+                        let br = &b[kk * n..(kk + 1) * n];
+                        let xr = &x[i * n..(i + 1) * n];
+                        for j in 0..n {
+                            row[j] = c * xr[j] + scale * br[j];
+                        }
+                    }
+                }
+            });
+        }
+        for (a, w) in terms {
+            let kd = w.primal.shape()[0];
+            if let Some(at) = &a.tangent {
+                Cpu.gemm(
+                    Gemm::new(rows * k, n, kd),
+                    t.data_mut(),
+                    Mat::row_major(n),
+                    Some(T::one()),
+                    at.data(),
+                    Mat::row_major(kd),
+                    w.primal.data(),
+                    Mat::row_major(n),
+                    scale,
+                );
+            }
+            if let Some(wt) = &w.tangent {
+                Cpu.gemm(
+                    Gemm::new(rows, k * n, kd),
+                    t.data_mut(),
+                    Mat::row_major(k * n),
+                    Some(T::one()),
+                    a.primal.data(),
+                    Mat::row_major(kd),
+                    wt.data(),
+                    Mat::row_major(k * n),
+                    scale,
+                );
+            }
+        }
+        Ok(Dual {
+            primal: y,
+            tangent: Some(t),
+        })
+    }
+
+    fn sum(&mut self, x: &Dual<T>, axes: &[usize]) -> Result<Dual<T>> {
+        let y = x.primal.sum_axes(axes)?;
+        let shifted: Vec<usize> = axes.iter().map(|a| a + 1).collect();
+        self.linear_rule(y, &[x], |c| c[0].sum_axes(&shifted))
+    }
+
+    fn concat(&mut self, xs: &[&Dual<T>], axis: usize) -> Result<Dual<T>> {
+        let ps: Vec<&Tensor<T>> = xs.iter().map(|v| &v.primal).collect();
+        let y = Tensor::concat(&ps, axis)?;
+        self.linear_rule(y, xs, |c| Tensor::concat(c, axis + 1))
+    }
+
+    fn slice(&mut self, x: &Dual<T>, axis: usize, start: usize, len: usize) -> Result<Dual<T>> {
+        let y = x.primal.slice(axis, start, len)?;
+        self.linear_rule(y, &[x], |c| c[0].slice(axis + 1, start, len))
+    }
+
+    fn reshape(&mut self, x: &Dual<T>, shape: &[usize]) -> Result<Dual<T>> {
+        let y = x.primal.clone().reshape(shape)?;
+        let mut cs = vec![self.k];
+        cs.extend_from_slice(shape);
+        self.linear_rule(y, &[x], |c| c[0].clone().reshape(&cs))
+    }
+
+    fn transpose(&mut self, x: &Dual<T>, a: usize, b: usize) -> Result<Dual<T>> {
+        let y = x.primal.transpose(a, b)?;
+        if x.primal.rank() == 2 && a != b {
+            // [R, K, L] → [L, K, R] in one copy
+            let tangent = match &x.tangent {
+                None => None,
+                Some(t) => Some(t.permute(&[2, 1, 0])?),
+            };
+            return Ok(Dual { primal: y, tangent });
+        }
+        self.linear_rule(y, &[x], |c| c[0].transpose(a + 1, b + 1))
+    }
+
+    fn broadcast_to(&mut self, x: &Dual<T>, shape: &[usize]) -> Result<Dual<T>> {
+        let y = x.primal.broadcast_to(shape)?;
+        let mut padded = vec![self.k];
+        padded.extend(std::iter::repeat_n(1, shape.len() - x.primal.rank()));
+        padded.extend_from_slice(x.primal.shape());
+        let mut full = vec![self.k];
+        full.extend_from_slice(shape);
+        self.linear_rule(y, &[x], |c| {
+            c[0].clone().reshape(&padded)?.broadcast_to(&full)
+        })
+    }
+
+    fn softmax(&mut self, x: &Dual<T>) -> Result<Dual<T>> {
+        softmax_impl(self.k, x, false)
+    }
+
+    fn log_softmax(&mut self, x: &Dual<T>) -> Result<Dual<T>> {
+        softmax_impl(self.k, x, true)
+    }
+}
+
+fn softmax_impl<T: Float>(k: usize, x: &Dual<T>, log: bool) -> Result<Dual<T>> {
+    if x.primal.rank() == 0 {
+        return Err(TensorError::shape("softmax", "rank ≥ 1", "a scalar"));
+    }
+    let l = *x.primal.shape().last().unwrap();
+    // probabilities s (primal of softmax) and the output y
+    let mut s = Tensor::scratch(x.primal.shape());
+    let xd = x.primal.data();
+    Cpu.for_rows(s.data_mut(), l, |r, row| {
+        let xr = &xd[r * l..(r + 1) * l];
+        let m = xr.iter().fold(xr[0], |a, &b| a.max(b));
+        let mut z = T::zero();
+        for j in 0..l {
+            row[j] = (xr[j] - m).exp();
+            z += row[j];
+        }
+        for v in row.iter_mut() {
+            *v = *v / z;
+        }
+    });
+    let y = if log {
+        let mut y = Tensor::scratch(x.primal.shape());
+        Cpu.for_rows(y.data_mut(), l, |r, row| {
+            let xr = &xd[r * l..(r + 1) * l];
+            let m = xr.iter().fold(xr[0], |a, &b| a.max(b));
+            let z = xr.iter().fold(T::zero(), |a, &b| a + (b - m).exp());
+            let lz = m + z.ln();
+            for j in 0..l {
+                row[j] = xr[j] - lz;
+            }
+        });
+        y
+    } else {
+        s.clone()
+    };
+    let tangent = match &x.tangent {
+        None => None,
+        Some(t) => {
+            let mut out = Tensor::scratch(t.shape());
+            let sd = s.data();
+            let td = t.data();
+            Cpu.for_rows(out.data_mut(), l, |i, row| {
+                let sr = &sd[(i / k) * l..(i / k + 1) * l];
+                let tr = &td[i * l..(i + 1) * l];
+                let mut dot = T::zero();
+                for j in 0..l {
+                    dot += sr[j] * tr[j];
+                }
+                for j in 0..l {
+                    row[j] = if log {
+                        tr[j] - dot
+                    } else {
+                        sr[j] * (tr[j] - dot)
+                    };
+                }
+            });
+            Some(out)
+        }
+    };
+    Ok(Dual { primal: y, tangent })
+}

@@ -1,0 +1,194 @@
+use sofo_tensor::{Float, Result, Tensor};
+
+/// Elementwise unary ops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Unary {
+    Neg,
+    Exp,
+    Log,
+    Tanh,
+    Relu,
+    Softplus,
+    Sigmoid,
+    Square,
+    Sqrt,
+    AddScalar(f64),
+    MulScalar(f64),
+}
+
+impl Unary {
+    pub fn apply<T: Float>(self, x: T) -> T {
+        match self {
+            Unary::Neg => -x,
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Tanh => x.tanh(),
+            Unary::Relu => x.max(T::zero()),
+            Unary::Softplus => {
+                // log(1 + e^x) without overflow
+                x.max(T::zero()) + (T::one() + (-x.abs()).exp()).ln()
+            }
+            Unary::Sigmoid => sigmoid(x),
+            Unary::Square => x * x,
+            Unary::Sqrt => x.sqrt(),
+            Unary::AddScalar(s) => x + T::from_f64(s),
+            Unary::MulScalar(s) => x * T::from_f64(s),
+        }
+    }
+
+    /// dy/dx given the input `x` and the output `y`.
+    pub fn derivative<T: Float>(self, x: T, y: T) -> T {
+        let two = T::from_f64(2.0);
+        match self {
+            Unary::Neg => -T::one(),
+            Unary::Exp => y,
+            Unary::Log => T::one() / x,
+            Unary::Tanh => T::one() - y * y,
+            Unary::Relu => {
+                if x > T::zero() {
+                    T::one()
+                } else {
+                    T::zero()
+                }
+            }
+            Unary::Softplus => sigmoid(x),
+            Unary::Sigmoid => y * (T::one() - y),
+            Unary::Square => two * x,
+            Unary::Sqrt => T::one() / (two * y),
+            Unary::AddScalar(_) => T::one(),
+            Unary::MulScalar(s) => T::from_f64(s),
+        }
+    }
+
+    /// The derivative does not depend on x.
+    pub fn is_affine(self) -> bool {
+        matches!(self, Unary::Neg | Unary::AddScalar(_) | Unary::MulScalar(_))
+    }
+}
+
+fn sigmoid<T: Float>(x: T) -> T {
+    if x >= T::zero() {
+        T::one() / (T::one() + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (T::one() + e)
+    }
+}
+
+/// Elementwise binary ops (numpy broadcasting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl Binary {
+    pub fn apply<T: Float>(self, a: T, b: T) -> T {
+        match self {
+            Binary::Add => a + b,
+            Binary::Sub => a - b,
+            Binary::Mul => a * b,
+            Binary::Div => a / b,
+        }
+    }
+}
+
+/// The op vocabulary. Every model, loss and plant is written against it once.
+///
+/// Values are owned handles (`Self::V`); ops borrow their inputs and return a
+/// new value. Shapes follow the tensor layer: row-major, numpy broadcasting
+/// for the binary ops, `matmul` as [.., m, k] · [k, n].
+pub trait Ops<T: Float> {
+    type V;
+
+    /// A value that carries no derivative (data, targets, fixed weights).
+    fn constant(&mut self, t: Tensor<T>) -> Self::V;
+    /// The primal value.
+    fn value<'a>(&self, v: &'a Self::V) -> &'a Tensor<T>;
+
+    fn unary(&mut self, x: &Self::V, op: Unary) -> Result<Self::V>;
+    fn binary(&mut self, a: &Self::V, b: &Self::V, op: Binary) -> Result<Self::V>;
+    fn matmul(&mut self, a: &Self::V, b: &Self::V) -> Result<Self::V>;
+
+    /// The affine map of a rate network, fused:
+    /// `leak_c · x + scale · (Σ_i a_i · W_i + bias)` where `leak = Some((x, leak_c))`.
+    /// With `leak = None` it is `scale · (Σ_i a_i · W_i + bias)`.
+    fn linear(
+        &mut self,
+        leak: Option<(&Self::V, T)>,
+        scale: T,
+        terms: &[(&Self::V, &Self::V)],
+        bias: Option<&Self::V>,
+    ) -> Result<Self::V>;
+
+    /// Sum over `axes` (removed from the shape).
+    fn sum(&mut self, x: &Self::V, axes: &[usize]) -> Result<Self::V>;
+    fn concat(&mut self, xs: &[&Self::V], axis: usize) -> Result<Self::V>;
+    fn slice(&mut self, x: &Self::V, axis: usize, start: usize, len: usize) -> Result<Self::V>;
+    fn reshape(&mut self, x: &Self::V, shape: &[usize]) -> Result<Self::V>;
+    fn transpose(&mut self, x: &Self::V, a: usize, b: usize) -> Result<Self::V>;
+    fn broadcast_to(&mut self, x: &Self::V, shape: &[usize]) -> Result<Self::V>;
+    /// Softmax over the last axis.
+    fn softmax(&mut self, x: &Self::V) -> Result<Self::V>;
+    /// Log-softmax over the last axis.
+    fn log_softmax(&mut self, x: &Self::V) -> Result<Self::V>;
+
+    // Conveniences, all in terms of the ops above.
+    fn neg(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Neg)
+    }
+    fn exp(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Exp)
+    }
+    fn log(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Log)
+    }
+    fn tanh(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Tanh)
+    }
+    fn relu(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Relu)
+    }
+    fn softplus(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Softplus)
+    }
+    fn sigmoid(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Sigmoid)
+    }
+    fn square(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Square)
+    }
+    fn sqrt(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Sqrt)
+    }
+    fn add_scalar(&mut self, x: &Self::V, s: f64) -> Result<Self::V> {
+        self.unary(x, Unary::AddScalar(s))
+    }
+    fn mul_scalar(&mut self, x: &Self::V, s: f64) -> Result<Self::V> {
+        self.unary(x, Unary::MulScalar(s))
+    }
+    fn add(&mut self, a: &Self::V, b: &Self::V) -> Result<Self::V> {
+        self.binary(a, b, Binary::Add)
+    }
+    fn sub(&mut self, a: &Self::V, b: &Self::V) -> Result<Self::V> {
+        self.binary(a, b, Binary::Sub)
+    }
+    fn mul(&mut self, a: &Self::V, b: &Self::V) -> Result<Self::V> {
+        self.binary(a, b, Binary::Mul)
+    }
+    fn div(&mut self, a: &Self::V, b: &Self::V) -> Result<Self::V> {
+        self.binary(a, b, Binary::Div)
+    }
+    /// Mean over `axes`.
+    fn mean(&mut self, x: &Self::V, axes: &[usize]) -> Result<Self::V> {
+        let shape = self.value(x).shape().to_vec();
+        let n: usize = axes
+            .iter()
+            .map(|&a| shape.get(a).copied().unwrap_or(1))
+            .product();
+        let s = self.sum(x, axes)?;
+        self.mul_scalar(&s, 1.0 / n.max(1) as f64)
+    }
+}
