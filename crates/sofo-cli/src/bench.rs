@@ -1,0 +1,153 @@
+//! `sofo bench`: seconds per SOFO iteration on fixed configurations, the
+//! same ones the JAX anchor times (../shared/anchors).
+
+use clap::Args;
+use sofo::models::{Activation, Batch, LorenzModel, Model, RateRnn};
+use sofo::optim::{Damping, Sofo, SofoConfig, TangentKind};
+use sofo::params::ParamSet;
+use sofo::tasks::{LorenzData, LorenzTask, Task};
+use sofo::Result;
+use sofo_tensor::{rng, Tensor};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// One JSON object per line per configuration.
+    #[arg(long)]
+    json: bool,
+    /// Timed iterations per configuration (after 2 warm-up iterations).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Run only the configurations whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+struct Record {
+    name: &'static str,
+    n: usize,
+    m: usize,
+    k: usize,
+    t: usize,
+    median: f64,
+    min: f64,
+    flops: f64,
+}
+
+fn random_batch(t: usize, m: usize, i: usize, o: usize, seed: u64) -> Result<Batch<f32>> {
+    let mut u = Tensor::<f32>::scratch(&[t, m, i]);
+    rng::fill_normal(u.data_mut(), seed, 1);
+    let mut y = Tensor::<f32>::scratch(&[t, m, o]);
+    rng::fill_normal(y.data_mut(), seed, 2);
+    Ok(Batch {
+        steps: t,
+        trials: m,
+        inputs: Some(u),
+        initial: None,
+        targets: y,
+        weights: None,
+        loss_norm: (t * m * o) as f64,
+    })
+}
+
+fn time_sofo<M: Model<f32>>(
+    model: &M,
+    params: &mut ParamSet<f32>,
+    batch: &Batch<f32>,
+    k: usize,
+    iters: usize,
+) -> Result<(f64, f64)> {
+    // the anchor's settings: orthonormal tangents, damping 1e-3 relative to
+    // the largest eigenvalue, lr 0.1
+    let sofo = Sofo::new(SofoConfig {
+        k,
+        tangents: TangentKind::Orthonormal,
+        damping: Damping::RelativeLargest(1e-3),
+        sqrt: false,
+        lr: 0.1,
+    })?;
+    for it in 0..2 {
+        sofo.step(model, params, batch, 0, it)?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for it in 0..iters {
+        let t0 = Instant::now();
+        sofo.step(model, params, batch, 0, 2 + it as u64)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok((times[times.len() / 2], times[0]))
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    sofo_tensor::parallel::set_threads(a.threads);
+    let threads = sofo_tensor::parallel::threads();
+    let want = |name: &str| a.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
+    let mut records = Vec::new();
+    let iters = a.iters.max(1);
+    for (name, n, m, k, t) in [("rnn-n128", 128, 64, 64, 50), ("rnn-n400", 400, 128, 128, 32)] {
+        if !want(name) {
+            continue;
+        }
+        let model = RateRnn {
+            n,
+            inputs: 3,
+            outputs: 3,
+            alpha: 0.1,
+            activation: Activation::Tanh,
+            learn_x0: false,
+            gain: 0.9,
+        };
+        let mut params = model.init(0)?;
+        let batch = random_batch(t, m, 3, 3, 0)?;
+        let (median, min) = time_sofo(&model, &mut params, &batch, k, iters)?;
+        let flops = model.sofo_flops(k, &batch);
+        records.push(Record { name, n, m, k, t, median, min, flops });
+        emit(&a, records.last().unwrap(), threads);
+    }
+    if want("lorenz") {
+        let task = LorenzTask {
+            data: LorenzData::generate(1, 3500, 500, 32, 0.01)?,
+        };
+        let model = LorenzModel { hidden: 400 };
+        let mut params = <LorenzModel as Model<f32>>::init(&model, 0)?;
+        let (m, k) = (128, 128);
+        let batch = Task::<f32>::train_batch(&task, 0, 0, m)?;
+        let (median, min) = time_sofo(&model, &mut params, &batch, k, iters)?;
+        let flops = model.sofo_flops(k, &batch);
+        records.push(Record {
+            name: "lorenz",
+            n: 400,
+            m,
+            k,
+            t: 32,
+            median,
+            min,
+            flops,
+        });
+        emit(&a, records.last().unwrap(), threads);
+    }
+    Ok(())
+}
+
+fn emit(a: &BenchArgs, r: &Record, threads: usize) {
+    let gflops = r.flops / r.median / 1e9;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": r.name, "n": r.n, "m": r.m, "k": r.k, "t": r.t,
+                "seconds_per_iter": r.median, "min_seconds_per_iter": r.min,
+                "gflops": gflops, "threads": threads, "iters": a.iters,
+            })
+        );
+    } else {
+        println!(
+            "{:<10} N={:<4} M={:<4} K={:<4} T={:<3}  {:.4} s/iter (min {:.4})  {:.1} GFLOP/s  [{} threads]",
+            r.name, r.n, r.m, r.k, r.t, r.median, r.min, gflops, threads
+        );
+    }
+}

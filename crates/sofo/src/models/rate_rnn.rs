@@ -1,0 +1,150 @@
+//! The standard rate RNN:
+//!   x_t = x_{t−1} + α(−x_{t−1} + W φ(x_{t−1}) + B u_t + b),  y_t = C φ(x_t) + d
+//! with α = dt/τ. Tensors `W` [N,N], `B` [N,I], `b` [N], `C` [O,N], `d` [O]
+//! and, when learned, `x0` [N].
+
+use super::{Batch, Model};
+use crate::loss::Observer;
+use crate::params::{Param, ParamMode, ParamSet};
+use crate::{Error, Result};
+use sofo_ad::{Ops, Unary};
+use sofo_tensor::{rng, Float, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Tanh,
+    Relu,
+    Softplus,
+}
+
+impl Activation {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "tanh" => Ok(Activation::Tanh),
+            "relu" => Ok(Activation::Relu),
+            "softplus" => Ok(Activation::Softplus),
+            _ => Err(Error::config("activation", s, "tanh, relu or softplus")),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Tanh => "tanh",
+            Activation::Relu => "relu",
+            Activation::Softplus => "softplus",
+        }
+    }
+    fn op(self) -> Unary {
+        match self {
+            Activation::Tanh => Unary::Tanh,
+            Activation::Relu => Unary::Relu,
+            Activation::Softplus => Unary::Softplus,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RateRnn {
+    pub n: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+    /// α = dt/τ
+    pub alpha: f64,
+    pub activation: Activation,
+    /// Learn the initial state x0 (else x0 = 0).
+    pub learn_x0: bool,
+    /// Gain g of the initial recurrent weights, W ~ N(0, g²/N).
+    pub gain: f64,
+}
+
+impl RateRnn {
+    pub fn validate(&self) -> Result<()> {
+        if self.n == 0 {
+            return Err(Error::config("model.n", self.n, "at least 1"));
+        }
+        if self.outputs == 0 {
+            return Err(Error::config("model.outputs", self.outputs, "at least 1"));
+        }
+        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
+            return Err(Error::config("model.alpha", self.alpha, "0 < alpha ≤ 1 (dt/τ)"));
+        }
+        if !(self.gain >= 0.0 && self.gain.is_finite()) {
+            return Err(Error::config("model.gain", self.gain, "a finite value ≥ 0"));
+        }
+        Ok(())
+    }
+}
+
+fn normal<T: Float>(shape: &[usize], std: f64, seed: u64, stream: u64) -> Tensor<T> {
+    let mut t = Tensor::<T>::scratch(shape);
+    rng::fill_normal(t.data_mut(), seed, stream);
+    t.map(|v| v * T::from_f64(std))
+}
+
+fn param<T: Float>(name: &str, value: Tensor<T>) -> Param<T> {
+    Param {
+        name: name.into(),
+        value,
+        mode: ParamMode::Free,
+    }
+}
+
+impl<T: Float> Model<T> for RateRnn {
+    fn init(&self, seed: u64) -> Result<ParamSet<T>> {
+        self.validate()?;
+        let (n, i, o) = (self.n, self.inputs, self.outputs);
+        let mut ps = vec![
+            param("W", normal(&[n, n], self.gain / (n as f64).sqrt(), seed, 1)),
+            param("B", normal(&[n, i], 1.0 / (i.max(1) as f64).sqrt(), seed, 2)),
+            param("b", Tensor::zeros(&[n])),
+            param("C", normal(&[o, n], 1.0 / (n as f64).sqrt(), seed, 3)),
+            param("d", Tensor::zeros(&[o])),
+        ];
+        if self.learn_x0 {
+            ps.push(param("x0", Tensor::zeros(&[n])));
+        }
+        Ok(ParamSet::new(ps))
+    }
+
+    fn run<E: Ops<T>>(
+        &self,
+        e: &mut E,
+        p: &[E::V],
+        batch: &Batch<T>,
+        obs: &mut dyn Observer<T, E>,
+    ) -> Result<()> {
+        let m = batch.trials;
+        let a = T::from_f64(self.alpha);
+        // Row convention (x · Wᵀ): transpose once per pass, not per step.
+        let wt = e.transpose(&p[0], 0, 1)?;
+        let bt = e.transpose(&p[1], 0, 1)?;
+        let ct = e.transpose(&p[3], 0, 1)?;
+        let mut x = if self.learn_x0 {
+            e.broadcast_to(&p[5], &[m, self.n])?
+        } else {
+            e.constant(Tensor::zeros(&[m, self.n]))
+        };
+        let phi = self.activation.op();
+        let mut r = e.unary(&x, phi)?;
+        for t in 0..batch.steps {
+            let drive = match &batch.inputs {
+                Some(u) => {
+                    let ut = e.constant(Batch::step_of(u, t)?);
+                    e.linear(Some((&x, T::one() - a)), a, &[(&r, &wt), (&ut, &bt)], Some(&p[2]))?
+                }
+                None => e.linear(Some((&x, T::one() - a)), a, &[(&r, &wt)], Some(&p[2]))?,
+            };
+            x = drive;
+            r = e.unary(&x, phi)?;
+            if batch.observed(t) {
+                let y = e.linear(None, T::one(), &[(&r, &ct)], Some(&p[4]))?;
+                obs.observe(e, &y, &batch.step_loss(t)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sofo_flops(&self, k: usize, batch: &Batch<T>) -> f64 {
+        // the convention of the benchmark: 4·K·M·N²·T
+        4.0 * (k * batch.trials * self.n * self.n * batch.steps) as f64
+    }
+}

@@ -1,0 +1,406 @@
+//! The SOFO optimiser (method.md, Algorithm 1).
+//!
+//! One iteration: draw K directions V in parameter space; run the model once
+//! under forward-K with V as the parameter tangents, collecting the sketch
+//! (c, C = Vᵀ∇c, G̃ = VᵀGV); solve the damped Newton system in span(V); move
+//! θ ← θ − η V U (S + γ)⁻¹ Uᵀ C. Each stage is public so a step can be
+//! checked from outside: [`Sofo::sample_tangents`] or [`Sofo::tangents_from`],
+//! [`Sofo::sketch`], [`Sofo::propose`], [`Sofo::apply`].
+
+use crate::loss::Sketch;
+use crate::models::{Batch, Model};
+use crate::params::{ParamMode, ParamSet};
+use crate::{Error, Result};
+use sofo_ad::layout::from_canonical;
+use sofo_ad::{Dual, Fwd};
+use sofo_tensor::backend::{Cpu, Gemm, Kernels, Mat};
+use sofo_tensor::{eigen, rng, Float, Tensor};
+
+/// How the K random directions are normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TangentKind {
+    /// Orthonormal across all parameter tensors together (VVᵀ = I).
+    Orthonormal,
+    /// Each direction scaled to unit norm.
+    UnitNorm,
+    /// Raw N(0, 1) entries.
+    Raw,
+}
+
+impl TangentKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "orthonormal" => Ok(TangentKind::Orthonormal),
+            "unit-norm" => Ok(TangentKind::UnitNorm),
+            "raw" => Ok(TangentKind::Raw),
+            _ => Err(Error::config("sofo.tangents", s, "orthonormal, unit-norm or raw")),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            TangentKind::Orthonormal => "orthonormal",
+            TangentKind::UnitNorm => "unit-norm",
+            TangentKind::Raw => "raw",
+        }
+    }
+}
+
+/// Damping γ added to the eigenvalues of G̃.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Damping {
+    None,
+    /// γ = λ · largest eigenvalue (the paper's choice).
+    RelativeLargest(f64),
+    /// γ = λ · smallest eigenvalue (clamped at 0).
+    RelativeSmallest(f64),
+}
+
+#[derive(Debug, Clone)]
+pub struct SofoConfig {
+    /// Number of tangents K.
+    pub k: usize,
+    pub tangents: TangentKind,
+    pub damping: Damping,
+    /// Use (S + γ)^{-1/2} instead of (S + γ)^{-1}.
+    pub sqrt: bool,
+    /// Learning rate η (1 = the exact Gauss-Newton step in the subspace).
+    pub lr: f64,
+}
+
+impl Default for SofoConfig {
+    fn default() -> Self {
+        SofoConfig {
+            k: 64,
+            tangents: TangentKind::Orthonormal,
+            damping: Damping::RelativeLargest(1e-5),
+            sqrt: false,
+            lr: 1.0,
+        }
+    }
+}
+
+impl SofoConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.k == 0 {
+            return Err(Error::config("sofo.tangents_k", self.k, "K ≥ 1"));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::config("sofo.lr", self.lr, "a finite value > 0"));
+        }
+        match self.damping {
+            Damping::RelativeLargest(l) | Damping::RelativeSmallest(l) if !(l >= 0.0 && l.is_finite()) => {
+                Err(Error::config("sofo.damping", l, "a finite value ≥ 0"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// K directions in parameter space.
+#[derive(Debug, Clone)]
+pub struct Tangents<T: Float> {
+    pub k: usize,
+    /// [K, P]: row k is direction k over the trainable parameters, in order.
+    pub flat: Tensor<T>,
+    /// Per parameter tensor: its K tangents in the forward engine's layout
+    /// (`None` for pinned tensors).
+    pub per_param: Vec<Option<Tensor<T>>>,
+}
+
+/// The solution of one sketch, before it is applied.
+#[derive(Debug, Clone)]
+pub struct Proposal<T: Float> {
+    /// Coefficients of the step in the tangent basis: Δ = Σ_k coeff_k V_k.
+    pub coeff: Vec<f64>,
+    /// Δ per parameter tensor (`None` for pinned); θ ← θ − η Δ.
+    pub step: Vec<Option<Tensor<T>>>,
+    /// Eigenvalues of G̃, ascending.
+    pub eigenvalues: Vec<f64>,
+    /// γ used.
+    pub damping: f64,
+}
+
+/// What one iteration did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub loss: f64,
+    /// Largest eigenvalue of G̃.
+    pub max_eigenvalue: f64,
+    /// Whether the update was applied (false: a non-finite value was caught).
+    pub applied: bool,
+}
+
+pub struct Sofo {
+    pub config: SofoConfig,
+}
+
+impl Sofo {
+    pub fn new(config: SofoConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Sofo { config })
+    }
+
+    /// Draws the tangents of iteration `iteration` from `seed`.
+    pub fn sample_tangents<T: Float>(&self, params: &ParamSet<T>, seed: u64, iteration: u64) -> Result<Tangents<T>> {
+        let k = self.config.k;
+        let p = params.trainable_count();
+        let mut flat = Tensor::<T>::scratch(&[k, p]);
+        rng::fill_normal(flat.data_mut(), seed, rng::substream(0x7A46, iteration));
+        match self.config.tangents {
+            TangentKind::Raw => {}
+            TangentKind::UnitNorm => {
+                for row in flat.data_mut().chunks_mut(p.max(1)) {
+                    let nrm = row.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>().sqrt();
+                    let s = T::from_f64(1.0 / nrm);
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
+            TangentKind::Orthonormal => {
+                if k > p {
+                    return Err(Error::config(
+                        "sofo.tangents_k",
+                        k,
+                        format!("K ≤ P = {p} for orthonormal tangents"),
+                    ));
+                }
+                flat = orthonormalize(&flat, k, p)?;
+            }
+        }
+        self.tangents_from(params, flat)
+    }
+
+    /// Tangents supplied by the caller: `flat` is [K, P] over the trainable
+    /// parameters in order.
+    pub fn tangents_from<T: Float>(&self, params: &ParamSet<T>, flat: Tensor<T>) -> Result<Tangents<T>> {
+        let p = params.trainable_count();
+        if flat.rank() != 2 || flat.shape()[1] != p {
+            return Err(Error::config(
+                "tangents",
+                format!("shape {:?}", flat.shape()),
+                format!("[K, {p}] (K directions over the P trainable scalars)"),
+            ));
+        }
+        let k = flat.shape()[0];
+        let mut per_param = Vec::with_capacity(params.len());
+        let mut off = 0;
+        for prm in params.iter() {
+            if !prm.mode.trainable() {
+                per_param.push(None);
+                continue;
+            }
+            let s = prm.value.numel();
+            let mut canon = Tensor::<T>::scratch(&[k, s]);
+            for kk in 0..k {
+                canon.data_mut()[kk * s..(kk + 1) * s].copy_from_slice(&flat.data()[kk * p + off..kk * p + off + s]);
+            }
+            let mut shape = vec![k];
+            shape.extend_from_slice(prm.value.shape());
+            per_param.push(Some(from_canonical(&canon.reshape(&shape)?, k)?));
+            off += s;
+        }
+        Ok(Tangents { k, flat, per_param })
+    }
+
+    /// Runs the model once under forward-K and returns the sketch.
+    pub fn sketch<T: Float, M: Model<T>>(
+        &self,
+        model: &M,
+        params: &ParamSet<T>,
+        tangents: &Tangents<T>,
+        batch: &Batch<T>,
+    ) -> Result<Sketch> {
+        let mut e = Fwd::new(tangents.k);
+        let duals: Vec<Dual<T>> = params
+            .iter()
+            .zip(&tangents.per_param)
+            .map(|(p, t)| Dual {
+                primal: p.value.clone(),
+                tangent: t.clone(),
+            })
+            .collect();
+        let mut sk = Sketch::new(tangents.k);
+        model.run(&mut e, &duals, batch, &mut sk)?;
+        sk.finish()
+    }
+
+    /// Solves the damped system in the subspace and expands the step.
+    pub fn propose<T: Float>(&self, params: &ParamSet<T>, tangents: &Tangents<T>, sketch: &Sketch) -> Result<Proposal<T>> {
+        let k = tangents.k;
+        let (s, u) = eigen::symmetric_eigen(&sketch.g, k)?;
+        let s_max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s_min = s.iter().cloned().fold(f64::INFINITY, f64::min);
+        let gamma = match self.config.damping {
+            Damping::None => 0.0,
+            Damping::RelativeLargest(l) => l * s_max.max(0.0),
+            Damping::RelativeSmallest(l) => l * s_min.max(0.0),
+        };
+        // coeff = U f(S + γ) Uᵀ C, dropping directions of no curvature
+        let floor = f64::EPSILON * (k as f64) * s_max.abs().max(f64::MIN_POSITIVE);
+        let mut ut_c = vec![0.0; k];
+        for j in 0..k {
+            ut_c[j] = (0..k).map(|i| u[i * k + j] * sketch.c[i]).sum();
+            let d = s[j] + gamma;
+            ut_c[j] = if d > floor {
+                if self.config.sqrt {
+                    ut_c[j] / d.sqrt()
+                } else {
+                    ut_c[j] / d
+                }
+            } else {
+                0.0
+            };
+        }
+        let coeff: Vec<f64> = (0..k).map(|i| (0..k).map(|j| u[i * k + j] * ut_c[j]).sum()).collect();
+        if coeff.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite("SOFO step coefficients".into()));
+        }
+        // Δ = coeffᵀ V, one GEMV over all trainable scalars
+        let p = params.trainable_count();
+        let mut delta = Tensor::<T>::scratch(&[1, p]);
+        let ct = Tensor::<T>::from_f64_slice(&[1, k], &coeff)?;
+        Cpu.gemm(
+            Gemm::new(1, p, k),
+            delta.data_mut(),
+            Mat::row_major(p),
+            None,
+            ct.data(),
+            Mat::row_major(k),
+            tangents.flat.data(),
+            Mat::row_major(p),
+            T::one(),
+        );
+        let mut step = Vec::with_capacity(params.len());
+        let mut off = 0;
+        for prm in params.iter() {
+            if !prm.mode.trainable() {
+                step.push(None);
+                continue;
+            }
+            let n = prm.value.numel();
+            let d = Tensor::from_vec(prm.value.shape(), delta.data()[off..off + n].to_vec())?;
+            step.push(Some(d));
+            off += n;
+        }
+        Ok(Proposal {
+            coeff,
+            step,
+            eigenvalues: s,
+            damping: gamma,
+        })
+    }
+
+    /// θ ← θ − η Δ (bounded tensors projected back). Nothing is changed if
+    /// any new value would be non-finite.
+    pub fn apply<T: Float>(&self, params: &mut ParamSet<T>, proposal: &Proposal<T>) -> Result<()> {
+        let lr = T::from_f64(self.config.lr);
+        let mut new = Vec::with_capacity(params.len());
+        for (prm, d) in params.iter().zip(&proposal.step) {
+            let Some(d) = d else {
+                new.push(None);
+                continue;
+            };
+            let mut v = prm.value.clone();
+            v.axpy(-lr, d)?;
+            if let ParamMode::Bounded { lower, upper } = prm.mode {
+                let (lo, hi) = (T::from_f64(lower), T::from_f64(upper));
+                v.data_mut().iter_mut().for_each(|x| *x = x.max(lo).min(hi));
+            }
+            if !v.is_finite() {
+                return Err(Error::NonFinite(format!("updated parameter `{}`", prm.name)));
+            }
+            new.push(Some(v));
+        }
+        for (prm, v) in params.iter_mut().zip(new) {
+            if let Some(v) = v {
+                prm.value = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// One full iteration. A non-finite loss, sketch or step leaves the
+    /// parameters untouched and is reported with `applied = false`.
+    pub fn step<T: Float, M: Model<T>>(
+        &self,
+        model: &M,
+        params: &mut ParamSet<T>,
+        batch: &Batch<T>,
+        seed: u64,
+        iteration: u64,
+    ) -> Result<StepReport> {
+        let tangents = self.sample_tangents(params, seed, iteration)?;
+        let sketch = match self.sketch(model, params, &tangents, batch) {
+            Ok(s) => s,
+            Err(Error::NonFinite(_)) => {
+                return Ok(StepReport {
+                    loss: f64::NAN,
+                    max_eigenvalue: f64::NAN,
+                    applied: false,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let applied = match self.propose(params, &tangents, &sketch) {
+            Ok(prop) => {
+                let max_eig = prop.eigenvalues.last().copied().unwrap_or(0.0);
+                match self.apply(params, &prop) {
+                    Ok(()) => {
+                        return Ok(StepReport {
+                            loss: sketch.loss,
+                            max_eigenvalue: max_eig,
+                            applied: true,
+                        })
+                    }
+                    Err(Error::NonFinite(_)) => false,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(Error::NonFinite(_)) | Err(Error::Tensor(sofo_tensor::TensorError::Numerical { .. })) => false,
+            Err(e) => return Err(e),
+        };
+        Ok(StepReport {
+            loss: sketch.loss,
+            max_eigenvalue: f64::NAN,
+            applied,
+        })
+    }
+}
+
+/// V ← S^{-1/2} Uᵀ V with V Vᵀ = U S Uᵀ: orthonormal rows spanning span(V).
+fn orthonormalize<T: Float>(v: &Tensor<T>, k: usize, p: usize) -> Result<Tensor<T>> {
+    let mut vvt = Tensor::<T>::scratch(&[k, k]);
+    Cpu.gemm(
+        Gemm::new(k, k, p),
+        vvt.data_mut(),
+        Mat::row_major(k),
+        None,
+        v.data(),
+        Mat::row_major(p),
+        v.data(),
+        Mat::transposed(p),
+        T::one(),
+    );
+    let g = vvt.to_f64_vec();
+    let (s, u) = eigen::symmetric_eigen(&g, k)?;
+    if s[0] <= 0.0 {
+        return Err(Error::NonFinite("tangents are linearly dependent".into()));
+    }
+    // M = S^{-1/2} Uᵀ
+    let m = Tensor::<T>::from_fn(&[k, k], |idx| {
+        let (i, j) = (idx / k, idx % k);
+        T::from_f64(u[j * k + i] / s[i].sqrt())
+    });
+    let mut out = Tensor::<T>::scratch(&[k, p]);
+    Cpu.gemm(
+        Gemm::new(k, p, k),
+        out.data_mut(),
+        Mat::row_major(p),
+        None,
+        m.data(),
+        Mat::row_major(k),
+        v.data(),
+        Mat::row_major(p),
+        T::one(),
+    );
+    Ok(out)
+}

@@ -1,0 +1,100 @@
+//! Named parameter tensors and how the optimiser may move them.
+
+use crate::{Error, Result};
+use sofo_tensor::{Float, Tensor};
+
+/// How an optimiser treats a parameter tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParamMode {
+    /// Updated by every step.
+    Free,
+    /// Never updated (no tangents are drawn for it); still part of the model.
+    Pinned,
+    /// Updated, then projected back into [lower, upper].
+    Bounded { lower: f64, upper: f64 },
+}
+
+impl ParamMode {
+    pub fn trainable(&self) -> bool {
+        !matches!(self, ParamMode::Pinned)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Param<T: Float> {
+    pub name: String,
+    pub value: Tensor<T>,
+    pub mode: ParamMode,
+}
+
+/// The parameters of a model, in a fixed order.
+#[derive(Debug, Clone)]
+pub struct ParamSet<T: Float> {
+    params: Vec<Param<T>>,
+}
+
+impl<T: Float> ParamSet<T> {
+    pub fn new(params: Vec<Param<T>>) -> Self {
+        ParamSet { params }
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Param<T>> {
+        self.params.iter()
+    }
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Param<T>> {
+        self.params.iter_mut()
+    }
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+    pub fn get(&self, name: &str) -> Option<&Param<T>> {
+        self.params.iter().find(|p| p.name == name)
+    }
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Param<T>> {
+        self.params.iter_mut().find(|p| p.name == name)
+    }
+    /// P: the number of trainable scalars.
+    pub fn trainable_count(&self) -> usize {
+        self.params
+            .iter()
+            .filter(|p| p.mode.trainable())
+            .map(|p| p.value.numel())
+            .sum()
+    }
+    /// Sets the mode of the tensor `name`.
+    pub fn set_mode(&mut self, name: &str, mode: ParamMode) -> Result<()> {
+        let names: Vec<String> = self.params.iter().map(|p| p.name.clone()).collect();
+        let p = self
+            .get_mut(name)
+            .ok_or_else(|| Error::config("parameter", name, format!("one of {names:?}")))?;
+        if let ParamMode::Bounded { lower, upper } = mode {
+            if lower.is_nan() || upper.is_nan() || lower > upper {
+                return Err(Error::config(format!("bounds of {name}"), format!("[{lower}, {upper}]"), "lower ≤ upper"));
+            }
+        }
+        p.mode = mode;
+        Ok(())
+    }
+    /// Replaces values with those of `other` (same names and shapes).
+    pub fn assign(&mut self, other: &[(String, Tensor<T>)]) -> Result<()> {
+        for (name, t) in other {
+            let p = self
+                .get_mut(name)
+                .ok_or_else(|| Error::Checkpoint(format!("unknown tensor `{name}`")))?;
+            if p.value.shape() != t.shape() {
+                return Err(Error::Checkpoint(format!(
+                    "tensor `{name}` has shape {:?}, the model expects {:?}",
+                    t.shape(),
+                    p.value.shape()
+                )));
+            }
+            p.value = t.clone();
+        }
+        Ok(())
+    }
+    pub fn all_finite(&self) -> bool {
+        self.params.iter().all(|p| p.value.is_finite())
+    }
+}

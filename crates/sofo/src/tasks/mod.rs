@@ -1,0 +1,18 @@
+//! Seeded trial generators.
+
+mod lorenz;
+
+pub use lorenz::{LorenzData, LorenzTask};
+
+use crate::models::Batch;
+use crate::Result;
+use sofo_tensor::Float;
+
+/// A task: batches of trials for training and held-out ones for testing.
+pub trait Task<T: Float> {
+    fn name(&self) -> &'static str;
+    /// The training batch of `iteration` under `seed`.
+    fn train_batch(&self, seed: u64, iteration: u64, trials: usize) -> Result<Batch<T>>;
+    /// A fixed held-out batch.
+    fn test_batch(&self, trials: usize) -> Result<Batch<T>>;
+}

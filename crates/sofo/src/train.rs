@@ -1,0 +1,124 @@
+//! The training loop: batches, SOFO steps, metrics, checkpoints, and the
+//! guard that keeps non-finite values out of the weights.
+
+use crate::checkpoint;
+use crate::loss::Sketch;
+use crate::models::{Batch, Model};
+use crate::optim::Sofo;
+use crate::params::ParamSet;
+use crate::tasks::Task;
+use crate::Result;
+use sofo_ad::{Dual, Fwd};
+use sofo_tensor::Float;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The loss of `params` on `batch` (primal evaluation, no tangents).
+pub fn evaluate<T: Float, M: Model<T>>(model: &M, params: &ParamSet<T>, batch: &Batch<T>) -> Result<f64> {
+    let mut e = Fwd::primal();
+    let duals: Vec<Dual<T>> = params.iter().map(|p| Dual::constant(p.value.clone())).collect();
+    let mut sk = Sketch::new(0);
+    model.run(&mut e, &duals, batch, &mut sk)?;
+    Ok(sk.loss)
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub iterations: usize,
+    pub batch: usize,
+    pub seed: u64,
+    /// Evaluate on the test batch every this many iterations (and at the end).
+    pub eval_every: usize,
+    pub test_trials: usize,
+    /// Run directory for metrics.csv and weights.safetensors.
+    pub out: Option<PathBuf>,
+}
+
+/// One row of metrics.csv.
+#[derive(Debug, Clone)]
+pub struct MetricsRow {
+    pub iteration: usize,
+    pub loss: f64,
+    pub wall_s: f64,
+    pub test_loss: Option<f64>,
+    pub max_eigenvalue: f64,
+    pub applied: bool,
+}
+
+pub const METRICS_HEADER: &str = "iteration,loss,wall_s,test_loss,max_eigenvalue,applied";
+
+impl MetricsRow {
+    pub fn csv(&self) -> String {
+        format!(
+            "{},{:.9e},{:.6},{},{:.6e},{}",
+            self.iteration,
+            self.loss,
+            self.wall_s,
+            self.test_loss.map(|v| format!("{v:.9e}")).unwrap_or_default(),
+            self.max_eigenvalue,
+            self.applied as u8
+        )
+    }
+}
+
+/// Trains `params` with SOFO. `on_row` sees every row as it is written (for
+/// a progress display); `stop` is polled between iterations (Ctrl-C).
+#[allow(clippy::too_many_arguments)]
+pub fn train_sofo<T: Float, M: Model<T>, K: Task<T>>(
+    model: &M,
+    task: &K,
+    params: &mut ParamSet<T>,
+    sofo: &Sofo,
+    opts: &TrainOptions,
+    mut on_row: impl FnMut(&MetricsRow),
+    stop: impl Fn() -> bool,
+) -> Result<Vec<MetricsRow>> {
+    let mut csv = match &opts.out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            let mut f = std::fs::File::create(dir.join("metrics.csv"))?;
+            writeln!(f, "{METRICS_HEADER}")?;
+            Some(f)
+        }
+        None => None,
+    };
+    let test = task.test_batch(opts.test_trials)?;
+    let start = Instant::now();
+    let mut rows = Vec::with_capacity(opts.iterations);
+    for it in 0..opts.iterations {
+        if stop() {
+            break;
+        }
+        let batch = task.train_batch(opts.seed, it as u64, opts.batch)?;
+        let rep = sofo.step(model, params, &batch, opts.seed, it as u64)?;
+        let last = it + 1 == opts.iterations;
+        let test_loss = if opts.eval_every > 0 && ((it + 1) % opts.eval_every == 0 || last) {
+            Some(evaluate(model, params, &test)?)
+        } else {
+            None
+        };
+        let row = MetricsRow {
+            iteration: it,
+            loss: rep.loss,
+            wall_s: start.elapsed().as_secs_f64(),
+            test_loss,
+            max_eigenvalue: rep.max_eigenvalue,
+            applied: rep.applied,
+        };
+        if let Some(f) = csv.as_mut() {
+            writeln!(f, "{}", row.csv())?;
+            f.flush()?;
+        }
+        on_row(&row);
+        rows.push(row);
+    }
+    if let Some(dir) = &opts.out {
+        save_weights(params, dir)?;
+    }
+    Ok(rows)
+}
+
+pub fn save_weights<T: Float>(params: &ParamSet<T>, dir: &Path) -> Result<()> {
+    checkpoint::save(params, &dir.join("weights.safetensors"))
+}
