@@ -209,7 +209,8 @@ impl<T: Float> Ops<T> for Fwd {
         }
         let kdim = b.primal.shape()[0];
         let n = b.primal.shape()[1];
-        let rows = a.primal.numel() / kdim.max(1);
+        // rows from the leading extents: numel / kdim would be 0 when kdim = 0
+        let rows: usize = a.primal.shape()[..a.primal.rank() - 1].iter().product();
         let k = self.k;
         let mut t = Tensor::scratch(&tangent_shape(y.shape(), k));
         let mut written = false;

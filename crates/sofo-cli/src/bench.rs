@@ -88,7 +88,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let want = |name: &str| a.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
     let mut records = Vec::new();
     let iters = a.iters.max(1);
-    for (name, n, m, k, t) in [("rnn-n128", 128, 64, 64, 50), ("rnn-n400", 400, 128, 128, 32)] {
+    for (name, n, m, k, t) in [
+        ("rnn-n128", 128, 64, 64, 50),
+        ("rnn-n400", 400, 128, 128, 32),
+    ] {
         if !want(name) {
             continue;
         }
@@ -105,7 +108,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let batch = random_batch(t, m, 3, 3, 0)?;
         let (median, min) = time_sofo(&model, &mut params, &batch, k, iters)?;
         let flops = model.sofo_flops(k, &batch);
-        records.push(Record { name, n, m, k, t, median, min, flops });
+        records.push(Record {
+            name,
+            n,
+            m,
+            k,
+            t,
+            median,
+            min,
+            flops,
+        });
         emit(&a, records.last().unwrap(), threads);
     }
     if want("lorenz") {

@@ -17,7 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "sofo", version, about = "Train recurrent networks with second-order forward-mode optimisation (SOFO)")]
+#[command(
+    name = "sofo",
+    version,
+    about = "Train recurrent networks with second-order forward-mode optimisation (SOFO)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,8 +80,13 @@ struct TrainArgs {
 fn resolve(a: &TrainArgs) -> Result<RunConfig> {
     let mut c = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| Error::config("--config", p.display(), format!("a readable TOML file ({e})")))?;
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Error::config(
+                    "--config",
+                    p.display(),
+                    format!("a readable TOML file ({e})"),
+                )
+            })?;
             RunConfig::from_toml(&text, &p.display().to_string())?
         }
         None => RunConfig::default(),
@@ -135,7 +144,11 @@ fn train(a: TrainArgs) -> Result<()> {
     let sofo = Sofo::new(cfg.sofo_config()?)?;
     let p = params.trainable_count();
     if cfg.sofo.tangents > p {
-        return Err(Error::config("sofo.tangents", cfg.sofo.tangents, format!("K ≤ P = {p}")));
+        return Err(Error::config(
+            "sofo.tangents",
+            cfg.sofo.tangents,
+            format!("K ≤ P = {p}"),
+        ));
     }
     let threads = sofo_tensor::parallel::threads();
     eprintln!(
@@ -159,8 +172,10 @@ fn train(a: TrainArgs) -> Result<()> {
         ProgressBar::new(cfg.iterations as u64)
     };
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
     );
     let mut last_test = f64::NAN;
     let opts = TrainOptions {
@@ -190,7 +205,11 @@ fn train(a: TrainArgs) -> Result<()> {
     let done = rows.len();
     let skipped = rows.iter().filter(|r| !r.applied).count();
     if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-        let test = rows.iter().rev().find_map(|r| r.test_loss).unwrap_or(f64::NAN);
+        let test = rows
+            .iter()
+            .rev()
+            .find_map(|r| r.test_loss)
+            .unwrap_or(f64::NAN);
         eprintln!(
             "done: {done} iterations in {:.1} s ({:.3} s/iter) | loss {:.4e} → {:.4e} | test loss {:.4e}{}",
             last.wall_s,

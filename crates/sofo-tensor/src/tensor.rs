@@ -419,7 +419,8 @@ impl<T: Float> Tensor<T> {
         }
         let k = b.shape[0];
         let n = b.shape[1];
-        let m = self.numel() / k.max(1);
+        // rows from the leading extents: numel / k would be 0 when k = 0
+        let m: usize = self.shape[..self.rank() - 1].iter().product();
         let mut shape = self.shape.clone();
         *shape.last_mut().unwrap() = n;
         let mut out = Self::scratch(&shape);

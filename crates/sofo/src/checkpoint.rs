@@ -11,7 +11,10 @@ use std::path::Path;
 /// Writes `data` to `path` through a temporary file in the same directory
 /// and a rename, so a crash never leaves a half-written file behind.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
@@ -22,15 +25,25 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 fn to_bytes<T: Float>(t: &Tensor<T>) -> Vec<u8> {
     match T::DTYPE {
-        DType::F32 => t.data().iter().flat_map(|v| (v.to_f64() as f32).to_le_bytes()).collect(),
-        DType::F64 => t.data().iter().flat_map(|v| v.to_f64().to_le_bytes()).collect(),
+        DType::F32 => t
+            .data()
+            .iter()
+            .flat_map(|v| (v.to_f64() as f32).to_le_bytes())
+            .collect(),
+        DType::F64 => t
+            .data()
+            .iter()
+            .flat_map(|v| v.to_f64().to_le_bytes())
+            .collect(),
     }
 }
 
 /// Saves every tensor of `params` under its name. Refuses non-finite values.
 pub fn save<T: Float>(params: &ParamSet<T>, path: &Path) -> Result<()> {
     if !params.all_finite() {
-        return Err(Error::NonFinite("refusing to save non-finite weights".into()));
+        return Err(Error::NonFinite(
+            "refusing to save non-finite weights".into(),
+        ));
     }
     let dtype = match T::DTYPE {
         DType::F32 => Dtype::F32,
@@ -49,19 +62,24 @@ pub fn save<T: Float>(params: &ParamSet<T>, path: &Path) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "sofo".to_string())].into();
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Checkpoint(format!("{e}")))?;
+    let data =
+        safetensors::serialize(views, Some(meta)).map_err(|e| Error::Checkpoint(format!("{e}")))?;
     write_atomic(path, &data)
 }
 
 /// Reads every tensor of a safetensors file (f32 or f64), converted to `T`.
 pub fn load<T: Float>(path: &Path) -> Result<Vec<(String, Tensor<T>)>> {
-    let data = std::fs::read(path).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(&data).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
+    let data =
+        std::fs::read(path).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
+    let st = SafeTensors::deserialize(&data)
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
     let mut out = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
     names.sort();
     for name in names {
-        let v = st.tensor(&name).map_err(|e| Error::Checkpoint(format!("{e}")))?;
+        let v = st
+            .tensor(&name)
+            .map_err(|e| Error::Checkpoint(format!("{e}")))?;
         let vals: Vec<T> = match v.dtype() {
             Dtype::F32 => v
                 .data()

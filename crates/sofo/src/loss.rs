@@ -17,7 +17,8 @@ pub trait LittleLoss<T: Float> {
     fn gradient(&self, y: &Tensor<T>) -> Result<Tensor<f64>>;
     /// Adds Ẏᵀ H Ẏ to the row-major K×K matrix `g`; `ydot` holds the K
     /// tangents of y in the layout of `sofo_ad::layout`.
-    fn add_curvature(&self, y: &Tensor<T>, ydot: &Tensor<T>, k: usize, g: &mut [f64]) -> Result<()>;
+    fn add_curvature(&self, y: &Tensor<T>, ydot: &Tensor<T>, k: usize, g: &mut [f64])
+        -> Result<()>;
     /// H as a dense matrix over the flattened y (for tests).
     fn hessian(&self, y: &Tensor<T>) -> Result<Vec<f64>>;
 }
@@ -75,12 +76,21 @@ impl<T: Float> LittleLoss<T> for WeightedMse<T> {
     fn gradient(&self, y: &Tensor<T>) -> Result<Tensor<f64>> {
         let w = self.check(y)?;
         let g: Vec<f64> = (0..y.numel())
-            .map(|i| 2.0 * Self::weight(&w, i) * (y.data()[i].to_f64() - self.target.data()[i].to_f64()) / self.n)
+            .map(|i| {
+                2.0 * Self::weight(&w, i) * (y.data()[i].to_f64() - self.target.data()[i].to_f64())
+                    / self.n
+            })
             .collect();
         Ok(Tensor::from_vec(y.shape(), g)?)
     }
 
-    fn add_curvature(&self, y: &Tensor<T>, ydot: &Tensor<T>, k: usize, g: &mut [f64]) -> Result<()> {
+    fn add_curvature(
+        &self,
+        y: &Tensor<T>,
+        ydot: &Tensor<T>,
+        k: usize,
+        g: &mut [f64],
+    ) -> Result<()> {
         let w = self.check(y)?;
         let (rows, _, l) = split3(y.shape(), k);
         // A[k, (r, j)] = sqrt(2 w / n) Ẏ[r, k, j];  G̃ += A Aᵀ
@@ -137,7 +147,10 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
         if y.rank() != 2 || y.shape() != self.target.shape() {
             return Err(TensorError::shape(
                 "softmax_cross_entropy",
-                format!("logits [M, L] of the target's shape {:?}", self.target.shape()),
+                format!(
+                    "logits [M, L] of the target's shape {:?}",
+                    self.target.shape()
+                ),
                 format!("{:?}", y.shape()),
             )
             .into());
@@ -146,7 +159,10 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
         let mut p = vec![0.0; m * l];
         for r in 0..m {
             let row = &y.data()[r * l..(r + 1) * l];
-            let mx = row.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+            let mx = row
+                .iter()
+                .map(|v| v.to_f64())
+                .fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = row.iter().map(|v| (v.to_f64() - mx).exp()).sum();
             for j in 0..l {
                 p[r * l + j] = (row[j].to_f64() - mx).exp() / z;
@@ -173,14 +189,22 @@ impl<T: Float> LittleLoss<T> for SoftmaxCrossEntropy<T> {
         let (m, l, p) = self.probs(y)?;
         let g: Vec<f64> = (0..m * l)
             .map(|i| {
-                let row_t: f64 = (0..l).map(|j| self.target.data()[(i / l) * l + j].to_f64()).sum();
+                let row_t: f64 = (0..l)
+                    .map(|j| self.target.data()[(i / l) * l + j].to_f64())
+                    .sum();
                 (row_t * p[i] - self.target.data()[i].to_f64()) / m as f64
             })
             .collect();
         Ok(Tensor::from_vec(y.shape(), g)?)
     }
 
-    fn add_curvature(&self, y: &Tensor<T>, ydot: &Tensor<T>, k: usize, g: &mut [f64]) -> Result<()> {
+    fn add_curvature(
+        &self,
+        y: &Tensor<T>,
+        ydot: &Tensor<T>,
+        k: usize,
+        g: &mut [f64],
+    ) -> Result<()> {
         let (m, l, p) = self.probs(y)?;
         let yd = ydot.data();
         // Σ_rows (1/M)[(Ẏ⊙p)Ẏᵀ − (Ẏp)(Ẏp)ᵀ], each term weighted by the row's target mass
@@ -213,7 +237,8 @@ impl<T: Float> LittleLoss<T> for SoftmaxCrossEntropy<T> {
             for i in 0..l {
                 for j in 0..l {
                     let d = if i == j { p[r * l + i] } else { 0.0 };
-                    h[(r * l + i) * n + r * l + j] = mass * (d - p[r * l + i] * p[r * l + j]) / m as f64;
+                    h[(r * l + i) * n + r * l + j] =
+                        mass * (d - p[r * l + i] * p[r * l + j]) / m as f64;
                 }
             }
         }
@@ -287,7 +312,11 @@ impl<T: Float> Observer<T, Fwd> for Sketch {
         self.loss += loss.value(&y.primal)?;
         let Some(yd) = &y.tangent else { return Ok(()) };
         if e.k() != self.k {
-            return Err(Error::config("tangents", e.k(), format!("{} (the sketch's K)", self.k)));
+            return Err(Error::config(
+                "tangents",
+                e.k(),
+                format!("{} (the sketch's K)", self.k),
+            ));
         }
         let k = self.k;
         let grad = loss.gradient(&y.primal)?;

@@ -71,7 +71,11 @@ impl<T: Float> ParamSet<T> {
             .ok_or_else(|| Error::config("parameter", name, format!("one of {names:?}")))?;
         if let ParamMode::Bounded { lower, upper } = mode {
             if lower.is_nan() || upper.is_nan() || lower > upper {
-                return Err(Error::config(format!("bounds of {name}"), format!("[{lower}, {upper}]"), "lower ≤ upper"));
+                return Err(Error::config(
+                    format!("bounds of {name}"),
+                    format!("[{lower}, {upper}]"),
+                    "lower ≤ upper",
+                ));
             }
         }
         p.mode = mode;

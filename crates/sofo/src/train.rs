@@ -15,9 +15,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The loss of `params` on `batch` (primal evaluation, no tangents).
-pub fn evaluate<T: Float, M: Model<T>>(model: &M, params: &ParamSet<T>, batch: &Batch<T>) -> Result<f64> {
+pub fn evaluate<T: Float, M: Model<T>>(
+    model: &M,
+    params: &ParamSet<T>,
+    batch: &Batch<T>,
+) -> Result<f64> {
     let mut e = Fwd::primal();
-    let duals: Vec<Dual<T>> = params.iter().map(|p| Dual::constant(p.value.clone())).collect();
+    let duals: Vec<Dual<T>> = params
+        .iter()
+        .map(|p| Dual::constant(p.value.clone()))
+        .collect();
     let mut sk = Sketch::new(0);
     model.run(&mut e, &duals, batch, &mut sk)?;
     Ok(sk.loss)
@@ -55,7 +62,9 @@ impl MetricsRow {
             self.iteration,
             self.loss,
             self.wall_s,
-            self.test_loss.map(|v| format!("{v:.9e}")).unwrap_or_default(),
+            self.test_loss
+                .map(|v| format!("{v:.9e}"))
+                .unwrap_or_default(),
             self.max_eigenvalue,
             self.applied as u8
         )

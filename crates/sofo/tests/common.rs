@@ -34,7 +34,11 @@ pub fn tiny_rnn(m: usize, t: usize) -> (RateRnn, ParamSet<f64>, Batch<f64>) {
     }
     let mut w = Tensor::<f64>::zeros(&[t, m]);
     for (i, v) in w.data_mut().iter_mut().enumerate() {
-        *v = if i < m { 0.0 } else { 0.5 + (i % 3) as f64 * 0.5 };
+        *v = if i < m {
+            0.0
+        } else {
+            0.5 + (i % 3) as f64 * 0.5
+        };
     }
     let batch = Batch {
         steps: t,
@@ -80,7 +84,11 @@ impl Observer<f64, Fwd> for JacobianRecorder {
 }
 
 /// (JᵀHJ [P, P], ∇c = Jᵀg [P]) of `model` at `params` on `batch`.
-pub fn ggn_and_gradient<M: Model<f64>>(model: &M, params: &ParamSet<f64>, batch: &Batch<f64>) -> (Vec<f64>, Vec<f64>) {
+pub fn ggn_and_gradient<M: Model<f64>>(
+    model: &M,
+    params: &ParamSet<f64>,
+    batch: &Batch<f64>,
+) -> (Vec<f64>, Vec<f64>) {
     let p = params.trainable_count();
     let mut eye = Tensor::<f64>::zeros(&[p, p]);
     for i in 0..p {
@@ -170,7 +178,13 @@ impl Model<f64> for LinearReadout {
             },
         ]))
     }
-    fn run<E: Ops<f64>>(&self, e: &mut E, p: &[E::V], batch: &Batch<f64>, obs: &mut dyn Observer<f64, E>) -> Result<()> {
+    fn run<E: Ops<f64>>(
+        &self,
+        e: &mut E,
+        p: &[E::V],
+        batch: &Batch<f64>,
+        obs: &mut dyn Observer<f64, E>,
+    ) -> Result<()> {
         for t in 0..batch.steps {
             let u = e.constant(Batch::step_of(batch.inputs.as_ref().unwrap(), t)?);
             let y = e.linear(None, 1.0, &[(&u, &p[0])], Some(&p[1]))?;
@@ -186,6 +200,13 @@ impl Model<f64> for LinearReadout {
 }
 
 pub fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
-    let scale = a.iter().chain(b).fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    let scale = a
+        .iter()
+        .chain(b)
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-300);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }

@@ -23,7 +23,11 @@ fn curvature_sketch_equals_projected_ggn() {
     let (model, params, batch) = tiny_rnn(3, 5);
     let p = params.trainable_count();
     let (ggn, grad) = ggn_and_gradient(&model, &params, &batch);
-    for kind in [TangentKind::Orthonormal, TangentKind::UnitNorm, TangentKind::Raw] {
+    for kind in [
+        TangentKind::Orthonormal,
+        TangentKind::UnitNorm,
+        TangentKind::Raw,
+    ] {
         let k = 6;
         let s = sofo(k, kind, Damping::RelativeLargest(1e-5));
         let tg = s.sample_tangents(&params, 11, 0).unwrap();
@@ -45,8 +49,14 @@ fn curvature_sketch_equals_projected_ggn() {
         }
         let dg = max_rel_diff(&sk.g, &want_g);
         let dc = max_rel_diff(&sk.c, &want_c);
-        assert!(dg < 1e-12, "{kind:?}: G̃ differs from VᵀGV by {dg:e} (relative)");
-        assert!(dc < 1e-12, "{kind:?}: C differs from Vᵀ∇c by {dc:e} (relative)");
+        assert!(
+            dg < 1e-12,
+            "{kind:?}: G̃ differs from VᵀGV by {dg:e} (relative)"
+        );
+        assert!(
+            dc < 1e-12,
+            "{kind:?}: C differs from Vᵀ∇c by {dc:e} (relative)"
+        );
         // the sketch's loss is the model's loss
         let l = loss_at(&model, &params, &batch);
         assert!((sk.loss - l).abs() <= 1e-14 * l.abs());
@@ -65,9 +75,15 @@ fn gradient_sketch_matches_finite_differences() {
     let h = 1e-5;
     for k in 0..4 {
         let v = &tg.flat.data()[k * p..(k + 1) * p];
-        let fd = (loss_at(&model, &shifted(&params, v, h), &batch) - loss_at(&model, &shifted(&params, v, -h), &batch)) / (2.0 * h);
+        let fd = (loss_at(&model, &shifted(&params, v, h), &batch)
+            - loss_at(&model, &shifted(&params, v, -h), &batch))
+            / (2.0 * h);
         // central differences: error O(h²·|c'''|) ~ 1e-10 here
-        assert!((fd - sk.c[k]).abs() < 1e-8 * (1.0 + fd.abs()), "direction {k}: fd {fd} vs C {}", sk.c[k]);
+        assert!(
+            (fd - sk.c[k]).abs() < 1e-8 * (1.0 + fd.abs()),
+            "direction {k}: fd {fd} vs C {}",
+            sk.c[k]
+        );
     }
 }
 
@@ -82,17 +98,26 @@ fn full_basis_step_is_gauss_newton_step() {
     let tg = s.sample_tangents(&params, 4, 0).unwrap();
     let sk = s.sketch(&model, &params, &tg, &batch).unwrap();
     let prop = s.propose(&params, &tg, &sk).unwrap();
-    let step: Vec<f64> = prop.step.iter().flat_map(|d| d.as_ref().unwrap().data().to_vec()).collect();
+    let step: Vec<f64> = prop
+        .step
+        .iter()
+        .flat_map(|d| d.as_ref().unwrap().data().to_vec())
+        .collect();
     // GN step by solving (JᵀHJ) x = ∇c (Gaussian elimination, partial pivoting)
     let x = solve(ggn, grad, p);
     let d = max_rel_diff(&step, &x);
     // G's condition number here is ~1e6, so agreement to 1e-8 is what f64 allows
-    assert!(d < 1e-8, "SOFO full-basis step differs from the GN step by {d:e}");
+    assert!(
+        d < 1e-8,
+        "SOFO full-basis step differs from the GN step by {d:e}"
+    );
 }
 
 fn solve(mut a: Vec<f64>, mut b: Vec<f64>, n: usize) -> Vec<f64> {
     for c in 0..n {
-        let piv = (c..n).max_by(|&i, &j| a[i * n + c].abs().total_cmp(&a[j * n + c].abs())).unwrap();
+        let piv = (c..n)
+            .max_by(|&i, &j| a[i * n + c].abs().total_cmp(&a[j * n + c].abs()))
+            .unwrap();
         for j in 0..n {
             a.swap(c * n + j, piv * n + j);
         }
@@ -118,7 +143,10 @@ fn solve(mut a: Vec<f64>, mut b: Vec<f64>, n: usize) -> Vec<f64> {
 #[test]
 fn linear_model_loss_is_the_sketched_quadratic() {
     use sofo::models::{Batch, Model};
-    let model = LinearReadout { inputs: 3, outputs: 2 };
+    let model = LinearReadout {
+        inputs: 3,
+        outputs: 2,
+    };
     let params = model.init(1).unwrap();
     let (t, m) = (4, 5);
     let batch = Batch {
@@ -145,9 +173,14 @@ fn linear_model_loss_is_the_sketched_quadratic() {
     for eps in [0.1, 1.0, 3.0] {
         let lhs = loss_at(&model, &shifted(&params, &vz, eps), &batch);
         let ctz: f64 = (0..k).map(|a| sk.c[a] * z[a]).sum();
-        let ztgz: f64 = (0..k).map(|a| (0..k).map(|b| z[a] * sk.g[a * k + b] * z[b]).sum::<f64>()).sum();
+        let ztgz: f64 = (0..k)
+            .map(|a| (0..k).map(|b| z[a] * sk.g[a * k + b] * z[b]).sum::<f64>())
+            .sum();
         let rhs = sk.loss + eps * ctz + 0.5 * eps * eps * ztgz;
-        assert!((lhs - rhs).abs() < 1e-11 * lhs.abs().max(1.0), "eps {eps}: {lhs} vs {rhs}");
+        assert!(
+            (lhs - rhs).abs() < 1e-11 * lhs.abs().max(1.0),
+            "eps {eps}: {lhs} vs {rhs}"
+        );
     }
 }
 
@@ -158,12 +191,21 @@ fn undamped_step_is_basis_independent() {
     let (model, params, batch) = tiny_rnn(3, 5);
     let k = 5;
     let mut steps = vec![];
-    for kind in [TangentKind::Raw, TangentKind::UnitNorm, TangentKind::Orthonormal] {
+    for kind in [
+        TangentKind::Raw,
+        TangentKind::UnitNorm,
+        TangentKind::Orthonormal,
+    ] {
         let s = sofo(k, kind, Damping::None);
         let tg = s.sample_tangents(&params, 21, 3).unwrap();
         let sk = s.sketch(&model, &params, &tg, &batch).unwrap();
         let prop = s.propose(&params, &tg, &sk).unwrap();
-        steps.push(prop.step.iter().flat_map(|d| d.as_ref().unwrap().data().to_vec()).collect::<Vec<f64>>());
+        steps.push(
+            prop.step
+                .iter()
+                .flat_map(|d| d.as_ref().unwrap().data().to_vec())
+                .collect::<Vec<f64>>(),
+        );
     }
     assert!(max_rel_diff(&steps[0], &steps[1]) < 1e-9);
     assert!(max_rel_diff(&steps[0], &steps[2]) < 1e-9);
@@ -175,7 +217,9 @@ fn tangent_normalisations() {
     let (_, params, _) = tiny_rnn(2, 2);
     let p = params.trainable_count();
     let k = 7;
-    let tg = sofo(k, TangentKind::Orthonormal, Damping::None).sample_tangents(&params, 1, 0).unwrap();
+    let tg = sofo(k, TangentKind::Orthonormal, Damping::None)
+        .sample_tangents(&params, 1, 0)
+        .unwrap();
     let v = tg.flat.data();
     for a in 0..k {
         for b in 0..k {
@@ -184,9 +228,14 @@ fn tangent_normalisations() {
             assert!((d - want).abs() < 1e-12, "VVᵀ[{a},{b}] = {d}");
         }
     }
-    let tg = sofo(k, TangentKind::UnitNorm, Damping::None).sample_tangents(&params, 1, 0).unwrap();
+    let tg = sofo(k, TangentKind::UnitNorm, Damping::None)
+        .sample_tangents(&params, 1, 0)
+        .unwrap();
     for a in 0..k {
-        let n: f64 = tg.flat.data()[a * p..(a + 1) * p].iter().map(|x| x * x).sum();
+        let n: f64 = tg.flat.data()[a * p..(a + 1) * p]
+            .iter()
+            .map(|x| x * x)
+            .sum();
         assert!((n - 1.0).abs() < 1e-12);
     }
     // different iterations draw different tangents; the same one the same

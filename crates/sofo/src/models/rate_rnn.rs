@@ -65,7 +65,11 @@ impl RateRnn {
             return Err(Error::config("model.outputs", self.outputs, "at least 1"));
         }
         if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            return Err(Error::config("model.alpha", self.alpha, "0 < alpha ≤ 1 (dt/τ)"));
+            return Err(Error::config(
+                "model.alpha",
+                self.alpha,
+                "0 < alpha ≤ 1 (dt/τ)",
+            ));
         }
         if !(self.gain >= 0.0 && self.gain.is_finite()) {
             return Err(Error::config("model.gain", self.gain, "a finite value ≥ 0"));
@@ -94,7 +98,10 @@ impl<T: Float> Model<T> for RateRnn {
         let (n, i, o) = (self.n, self.inputs, self.outputs);
         let mut ps = vec![
             param("W", normal(&[n, n], self.gain / (n as f64).sqrt(), seed, 1)),
-            param("B", normal(&[n, i], 1.0 / (i.max(1) as f64).sqrt(), seed, 2)),
+            param(
+                "B",
+                normal(&[n, i], 1.0 / (i.max(1) as f64).sqrt(), seed, 2),
+            ),
             param("b", Tensor::zeros(&[n])),
             param("C", normal(&[o, n], 1.0 / (n as f64).sqrt(), seed, 3)),
             param("d", Tensor::zeros(&[o])),
@@ -129,7 +136,12 @@ impl<T: Float> Model<T> for RateRnn {
             let drive = match &batch.inputs {
                 Some(u) => {
                     let ut = e.constant(Batch::step_of(u, t)?);
-                    e.linear(Some((&x, T::one() - a)), a, &[(&r, &wt), (&ut, &bt)], Some(&p[2]))?
+                    e.linear(
+                        Some((&x, T::one() - a)),
+                        a,
+                        &[(&r, &wt), (&ut, &bt)],
+                        Some(&p[2]),
+                    )?
                 }
                 None => e.linear(Some((&x, T::one() - a)), a, &[(&r, &wt)], Some(&p[2]))?,
             };

@@ -33,7 +33,11 @@ impl TangentKind {
             "orthonormal" => Ok(TangentKind::Orthonormal),
             "unit-norm" => Ok(TangentKind::UnitNorm),
             "raw" => Ok(TangentKind::Raw),
-            _ => Err(Error::config("sofo.tangents", s, "orthonormal, unit-norm or raw")),
+            _ => Err(Error::config(
+                "sofo.tangents",
+                s,
+                "orthonormal, unit-norm or raw",
+            )),
         }
     }
     pub fn name(self) -> &'static str {
@@ -88,7 +92,9 @@ impl SofoConfig {
             return Err(Error::config("sofo.lr", self.lr, "a finite value > 0"));
         }
         match self.damping {
-            Damping::RelativeLargest(l) | Damping::RelativeSmallest(l) if !(l >= 0.0 && l.is_finite()) => {
+            Damping::RelativeLargest(l) | Damping::RelativeSmallest(l)
+                if !(l >= 0.0 && l.is_finite()) =>
+            {
                 Err(Error::config("sofo.damping", l, "a finite value ≥ 0"))
             }
             _ => Ok(()),
@@ -141,7 +147,12 @@ impl Sofo {
     }
 
     /// Draws the tangents of iteration `iteration` from `seed`.
-    pub fn sample_tangents<T: Float>(&self, params: &ParamSet<T>, seed: u64, iteration: u64) -> Result<Tangents<T>> {
+    pub fn sample_tangents<T: Float>(
+        &self,
+        params: &ParamSet<T>,
+        seed: u64,
+        iteration: u64,
+    ) -> Result<Tangents<T>> {
         let k = self.config.k;
         let p = params.trainable_count();
         let mut flat = Tensor::<T>::scratch(&[k, p]);
@@ -150,7 +161,11 @@ impl Sofo {
             TangentKind::Raw => {}
             TangentKind::UnitNorm => {
                 for row in flat.data_mut().chunks_mut(p.max(1)) {
-                    let nrm = row.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>().sqrt();
+                    let nrm = row
+                        .iter()
+                        .map(|v| v.to_f64() * v.to_f64())
+                        .sum::<f64>()
+                        .sqrt();
                     let s = T::from_f64(1.0 / nrm);
                     row.iter_mut().for_each(|v| *v *= s);
                 }
@@ -171,7 +186,11 @@ impl Sofo {
 
     /// Tangents supplied by the caller: `flat` is [K, P] over the trainable
     /// parameters in order.
-    pub fn tangents_from<T: Float>(&self, params: &ParamSet<T>, flat: Tensor<T>) -> Result<Tangents<T>> {
+    pub fn tangents_from<T: Float>(
+        &self,
+        params: &ParamSet<T>,
+        flat: Tensor<T>,
+    ) -> Result<Tangents<T>> {
         let p = params.trainable_count();
         if flat.rank() != 2 || flat.shape()[1] != p {
             return Err(Error::config(
@@ -191,7 +210,8 @@ impl Sofo {
             let s = prm.value.numel();
             let mut canon = Tensor::<T>::scratch(&[k, s]);
             for kk in 0..k {
-                canon.data_mut()[kk * s..(kk + 1) * s].copy_from_slice(&flat.data()[kk * p + off..kk * p + off + s]);
+                canon.data_mut()[kk * s..(kk + 1) * s]
+                    .copy_from_slice(&flat.data()[kk * p + off..kk * p + off + s]);
             }
             let mut shape = vec![k];
             shape.extend_from_slice(prm.value.shape());
@@ -224,7 +244,12 @@ impl Sofo {
     }
 
     /// Solves the damped system in the subspace and expands the step.
-    pub fn propose<T: Float>(&self, params: &ParamSet<T>, tangents: &Tangents<T>, sketch: &Sketch) -> Result<Proposal<T>> {
+    pub fn propose<T: Float>(
+        &self,
+        params: &ParamSet<T>,
+        tangents: &Tangents<T>,
+        sketch: &Sketch,
+    ) -> Result<Proposal<T>> {
         let k = tangents.k;
         let (s, u) = eigen::symmetric_eigen(&sketch.g, k)?;
         let s_max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -250,7 +275,9 @@ impl Sofo {
                 0.0
             };
         }
-        let coeff: Vec<f64> = (0..k).map(|i| (0..k).map(|j| u[i * k + j] * ut_c[j]).sum()).collect();
+        let coeff: Vec<f64> = (0..k)
+            .map(|i| (0..k).map(|j| u[i * k + j] * ut_c[j]).sum())
+            .collect();
         if coeff.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite("SOFO step coefficients".into()));
         }
@@ -306,7 +333,10 @@ impl Sofo {
                 v.data_mut().iter_mut().for_each(|x| *x = x.max(lo).min(hi));
             }
             if !v.is_finite() {
-                return Err(Error::NonFinite(format!("updated parameter `{}`", prm.name)));
+                return Err(Error::NonFinite(format!(
+                    "updated parameter `{}`",
+                    prm.name
+                )));
             }
             new.push(Some(v));
         }
@@ -355,7 +385,8 @@ impl Sofo {
                     Err(e) => return Err(e),
                 }
             }
-            Err(Error::NonFinite(_)) | Err(Error::Tensor(sofo_tensor::TensorError::Numerical { .. })) => false,
+            Err(Error::NonFinite(_))
+            | Err(Error::Tensor(sofo_tensor::TensorError::Numerical { .. })) => false,
             Err(e) => return Err(e),
         };
         Ok(StepReport {

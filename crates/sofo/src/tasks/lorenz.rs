@@ -17,12 +17,17 @@ const RHO: f64 = 28.0;
 const BETA: f64 = 8.0 / 3.0;
 
 fn lorenz(s: [f64; 3]) -> [f64; 3] {
-    [SIGMA * (s[1] - s[0]), s[0] * (RHO - s[2]) - s[1], s[0] * s[1] - BETA * s[2]]
+    [
+        SIGMA * (s[1] - s[0]),
+        s[0] * (RHO - s[2]) - s[1],
+        s[0] * s[1] - BETA * s[2],
+    ]
 }
 
 /// One classical RK4 step of the Lorenz system.
 pub fn rk4_step(s: [f64; 3], dt: f64) -> [f64; 3] {
-    let add = |a: [f64; 3], b: [f64; 3], h: f64| [a[0] + h * b[0], a[1] + h * b[1], a[2] + h * b[2]];
+    let add =
+        |a: [f64; 3], b: [f64; 3], h: f64| [a[0] + h * b[0], a[1] + h * b[1], a[2] + h * b[2]];
     let k1 = lorenz(s);
     let k2 = lorenz(add(s, k1, dt / 2.0));
     let k3 = lorenz(add(s, k2, dt / 2.0));
@@ -46,7 +51,13 @@ pub struct LorenzData {
 }
 
 impl LorenzData {
-    pub fn generate(seed: u64, train_bouts: usize, test_bouts: usize, bout_len: usize, dt: f64) -> Result<Self> {
+    pub fn generate(
+        seed: u64,
+        train_bouts: usize,
+        test_bouts: usize,
+        bout_len: usize,
+        dt: f64,
+    ) -> Result<Self> {
         if bout_len == 0 {
             return Err(Error::config("task.bout_len", bout_len, "at least 1"));
         }
@@ -86,7 +97,11 @@ impl LorenzData {
         }
         let mut bouts: Vec<Vec<[f64; 3]>> = run
             .chunks(pts)
-            .map(|c| c.iter().map(|p| [0, 1, 2].map(|i| (p[i] - mean[i]) / std[i])).collect())
+            .map(|c| {
+                c.iter()
+                    .map(|p| [0, 1, 2].map(|i| (p[i] - mean[i]) / std[i]))
+                    .collect()
+            })
             .collect();
         // Fisher-Yates shuffle, seeded
         for i in (1..bouts.len()).rev() {
@@ -143,7 +158,9 @@ impl<T: Float> Task<T> for LorenzTask {
         }
         let mut g = rng::generator(seed, rng::substream(0xBA7C, iteration));
         let n = self.data.train.len();
-        let bouts: Vec<&Vec<[f64; 3]>> = (0..trials).map(|_| &self.data.train[g.random_range(0..n)]).collect();
+        let bouts: Vec<&Vec<[f64; 3]>> = (0..trials)
+            .map(|_| &self.data.train[g.random_range(0..n)])
+            .collect();
         self.batch(&bouts)
     }
 
