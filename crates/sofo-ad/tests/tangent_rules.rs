@@ -28,7 +28,8 @@ const H: f64 = 1e-6;
 /// O(1) inputs used here, and rounding error of about c · ε · |f| / h, where
 /// ε ≈ 2.2e-16 and c counts the roundings accumulated in one evaluation of f
 /// (≲ 100 for the sizes here, sums/GEMMs included), i.e. ≲ 2e-8 · |f|. Both
-/// are ≥ 50× below the tolerance. A wrong tangent rule (wrong factor, wrong
+/// are ≥ 50× below the tolerance (measured: the worst of the ~1300 checks
+/// here uses 2e-4 of it). A wrong tangent rule (wrong factor, wrong
 /// sign, wrong layout, a dropped term) is off by O(|jvp|), i.e. ~1e6× the
 /// tolerance; `harness_detects_wrong_tangents` checks that the harness does
 /// flag such errors.

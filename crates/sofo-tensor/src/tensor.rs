@@ -238,9 +238,9 @@ impl<T: Float> Tensor<T> {
         let r = shape.len();
         let own = strides_of(&self.shape);
         let mut st = vec![0usize; r];
-        for i in 0..self.shape.len() {
-            let j = r - self.shape.len() + i;
-            st[j] = if self.shape[i] == 1 { 0 } else { own[i] };
+        let lead = r - self.shape.len();
+        for (i, (&d, &o)) in self.shape.iter().zip(&own).enumerate() {
+            st[lead + i] = if d == 1 { 0 } else { o };
         }
         let mut out = Self::scratch(shape);
         strided_copy(self.data(), &st, shape, out.data_mut());
@@ -305,7 +305,13 @@ impl<T: Float> Tensor<T> {
     /// Sum over `axes`, which are removed from the shape.
     pub fn sum_axes(&self, axes: &[usize]) -> Result<Self> {
         let r = self.rank();
-        for &a in axes {
+        for (i, &a) in axes.iter().enumerate() {
+            if axes[..i].contains(&a) {
+                return Err(TensorError::arg(
+                    "sum",
+                    format!("axis {a} listed twice in {axes:?}"),
+                ));
+            }
             if a >= r {
                 return Err(TensorError::arg(
                     "sum",
@@ -316,7 +322,6 @@ impl<T: Float> Tensor<T> {
         let keep: Vec<usize> = (0..r).filter(|i| !axes.contains(i)).collect();
         let out_shape: Vec<usize> = keep.iter().map(|&i| self.shape[i]).collect();
         let mut acc = vec![0f64; out_shape.iter().product()];
-        let own = strides_of(&self.shape);
         let out_st = strides_of(&out_shape);
         // map each input element to its output slot
         let mut idx = vec![0usize; r];
@@ -334,7 +339,6 @@ impl<T: Float> Tensor<T> {
                 idx[d] = 0;
             }
         }
-        let _ = own;
         Tensor::from_vec(&out_shape, acc.into_iter().map(T::from_f64).collect())
     }
 

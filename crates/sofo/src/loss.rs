@@ -174,12 +174,12 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
 
 impl<T: Float> LittleLoss<T> for SoftmaxCrossEntropy<T> {
     fn value(&self, y: &Tensor<T>) -> Result<f64> {
-        let (m, l, p) = self.probs(y)?;
+        let (m, _, p) = self.probs(y)?;
         let mut s = 0.0;
-        for i in 0..m * l {
-            let t = self.target.data()[i].to_f64();
+        for (&t, &pi) in self.target.data().iter().zip(&p) {
+            let t = t.to_f64();
             if t != 0.0 {
-                s -= t * p[i].max(f64::MIN_POSITIVE).ln();
+                s -= t * pi.max(f64::MIN_POSITIVE).ln();
             }
         }
         Ok(s / m as f64)
