@@ -1,4 +1,4 @@
-#![allow(dead_code)]
+#![allow(dead_code, clippy::needless_range_loop)]
 //! Shared fixtures for the identity tests (f64 throughout).
 
 use sofo::loss::{LittleLoss, Observer};

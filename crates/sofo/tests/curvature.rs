@@ -1,3 +1,6 @@
+// Index loops mirror the formulas of method.md.
+#![allow(clippy::needless_range_loop)]
+
 //! Identity 7: each little loss's gradient and curvature against finite
 //! differences of its value; and the sketch Ẏᵀ H Ẏ against the dense H.
 

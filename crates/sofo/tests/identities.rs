@@ -1,3 +1,6 @@
+// Index loops mirror the formulas of method.md.
+#![allow(clippy::needless_range_loop)]
+
 //! The identities of method.md that pin the SOFO sketch and step down, in f64.
 
 mod common;
