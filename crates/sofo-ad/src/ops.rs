@@ -101,7 +101,7 @@ impl Binary {
 /// new value. Shapes follow the tensor layer: row-major, numpy broadcasting
 /// for the binary ops, `matmul` as [.., m, k] · [k, n].
 pub trait Ops<T: Float> {
-    type V;
+    type V: Clone;
 
     /// A value that carries no derivative (data, targets, fixed weights).
     fn constant(&mut self, t: Tensor<T>) -> Self::V;

@@ -6,9 +6,23 @@
 //! seed whatever the thread count of the elementwise loops. (GEMM splits its
 //! output, not its reductions, across threads.)
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every kernel on this thread single-threaded: for work that
+/// is already split across threads at a coarser grain (trials).
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.with(|s| s.replace(true));
+    let r = f();
+    SERIAL.with(|s| s.set(before));
+    r
+}
 
 /// Sets the number of worker threads (0 = all cores). Call once, early; the
 /// global rayon pool can be sized only once per process.
@@ -23,6 +37,9 @@ pub fn set_threads(n: usize) {
 }
 
 pub fn threads() -> usize {
+    if SERIAL.with(|s| s.get()) {
+        return 1;
+    }
     match THREADS.load(Ordering::Relaxed) {
         0 => rayon::current_num_threads(),
         n => n.min(rayon::current_num_threads()),

@@ -287,6 +287,13 @@ impl Sketch {
         }
     }
 
+    /// Adds another sketch of the same K (another group of trials).
+    pub fn add(&mut self, o: &Sketch) {
+        self.loss += o.loss;
+        self.c.iter_mut().zip(&o.c).for_each(|(a, b)| *a += b);
+        self.g.iter_mut().zip(&o.g).for_each(|(a, b)| *a += b);
+    }
+
     /// Symmetrises G̃ and checks that everything is finite.
     pub fn finish(mut self) -> Result<Self> {
         let k = self.k;

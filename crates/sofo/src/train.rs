@@ -2,13 +2,12 @@
 //! guard that keeps non-finite values out of the weights.
 
 use crate::checkpoint;
-use crate::loss::Sketch;
-use crate::models::{Batch, Model};
+use crate::models::{observe_pass, Batch, Model};
 use crate::optim::Sofo;
 use crate::params::ParamSet;
 use crate::tasks::Task;
 use crate::Result;
-use sofo_ad::{Dual, Fwd};
+use sofo_ad::Dual;
 use sofo_tensor::Float;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,14 +19,11 @@ pub fn evaluate<T: Float, M: Model<T>>(
     params: &ParamSet<T>,
     batch: &Batch<T>,
 ) -> Result<f64> {
-    let mut e = Fwd::primal();
     let duals: Vec<Dual<T>> = params
         .iter()
         .map(|p| Dual::constant(p.value.clone()))
         .collect();
-    let mut sk = Sketch::new(0);
-    model.run(&mut e, &duals, batch, &mut sk)?;
-    Ok(sk.loss)
+    Ok(observe_pass(model, 0, &duals, batch)?.loss)
 }
 
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! Shared fixtures for the identity tests (f64 throughout).
 
 use sofo::loss::{LittleLoss, Observer};
-use sofo::models::{Activation, Batch, Model, RateRnn};
+use sofo::models::{Activation, Batch, Model, RateRnn, Trials};
 use sofo::params::{Param, ParamMode, ParamSet};
 use sofo::{Dual, Fwd, Ops, Result, Tensor};
 use sofo_tensor::rng;
@@ -106,7 +106,10 @@ pub fn ggn_and_gradient<M: Model<f64>>(
         .collect();
     let mut rec = JacobianRecorder { p, blocks: vec![] };
     let mut e = Fwd::new(p);
-    model.run(&mut e, &duals, batch, &mut rec).unwrap();
+    let prepared = model.prepare(&mut e, &duals).unwrap();
+    model
+        .run(&mut e, &prepared, &batch.all(), &mut rec)
+        .unwrap();
     let mut ggn = vec![0.0; p * p];
     let mut grad = vec![0.0; p];
     for (j, g, h) in &rec.blocks {
@@ -182,11 +185,11 @@ impl Model<f64> for LinearReadout {
         &self,
         e: &mut E,
         p: &[E::V],
-        batch: &Batch<f64>,
+        batch: &Trials<'_, f64>,
         obs: &mut dyn Observer<f64, E>,
     ) -> Result<()> {
-        for t in 0..batch.steps {
-            let u = e.constant(Batch::step_of(batch.inputs.as_ref().unwrap(), t)?);
+        for t in 0..batch.steps() {
+            let u = e.constant(batch.input(t)?.unwrap());
             let y = e.linear(None, 1.0, &[(&u, &p[0])], Some(&p[1]))?;
             if batch.observed(t) {
                 obs.observe(e, &y, &batch.step_loss(t)?)?;

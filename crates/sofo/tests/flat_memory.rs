@@ -44,8 +44,24 @@ fn peak_extra_bytes(t: usize) -> usize {
 
 #[test]
 fn sofo_iteration_memory_is_flat_in_t() {
+    // Two worker threads: the groups of trials run concurrently and share
+    // the buffer pool, so which buffer is reused depends on timing; the
+    // peak may move by a few buffers (observed: up to 5 %), never with T.
+    // Keeping even one [M, O] output per step would add 20 % at T = 1000.
+    sofo_tensor::parallel::set_threads(2);
     let short = peak_extra_bytes(10);
     let long = peak_extra_bytes(1000);
     assert!(short > 0);
-    assert_eq!(short, long, "peak extra bytes: T=10 {short}, T=1000 {long}");
+    let ratio = long as f64 / short as f64;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "2 threads: T=10 {short} B, T=1000 {long} B"
+    );
+
+    // One thread: the allocation sequence is fixed, so the peaks are equal.
+    sofo_tensor::parallel::set_threads(1);
+    let short = peak_extra_bytes(10);
+    let long = peak_extra_bytes(1000);
+    assert!(short > 0);
+    assert_eq!(short, long, "1 thread: peak extra bytes at T=10 and T=1000");
 }

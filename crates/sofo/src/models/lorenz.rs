@@ -4,7 +4,7 @@
 //! It runs autonomously from `batch.initial` and is observed where the
 //! batch's weights are non-zero (the last step, for sparse supervision).
 
-use super::{Batch, Model};
+use super::{Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::{Param, ParamMode, ParamSet};
 use crate::{Error, Result};
@@ -41,25 +41,30 @@ impl<T: Float> Model<T> for LorenzModel {
         Ok(ParamSet::new(vec![p("A", a), p("C", c), p("W", w)]))
     }
 
+    /// Prepared: [A, C[:3], C[3], W].
+    fn prepare<E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Vec<E::V>> {
+        let c_in = e.slice(&p[1], 0, 0, 3)?;
+        let c_bias = e.slice(&p[1], 0, 3, 1)?;
+        let c_bias = e.reshape(&c_bias, &[self.hidden])?;
+        Ok(vec![p[0].clone(), c_in, c_bias, p[2].clone()])
+    }
+
     fn run<E: Ops<T>>(
         &self,
         e: &mut E,
         p: &[E::V],
-        batch: &Batch<T>,
+        batch: &Trials<'_, T>,
         obs: &mut dyn Observer<T, E>,
     ) -> Result<()> {
         let init = batch
-            .initial
-            .as_ref()
+            .initial()?
             .ok_or_else(|| Error::config("batch.initial", "none", "initial states [M, 3]"))?;
-        let c_in = e.slice(&p[1], 0, 0, 3)?;
-        let c_bias = e.slice(&p[1], 0, 3, 1)?;
-        let c_bias = e.reshape(&c_bias, &[self.hidden])?;
-        let mut y = e.constant(init.clone());
-        for t in 0..batch.steps {
-            let pre = e.linear(None, T::one(), &[(&y, &c_in)], Some(&c_bias))?;
+        let (c_in, c_bias) = (&p[1], &p[2]);
+        let mut y = e.constant(init);
+        for t in 0..batch.steps() {
+            let pre = e.linear(None, T::one(), &[(&y, c_in)], Some(c_bias))?;
             let h = e.relu(&pre)?;
-            y = e.linear(None, T::one(), &[(&y, &p[0]), (&h, &p[2])], None)?;
+            y = e.linear(None, T::one(), &[(&y, &p[0]), (&h, &p[3])], None)?;
             if batch.observed(t) {
                 obs.observe(e, &y, &batch.step_loss(t)?)?;
             }

@@ -6,11 +6,12 @@ mod rate_rnn;
 pub use lorenz::LorenzModel;
 pub use rate_rnn::{Activation, RateRnn};
 
-use crate::loss::Observer;
+use crate::loss::{Observer, Sketch};
 use crate::params::ParamSet;
-use crate::Result;
-use sofo_ad::Ops;
-use sofo_tensor::{Float, Tensor};
+use crate::{Error, Result};
+use rayon::prelude::*;
+use sofo_ad::{Dual, Fwd, Ops};
+use sofo_tensor::{parallel, Float, Tensor};
 
 /// A batch of trials for a sequence model.
 #[derive(Debug, Clone)]
@@ -32,50 +33,182 @@ pub struct Batch<T: Float> {
 }
 
 impl<T: Float> Batch<T> {
-    /// Whether step t carries any loss.
-    pub fn observed(&self, t: usize) -> bool {
-        match &self.weights {
-            None => true,
-            Some(w) => w.data()[t * self.trials..(t + 1) * self.trials]
-                .iter()
-                .any(|&v| v != T::zero()),
+    /// All trials.
+    pub fn all(&self) -> Trials<'_, T> {
+        Trials {
+            batch: self,
+            start: 0,
+            len: self.trials,
         }
     }
 
-    /// Row t of a [T, M, X] tensor, as [M, X].
-    pub fn step_of(x: &Tensor<T>, t: usize) -> Result<Tensor<T>> {
-        let s = x.shape();
-        Ok(x.slice(0, t, 1)?.reshape(&s[1..])?)
+    /// The trials split into `parts` consecutive groups (sizes differ by at
+    /// most one). Views, not copies: memory stays flat in T.
+    pub fn split(&self, parts: usize) -> Result<Vec<Trials<'_, T>>> {
+        let m = self.trials;
+        if parts == 0 || parts > m {
+            return Err(Error::config(
+                "parts",
+                parts,
+                format!("1 to {m} (the trials)"),
+            ));
+        }
+        let mut out = Vec::with_capacity(parts);
+        let mut start = 0;
+        for i in 0..parts {
+            let len = m / parts + usize::from(i < m % parts);
+            out.push(Trials {
+                batch: self,
+                start,
+                len,
+            });
+            start += len;
+        }
+        Ok(out)
+    }
+}
+
+/// A view of consecutive trials of a batch: what a model runs on. Each
+/// accessor copies one step's rows only, so nothing proportional to T is
+/// allocated while a model runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Trials<'a, T: Float> {
+    pub batch: &'a Batch<T>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl<T: Float> Trials<'_, T> {
+    pub fn steps(&self) -> usize {
+        self.batch.steps
+    }
+    pub fn trials(&self) -> usize {
+        self.len
     }
 
-    /// The little loss of step t: weighted MSE against targets[t].
+    /// Rows [start, start + len) of step t of a [T, M, X] tensor, as [len, X].
+    fn rows(&self, x: &Tensor<T>, t: usize) -> Result<Tensor<T>> {
+        let s = x.shape();
+        let width: usize = s[2..].iter().product();
+        let m = self.batch.trials;
+        let off = (t * m + self.start) * width;
+        let mut shape = vec![self.len];
+        shape.extend_from_slice(&s[2..]);
+        Ok(Tensor::from_vec(
+            &shape,
+            x.data()[off..off + self.len * width].to_vec(),
+        )?)
+    }
+
+    /// Inputs of step t, [len, I].
+    pub fn input(&self, t: usize) -> Result<Option<Tensor<T>>> {
+        match &self.batch.inputs {
+            None => Ok(None),
+            Some(u) => Ok(Some(self.rows(u, t)?)),
+        }
+    }
+
+    /// The initial condition, [len, S].
+    pub fn initial(&self) -> Result<Option<Tensor<T>>> {
+        match &self.batch.initial {
+            None => Ok(None),
+            Some(x) => Ok(Some(x.slice(0, self.start, self.len)?)),
+        }
+    }
+
+    /// Whether step t carries any loss for these trials.
+    pub fn observed(&self, t: usize) -> bool {
+        match &self.batch.weights {
+            None => true,
+            Some(w) => {
+                let m = self.batch.trials;
+                w.data()[t * m + self.start..t * m + self.start + self.len]
+                    .iter()
+                    .any(|&v| v != T::zero())
+            }
+        }
+    }
+
+    /// The little loss of step t: weighted MSE against the targets, with the
+    /// whole batch's normaliser (so the groups' losses add up).
     pub fn step_loss(&self, t: usize) -> Result<crate::loss::WeightedMse<T>> {
-        let target = Self::step_of(&self.targets, t)?;
-        let weights = match &self.weights {
+        let target = self.rows(&self.batch.targets, t)?;
+        let weights = match &self.batch.weights {
             None => None,
-            Some(w) => Some(Self::step_of(w, t)?.reshape(&[self.trials, 1])?),
+            Some(w) => {
+                let m = self.batch.trials;
+                let off = t * m + self.start;
+                Some(Tensor::from_vec(
+                    &[self.len, 1],
+                    w.data()[off..off + self.len].to_vec(),
+                )?)
+            }
         };
         Ok(crate::loss::WeightedMse {
             target,
             weights,
-            n: self.loss_norm,
+            n: self.batch.loss_norm,
         })
     }
 }
 
 /// A differentiable model: parameters and a run over a batch that observes
 /// its little losses.
-pub trait Model<T: Float> {
+///
+/// Trials must not interact: [`observe_pass`] splits a batch by trials
+/// across threads.
+pub trait Model<T: Float>: Sync {
     /// Fresh parameters, seeded.
     fn init(&self, seed: u64) -> Result<ParamSet<T>>;
-    /// Runs the batch. `params` are in the order of [`Model::init`].
+    /// Work on the parameters alone, done once per pass and shared by every
+    /// group of trials (transposes, slices). `params` are in the order of
+    /// [`Model::init`]; the default passes them through.
+    fn prepare<E: Ops<T>>(&self, _e: &mut E, params: &[E::V]) -> Result<Vec<E::V>> {
+        Ok(params.to_vec())
+    }
+    /// Runs the batch on prepared parameters, observing its little losses.
     fn run<E: Ops<T>>(
         &self,
         e: &mut E,
-        params: &[E::V],
-        batch: &Batch<T>,
+        prepared: &[E::V],
+        trials: &Trials<'_, T>,
         obs: &mut dyn Observer<T, E>,
     ) -> Result<()>;
     /// Flops of one forward-K pass with `k` tangents on `batch` (benchmarks).
     fn sofo_flops(&self, k: usize, batch: &Batch<T>) -> f64;
+}
+
+/// One forward pass with `k` tangents (`k = 0`: primal only) and the sketch
+/// of its observed losses. The trials are split into one group per worker
+/// thread; each group runs single-threaded kernels through all T steps, so
+/// the time loop has no synchronisation at all, and the groups' sketches are
+/// summed in group order (deterministic for a given thread count).
+pub fn observe_pass<T: Float, M: Model<T>>(
+    model: &M,
+    k: usize,
+    params: &[Dual<T>],
+    batch: &Batch<T>,
+) -> Result<Sketch> {
+    let mut e = Fwd::new(k);
+    let prepared = model.prepare(&mut e, params)?;
+    let parts = parallel::threads().min(batch.trials).max(1);
+    let run = |b: &Trials<'_, T>| -> Result<Sketch> {
+        let mut e = Fwd::new(k);
+        let mut sk = Sketch::new(k);
+        model.run(&mut e, &prepared, b, &mut sk)?;
+        Ok(sk)
+    };
+    if parts == 1 {
+        return run(&batch.all())?.finish();
+    }
+    let groups = batch.split(parts)?;
+    let sketches: Vec<Result<Sketch>> = groups
+        .par_iter()
+        .map(|b| parallel::serial(|| run(b)))
+        .collect();
+    let mut total = Sketch::new(k);
+    for s in sketches {
+        total.add(&s?);
+    }
+    total.finish()
 }

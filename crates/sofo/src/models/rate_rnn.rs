@@ -3,7 +3,7 @@
 //! with α = dt/τ. Tensors `W` [N,N], `B` [N,I], `b` [N], `C` [O,N], `d` [O]
 //! and, when learned, `x0` [N].
 
-use super::{Batch, Model};
+use super::{Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::{Param, ParamMode, ParamSet};
 use crate::{Error, Result};
@@ -112,19 +112,32 @@ impl<T: Float> Model<T> for RateRnn {
         Ok(ParamSet::new(ps))
     }
 
+    /// Row convention (x · Wᵀ): the weights are transposed once per pass.
+    /// Prepared: [Wᵀ, Bᵀ, b, Cᵀ, d, (x0)].
+    fn prepare<E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Vec<E::V>> {
+        let mut out = vec![
+            e.transpose(&p[0], 0, 1)?,
+            e.transpose(&p[1], 0, 1)?,
+            p[2].clone(),
+            e.transpose(&p[3], 0, 1)?,
+            p[4].clone(),
+        ];
+        if self.learn_x0 {
+            out.push(p[5].clone());
+        }
+        Ok(out)
+    }
+
     fn run<E: Ops<T>>(
         &self,
         e: &mut E,
         p: &[E::V],
-        batch: &Batch<T>,
+        batch: &Trials<'_, T>,
         obs: &mut dyn Observer<T, E>,
     ) -> Result<()> {
-        let m = batch.trials;
+        let m = batch.trials();
         let a = T::from_f64(self.alpha);
-        // Row convention (x · Wᵀ): transpose once per pass, not per step.
-        let wt = e.transpose(&p[0], 0, 1)?;
-        let bt = e.transpose(&p[1], 0, 1)?;
-        let ct = e.transpose(&p[3], 0, 1)?;
+        let (wt, bt, ct) = (&p[0], &p[1], &p[3]);
         let mut x = if self.learn_x0 {
             e.broadcast_to(&p[5], &[m, self.n])?
         } else {
@@ -132,10 +145,10 @@ impl<T: Float> Model<T> for RateRnn {
         };
         let phi = self.activation.op();
         let mut r = e.unary(&x, phi)?;
-        for t in 0..batch.steps {
-            let drive = match &batch.inputs {
+        for t in 0..batch.steps() {
+            let drive = match batch.input(t)? {
                 Some(u) => {
-                    let ut = e.constant(Batch::step_of(u, t)?);
+                    let ut = e.constant(u);
                     e.linear(
                         Some((&x, T::one() - a)),
                         a,
@@ -143,12 +156,12 @@ impl<T: Float> Model<T> for RateRnn {
                         Some(&p[2]),
                     )?
                 }
-                None => e.linear(Some((&x, T::one() - a)), a, &[(&r, &wt)], Some(&p[2]))?,
+                None => e.linear(Some((&x, T::one() - a)), a, &[(&r, wt)], Some(&p[2]))?,
             };
             x = drive;
             r = e.unary(&x, phi)?;
             if batch.observed(t) {
-                let y = e.linear(None, T::one(), &[(&r, &ct)], Some(&p[4]))?;
+                let y = e.linear(None, T::one(), &[(&r, ct)], Some(&p[4]))?;
                 obs.observe(e, &y, &batch.step_loss(t)?)?;
             }
         }

@@ -8,11 +8,11 @@
 //! [`Sofo::sketch`], [`Sofo::propose`], [`Sofo::apply`].
 
 use crate::loss::Sketch;
-use crate::models::{Batch, Model};
+use crate::models::{observe_pass, Batch, Model};
 use crate::params::{ParamMode, ParamSet};
 use crate::{Error, Result};
 use sofo_ad::layout::from_canonical;
-use sofo_ad::{Dual, Fwd};
+use sofo_ad::Dual;
 use sofo_tensor::backend::{Cpu, Gemm, Kernels, Mat};
 use sofo_tensor::{eigen, rng, Float, Tensor};
 
@@ -229,7 +229,6 @@ impl Sofo {
         tangents: &Tangents<T>,
         batch: &Batch<T>,
     ) -> Result<Sketch> {
-        let mut e = Fwd::new(tangents.k);
         let duals: Vec<Dual<T>> = params
             .iter()
             .zip(&tangents.per_param)
@@ -238,9 +237,7 @@ impl Sofo {
                 tangent: t.clone(),
             })
             .collect();
-        let mut sk = Sketch::new(tangents.k);
-        model.run(&mut e, &duals, batch, &mut sk)?;
-        sk.finish()
+        observe_pass(model, tangents.k, &duals, batch)
     }
 
     /// Solves the damped system in the subspace and expands the step.
