@@ -152,7 +152,7 @@ impl<T: Float> Model<T> for RateRnn {
                     e.linear(
                         Some((&x, T::one() - a)),
                         a,
-                        &[(&r, &wt), (&ut, &bt)],
+                        &[(&r, wt), (&ut, bt)],
                         Some(&p[2]),
                     )?
                 }
