@@ -109,10 +109,17 @@ fn full_basis_step_is_gauss_newton_step() {
     // GN step by solving (JᵀHJ) x = ∇c (Gaussian elimination, partial pivoting)
     let x = solve(ggn, grad, p);
     let d = max_rel_diff(&step, &x);
-    // G's condition number here is ~1e6, so agreement to 1e-8 is what f64 allows
+    // Two solves of the same system agree to about cond(G) · ε (cond(G) is
+    // about 1e6 here): allow 100 · cond(G) · ε.
+    let cond = prop.eigenvalues[p - 1] / prop.eigenvalues[0];
+    let tol = 100.0 * cond * f64::EPSILON;
     assert!(
-        d < 1e-8,
-        "SOFO full-basis step differs from the GN step by {d:e}"
+        tol < 1e-6,
+        "test problem too ill-conditioned: cond {cond:e}"
+    );
+    assert!(
+        d < tol,
+        "SOFO full-basis step differs from the GN step by {d:e} (tolerance {tol:e})"
     );
 }
 
