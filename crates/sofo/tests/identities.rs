@@ -107,20 +107,25 @@ fn full_basis_step_is_gauss_newton_step() {
         .flat_map(|d| d.as_ref().unwrap().data().to_vec())
         .collect();
     // GN step by solving (JᵀHJ) x = ∇c (Gaussian elimination, partial pivoting)
-    let x = solve(ggn, grad, p);
+    let x = solve(ggn.clone(), grad.clone(), p);
     let d = max_rel_diff(&step, &x);
-    // Two solves of the same system agree to about cond(G) · ε (cond(G) is
-    // about 1e6 here): allow 100 · cond(G) · ε.
+    // Two backward-stable solves of the same system agree to about
+    // cond(G)·ε (cond(G) ≈ 1e9 for this RNN, so ≈ 3e-7; observed 1e-8).
     let cond = prop.eigenvalues[p - 1] / prop.eigenvalues[0];
-    let tol = 100.0 * cond * f64::EPSILON;
-    assert!(
-        tol < 1e-6,
-        "test problem too ill-conditioned: cond {cond:e}"
-    );
+    let tol = 10.0 * cond * f64::EPSILON;
     assert!(
         d < tol,
         "SOFO full-basis step differs from the GN step by {d:e} (tolerance {tol:e})"
     );
+    // The sharper check: the SOFO step solves the GN system, residual at
+    // rounding level relative to ‖G‖‖Δ‖.
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let g_norm = ggn.iter().fold(0.0f64, |m, v| m.max(v.abs())) * p as f64;
+    let resid: Vec<f64> = (0..p)
+        .map(|i| (0..p).map(|j| ggn[i * p + j] * step[j]).sum::<f64>() - grad[i])
+        .collect();
+    let r = norm(&resid) / (g_norm * norm(&step));
+    assert!(r < 1e-12, "‖GΔ − ∇c‖ / (‖G‖‖Δ‖) = {r:e}");
 }
 
 fn solve(mut a: Vec<f64>, mut b: Vec<f64>, n: usize) -> Vec<f64> {
