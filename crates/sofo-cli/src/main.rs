@@ -55,10 +55,10 @@ struct TrainArgs {
     #[arg(long, value_name = "K")]
     tangents: Option<usize>,
     /// Learning rate η.
-    #[arg(long, value_name = "η")]
+    #[arg(long, value_name = "η", allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Relative damping λ.
-    #[arg(long, value_name = "λ")]
+    #[arg(long, value_name = "λ", allow_negative_numbers = true)]
     damping: Option<f64>,
     /// Seed of initialisation, tangents and batches.
     #[arg(long, value_name = "S")]

@@ -1,0 +1,206 @@
+//! The `sofo` binary: bad input is refused with a message naming the field,
+//! the value and what is allowed; a run writes its three files; the written
+//! config.toml is accepted back and reproduces the run bit for bit.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sofo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sofo"))
+        .args(args)
+        .output()
+        .expect("run sofo")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sofo-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A small, fast Lorenz configuration.
+const SMALL: &str = r#"
+iterations = 3
+batch = 8
+eval_every = 2
+test_trials = 16
+threads = 1
+[sofo]
+tangents = 8
+[lorenz]
+hidden = 16
+train_bouts = 50
+test_bouts = 16
+"#;
+
+fn write_small(dir: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join("small.toml");
+    std::fs::write(&p, SMALL).unwrap();
+    p
+}
+
+#[test]
+fn bad_values_name_the_field_value_and_range() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--batch", "0"], &["batch", "0", "at least 1"]),
+        (&["--tangents", "0"], &["sofo.tangents", "0", "K ≥ 1"]),
+        (&["--lr", "-1"], &["sofo.lr", "-1", "> 0"]),
+        (&["--damping", "nan"], &["sofo.damping", "NaN", "≥ 0"]),
+        (&["--task", "lorenzz"], &["task", "lorenzz", "lorenz"]),
+        (&["--optimizer", "adamw"], &["optimizer", "adamw", "sofo"]),
+        (&["--iterations", "0"], &["iterations", "0", "at least 1"]),
+        (&["--threads", "5000"], &["threads", "5000", "1024"]),
+    ];
+    for (args, words) in cases {
+        let mut a = vec!["train"];
+        a.extend_from_slice(args);
+        let o = sofo(&a);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        let e = stderr(&o);
+        for w in *words {
+            assert!(e.contains(w), "{args:?}: message {e:?} lacks {w:?}");
+        }
+    }
+    // a value clap cannot parse at all
+    let o = sofo(&["train", "--batch", "many"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("--batch") && e.contains("many"), "{e}");
+}
+
+#[test]
+fn bad_config_files_are_refused() {
+    let dir = tmp("badcfg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("c.toml");
+    std::fs::write(&p, "batchh = 3\n").unwrap();
+    let o = sofo(&["train", "--config", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("batchh"), "{}", stderr(&o));
+    std::fs::write(&p, "[lorenz]\ndt = 0.5\n").unwrap();
+    let o = sofo(&["train", "--config", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("lorenz.dt") && e.contains("0.5"), "{e}");
+    std::fs::write(&p, "[sofo]\ntangents = 5000\n[lorenz]\nhidden = 4\n").unwrap();
+    let o = sofo(&[
+        "train",
+        "--config",
+        p.to_str().unwrap(),
+        "--out",
+        dir.join("r").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("sofo.tangents") && e.contains("5000") && e.contains("P ="),
+        "{e}"
+    );
+    let o = sofo(&[
+        "train",
+        "--config",
+        dir.join("missing.toml").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("missing.toml"));
+}
+
+#[test]
+fn a_run_writes_config_metrics_and_weights_and_replays_from_its_config() {
+    let dir = tmp("run");
+    let cfg = write_small(&dir);
+    let out1 = dir.join("a");
+    let o = sofo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out1.to_str().unwrap(),
+        "--quiet",
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let metrics = std::fs::read_to_string(out1.join("metrics.csv")).unwrap();
+    let lines: Vec<&str> = metrics.lines().collect();
+    assert!(lines[0].starts_with("iteration,loss,wall_s"));
+    assert_eq!(lines.len(), 4, "{metrics}");
+    assert!(
+        lines[2].split(',').nth(3).is_some_and(|v| !v.is_empty()),
+        "test loss at iteration 1"
+    );
+
+    let weights = sofo::checkpoint::load::<f32>(&out1.join("weights.safetensors")).unwrap();
+    let names: Vec<&str> = weights.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["A", "C", "W"]);
+    assert_eq!(weights[1].1.shape(), [4, 16]);
+
+    // the resolved config holds every setting, the flags included
+    let resolved = std::fs::read_to_string(out1.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("seed = 3") && resolved.contains("hidden = 16"),
+        "{resolved}"
+    );
+
+    // ... and replays the run exactly from another directory
+    let out2 = dir.join("b");
+    let o = sofo(&[
+        "train",
+        "--config",
+        out1.join("config.toml").to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m2 = std::fs::read_to_string(out2.join("metrics.csv")).unwrap();
+    let losses = |m: &str| -> Vec<String> {
+        m.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(losses(&metrics), losses(&m2));
+    let w2 = std::fs::read(out2.join("weights.safetensors")).unwrap();
+    assert_eq!(std::fs::read(out1.join("weights.safetensors")).unwrap(), w2);
+    // no temporary files left behind
+    for e in std::fs::read_dir(&out1).unwrap() {
+        let n = e.unwrap().file_name().into_string().unwrap();
+        assert!(!n.contains(".tmp"), "left {n}");
+    }
+}
+
+#[test]
+fn bench_json_has_the_fields() {
+    let o = sofo(&[
+        "bench",
+        "--json",
+        "--only",
+        "lorenz",
+        "--iters",
+        "1",
+        "--threads",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = String::from_utf8(o.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    for f in ["name", "n", "m", "k", "t", "seconds_per_iter", "gflops"] {
+        assert!(v.get(f).is_some(), "missing {f} in {line}");
+    }
+    assert_eq!(v["name"], "lorenz");
+    assert!(v["seconds_per_iter"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn tasks_lists_lorenz() {
+    let o = sofo(&["tasks"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("lorenz"));
+}
