@@ -95,6 +95,70 @@ impl Fwd {
     }
 }
 
+/// Checks the shapes of a `linear` op: (input, weight) pairs, bias, leak.
+/// Returns (output shape, rows before the last axis, output width n).
+pub fn linear_shapes(
+    terms: &[(&[usize], &[usize])],
+    bias: Option<&[usize]>,
+    leak: Option<&[usize]>,
+) -> Result<(Vec<usize>, usize, usize)> {
+    let (a0, w0) = terms
+        .first()
+        .ok_or_else(|| TensorError::arg("linear", "needs at least one (input, weight) term"))?;
+    if w0.len() != 2 {
+        return Err(TensorError::shape(
+            "linear",
+            "a weight of rank 2",
+            format!("{w0:?}"),
+        ));
+    }
+    let n = w0[1];
+    let mut out_shape = a0.to_vec();
+    if out_shape.is_empty() {
+        return Err(TensorError::shape(
+            "linear",
+            "an input of rank ≥ 1",
+            "a scalar",
+        ));
+    }
+    *out_shape.last_mut().unwrap() = n;
+    let rows: usize = out_shape[..out_shape.len() - 1].iter().product();
+    for (a, w) in terms {
+        let ra = a.len();
+        let ok = w.len() == 2
+            && ra == out_shape.len()
+            && a[..ra - 1] == out_shape[..ra - 1]
+            && a[ra - 1] == w[0]
+            && w[1] == n;
+        if !ok {
+            return Err(TensorError::shape(
+                "linear",
+                format!("input [.., k] and weight [k, {n}] giving {out_shape:?}"),
+                format!("{a:?} · {w:?}"),
+            ));
+        }
+    }
+    if let Some(b) = bias {
+        if b != [n] {
+            return Err(TensorError::shape(
+                "linear bias",
+                format!("[{n}]"),
+                format!("{b:?}"),
+            ));
+        }
+    }
+    if let Some(x) = leak {
+        if x != out_shape.as_slice() {
+            return Err(TensorError::shape(
+                "linear leak",
+                format!("{out_shape:?}"),
+                format!("{x:?}"),
+            ));
+        }
+    }
+    Ok((out_shape, rows, n))
+}
+
 /// out[p, k, l] = d[p, l] · t[p, k, l]
 fn scale_rows<T: Float>(d: &[T], t: &Tensor<T>, k: usize, l: usize) -> Tensor<T> {
     let mut out = Tensor::scratch(t.shape());
@@ -112,12 +176,16 @@ fn scale_rows<T: Float>(d: &[T], t: &Tensor<T>, k: usize, l: usize) -> Tensor<T>
 impl<T: Float> Ops<T> for Fwd {
     type V = Dual<T>;
 
-    fn constant(&mut self, t: Tensor<T>) -> Dual<T> {
-        Dual::constant(t)
+    fn constant(&mut self, t: Tensor<T>) -> Result<Dual<T>> {
+        Ok(Dual::constant(t))
     }
 
-    fn value<'a>(&self, v: &'a Dual<T>) -> &'a Tensor<T> {
-        &v.primal
+    fn shape<'a>(&self, v: &'a Dual<T>) -> &'a [usize] {
+        v.primal.shape()
+    }
+
+    fn to_host(&mut self, v: &Dual<T>) -> Result<Tensor<T>> {
+        Ok(v.primal.clone())
     }
 
     fn unary(&mut self, x: &Dual<T>, op: Unary) -> Result<Dual<T>> {
@@ -256,60 +324,15 @@ impl<T: Float> Ops<T> for Fwd {
         terms: &[(&Dual<T>, &Dual<T>)],
         bias: Option<&Dual<T>>,
     ) -> Result<Dual<T>> {
-        let (a0, w0) = terms
-            .first()
-            .ok_or_else(|| TensorError::arg("linear", "needs at least one (input, weight) term"))?;
-        if w0.primal.rank() != 2 {
-            return Err(TensorError::shape(
-                "linear",
-                "a weight of rank 2",
-                format!("{:?}", w0.primal.shape()),
-            ));
-        }
-        let n = w0.primal.shape()[1];
-        let mut out_shape = a0.primal.shape().to_vec();
-        if out_shape.is_empty() {
-            return Err(TensorError::shape(
-                "linear",
-                "an input of rank ≥ 1",
-                "a scalar",
-            ));
-        }
-        *out_shape.last_mut().unwrap() = n;
-        let rows: usize = out_shape[..out_shape.len() - 1].iter().product();
-        for (a, w) in terms {
-            let ra = a.primal.rank();
-            let ok = w.primal.rank() == 2
-                && ra == out_shape.len()
-                && a.primal.shape()[..ra - 1] == out_shape[..ra - 1]
-                && a.primal.shape()[ra - 1] == w.primal.shape()[0]
-                && w.primal.shape()[1] == n;
-            if !ok {
-                return Err(TensorError::shape(
-                    "linear",
-                    format!("input [.., k] and weight [k, {n}] giving {out_shape:?}"),
-                    format!("{:?} · {:?}", a.primal.shape(), w.primal.shape()),
-                ));
-            }
-        }
-        if let Some(b) = bias {
-            if b.primal.shape() != [n] {
-                return Err(TensorError::shape(
-                    "linear bias",
-                    format!("[{n}]"),
-                    format!("{:?}", b.primal.shape()),
-                ));
-            }
-        }
-        if let Some((x, _)) = leak {
-            if x.primal.shape() != out_shape.as_slice() {
-                return Err(TensorError::shape(
-                    "linear leak",
-                    format!("{out_shape:?}"),
-                    format!("{:?}", x.primal.shape()),
-                ));
-            }
-        }
+        let shapes: Vec<(&[usize], &[usize])> = terms
+            .iter()
+            .map(|(a, w)| (a.primal.shape(), w.primal.shape()))
+            .collect();
+        let (out_shape, rows, n) = linear_shapes(
+            &shapes,
+            bias.map(|b| b.primal.shape()),
+            leak.map(|(x, _)| x.primal.shape()),
+        )?;
 
         // primal: init with leak and bias, then accumulate the products
         let mut y = Tensor::scratch(&out_shape);

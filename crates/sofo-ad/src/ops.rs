@@ -104,9 +104,11 @@ pub trait Ops<T: Float> {
     type V: Clone;
 
     /// A value that carries no derivative (data, targets, fixed weights).
-    fn constant(&mut self, t: Tensor<T>) -> Self::V;
-    /// The primal value.
-    fn value<'a>(&self, v: &'a Self::V) -> &'a Tensor<T>;
+    fn constant(&mut self, t: Tensor<T>) -> Result<Self::V>;
+    /// The shape of a value.
+    fn shape<'a>(&self, v: &'a Self::V) -> &'a [usize];
+    /// A host copy of the primal value.
+    fn to_host(&mut self, v: &Self::V) -> Result<Tensor<T>>;
 
     fn unary(&mut self, x: &Self::V, op: Unary) -> Result<Self::V>;
     fn binary(&mut self, a: &Self::V, b: &Self::V, op: Binary) -> Result<Self::V>;
@@ -183,7 +185,7 @@ pub trait Ops<T: Float> {
     }
     /// Mean over `axes`.
     fn mean(&mut self, x: &Self::V, axes: &[usize]) -> Result<Self::V> {
-        let shape = self.value(x).shape().to_vec();
+        let shape = self.shape(x).to_vec();
         let n: usize = axes
             .iter()
             .map(|&a| shape.get(a).copied().unwrap_or(1))

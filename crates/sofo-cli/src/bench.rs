@@ -6,7 +6,7 @@ use sofo::models::{Activation, Batch, LorenzModel, Model, RateRnn};
 use sofo::optim::{Damping, Sofo, SofoConfig, TangentKind};
 use sofo::params::ParamSet;
 use sofo::tasks::{LorenzData, LorenzTask, Task};
-use sofo::Result;
+use sofo::{Device, Result};
 use sofo_tensor::{rng, Tensor};
 use std::time::Instant;
 
@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// Run only the configurations whose name contains this.
     #[arg(long)]
     only: Option<String>,
+    /// Where the passes run: cpu, cuda or cuda:N. On a GPU the long
+    /// configurations (rnn-reach, rnn-kalman) run too.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 struct Record {
@@ -54,6 +58,7 @@ fn random_batch(t: usize, m: usize, i: usize, o: usize, seed: u64) -> Result<Bat
 }
 
 fn time_sofo<M: Model<f32>>(
+    device: &Device,
     model: &M,
     params: &mut ParamSet<f32>,
     batch: &Batch<f32>,
@@ -68,7 +73,8 @@ fn time_sofo<M: Model<f32>>(
         damping: Damping::RelativeLargest(1e-3),
         sqrt: false,
         lr: 0.1,
-    })?;
+    })?
+    .on(device.clone());
     for it in 0..2 {
         sofo.step(model, params, batch, 0, it)?;
     }
@@ -85,14 +91,22 @@ fn time_sofo<M: Model<f32>>(
 pub fn run(a: BenchArgs) -> Result<()> {
     sofo_tensor::parallel::set_threads(a.threads);
     let threads = sofo_tensor::parallel::threads();
+    let device = Device::open(&a.device)?;
+    let on_gpu = !matches!(device, Device::Cpu);
     let want = |name: &str| a.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
     let mut records = Vec::new();
     let iters = a.iters.max(1);
-    for (name, n, m, k, t) in [
-        ("rnn-n128", 128, 64, 64, 50),
-        ("rnn-n400", 400, 128, 128, 32),
-    ] {
-        if !want(name) {
+    // the anchors' rate-RNN configurations, then the sizes of the double
+    // reach (T = 1000) and of the long-horizon Kalman filter (T = 5000),
+    // which are GPU work (timed on the CPU only when named with --only)
+    let configs = [
+        ("rnn-n128", 128, 64, 64, 50, false),
+        ("rnn-n400", 400, 128, 128, 32, false),
+        ("rnn-reach", 64, 256, 128, 1000, true),
+        ("rnn-kalman", 100, 256, 128, 5000, true),
+    ];
+    for (name, n, m, k, t, long) in configs {
+        if !want(name) || (long && !on_gpu && a.only.is_none()) {
             continue;
         }
         let model = RateRnn {
@@ -106,7 +120,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         let mut params = model.init(0)?;
         let batch = random_batch(t, m, 3, 3, 0)?;
-        let (median, min) = time_sofo(&model, &mut params, &batch, k, iters)?;
+        let (median, min) = time_sofo(&device, &model, &mut params, &batch, k, iters)?;
         let flops = model.sofo_flops(k, &batch);
         records.push(Record {
             name,
@@ -118,7 +132,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             min,
             flops,
         });
-        emit(&a, records.last().unwrap(), threads);
+        emit(&a, records.last().unwrap(), threads, &device);
     }
     if want("lorenz") {
         let task = LorenzTask {
@@ -128,7 +142,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut params = <LorenzModel as Model<f32>>::init(&model, 0)?;
         let (m, k) = (128, 128);
         let batch = Task::<f32>::train_batch(&task, 0, 0, m)?;
-        let (median, min) = time_sofo(&model, &mut params, &batch, k, iters)?;
+        let (median, min) = time_sofo(&device, &model, &mut params, &batch, k, iters)?;
         let flops = model.sofo_flops(k, &batch);
         records.push(Record {
             name: "lorenz",
@@ -140,12 +154,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             min,
             flops,
         });
-        emit(&a, records.last().unwrap(), threads);
+        emit(&a, records.last().unwrap(), threads, &device);
     }
     Ok(())
 }
 
-fn emit(a: &BenchArgs, r: &Record, threads: usize) {
+fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
     let gflops = r.flops / r.median / 1e9;
     if a.json {
         println!(
@@ -154,12 +168,22 @@ fn emit(a: &BenchArgs, r: &Record, threads: usize) {
                 "name": r.name, "n": r.n, "m": r.m, "k": r.k, "t": r.t,
                 "seconds_per_iter": r.median, "min_seconds_per_iter": r.min,
                 "gflops": gflops, "threads": threads, "iters": a.iters,
+                "device": device.describe(),
             })
         );
     } else {
         println!(
-            "{:<10} N={:<4} M={:<4} K={:<4} T={:<3}  {:.4} s/iter (min {:.4})  {:.1} GFLOP/s  [{} threads]",
-            r.name, r.n, r.m, r.k, r.t, r.median, r.min, gflops, threads
+            "{:<10} N={:<4} M={:<4} K={:<4} T={:<4}  {:.4} s/iter (min {:.4})  {:.1} GFLOP/s  [{}, {} threads]",
+            r.name,
+            r.n,
+            r.m,
+            r.k,
+            r.t,
+            r.median,
+            r.min,
+            gflops,
+            device.describe(),
+            threads
         );
     }
 }

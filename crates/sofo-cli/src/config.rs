@@ -21,6 +21,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+    /// cpu, cuda or cuda:N
+    pub device: String,
     /// Evaluate on held-out trials every this many iterations (0 = only at the end).
     pub eval_every: usize,
     pub test_trials: usize,
@@ -69,6 +71,7 @@ impl Default for RunConfig {
             batch: 128,
             seed: 0,
             threads: 0,
+            device: "cpu".into(),
             eval_every: 20,
             test_trials: 500,
             out: "runs/lorenz".into(),
@@ -141,6 +144,18 @@ impl RunConfig {
         }
         if self.batch == 0 {
             return Err(Error::config("batch", self.batch, "at least 1"));
+        }
+        let d = self.device.as_str();
+        let device_ok = d == "cpu"
+            || d == "cuda"
+            || d.strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !device_ok {
+            return Err(Error::config(
+                "device",
+                format!("\"{d}\""),
+                "cpu, cuda or cuda:N",
+            ));
         }
         if self.threads > 1024 {
             return Err(Error::config(

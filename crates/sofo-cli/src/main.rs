@@ -66,6 +66,9 @@ struct TrainArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, value_name = "T")]
     threads: Option<usize>,
+    /// Where the passes run: cpu, cuda or cuda:N.
+    #[arg(long, value_name = "DEV")]
+    device: Option<String>,
     /// Settings file (TOML); flags override it.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -121,6 +124,9 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
     if let Some(v) = a.threads {
         c.threads = v;
     }
+    if let Some(v) = &a.device {
+        c.device = v.clone();
+    }
     if let Some(v) = &a.out {
         c.out = v.display().to_string();
     }
@@ -141,7 +147,8 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     let model = LorenzModel { hidden: l.hidden };
     let mut params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
-    let sofo = Sofo::new(cfg.sofo_config()?)?;
+    let device = sofo::Device::open(&cfg.device)?;
+    let sofo = Sofo::new(cfg.sofo_config()?)?.on(device);
     let p = params.trainable_count();
     if cfg.sofo.tangents > p {
         return Err(Error::config(
@@ -152,11 +159,12 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let threads = sofo_tensor::parallel::threads();
     eprintln!(
-        "sofo: task {} | P = {p} | K = {} | M = {} | {} iterations | {threads} threads | run dir {}",
+        "sofo: task {} | P = {p} | K = {} | M = {} | {} iterations | {threads} threads | {} | run dir {}",
         Task::<f32>::name(&task),
         cfg.sofo.tangents,
         cfg.batch,
         cfg.iterations,
+        sofo.device.describe(),
         out.display()
     );
 

@@ -19,6 +19,8 @@ pub enum TensorError {
     },
     /// A numerical routine that did not converge or met a non-finite value.
     Numerical { op: &'static str, message: String },
+    /// The GPU backend: no device, a driver or library error.
+    Device { op: &'static str, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, TensorError>;
@@ -50,6 +52,7 @@ impl fmt::Display for TensorError {
                 write!(f, "{op}: expected dtype {expected}, got {got}")
             }
             TensorError::Numerical { op, message } => write!(f, "{op}: {message}"),
+            TensorError::Device { op, message } => write!(f, "{op} (cuda): {message}"),
         }
     }
 }

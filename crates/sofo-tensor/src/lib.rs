@@ -7,6 +7,8 @@
 //! so results do not depend on scheduling.
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod eigen;
 mod error;
 mod float;

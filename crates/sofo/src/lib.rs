@@ -6,6 +6,9 @@
 //! `sofo-ad` (op vocabulary, forward-K engine) → `sofo-tensor`.
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 mod error;
 pub mod loss;
 pub mod models;
@@ -14,6 +17,7 @@ pub mod params;
 pub mod tasks;
 pub mod train;
 
+pub use device::Device;
 pub use error::{Error, Result};
 pub use sofo_ad::{Dual, Fwd, Ops};
 pub use sofo_tensor::{Float, Tensor};

@@ -21,6 +21,11 @@ pub trait LittleLoss<T: Float> {
         -> Result<()>;
     /// H as a dense matrix over the flattened y (for tests).
     fn hessian(&self, y: &Tensor<T>) -> Result<Vec<f64>>;
+    /// The weighted MSE behind this loss, if it is one (the GPU sketch
+    /// implements that family on the device).
+    fn as_weighted_mse(&self) -> Option<&WeightedMse<T>> {
+        None
+    }
 }
 
 /// ℓ = (1/n) Σ w (y − target)², the weights broadcast against y (numpy
@@ -63,6 +68,10 @@ impl<T: Float> WeightedMse<T> {
 }
 
 impl<T: Float> LittleLoss<T> for WeightedMse<T> {
+    fn as_weighted_mse(&self) -> Option<&WeightedMse<T>> {
+        Some(self)
+    }
+
     fn value(&self, y: &Tensor<T>) -> Result<f64> {
         let w = self.check(y)?;
         let mut s = 0.0;

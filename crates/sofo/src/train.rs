@@ -2,7 +2,8 @@
 //! guard that keeps non-finite values out of the weights.
 
 use crate::checkpoint;
-use crate::models::{observe_pass, Batch, Model};
+use crate::device::Device;
+use crate::models::{Batch, Model};
 use crate::optim::Sofo;
 use crate::params::ParamSet;
 use crate::tasks::Task;
@@ -13,8 +14,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The loss of `params` on `batch` (primal evaluation, no tangents).
+/// The loss of `params` on `batch` (primal evaluation on the CPU).
 pub fn evaluate<T: Float, M: Model<T>>(
+    model: &M,
+    params: &ParamSet<T>,
+    batch: &Batch<T>,
+) -> Result<f64> {
+    evaluate_on(&Device::Cpu, model, params, batch)
+}
+
+/// The loss of `params` on `batch` (primal evaluation on `device`).
+pub fn evaluate_on<T: Float, M: Model<T>>(
+    device: &Device,
     model: &M,
     params: &ParamSet<T>,
     batch: &Batch<T>,
@@ -23,7 +34,7 @@ pub fn evaluate<T: Float, M: Model<T>>(
         .iter()
         .map(|p| Dual::constant(p.value.clone()))
         .collect();
-    Ok(observe_pass(model, 0, &duals, batch)?.loss)
+    Ok(device.pass(model, 0, &duals, batch)?.loss)
 }
 
 #[derive(Debug, Clone)]
@@ -99,7 +110,7 @@ pub fn train_sofo<T: Float, M: Model<T>, K: Task<T>>(
         let rep = sofo.step(model, params, &batch, opts.seed, it as u64)?;
         let last = it + 1 == opts.iterations;
         let test_loss = if opts.eval_every > 0 && ((it + 1) % opts.eval_every == 0 || last) {
-            Some(evaluate(model, params, &test)?)
+            Some(evaluate_on(&sofo.device, model, params, &test)?)
         } else {
             None
         };

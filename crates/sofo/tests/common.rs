@@ -189,7 +189,7 @@ impl Model<f64> for LinearReadout {
         obs: &mut dyn Observer<f64, E>,
     ) -> Result<()> {
         for t in 0..batch.steps() {
-            let u = e.constant(batch.input(t)?.unwrap());
+            let u = e.constant(batch.input(t)?.unwrap())?;
             let y = e.linear(None, 1.0, &[(&u, &p[0])], Some(&p[1]))?;
             if batch.observed(t) {
                 obs.observe(e, &y, &batch.step_loss(t)?)?;

@@ -60,7 +60,7 @@ impl<T: Float> Model<T> for LorenzModel {
             .initial()?
             .ok_or_else(|| Error::config("batch.initial", "none", "initial states [M, 3]"))?;
         let (c_in, c_bias) = (&p[1], &p[2]);
-        let mut y = e.constant(init);
+        let mut y = e.constant(init)?;
         for t in 0..batch.steps() {
             let pre = e.linear(None, T::one(), &[(&y, c_in)], Some(c_bias))?;
             let h = e.relu(&pre)?;

@@ -141,14 +141,14 @@ impl<T: Float> Model<T> for RateRnn {
         let mut x = if self.learn_x0 {
             e.broadcast_to(&p[5], &[m, self.n])?
         } else {
-            e.constant(Tensor::zeros(&[m, self.n]))
+            e.constant(Tensor::zeros(&[m, self.n]))?
         };
         let phi = self.activation.op();
         let mut r = e.unary(&x, phi)?;
         for t in 0..batch.steps() {
             let drive = match batch.input(t)? {
                 Some(u) => {
-                    let ut = e.constant(u);
+                    let ut = e.constant(u)?;
                     e.linear(
                         Some((&x, T::one() - a)),
                         a,

@@ -7,8 +7,9 @@
 //! checked from outside: [`Sofo::sample_tangents`] or [`Sofo::tangents_from`],
 //! [`Sofo::sketch`], [`Sofo::propose`], [`Sofo::apply`].
 
+use crate::device::Device;
 use crate::loss::Sketch;
-use crate::models::{observe_pass, Batch, Model};
+use crate::models::{Batch, Model};
 use crate::params::{ParamMode, ParamSet};
 use crate::{Error, Result};
 use sofo_ad::layout::from_canonical;
@@ -138,12 +139,23 @@ pub struct StepReport {
 
 pub struct Sofo {
     pub config: SofoConfig,
+    /// Where the forward-K passes run (default: the CPU).
+    pub device: Device,
 }
 
 impl Sofo {
     pub fn new(config: SofoConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Sofo { config })
+        Ok(Sofo {
+            config,
+            device: Device::Cpu,
+        })
+    }
+
+    /// Runs the passes on `device`.
+    pub fn on(mut self, device: Device) -> Self {
+        self.device = device;
+        self
     }
 
     /// Draws the tangents of iteration `iteration` from `seed`.
@@ -237,7 +249,7 @@ impl Sofo {
                 tangent: t.clone(),
             })
             .collect();
-        observe_pass(model, tangents.k, &duals, batch)
+        self.device.pass(model, tangents.k, &duals, batch)
     }
 
     /// Solves the damped system in the subspace and expands the step.

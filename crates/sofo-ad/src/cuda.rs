@@ -1,0 +1,295 @@
+//! Forward-K on the GPU (feature `cuda`): the same op vocabulary, the same
+//! tangent layout (see [`crate::layout`]), values in device memory.
+//!
+//! The ops of the rate-network hot path (elementwise unary, the fused
+//! `linear`, rank-2 transpose, row broadcast) run as cuBLAS GEMMs and NVRTC
+//! kernels. The others (broadcasting binary ops, general matmul, sums,
+//! concat, slice, reshape, softmax) are computed on the host by the CPU
+//! engine and copied back: correct, but slow, and used by the models only
+//! once per pass (in `prepare`), never inside the time loop.
+//!
+//! The device computes in f32 whatever the element type of the model: values
+//! are converted where they cross to and from the host.
+
+use crate::forward::linear_shapes;
+use crate::layout::{split3, tangent_shape};
+use crate::ops::{Binary, Ops, Unary};
+use crate::{Dual, Fwd};
+use sofo_tensor::cuda::{CudaDevice, DevTensor, UnaryCode};
+use sofo_tensor::{Float, Result, Tensor};
+use std::sync::Arc;
+
+/// A device value and its K tangents (`None`: all zero).
+#[derive(Clone, Debug)]
+pub struct CudaDual {
+    pub primal: DevTensor,
+    pub tangent: Option<DevTensor>,
+}
+
+/// The forward-K engine on a GPU (f32).
+#[derive(Clone)]
+pub struct CudaFwd {
+    dev: Arc<CudaDevice>,
+    k: usize,
+}
+
+fn code(op: Unary) -> (UnaryCode, f32) {
+    match op {
+        Unary::Neg => (UnaryCode::Neg, 0.0),
+        Unary::Exp => (UnaryCode::Exp, 0.0),
+        Unary::Log => (UnaryCode::Log, 0.0),
+        Unary::Tanh => (UnaryCode::Tanh, 0.0),
+        Unary::Relu => (UnaryCode::Relu, 0.0),
+        Unary::Softplus => (UnaryCode::Softplus, 0.0),
+        Unary::Sigmoid => (UnaryCode::Sigmoid, 0.0),
+        Unary::Square => (UnaryCode::Square, 0.0),
+        Unary::Sqrt => (UnaryCode::Sqrt, 0.0),
+        Unary::AddScalar(s) => (UnaryCode::AddScalar, s as f32),
+        Unary::MulScalar(s) => (UnaryCode::MulScalar, s as f32),
+    }
+}
+
+impl CudaFwd {
+    pub fn new(dev: Arc<CudaDevice>, k: usize) -> Self {
+        CudaFwd { dev, k }
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// Copies a host value (and its tangents) to the device.
+    pub fn upload(&self, d: &Dual<f32>) -> Result<CudaDual> {
+        Ok(CudaDual {
+            primal: self.dev.upload(&d.primal)?,
+            tangent: match &d.tangent {
+                Some(t) => Some(self.dev.upload(t)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Copies a device value (and its tangents) to the host.
+    pub fn download(&self, d: &CudaDual) -> Result<Dual<f32>> {
+        Ok(Dual {
+            primal: self.dev.download(&d.primal)?,
+            tangent: match &d.tangent {
+                Some(t) => Some(self.dev.download(t)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Runs an op on the host with the CPU engine.
+    fn on_host(
+        &self,
+        xs: &[&CudaDual],
+        f: impl FnOnce(&mut Fwd, &[Dual<f32>]) -> Result<Dual<f32>>,
+    ) -> Result<CudaDual> {
+        let host: Vec<Dual<f32>> = xs.iter().map(|x| self.download(x)).collect::<Result<_>>()?;
+        let mut e = Fwd::new(self.k);
+        let out = f(&mut e, &host)?;
+        self.upload(&out)
+    }
+}
+
+impl<T: Float> Ops<T> for CudaFwd {
+    type V = CudaDual;
+
+    fn constant(&mut self, t: Tensor<T>) -> Result<CudaDual> {
+        Ok(CudaDual {
+            primal: self.dev.upload(&t.convert::<f32>())?,
+            tangent: None,
+        })
+    }
+
+    fn shape<'a>(&self, v: &'a CudaDual) -> &'a [usize] {
+        v.primal.shape()
+    }
+
+    fn to_host(&mut self, v: &CudaDual) -> Result<Tensor<T>> {
+        Ok(self.dev.download(&v.primal)?.convert::<T>())
+    }
+
+    fn unary(&mut self, x: &CudaDual, op: Unary) -> Result<CudaDual> {
+        let (c, s) = code(op);
+        let (y, d) = self.dev.unary(&x.primal, c, s, x.tangent.is_some())?;
+        let tangent = match (&x.tangent, d) {
+            (Some(t), Some(d)) => {
+                let (_, k, l) = split3(x.primal.shape(), self.k);
+                Some(self.dev.scale_rows(&d, t, k, l)?)
+            }
+            _ => None,
+        };
+        Ok(CudaDual { primal: y, tangent })
+    }
+
+    fn binary(&mut self, a: &CudaDual, b: &CudaDual, op: Binary) -> Result<CudaDual> {
+        self.on_host(&[a, b], |e, v| e.binary(&v[0], &v[1], op))
+    }
+
+    fn matmul(&mut self, a: &CudaDual, b: &CudaDual) -> Result<CudaDual> {
+        self.on_host(&[a, b], |e, v| e.matmul(&v[0], &v[1]))
+    }
+
+    fn linear(
+        &mut self,
+        leak: Option<(&CudaDual, T)>,
+        scale: T,
+        terms: &[(&CudaDual, &CudaDual)],
+        bias: Option<&CudaDual>,
+    ) -> Result<CudaDual> {
+        let scale = scale.to_f64() as f32;
+        let leak = leak.map(|(x, c)| (x, c.to_f64() as f32));
+        let shapes: Vec<(&[usize], &[usize])> = terms
+            .iter()
+            .map(|(a, w)| (a.primal.shape(), w.primal.shape()))
+            .collect();
+        let (out_shape, rows, n) = linear_shapes(
+            &shapes,
+            bias.map(|b| b.primal.shape()),
+            leak.map(|(x, _)| x.primal.shape()),
+        )?;
+        let dev = self.dev.clone();
+        let mut y = dev.linear_init_primal(
+            &out_shape,
+            bias.map(|b| &b.primal),
+            leak.map(|(x, c)| (&x.primal, c)),
+            scale,
+        )?;
+        for (a, w) in terms {
+            let kd = w.primal.shape()[0];
+            dev.gemm(
+                rows,
+                n,
+                kd,
+                &a.primal.slice().slice(..),
+                &w.primal.slice().slice(..),
+                &mut y.slice_mut().slice_mut(..),
+                scale,
+                1.0,
+            )?;
+        }
+        let any_tangent = terms
+            .iter()
+            .any(|(a, w)| a.tangent.is_some() || w.tangent.is_some())
+            || bias.is_some_and(|b| b.tangent.is_some())
+            || leak.is_some_and(|(x, _)| x.tangent.is_some());
+        if !any_tangent {
+            return Ok(CudaDual {
+                primal: y,
+                tangent: None,
+            });
+        }
+        let k = self.k;
+        let mut t = dev.linear_init_tangent(
+            &tangent_shape(&out_shape, k),
+            k,
+            bias.and_then(|b| b.tangent.as_ref()),
+            leak.and_then(|(x, c)| x.tangent.as_ref().map(|t| (t, c))),
+            scale,
+        )?;
+        for (a, w) in terms {
+            let kd = w.primal.shape()[0];
+            if let Some(at) = &a.tangent {
+                // ȧ · W over all rows·K rows
+                dev.gemm(
+                    rows * k,
+                    n,
+                    kd,
+                    &at.slice().slice(..),
+                    &w.primal.slice().slice(..),
+                    &mut t.slice_mut().slice_mut(..),
+                    scale,
+                    1.0,
+                )?;
+            }
+            if let Some(wt) = &w.tangent {
+                // a · [ẇ_1 … ẇ_K], already in the output's layout
+                dev.gemm(
+                    rows,
+                    k * n,
+                    kd,
+                    &a.primal.slice().slice(..),
+                    &wt.slice().slice(..),
+                    &mut t.slice_mut().slice_mut(..),
+                    scale,
+                    1.0,
+                )?;
+            }
+        }
+        Ok(CudaDual {
+            primal: y,
+            tangent: Some(t),
+        })
+    }
+
+    fn sum(&mut self, x: &CudaDual, axes: &[usize]) -> Result<CudaDual> {
+        self.on_host(&[x], |e, v| e.sum(&v[0], axes))
+    }
+
+    fn concat(&mut self, xs: &[&CudaDual], axis: usize) -> Result<CudaDual> {
+        self.on_host(xs, |e, v| {
+            let refs: Vec<&Dual<f32>> = v.iter().collect();
+            e.concat(&refs, axis)
+        })
+    }
+
+    fn slice(&mut self, x: &CudaDual, axis: usize, start: usize, len: usize) -> Result<CudaDual> {
+        self.on_host(&[x], |e, v| e.slice(&v[0], axis, start, len))
+    }
+
+    fn reshape(&mut self, x: &CudaDual, shape: &[usize]) -> Result<CudaDual> {
+        self.on_host(&[x], |e, v| e.reshape(&v[0], shape))
+    }
+
+    fn transpose(&mut self, x: &CudaDual, a: usize, b: usize) -> Result<CudaDual> {
+        let s = x.primal.shape().to_vec();
+        if s.len() != 2 || a == b || a > 1 || b > 1 {
+            return self.on_host(&[x], |e, v| e.transpose(&v[0], a, b));
+        }
+        let (r, l) = (s[0], s[1]);
+        let primal = self.dev.permute_210(&x.primal, r, 1, l, &[l, r])?;
+        let tangent = match &x.tangent {
+            // [R, K, L] → [L, K, R]
+            Some(t) => Some(self.dev.permute_210(t, r, self.k, l, &[l, self.k, r])?),
+            None => None,
+        };
+        Ok(CudaDual { primal, tangent })
+    }
+
+    fn broadcast_to(&mut self, x: &CudaDual, shape: &[usize]) -> Result<CudaDual> {
+        // the hot case: a vector [L] repeated over rows [M, L]
+        if x.primal.shape().len() == 1 && shape.len() == 2 && shape[1] == x.primal.shape()[0] {
+            let primal = self.dev.broadcast_rows(&x.primal, shape)?;
+            let tangent = match &x.tangent {
+                Some(t) => Some(self.dev.broadcast_rows(t, &tangent_shape(shape, self.k))?),
+                None => None,
+            };
+            return Ok(CudaDual { primal, tangent });
+        }
+        self.on_host(&[x], |e, v| e.broadcast_to(&v[0], shape))
+    }
+
+    fn softmax(&mut self, x: &CudaDual) -> Result<CudaDual> {
+        self.on_host(&[x], |e, v| e.softmax(&v[0]))
+    }
+
+    fn log_softmax(&mut self, x: &CudaDual) -> Result<CudaDual> {
+        self.on_host(&[x], |e, v| e.log_softmax(&v[0]))
+    }
+}
+
+/// Checks that a device exists, for tests that need one: prints a notice
+/// and returns `None` where there is no GPU.
+pub fn device_or_skip(test: &str) -> Option<Arc<CudaDevice>> {
+    match CudaDevice::open(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipping {test}: no usable GPU ({e})");
+            None
+        }
+    }
+}

@@ -1,0 +1,666 @@
+//! The CUDA backend (feature `cuda`): f32 device tensors, cuBLAS GEMMs and
+//! elementwise kernels compiled once by NVRTC when the device is opened.
+//!
+//! libcuda, libcublas and libnvrtc are loaded at run time, so the same binary
+//! builds and runs where there is no GPU: [`CudaDevice::open`] then returns
+//! an error instead of panicking inside cudarc. Everything runs on one
+//! stream; nothing waits for the device until a result is copied back.
+
+use crate::error::{Result, TensorError};
+use crate::Tensor;
+use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm as _, GemmConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use std::sync::Arc;
+
+fn dev_err(op: &'static str, e: impl std::fmt::Debug) -> TensorError {
+    TensorError::Device {
+        op,
+        message: format!("{e:?}"),
+    }
+}
+
+const KERNELS: &str = r#"
+#define GRID_LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
+
+__device__ float sigmoidf_(float x) {
+    if (x >= 0.f) return 1.f / (1.f + expf(-x));
+    float e = expf(x); return e / (1.f + e);
+}
+
+// y = f(x) and, if want_d, d = f'(x); op codes as in UnaryCode
+extern "C" __global__ void unary_fwd(const float* x, float* y, float* d, long long n, int op, float s, int want_d) {
+    GRID_LOOP(i, n) {
+        float v = x[i], o, g;
+        switch (op) {
+            case 0: o = -v; g = -1.f; break;
+            case 1: o = expf(v); g = o; break;
+            case 2: o = logf(v); g = 1.f / v; break;
+            case 3: o = tanhf(v); g = 1.f - o * o; break;
+            case 4: o = v > 0.f ? v : 0.f; g = v > 0.f ? 1.f : 0.f; break;
+            case 5: o = fmaxf(v, 0.f) + log1pf(expf(-fabsf(v))); g = sigmoidf_(v); break;
+            case 6: o = sigmoidf_(v); g = o * (1.f - o); break;
+            case 7: o = v * v; g = 2.f * v; break;
+            case 8: o = sqrtf(v); g = 0.5f / o; break;
+            case 9: o = v + s; g = 1.f; break;
+            default: o = v * s; g = s; break;
+        }
+        y[i] = o;
+        if (want_d) d[i] = g;
+    }
+}
+
+// out[p, k, l] = d[p, l] * t[p, k, l]
+extern "C" __global__ void scale_rows(const float* d, const float* t, float* out, long long total, int k, int l) {
+    GRID_LOOP(i, total) {
+        long long row = i / l; int j = (int)(i % l);
+        out[i] = d[(row / k) * l + j] * t[i];
+    }
+}
+
+// y[r, j] = scale * b[j] + c * x[r, j]  (terms absent when has_* = 0)
+extern "C" __global__ void linear_init_primal(float* y, const float* b, const float* x, float c, float scale,
+                                              long long total, int n, int has_b, int has_x) {
+    GRID_LOOP(i, total) {
+        float v = has_b ? scale * b[i % n] : 0.f;
+        if (has_x) v += c * x[i];
+        y[i] = v;
+    }
+}
+
+// t[r, k, j] = scale * bt[k, j] + c * xt[r, k, j]
+extern "C" __global__ void linear_init_tangent(float* t, const float* bt, const float* xt, float c, float scale,
+                                               long long total, int k, int n, int has_b, int has_x) {
+    GRID_LOOP(i, total) {
+        float v = has_b ? scale * bt[((i / n) % k) * n + i % n] : 0.f;
+        if (has_x) v += c * xt[i];
+        t[i] = v;
+    }
+}
+
+// dst[z, y, x] = src[x, y, z] for src [a, b, c]
+extern "C" __global__ void permute_210(const float* src, float* dst, int a, int b, int c) {
+    long long total = (long long)a * b * c;
+    GRID_LOOP(i, total) {
+        long long x = i % a, y = (i / a) % b, z = i / ((long long)a * b);
+        dst[i] = src[(x * b + y) * c + z];
+    }
+}
+
+// dst[i] = src[i % len]
+extern "C" __global__ void broadcast_rows(const float* src, float* dst, long long total, long long len) {
+    GRID_LOOP(i, total) { dst[i] = src[i % len]; }
+}
+
+// Deterministic block reduction of one double per thread (blockDim.x = 256).
+__device__ double block_sum(double v) {
+    __shared__ double sh[256];
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = 128; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    double r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+// Weighted MSE of y [rows, l] against tgt, weight w[r] per row; one block.
+extern "C" __global__ void mse_value(const float* y, const float* tgt, const float* w, int has_w,
+                                     long long rows, int l, double inv_n, double* loss) {
+    double s = 0.0;
+    for (long long i = threadIdx.x; i < rows * l; i += blockDim.x) {
+        double e = (double)y[i] - (double)tgt[i];
+        s += (has_w ? (double)w[i / l] : 1.0) * e * e;
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) *loss += s * inv_n;
+}
+
+// C[k] += sum_{r, j} (2 w_r (y - t) / n)[r, j] * yd[r, k, j]; block kk handles tangent kk.
+extern "C" __global__ void mse_grad_sketch(const float* y, const float* tgt, const float* w, int has_w,
+                                           const float* yd, long long rows, int k, int l, double inv_n, double* c) {
+    int kk = blockIdx.x;
+    double s = 0.0;
+    for (long long i = threadIdx.x; i < rows * l; i += blockDim.x) {
+        long long r = i / l; int j = (int)(i % l);
+        double g = 2.0 * (has_w ? (double)w[r] : 1.0) * ((double)y[i] - (double)tgt[i]) * inv_n;
+        s += g * (double)yd[(r * k + kk) * l + j];
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) c[kk] += s;
+}
+
+// a[kk, r*l + j] = sqrt(2 w_r / n) * yd[r, kk, j], so that G += a a^T
+extern "C" __global__ void mse_scaled(const float* yd, const float* w, int has_w, double* a,
+                                      long long rows, int k, int l, double inv_n) {
+    long long cols = rows * l;
+    GRID_LOOP(i, (long long)k * cols) {
+        long long kk = i / cols, col = i % cols, r = col / l; int j = (int)(col % l);
+        double sc = sqrt(2.0 * (has_w ? (double)w[r] : 1.0) * inv_n);
+        a[i] = sc * (double)yd[(r * k + kk) * l + j];
+    }
+}
+"#;
+
+/// Unary op codes of the `unary_fwd` kernel.
+#[derive(Debug, Clone, Copy)]
+pub enum UnaryCode {
+    Neg = 0,
+    Exp = 1,
+    Log = 2,
+    Tanh = 3,
+    Relu = 4,
+    Softplus = 5,
+    Sigmoid = 6,
+    Square = 7,
+    Sqrt = 8,
+    AddScalar = 9,
+    MulScalar = 10,
+}
+
+struct Kernels {
+    unary_fwd: CudaFunction,
+    scale_rows: CudaFunction,
+    linear_init_primal: CudaFunction,
+    linear_init_tangent: CudaFunction,
+    permute_210: CudaFunction,
+    broadcast_rows: CudaFunction,
+    mse_value: CudaFunction,
+    mse_grad_sketch: CudaFunction,
+    mse_scaled: CudaFunction,
+}
+
+/// An open GPU: context, stream, cuBLAS handle and compiled kernels.
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+}
+
+/// Whether the CUDA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// An f32 tensor in device memory (row-major, contiguous).
+pub struct DevTensor {
+    shape: Vec<usize>,
+    data: CudaSlice<f32>,
+}
+
+impl Clone for DevTensor {
+    fn clone(&self) -> Self {
+        DevTensor {
+            shape: self.shape.clone(),
+            data: self.data.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for DevTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevTensor<f32>{:?}", self.shape)
+    }
+}
+
+impl DevTensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+    pub fn slice(&self) -> &CudaSlice<f32> {
+        &self.data
+    }
+    pub fn slice_mut(&mut self) -> &mut CudaSlice<f32> {
+        &mut self.data
+    }
+    /// Same data, new shape.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(TensorError::shape(
+                "reshape",
+                format!("a shape with {} elements", self.numel()),
+                format!("{shape:?}"),
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+}
+
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn one_block() -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`, or says why it cannot.
+    pub fn open(ordinal: usize) -> Result<Arc<Self>> {
+        if !driver_present() {
+            return Err(TensorError::Device {
+                op: "open",
+                message: "no CUDA driver (libcuda) on this machine".into(),
+            });
+        }
+        // SAFETY: only try to dlopen the libraries.
+        let (blas_ok, nvrtc_ok) = unsafe {
+            (
+                cudarc::cublas::sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+            )
+        };
+        if !blas_ok || !nvrtc_ok {
+            return Err(TensorError::Device {
+                op: "open",
+                message: format!(
+                    "CUDA libraries not found (libcublas: {blas_ok}, libnvrtc: {nvrtc_ok}); put the CUDA 13 \
+                     library directory on LD_LIBRARY_PATH"
+                ),
+            });
+        }
+        let count = CudaContext::device_count().map_err(|e| dev_err("open", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(TensorError::Device {
+                op: "open",
+                message: format!("device cuda:{ordinal} does not exist ({count} GPUs)"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("open", e))?;
+        // One stream: no cross-stream events needed.
+        // SAFETY: every operation of this backend runs on the default stream.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().map_err(|e| dev_err("open", e))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("cublas", e))?;
+        let ptx = compile_ptx_with_opts(
+            KERNELS,
+            CompileOptions {
+                name: Some("sofo_kernels.cu".into()),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| dev_err("nvrtc", e))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| dev_err("load_module", e))?;
+        let f = |n: &str| {
+            module
+                .load_function(n)
+                .map_err(|e| dev_err("load_function", e))
+        };
+        let k = Kernels {
+            unary_fwd: f("unary_fwd")?,
+            scale_rows: f("scale_rows")?,
+            linear_init_primal: f("linear_init_primal")?,
+            linear_init_tangent: f("linear_init_tangent")?,
+            permute_210: f("permute_210")?,
+            broadcast_rows: f("broadcast_rows")?,
+            mse_value: f("mse_value")?,
+            mse_grad_sketch: f("mse_grad_sketch")?,
+            mse_scaled: f("mse_scaled")?,
+        };
+        Ok(Arc::new(CudaDevice {
+            ordinal,
+            name,
+            stream,
+            blas,
+            k,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
+    }
+
+    pub fn upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
+        Ok(DevTensor {
+            shape: t.shape().to_vec(),
+            data: self
+                .stream
+                .clone_htod(t.data())
+                .map_err(|e| dev_err("upload", e))?,
+        })
+    }
+
+    pub fn upload_f64(&self, v: &[f64]) -> Result<CudaSlice<f64>> {
+        self.stream.clone_htod(v).map_err(|e| dev_err("upload", e))
+    }
+
+    pub fn download(&self, t: &DevTensor) -> Result<Tensor<f32>> {
+        let v = self
+            .stream
+            .clone_dtoh(&t.data)
+            .map_err(|e| dev_err("download", e))?;
+        Tensor::from_vec(&t.shape, v)
+    }
+
+    pub fn download_f64(&self, v: &CudaSlice<f64>) -> Result<Vec<f64>> {
+        self.stream
+            .clone_dtoh(v)
+            .map_err(|e| dev_err("download", e))
+    }
+
+    /// A tensor whose contents are unspecified: every element must be written.
+    pub fn scratch(&self, shape: &[usize]) -> Result<DevTensor> {
+        let n = shape.iter().product::<usize>().max(1);
+        // SAFETY: callers write every element before reading it.
+        let data = unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?;
+        Ok(DevTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    pub fn zeros(&self, shape: &[usize]) -> Result<DevTensor> {
+        let n = shape.iter().product::<usize>().max(1);
+        Ok(DevTensor {
+            shape: shape.to_vec(),
+            data: self
+                .stream
+                .alloc_zeros::<f32>(n)
+                .map_err(|e| dev_err("alloc", e))?,
+        })
+    }
+
+    pub fn zeros_f64(&self, n: usize) -> Result<CudaSlice<f64>> {
+        self.stream
+            .alloc_zeros::<f64>(n.max(1))
+            .map_err(|e| dev_err("alloc", e))
+    }
+
+    /// y = f(x); with `want_d` also d = f'(x).
+    pub fn unary(
+        &self,
+        x: &DevTensor,
+        op: UnaryCode,
+        s: f32,
+        want_d: bool,
+    ) -> Result<(DevTensor, Option<DevTensor>)> {
+        let mut y = self.scratch(&x.shape)?;
+        let mut d = if want_d {
+            self.scratch(&x.shape)?
+        } else {
+            self.scratch(&[1])?
+        };
+        let n = x.numel() as i64;
+        let (opc, wd) = (op as i32, want_d as i32);
+        let mut b = self.stream.launch_builder(&self.k.unary_fwd);
+        b.arg(&x.data)
+            .arg(&mut y.data)
+            .arg(&mut d.data)
+            .arg(&n)
+            .arg(&opc)
+            .arg(&s)
+            .arg(&wd);
+        // SAFETY: argument types match the kernel; n bounds every access.
+        unsafe { b.launch(grid(x.numel())) }.map_err(|e| dev_err("unary", e))?;
+        Ok((y, want_d.then_some(d)))
+    }
+
+    /// out[p, k, l] = d[p, l] · t[p, k, l]
+    pub fn scale_rows(
+        &self,
+        d: &DevTensor,
+        t: &DevTensor,
+        k: usize,
+        l: usize,
+    ) -> Result<DevTensor> {
+        let mut out = self.scratch(&t.shape)?;
+        let (total, k32, l32) = (t.numel() as i64, k as i32, l as i32);
+        let mut b = self.stream.launch_builder(&self.k.scale_rows);
+        b.arg(&d.data)
+            .arg(&t.data)
+            .arg(&mut out.data)
+            .arg(&total)
+            .arg(&k32)
+            .arg(&l32);
+        // SAFETY: d holds total / k elements, t and out total.
+        unsafe { b.launch(grid(t.numel())) }.map_err(|e| dev_err("scale_rows", e))?;
+        Ok(out)
+    }
+
+    /// y[r, j] = scale · b[j] + c · x[r, j] over `shape` [.., n].
+    pub fn linear_init_primal(
+        &self,
+        shape: &[usize],
+        bias: Option<&DevTensor>,
+        leak: Option<(&DevTensor, f32)>,
+        scale: f32,
+    ) -> Result<DevTensor> {
+        let mut y = self.scratch(shape)?;
+        let n = *shape.last().unwrap_or(&1) as i32;
+        let total = y.numel() as i64;
+        let dummy = self.scratch(&[1])?;
+        let bd = bias.map_or(&dummy.data, |b| &b.data);
+        let (xd, c) = leak.map_or((&dummy.data, 0.0), |(x, c)| (&x.data, c));
+        let (hb, hx) = (bias.is_some() as i32, leak.is_some() as i32);
+        let mut b = self.stream.launch_builder(&self.k.linear_init_primal);
+        b.arg(&mut y.data)
+            .arg(bd)
+            .arg(xd)
+            .arg(&c)
+            .arg(&scale)
+            .arg(&total)
+            .arg(&n)
+            .arg(&hb)
+            .arg(&hx);
+        // SAFETY: shapes checked by the caller.
+        unsafe { b.launch(grid(total as usize)) }.map_err(|e| dev_err("linear", e))?;
+        Ok(y)
+    }
+
+    /// t[r, k, j] = scale · ḃ[k, j] + c · ẋ[r, k, j] over the tangent shape.
+    pub fn linear_init_tangent(
+        &self,
+        tshape: &[usize],
+        k: usize,
+        bias_t: Option<&DevTensor>,
+        leak_t: Option<(&DevTensor, f32)>,
+        scale: f32,
+    ) -> Result<DevTensor> {
+        let mut t = self.scratch(tshape)?;
+        let n = *tshape.last().unwrap_or(&1) as i32;
+        let total = t.numel() as i64;
+        let dummy = self.scratch(&[1])?;
+        let bd = bias_t.map_or(&dummy.data, |b| &b.data);
+        let (xd, c) = leak_t.map_or((&dummy.data, 0.0), |(x, c)| (&x.data, c));
+        let (hb, hx, k32) = (bias_t.is_some() as i32, leak_t.is_some() as i32, k as i32);
+        let mut b = self.stream.launch_builder(&self.k.linear_init_tangent);
+        b.arg(&mut t.data)
+            .arg(bd)
+            .arg(xd)
+            .arg(&c)
+            .arg(&scale)
+            .arg(&total)
+            .arg(&k32)
+            .arg(&n)
+            .arg(&hb)
+            .arg(&hx);
+        // SAFETY: shapes checked by the caller.
+        unsafe { b.launch(grid(total as usize)) }.map_err(|e| dev_err("linear", e))?;
+        Ok(t)
+    }
+
+    /// [a, b, c] → [c, b, a]
+    pub fn permute_210(
+        &self,
+        src: &DevTensor,
+        a: usize,
+        b_: usize,
+        c: usize,
+        out_shape: &[usize],
+    ) -> Result<DevTensor> {
+        let mut dst = self.scratch(out_shape)?;
+        let (a32, b32, c32) = (a as i32, b_ as i32, c as i32);
+        let mut b = self.stream.launch_builder(&self.k.permute_210);
+        b.arg(&src.data)
+            .arg(&mut dst.data)
+            .arg(&a32)
+            .arg(&b32)
+            .arg(&c32);
+        // SAFETY: src holds a·b·c elements, as does dst.
+        unsafe { b.launch(grid(a * b_ * c)) }.map_err(|e| dev_err("permute", e))?;
+        Ok(dst)
+    }
+
+    /// dst[i] = src[i % src.len()], dst of `shape`.
+    pub fn broadcast_rows(&self, src: &DevTensor, shape: &[usize]) -> Result<DevTensor> {
+        let mut dst = self.scratch(shape)?;
+        let (total, len) = (dst.numel() as i64, src.numel() as i64);
+        let mut b = self.stream.launch_builder(&self.k.broadcast_rows);
+        b.arg(&src.data).arg(&mut dst.data).arg(&total).arg(&len);
+        // SAFETY: indices stay below total and len.
+        unsafe { b.launch(grid(total as usize)) }.map_err(|e| dev_err("broadcast", e))?;
+        Ok(dst)
+    }
+
+    /// Row-major `c = beta · c + alpha · a · b` with a [m, k], b [k, n], c [m, n]
+    /// (contiguous; `a`, `b`, `c` may be offset views).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &CudaView<'_, f32>,
+        b: &CudaView<'_, f32>,
+        c: &mut CudaViewMut<'_, f32>,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // column-major view: cᵀ [n, m] = bᵀ [n, k] · aᵀ [k, m]
+        let cfg = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha,
+            lda: n as i32,
+            ldb: k.max(1) as i32,
+            beta,
+            ldc: n as i32,
+        };
+        // SAFETY: the views hold m·k, k·n and m·n elements (checked by callers).
+        unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| dev_err("gemm", e))
+    }
+
+    /// Adds the little loss (1/n) Σ w (y − t)² of one step to the device
+    /// sketch: loss, C (tangent of the loss) and G̃ += Ẏᵀ H Ẏ, in f64.
+    /// `w` is one weight per row of y (or none).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mse_sketch(
+        &self,
+        y: &DevTensor,
+        yd: Option<&DevTensor>,
+        target: &DevTensor,
+        w: Option<&DevTensor>,
+        n_norm: f64,
+        k: usize,
+        loss: &mut CudaSlice<f64>,
+        c: &mut CudaSlice<f64>,
+        g: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        let l = *y.shape.last().unwrap_or(&1);
+        let rows = (y.numel() / l.max(1)) as i64;
+        let (l32, k32, inv_n) = (l as i32, k as i32, 1.0 / n_norm);
+        let dummy = self.scratch(&[1])?;
+        let wd = w.map_or(&dummy.data, |w| &w.data);
+        let hw = w.is_some() as i32;
+        let mut b = self.stream.launch_builder(&self.k.mse_value);
+        b.arg(&y.data)
+            .arg(&target.data)
+            .arg(wd)
+            .arg(&hw)
+            .arg(&rows)
+            .arg(&l32)
+            .arg(&inv_n)
+            .arg(&mut *loss);
+        // SAFETY: y and target hold rows·l elements, w rows.
+        unsafe { b.launch(one_block()) }.map_err(|e| dev_err("mse", e))?;
+        let Some(yd) = yd else { return Ok(()) };
+        let mut b = self.stream.launch_builder(&self.k.mse_grad_sketch);
+        b.arg(&y.data)
+            .arg(&target.data)
+            .arg(wd)
+            .arg(&hw)
+            .arg(&yd.data)
+            .arg(&rows)
+            .arg(&k32)
+            .arg(&l32)
+            .arg(&inv_n)
+            .arg(&mut *c);
+        let cfg = LaunchConfig {
+            grid_dim: (k as u32, 1, 1),
+            ..one_block()
+        };
+        // SAFETY: yd holds rows·k·l elements, c k.
+        unsafe { b.launch(cfg) }.map_err(|e| dev_err("mse", e))?;
+        let cols = rows as usize * l;
+        let mut a = self
+            .stream
+            .alloc_zeros::<f64>(k * cols)
+            .map_err(|e| dev_err("alloc", e))?;
+        let mut b = self.stream.launch_builder(&self.k.mse_scaled);
+        b.arg(&yd.data)
+            .arg(wd)
+            .arg(&hw)
+            .arg(&mut a)
+            .arg(&rows)
+            .arg(&k32)
+            .arg(&l32)
+            .arg(&inv_n);
+        // SAFETY: a holds k·rows·l elements.
+        unsafe { b.launch(grid(k * cols)) }.map_err(|e| dev_err("mse", e))?;
+        // G (row-major = column-major, symmetric) += A Aᵀ with A row-major [k, cols]
+        let cfg = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: k as i32,
+            n: k as i32,
+            k: cols as i32,
+            alpha: 1.0f64,
+            lda: cols as i32,
+            ldb: cols as i32,
+            beta: 1.0f64,
+            ldc: k as i32,
+        };
+        // SAFETY: a is [k, cols], g [k, k].
+        unsafe { self.blas.gemm(cfg, &a, &a, g) }.map_err(|e| dev_err("gemm", e))
+    }
+}

@@ -1,0 +1,79 @@
+//! Where a pass runs: the CPU, or a GPU with the `cuda` feature.
+
+use crate::loss::Sketch;
+use crate::models::{observe_pass, Batch, Model};
+use crate::{Error, Result};
+use sofo_ad::Dual;
+use sofo_tensor::Float;
+
+#[derive(Clone, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<sofo_tensor::cuda::CudaDevice>),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.describe())
+    }
+}
+
+impl Device {
+    /// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`. Opening a GPU fails with a
+    /// clear message where there is none, or where this build has no CUDA.
+    pub fn open(spec: &str) -> Result<Device> {
+        let bad = || Error::config("device", format!("\"{spec}\""), "cpu, cuda or cuda:N");
+        if spec == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        let ordinal = match spec {
+            "cuda" => 0,
+            s => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(bad)?,
+        };
+        Self::open_cuda(spec, ordinal)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn open_cuda(_spec: &str, ordinal: usize) -> Result<Device> {
+        Ok(Device::Cuda(sofo_tensor::cuda::CudaDevice::open(ordinal)?))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn open_cuda(spec: &str, _ordinal: usize) -> Result<Device> {
+        Err(Error::config(
+            "device",
+            format!("\"{spec}\""),
+            "cpu only: this sofo was built without CUDA (rebuild with `cargo build --release --features cuda`)",
+        ))
+    }
+
+    /// "cpu" or "cuda:N (GPU name)".
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => format!("cuda:{} ({})", d.ordinal(), d.name()),
+        }
+    }
+
+    /// One forward pass with `k` tangents (`k = 0`: primal only) on this
+    /// device, and the sketch of its observed losses.
+    pub fn pass<T: Float, M: Model<T>>(
+        &self,
+        model: &M,
+        k: usize,
+        params: &[Dual<T>],
+        batch: &Batch<T>,
+    ) -> Result<Sketch> {
+        match self {
+            Device::Cpu => observe_pass(model, k, params, batch),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => crate::cuda::observe_pass_cuda(d, model, k, params, batch),
+        }
+    }
+}

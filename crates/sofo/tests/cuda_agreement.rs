@@ -1,0 +1,282 @@
+//! Backend agreement (feature `cuda`): the GPU gives the CPU's numbers to f32
+//! tolerance, op by op and for whole SOFO sketches and steps. Where there is
+//! no GPU every test prints a notice and passes without checking anything.
+#![cfg(feature = "cuda")]
+
+use sofo::models::{Activation, Batch, LorenzModel, Model, RateRnn};
+use sofo::optim::{Damping, Sofo, SofoConfig};
+use sofo::params::ParamSet;
+use sofo::tasks::{LorenzData, LorenzTask, Task};
+use sofo::{Device, Dual, Fwd, Ops, Tensor};
+use sofo_ad::cuda::{device_or_skip, CudaDual, CudaFwd};
+use sofo_ad::layout::tangent_shape;
+use sofo_ad::Unary;
+use sofo_tensor::rng;
+
+fn randn(shape: &[usize], seed: u64, stream: u64) -> Tensor<f32> {
+    let mut t = Tensor::<f32>::scratch(shape);
+    rng::fill_normal(t.data_mut(), seed, stream);
+    t
+}
+
+fn dual(shape: &[usize], k: usize, seed: u64, with_tangent: bool) -> Dual<f32> {
+    Dual {
+        primal: randn(shape, seed, 1),
+        tangent: with_tangent.then(|| randn(&tangent_shape(shape, k), seed, 2)),
+    }
+}
+
+/// max |a − b| / max(1, max |a|)
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(1.0f64, |m, v| m.max(v.abs() as f64));
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()))
+        / scale
+}
+
+fn same(cpu: &Dual<f32>, gpu: &Dual<f32>, what: &str) {
+    assert_eq!(cpu.primal.shape(), gpu.primal.shape(), "{what}: shape");
+    let d = rel(cpu.primal.data(), gpu.primal.data());
+    assert!(d < 1e-5, "{what}: primal differs by {d:e}");
+    match (&cpu.tangent, &gpu.tangent) {
+        (None, None) => {}
+        (Some(a), Some(b)) => {
+            let d = rel(a.data(), b.data());
+            assert!(d < 1e-5, "{what}: tangents differ by {d:e}");
+        }
+        _ => panic!("{what}: one side has tangents, the other not"),
+    }
+}
+
+/// Uploads `xs`, runs `f` on the GPU engine, downloads the result.
+fn on_gpu(
+    g: &mut CudaFwd,
+    xs: &[&Dual<f32>],
+    f: impl FnOnce(&mut CudaFwd, &[CudaDual]) -> sofo_tensor::Result<CudaDual>,
+) -> Dual<f32> {
+    let up: Vec<CudaDual> = xs.iter().map(|d| g.upload(d).unwrap()).collect();
+    let out = f(g, &up).unwrap();
+    g.download(&out).unwrap()
+}
+
+#[test]
+fn every_op_agrees_with_the_cpu() {
+    let Some(dev) = device_or_skip("every_op_agrees_with_the_cpu") else {
+        return;
+    };
+    let k = 5;
+    let mut c = Fwd::new(k);
+    let mut g = CudaFwd::new(dev, k);
+    let x = dual(&[6, 7], k, 1, true);
+    let pos = Dual {
+        primal: x.primal.map(|v| v.abs() + 0.5),
+        tangent: x.tangent.clone(),
+    };
+    for op in [
+        Unary::Neg,
+        Unary::Exp,
+        Unary::Log,
+        Unary::Tanh,
+        Unary::Relu,
+        Unary::Softplus,
+        Unary::Sigmoid,
+        Unary::Square,
+        Unary::Sqrt,
+        Unary::AddScalar(0.3),
+        Unary::MulScalar(-1.7),
+    ] {
+        let input = if matches!(op, Unary::Log | Unary::Sqrt) {
+            &pos
+        } else {
+            &x
+        };
+        let a = c.unary(input, op).unwrap();
+        let b = on_gpu(&mut g, &[input], |g, v| Ops::<f32>::unary(g, &v[0], op));
+        same(&a, &b, &format!("{op:?}"));
+    }
+    // linear with leak, bias and two terms, every tangent present or not
+    for mask in 0..32u32 {
+        let has = |i: u32| mask & (1 << i) != 0;
+        let a1 = dual(&[4, 6], k, 10, has(0));
+        let w1 = dual(&[6, 3], k, 11, has(1));
+        let a2 = dual(&[4, 2], k, 12, has(2));
+        let w2 = dual(&[2, 3], k, 13, has(3));
+        let b = dual(&[3], k, 14, has(4));
+        let x = dual(&[4, 3], k, 15, true);
+        let cpu = c
+            .linear(Some((&x, 0.8)), 0.2, &[(&a1, &w1), (&a2, &w2)], Some(&b))
+            .unwrap();
+        let gpu = on_gpu(&mut g, &[&a1, &w1, &a2, &w2, &b, &x], |g, v| {
+            Ops::<f32>::linear(
+                g,
+                Some((&v[5], 0.8)),
+                0.2,
+                &[(&v[0], &v[1]), (&v[2], &v[3])],
+                Some(&v[4]),
+            )
+        });
+        same(&cpu, &gpu, &format!("linear, tangent mask {mask:05b}"));
+    }
+    // rank-2 transpose, row broadcast, and ops computed on the host
+    let w = dual(&[5, 8], k, 20, true);
+    let v = dual(&[8], k, 21, true);
+    let y = dual(&[8, 2], k, 22, true);
+    let b = on_gpu(&mut g, &[&w], |g, v| Ops::<f32>::transpose(g, &v[0], 0, 1));
+    same(&c.transpose(&w, 0, 1).unwrap(), &b, "transpose");
+    let b = on_gpu(&mut g, &[&v], |g, v| {
+        Ops::<f32>::broadcast_to(g, &v[0], &[3, 8])
+    });
+    same(&c.broadcast_to(&v, &[3, 8]).unwrap(), &b, "broadcast_to");
+    let b = on_gpu(&mut g, &[&w], |g, v| Ops::<f32>::slice(g, &v[0], 1, 2, 3));
+    same(&c.slice(&w, 1, 2, 3).unwrap(), &b, "slice");
+    let b = on_gpu(&mut g, &[&w], |g, v| Ops::<f32>::softmax(g, &v[0]));
+    same(&c.softmax(&w).unwrap(), &b, "softmax");
+    let b = on_gpu(&mut g, &[&w, &y], |g, v| {
+        Ops::<f32>::matmul(g, &v[0], &v[1])
+    });
+    same(&c.matmul(&w, &y).unwrap(), &b, "matmul");
+}
+
+fn rnn_case(act: Activation) -> (RateRnn, ParamSet<f32>, Batch<f32>) {
+    let model = RateRnn {
+        n: 48,
+        inputs: 3,
+        outputs: 2,
+        alpha: 0.1,
+        activation: act,
+        learn_x0: true,
+        gain: 1.1,
+    };
+    let mut params: ParamSet<f32> = model.init(4).unwrap();
+    params.get_mut("x0").unwrap().value = randn(&[48], 9, 0).scale(0.3);
+    let (t, m) = (40, 24);
+    let mut w = Tensor::<f32>::zeros(&[t, m]);
+    for (i, v) in w.data_mut().iter_mut().enumerate() {
+        *v = if i < 5 * m { 0.0 } else { 1.0 + (i % 2) as f32 };
+    }
+    let batch = Batch {
+        steps: t,
+        trials: m,
+        inputs: Some(randn(&[t, m, 3], 5, 1)),
+        initial: None,
+        targets: randn(&[t, m, 2], 5, 2),
+        weights: Some(w),
+        loss_norm: (t * m * 2) as f64,
+    };
+    (model, params, batch)
+}
+
+fn check_sketch_and_step<M: Model<f32>>(
+    dev: Device,
+    model: &M,
+    params: &ParamSet<f32>,
+    batch: &Batch<f32>,
+    what: &str,
+) {
+    let cfg = SofoConfig {
+        k: 16,
+        damping: Damping::RelativeLargest(1e-3),
+        ..SofoConfig::default()
+    };
+    let cpu = Sofo::new(cfg.clone()).unwrap();
+    let gpu = Sofo::new(cfg).unwrap().on(dev);
+    let tg = cpu.sample_tangents(params, 3, 0).unwrap();
+    let a = cpu.sketch(model, params, &tg, batch).unwrap();
+    let b = gpu.sketch(model, params, &tg, batch).unwrap();
+    let relv = |x: &[f64], y: &[f64]| {
+        let s = x.iter().fold(f64::MIN_POSITIVE, |m, v| m.max(v.abs()));
+        x.iter()
+            .zip(y)
+            .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
+            / s
+    };
+    // f32 forward passes over T steps: agreement to about 1e-5 relative
+    assert!(
+        (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs(),
+        "{what}: loss {} vs {}",
+        a.loss,
+        b.loss
+    );
+    let dc = relv(&a.c, &b.c);
+    let dg = relv(&a.g, &b.g);
+    assert!(dc < 1e-4, "{what}: C differs by {dc:e}");
+    assert!(dg < 1e-4, "{what}: G̃ differs by {dg:e}");
+    let pa = cpu.propose(params, &tg, &a).unwrap();
+    let pb = gpu.propose(params, &tg, &b).unwrap();
+    let sa: Vec<f32> = pa
+        .step
+        .iter()
+        .flatten()
+        .flat_map(|t| t.data().to_vec())
+        .collect();
+    let sb: Vec<f32> = pb
+        .step
+        .iter()
+        .flatten()
+        .flat_map(|t| t.data().to_vec())
+        .collect();
+    let ds = rel(&sa, &sb);
+    assert!(ds < 1e-3, "{what}: SOFO step differs by {ds:e}");
+    eprintln!(
+        "{what}: loss {:e}, C {dc:.1e}, G̃ {dg:.1e}, step {ds:.1e} (relative differences)",
+        a.loss
+    );
+}
+
+#[test]
+fn rate_rnn_sketch_and_step_agree() {
+    let Some(dev) = device_or_skip("rate_rnn_sketch_and_step_agree") else {
+        return;
+    };
+    for act in [Activation::Tanh, Activation::Relu, Activation::Softplus] {
+        let (model, params, batch) = rnn_case(act);
+        check_sketch_and_step(
+            Device::Cuda(dev.clone()),
+            &model,
+            &params,
+            &batch,
+            act.name(),
+        );
+    }
+}
+
+#[test]
+fn lorenz_sketch_and_step_agree() {
+    let Some(dev) = device_or_skip("lorenz_sketch_and_step_agree") else {
+        return;
+    };
+    let task = LorenzTask {
+        data: LorenzData::generate(1, 100, 20, 32, 0.01).unwrap(),
+    };
+    let model = LorenzModel { hidden: 64 };
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&task, 0, 0, 32).unwrap();
+    check_sketch_and_step(Device::Cuda(dev), &model, &params, &batch, "lorenz");
+}
+
+#[test]
+fn gpu_training_is_deterministic_and_learns() {
+    let Some(dev) = device_or_skip("gpu_training_is_deterministic_and_learns") else {
+        return;
+    };
+    let run = || {
+        let (model, mut params, batch) = rnn_case(Activation::Tanh);
+        let s = Sofo::new(SofoConfig {
+            k: 32,
+            lr: 0.5,
+            damping: Damping::RelativeLargest(1e-3),
+            ..SofoConfig::default()
+        })
+        .unwrap()
+        .on(Device::Cuda(dev.clone()));
+        (0..10)
+            .map(|it| s.step(&model, &mut params, &batch, 1, it).unwrap().loss)
+            .collect::<Vec<f64>>()
+    };
+    let a = run();
+    let b = run();
+    assert_eq!(a, b, "same seed, same GPU: same numbers");
+    assert!(a[9] < 0.8 * a[0], "loss {} → {}", a[0], a[9]);
+}
