@@ -255,6 +255,24 @@ fn one_block() -> LaunchConfig {
     }
 }
 
+/// Compiles the kernels with NVRTC (no GPU needed, only libnvrtc).
+fn compile_kernels() -> Result<cudarc::nvrtc::Ptx> {
+    compile_ptx_with_opts(
+        KERNELS,
+        CompileOptions {
+            name: Some("sofo_kernels.cu".into()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| dev_err("nvrtc", e))
+}
+
+/// Whether libnvrtc can be loaded on this machine.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
 impl CudaDevice {
     /// Opens GPU `ordinal`, or says why it cannot.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
@@ -294,14 +312,7 @@ impl CudaDevice {
         let name = ctx.name().map_err(|e| dev_err("open", e))?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("cublas", e))?;
-        let ptx = compile_ptx_with_opts(
-            KERNELS,
-            CompileOptions {
-                name: Some("sofo_kernels.cu".into()),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| dev_err("nvrtc", e))?;
+        let ptx = compile_kernels()?;
         let module = ctx
             .load_module(ptx)
             .map_err(|e| dev_err("load_module", e))?;
@@ -662,5 +673,28 @@ impl CudaDevice {
         };
         // SAFETY: a is [k, cols], g [k, k].
         unsafe { self.blas.gemm(cfg, &a, &a, g) }.map_err(|e| dev_err("gemm", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernel source compiles (runs wherever libnvrtc loads, GPU or not).
+    #[test]
+    fn kernels_compile() {
+        if !super::nvrtc_present() {
+            eprintln!("skipping kernels_compile: libnvrtc not found");
+            return;
+        }
+        let ptx = super::compile_kernels().unwrap();
+        let text = ptx.to_src();
+        for name in [
+            "unary_fwd",
+            "scale_rows",
+            "linear_init_tangent",
+            "mse_grad_sketch",
+            "mse_scaled",
+        ] {
+            assert!(text.contains(name), "{name} missing from the PTX");
+        }
     }
 }

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Everything GPU-specific, in one run, on a machine with an NVIDIA GPU.
+# Prepare on a build machine with scripts/gpu-prepare.sh (fills gpu/), then
+# run from the repository root there:  bash scripts/gpu-check.sh
+# Results go to $OUT (default gpu/out); a short table is printed last.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu/out}
+mkdir -p "$OUT"
+G=gpu
+PY=${PY:-python3}
+
+# the CUDA 13 libraries (cuBLAS, NVRTC) for the dynamically loaded backend
+for lib in libcublas.so.13 libnvrtc.so.13; do
+  d=$(dirname "$(find /usr/local/cuda*/ /usr/lib /opt "$($PY -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)" \
+        -name "$lib*" 2>/dev/null | head -n 1)" 2>/dev/null)
+  [ -n "$d" ] && [ "$d" != "." ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+echo "== backend agreement tests"
+timeout 120 $G/cuda_agreement --test-threads 1 --nocapture 2>&1 | tee "$OUT/agreement.txt"
+
+echo "== sofo bench --device cuda"
+timeout 180 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
+
+echo "== anchors: JAX SOFO and PyTorch Adam-BPTT on the same configurations"
+$PY -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 | tail -n 1
+: > "$OUT/anchors.jsonl"
+# N B K T iterations
+CONFIGS=${CONFIGS:-"128,64,64,50,10 400,128,128,32,10 64,256,128,1000,5 100,256,128,5000,3"}
+for cfg in $CONFIGS; do
+  cfg=${cfg//,/ }
+  set -- $cfg
+  timeout 120 $PY $G/anchors/sofo_jax.py bench --method sofo --N $1 --B $2 --K $3 --T $4 --iters $5 --warmup 1 2>/dev/null \
+    | sed -n 's/^RESULT //p' >> "$OUT/anchors.jsonl"
+  timeout 120 $PY $G/anchor_torch_gpu.py $G/anchors bench --method adam --N $1 --B $2 --T $4 --iters $5 --warmup 1 2>/dev/null \
+    | sed -n 's/^RESULT //p' >> "$OUT/anchors.jsonl"
+done
+
+echo "== table (seconds per iteration; the GPU above)"
+$PY - "$OUT" <<'PY'
+import json, sys, os
+out = sys.argv[1]
+sofo = {}
+for l in open(os.path.join(out, "sofo.jsonl")):
+    try:
+        r = json.loads(l)
+        sofo[(r["n"], r["m"], r["t"])] = r
+    except Exception:
+        pass
+anch = {}
+for l in open(os.path.join(out, "anchors.jsonl")):
+    try:
+        r = json.loads(l)
+        anch[(r["framework"], r["method"], r["N"], r["B"], r["T"])] = r
+    except Exception:
+        pass
+print("| config | sofo SOFO | JAX SOFO | torch Adam-BPTT | sofo/Adam | sofo/JAX |")
+print("|---|---|---|---|---|---|")
+for (n, m, t), r in sorted(sofo.items(), key=lambda kv: kv[0][2]):
+    s = r["seconds_per_iter"]
+    j = anch.get(("jax", "sofo", n, m, t), {}).get("median_s")
+    a = anch.get(("torch", "adam", n, m, t), {}).get("median_s")
+    f = lambda v: f"{v:.4g}" if v else "—"
+    ra = f"{s / a:.2f}" if a else "—"
+    rj = f"{s / j:.2f}" if j else "—"
+    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(j)} | {f(a)} | {ra} | {rj} |")
+PY

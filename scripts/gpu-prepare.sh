@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds, on this machine, everything scripts/gpu-check.sh needs on the GPU
+# machine (which has no Rust toolchain and no registry): the release binary
+# and the backend-agreement test binary with the cuda feature, and a copy of
+# the Python anchors, all under gpu/ (git-ignored).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ANCHORS=${ANCHORS:-../shared/anchors}
+rm -rf gpu && mkdir -p gpu/anchors
+cargo build --release --features cuda --quiet
+cp target/release/sofo gpu/sofo
+test_bin=$(cargo test --release -p sofo --features cuda --test cuda_agreement --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_agreement":
+        print(m["executable"])')
+cp "$test_bin" gpu/cuda_agreement
+cp "$ANCHORS"/*.py gpu/anchors/
+cp scripts/anchor_torch_gpu.py gpu/
+# no debug info: what travels to the GPU machine is size-limited
+strip --strip-debug gpu/sofo gpu/cuda_agreement
+du -sh gpu
