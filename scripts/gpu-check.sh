@@ -25,11 +25,15 @@ timeout 120 $G/cuda_agreement --test-threads 1 --nocapture 2>&1 | tee "$OUT/agre
 echo "== sofo bench --device cuda"
 timeout 180 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
 
+echo "== memory against T (rate RNN N=128 M=64 K=64)"
+timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 2 --only rnn-n128 --steps 32,256,1024,4096,16384 2>&1 | tee "$OUT/sofo_memory.jsonl"
+
 echo "== anchors: JAX SOFO and PyTorch Adam-BPTT on the same configurations"
 $PY -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 | tail -n 1
 : > "$OUT/anchors.jsonl"
 # N B K T iterations
 CONFIGS=${CONFIGS:-"128,64,64,50,10 400,128,128,32,10 64,256,128,1000,5 100,256,128,5000,3"}
+[ -n "${SKIP_ANCHORS:-}" ] && CONFIGS=""
 for cfg in $CONFIGS; do
   cfg=${cfg//,/ }
   set -- $cfg
@@ -43,11 +47,10 @@ echo "== table (seconds per iteration; the GPU above)"
 $PY - "$OUT" <<'PY'
 import json, sys, os
 out = sys.argv[1]
-sofo = {}
+sofo = []
 for l in open(os.path.join(out, "sofo.jsonl")):
     try:
-        r = json.loads(l)
-        sofo[(r["n"], r["m"], r["t"])] = r
+        sofo.append(json.loads(l))
     except Exception:
         pass
 anch = {}
@@ -59,12 +62,23 @@ for l in open(os.path.join(out, "anchors.jsonl")):
         pass
 print("| config | sofo SOFO | JAX SOFO | torch Adam-BPTT | sofo/Adam | sofo/JAX |")
 print("|---|---|---|---|---|---|")
-for (n, m, t), r in sorted(sofo.items(), key=lambda kv: kv[0][2]):
-    s = r["seconds_per_iter"]
-    j = anch.get(("jax", "sofo", n, m, t), {}).get("median_s")
-    a = anch.get(("torch", "adam", n, m, t), {}).get("median_s")
+for r in sofo:
+    n, m, t, s = r["n"], r["m"], r["t"], r["seconds_per_iter"]
+    rnn = r["name"].startswith("rnn")
+    j = anch.get(("jax", "sofo", n, m, t), {}).get("median_s") if rnn else None
+    a = anch.get(("torch", "adam", n, m, t), {}).get("median_s") if rnn else None
     f = lambda v: f"{v:.4g}" if v else "—"
     ra = f"{s / a:.2f}" if a else "—"
     rj = f"{s / j:.2f}" if j else "—"
     print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(j)} | {f(a)} | {ra} | {rj} |")
+print()
+print("| T | sofo peak device MiB | s/iter |")
+print("|---|---|---|")
+try:
+    for l in open(os.path.join(out, "sofo_memory.jsonl")):
+        r = json.loads(l)
+        b = r.get("peak_device_bytes")
+        print(f"| {r['t']} | {b / 2**20:.2f} | {r['seconds_per_iter']:.4g} |" if b is not None else f"| {r['t']} | — | |")
+except Exception as e:
+    print("memory sweep:", e)
 PY

@@ -28,9 +28,15 @@ pub struct BenchArgs {
     /// configurations (rnn-reach, rnn-kalman) run too.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Time the chosen configurations at these trial lengths instead of
+    /// their own (e.g. 32,256,1024,4096): memory and time against T.
+    #[arg(long, value_delimiter = ',', value_name = "T,T,..")]
+    steps: Vec<usize>,
 }
 
 struct Record {
+    /// Peak bytes of device memory held during the timed iterations (GPU).
+    peak_device_bytes: Option<usize>,
     name: &'static str,
     n: usize,
     m: usize,
@@ -64,7 +70,7 @@ fn time_sofo<M: Model<f32>>(
     batch: &Batch<f32>,
     k: usize,
     iters: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, Option<usize>)> {
     // the anchor's settings: orthonormal tangents, damping 1e-3 relative to
     // the largest eigenvalue, lr 0.1
     let sofo = Sofo::new(SofoConfig {
@@ -79,13 +85,23 @@ fn time_sofo<M: Model<f32>>(
         sofo.step(model, params, batch, 0, it)?;
     }
     let mut times = Vec::with_capacity(iters);
+    #[cfg(feature = "cuda")]
+    let base = {
+        sofo_tensor::cuda::reset_device_peak();
+        sofo_tensor::cuda::device_memory().0
+    };
     for it in 0..iters {
         let t0 = Instant::now();
         sofo.step(model, params, batch, 0, 2 + it as u64)?;
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    Ok((times[times.len() / 2], times[0]))
+    #[cfg(feature = "cuda")]
+    let peak =
+        matches!(device, Device::Cuda(_)).then(|| sofo_tensor::cuda::device_memory().1 - base);
+    #[cfg(not(feature = "cuda"))]
+    let peak = None;
+    Ok((times[times.len() / 2], times[0], peak))
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -105,7 +121,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ("rnn-reach", 64, 256, 128, 1000, true),
         ("rnn-kalman", 100, 256, 128, 5000, true),
     ];
-    for (name, n, m, k, t, long) in configs {
+    let runs = configs.iter().flat_map(|&(name, n, m, k, t, long)| {
+        let ts = if a.steps.is_empty() {
+            vec![t]
+        } else {
+            a.steps.clone()
+        };
+        ts.into_iter().map(move |t| (name, n, m, k, t, long))
+    });
+    for (name, n, m, k, t, long) in runs {
         if !want(name) || (long && !on_gpu && a.only.is_none()) {
             continue;
         }
@@ -120,9 +144,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         let mut params = model.init(0)?;
         let batch = random_batch(t, m, 3, 3, 0)?;
-        let (median, min) = time_sofo(&device, &model, &mut params, &batch, k, iters)?;
+        let (median, min, peak_device_bytes) =
+            time_sofo(&device, &model, &mut params, &batch, k, iters)?;
         let flops = model.sofo_flops(k, &batch);
         records.push(Record {
+            peak_device_bytes,
             name,
             n,
             m,
@@ -142,9 +168,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut params = <LorenzModel as Model<f32>>::init(&model, 0)?;
         let (m, k) = (128, 128);
         let batch = Task::<f32>::train_batch(&task, 0, 0, m)?;
-        let (median, min) = time_sofo(&device, &model, &mut params, &batch, k, iters)?;
+        let (median, min, peak_device_bytes) =
+            time_sofo(&device, &model, &mut params, &batch, k, iters)?;
         let flops = model.sofo_flops(k, &batch);
         records.push(Record {
+            peak_device_bytes,
             name: "lorenz",
             n: 400,
             m,
@@ -169,6 +197,7 @@ fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
                 "seconds_per_iter": r.median, "min_seconds_per_iter": r.min,
                 "gflops": gflops, "threads": threads, "iters": a.iters,
                 "device": device.describe(),
+                "peak_device_bytes": r.peak_device_bytes,
             })
         );
     } else {

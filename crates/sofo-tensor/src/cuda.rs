@@ -14,6 +14,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 fn dev_err(op: &'static str, e: impl std::fmt::Debug) -> TensorError {
@@ -95,6 +96,39 @@ extern "C" __global__ void broadcast_rows(const float* src, float* dst, long lon
     GRID_LOOP(i, total) { dst[i] = src[i % len]; }
 }
 
+// Standard normal values from a counter-based generator: pair i of stream
+// (seed, stream) is a pure function of (seed, stream, i), so the numbers do
+// not depend on the launch configuration.
+__device__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+extern "C" __global__ void normal_fill(float* out, long long n, unsigned long long seed, unsigned long long stream) {
+    unsigned long long key = mix64(mix64(seed) ^ (stream * 0xD6050C454D6E6D5BULL));
+    GRID_LOOP(pair, (n + 1) / 2) {
+        unsigned long long h = mix64(key ^ mix64((unsigned long long)pair));
+        double u1 = ((double)(h >> 40) + 1.0) / 16777217.0;          // (0, 1]
+        double u2 = (double)((h >> 16) & 0xFFFFFF) / 16777216.0;     // [0, 1)
+        double r = sqrt(-2.0 * log(u1));
+        double a = 6.283185307179586 * u2;
+        long long i = 2 * pair;
+        out[i] = (float)(r * cos(a));
+        if (i + 1 < n) out[i + 1] = (float)(r * sin(a));
+    }
+}
+
+// The tangents of one parameter tensor in the engine's layout: from the
+// directions v [K, P], columns [off, off + A*L) → out [A, K, L].
+extern "C" __global__ void gather_param(const float* v, float* out, long long p, long long off, int a, int k, int l) {
+    long long total = (long long)a * k * l;
+    GRID_LOOP(i, total) {
+        long long j = i % l, kk = (i / l) % k, aa = i / ((long long)l * k);
+        out[i] = v[kk * p + off + aa * l + j];
+    }
+}
+
 // Deterministic block reduction of one double per thread (blockDim.x = 256).
 __device__ double block_sum(double v) {
     __shared__ double sh[256];
@@ -147,6 +181,15 @@ extern "C" __global__ void mse_scaled(const float* yd, const float* w, int has_w
 }
 "#;
 
+/// Uncounts a temporary buffer when it goes out of scope.
+struct Uncount(usize);
+
+impl Drop for Uncount {
+    fn drop(&mut self) {
+        count_free(self.0);
+    }
+}
+
 /// Unary op codes of the `unary_fwd` kernel.
 #[derive(Debug, Clone, Copy)]
 pub enum UnaryCode {
@@ -173,6 +216,8 @@ struct Kernels {
     mse_value: CudaFunction,
     mse_grad_sketch: CudaFunction,
     mse_scaled: CudaFunction,
+    normal_fill: CudaFunction,
+    gather_param: CudaFunction,
 }
 
 /// An open GPU: context, stream, cuBLAS handle and compiled kernels.
@@ -190,18 +235,57 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// An f32 tensor in device memory (row-major, contiguous).
+static DEV_LIVE: AtomicUsize = AtomicUsize::new(0);
+static DEV_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn count_alloc(bytes: usize) {
+    let now = DEV_LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    DEV_PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+fn count_free(bytes: usize) {
+    DEV_LIVE.fetch_sub(bytes, Ordering::Relaxed);
+}
+
+/// (live, peak) bytes of device memory held by this backend's buffers.
+pub fn device_memory() -> (usize, usize) {
+    (
+        DEV_LIVE.load(Ordering::Relaxed),
+        DEV_PEAK.load(Ordering::Relaxed),
+    )
+}
+
+/// Sets the peak to what is held now.
+pub fn reset_device_peak() {
+    DEV_PEAK.store(DEV_LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// An f32 tensor in device memory (row-major, contiguous), counted in
+/// [`device_memory`].
 pub struct DevTensor {
     shape: Vec<usize>,
     data: CudaSlice<f32>,
 }
 
+impl DevTensor {
+    fn wrap(shape: &[usize], data: CudaSlice<f32>) -> Self {
+        count_alloc(data.len() * 4);
+        DevTensor {
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+}
+
+impl Drop for DevTensor {
+    fn drop(&mut self) {
+        count_free(self.data.len() * 4);
+    }
+}
+
 impl Clone for DevTensor {
     fn clone(&self) -> Self {
-        DevTensor {
-            shape: self.shape.clone(),
-            data: self.data.clone(),
-        }
+        DevTensor::wrap(&self.shape, self.data.clone())
     }
 }
 
@@ -331,6 +415,8 @@ impl CudaDevice {
             mse_value: f("mse_value")?,
             mse_grad_sketch: f("mse_grad_sketch")?,
             mse_scaled: f("mse_scaled")?,
+            normal_fill: f("normal_fill")?,
+            gather_param: f("gather_param")?,
         };
         Ok(Arc::new(CudaDevice {
             ordinal,
@@ -388,10 +474,7 @@ impl CudaDevice {
         let n = shape.iter().product::<usize>().max(1);
         // SAFETY: callers write every element before reading it.
         let data = unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?;
-        Ok(DevTensor {
-            shape: shape.to_vec(),
-            data,
-        })
+        Ok(DevTensor::wrap(shape, data))
     }
 
     pub fn zeros(&self, shape: &[usize]) -> Result<DevTensor> {
@@ -557,6 +640,68 @@ impl CudaDevice {
         Ok(dst)
     }
 
+    /// n standard normal values of stream (seed, stream), shape `shape`.
+    pub fn normal(&self, shape: &[usize], seed: u64, stream: u64) -> Result<DevTensor> {
+        let mut out = self.scratch(shape)?;
+        let n = out.numel() as i64;
+        let cfg = grid(out.numel().div_ceil(2));
+        let mut b = self.stream.launch_builder(&self.k.normal_fill);
+        b.arg(&mut out.data).arg(&n).arg(&seed).arg(&stream);
+        // SAFETY: out holds n elements.
+        unsafe { b.launch(cfg) }.map_err(|e| dev_err("normal", e))?;
+        Ok(out)
+    }
+
+    /// Columns [off, off + a·l) of the directions `v` [k, p], as tangents in
+    /// the engine's layout [a, k, l], reshaped to `shape`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather_param(
+        &self,
+        v: &DevTensor,
+        p: usize,
+        off: usize,
+        a: usize,
+        k: usize,
+        l: usize,
+        shape: &[usize],
+    ) -> Result<DevTensor> {
+        let mut out = self.scratch(shape)?;
+        let (p64, off64, a32, k32, l32) = (p as i64, off as i64, a as i32, k as i32, l as i32);
+        let mut b = self.stream.launch_builder(&self.k.gather_param);
+        b.arg(&v.data)
+            .arg(&mut out.data)
+            .arg(&p64)
+            .arg(&off64)
+            .arg(&a32)
+            .arg(&k32)
+            .arg(&l32);
+        // SAFETY: off + a·l ≤ p and out holds a·k·l elements (callers).
+        unsafe { b.launch(grid(a * k * l)) }.map_err(|e| dev_err("gather_param", e))?;
+        Ok(out)
+    }
+
+    /// V Vᵀ [k, k] of the row-major V [k, p].
+    pub fn gram_rows(&self, v: &DevTensor, k: usize, p: usize) -> Result<DevTensor> {
+        let mut g = self.scratch(&[k, k])?;
+        // column-major: V is X [p, k]; V Vᵀ = Xᵀ X
+        let cfg = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: k as i32,
+            n: k as i32,
+            k: p as i32,
+            alpha: 1.0f32,
+            lda: p as i32,
+            ldb: p as i32,
+            beta: 0.0f32,
+            ldc: k as i32,
+        };
+        // SAFETY: v holds k·p elements, g k·k.
+        unsafe { self.blas.gemm(cfg, &v.data, &v.data, &mut g.data) }
+            .map_err(|e| dev_err("gemm", e))?;
+        Ok(g)
+    }
+
     /// Row-major `c = beta · c + alpha · a · b` with a [m, k], b [k, n], c [m, n]
     /// (contiguous; `a`, `b`, `c` may be offset views).
     #[allow(clippy::too_many_arguments)]
@@ -643,10 +788,11 @@ impl CudaDevice {
         // SAFETY: yd holds rows·k·l elements, c k.
         unsafe { b.launch(cfg) }.map_err(|e| dev_err("mse", e))?;
         let cols = rows as usize * l;
-        let mut a = self
-            .stream
-            .alloc_zeros::<f64>(k * cols)
-            .map_err(|e| dev_err("alloc", e))?;
+        // SAFETY: mse_scaled writes every element.
+        let mut a =
+            unsafe { self.stream.alloc::<f64>(k * cols) }.map_err(|e| dev_err("alloc", e))?;
+        count_alloc(k * cols * 8);
+        let _counted = Uncount(k * cols * 8);
         let mut b = self.stream.launch_builder(&self.k.mse_scaled);
         b.arg(&yd.data)
             .arg(wd)

@@ -4,11 +4,15 @@
 
 use crate::loss::{LittleLoss, Observer, Sketch};
 use crate::models::{Batch, Model};
+use crate::optim::{split_flat, Sofo, StepReport, TangentKind};
+use crate::params::ParamSet;
 use crate::{Error, Result};
 use cudarc::driver::CudaSlice;
 use sofo_ad::cuda::{CudaDual, CudaFwd};
+use sofo_ad::layout::{split3, tangent_shape};
 use sofo_ad::Dual;
 use sofo_tensor::cuda::CudaDevice;
+use sofo_tensor::{eigen, rng};
 use sofo_tensor::{Float, Tensor};
 use std::sync::Arc;
 
@@ -121,4 +125,108 @@ pub fn observe_pass_cuda<T: Float, M: Model<T>>(
     let mut sk = CudaSketch::new(dev.clone(), k)?;
     model.run(&mut e, &prepared, &batch.all(), &mut sk)?;
     sk.download()
+}
+
+/// One SOFO iteration with the tangents drawn, normalised and expanded on
+/// the GPU: only G̃'s K×K eigenproblem, the K coefficients and the step Δ
+/// cross to the host. (The device's random numbers differ from the CPU's:
+/// same seed, same device, same numbers.)
+pub fn sofo_step<T: Float, M: Model<T>>(
+    sofo: &Sofo,
+    dev: &Arc<CudaDevice>,
+    model: &M,
+    params: &mut ParamSet<T>,
+    batch: &Batch<T>,
+    seed: u64,
+    iteration: u64,
+) -> Result<StepReport> {
+    let k = sofo.config.k;
+    let p = params.trainable_count();
+    // 1. V [K, P]
+    let mut v = dev.normal(&[k, p], seed, rng::substream(0x7A46, iteration))?;
+    if sofo.config.tangents != TangentKind::Raw {
+        let g = dev.download(&dev.gram_rows(&v, k, p)?)?.to_f64_vec();
+        let m: Vec<f64> = if sofo.config.tangents == TangentKind::UnitNorm {
+            (0..k * k)
+                .map(|i| {
+                    if i / k == i % k {
+                        1.0 / g[i].sqrt()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        } else {
+            if k > p {
+                return Err(Error::config(
+                    "sofo.tangents_k",
+                    k,
+                    format!("K ≤ P = {p} for orthonormal tangents"),
+                ));
+            }
+            // V ← S^{-1/2} Uᵀ V with V Vᵀ = U S Uᵀ
+            let (s, u) = eigen::symmetric_eigen(&g, k)?;
+            if s[0] <= 0.0 {
+                return Err(Error::NonFinite("tangents are linearly dependent".into()));
+            }
+            (0..k * k)
+                .map(|i| u[(i % k) * k + i / k] / s[i / k].sqrt())
+                .collect()
+        };
+        let m = dev.upload(&Tensor::from_f64_slice(&[k, k], &m)?)?;
+        let mut w = dev.scratch(&[k, p])?;
+        dev.gemm(
+            k,
+            p,
+            k,
+            &m.slice().slice(..),
+            &v.slice().slice(..),
+            &mut w.slice_mut().slice_mut(..),
+            1.0,
+            0.0,
+        )?;
+        v = w;
+    }
+    // 2. the parameters with their tangents, in the engine's layout
+    let mut e = CudaFwd::new(dev.clone(), k);
+    let mut duals = Vec::with_capacity(params.len());
+    let mut off = 0;
+    for prm in params.iter() {
+        let primal = dev.upload(&prm.value.convert::<f32>())?;
+        let tangent = if prm.mode.trainable() {
+            let shape = prm.value.shape();
+            let (a, _, l) = split3(shape, k);
+            let t = dev.gather_param(&v, p, off, a, k, l, &tangent_shape(shape, k))?;
+            off += prm.value.numel();
+            Some(t)
+        } else {
+            None
+        };
+        duals.push(CudaDual { primal, tangent });
+    }
+    // 3. the pass and its sketch
+    let sketch = (|| {
+        let prepared = model.prepare(&mut e, &duals)?;
+        let mut sk = CudaSketch::new(dev.clone(), k)?;
+        model.run(&mut e, &prepared, &batch.all(), &mut sk)?;
+        sk.download()
+    })();
+    drop(duals);
+    // 4. coefficients on the host, Δ = coeffᵀ V on the device
+    sofo.finish_step(params, sketch, |params, coeff| {
+        let c = dev.upload(&Tensor::from_f64_slice(&[1, k], &coeff)?)?;
+        let mut d = dev.scratch(&[1, p])?;
+        dev.gemm(
+            1,
+            p,
+            k,
+            &c.slice().slice(..),
+            &v.slice().slice(..),
+            &mut d.slice_mut().slice_mut(..),
+            1.0,
+            0.0,
+        )?;
+        let flat = dev.download(&d)?.convert::<T>();
+        split_flat(params, flat.data())
+    })
 }

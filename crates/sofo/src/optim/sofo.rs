@@ -253,13 +253,10 @@ impl Sofo {
     }
 
     /// Solves the damped system in the subspace and expands the step.
-    pub fn propose<T: Float>(
-        &self,
-        params: &ParamSet<T>,
-        tangents: &Tangents<T>,
-        sketch: &Sketch,
-    ) -> Result<Proposal<T>> {
-        let k = tangents.k;
+    /// The step's coefficients in the tangent basis, coeff = U f(S + γ) Uᵀ C,
+    /// with the eigenvalues of G̃ (ascending) and the damping γ used.
+    pub fn coefficients(&self, sketch: &Sketch) -> Result<(Vec<f64>, Vec<f64>, f64)> {
+        let k = sketch.k;
         let (s, u) = eigen::symmetric_eigen(&sketch.g, k)?;
         let s_max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let s_min = s.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -268,7 +265,7 @@ impl Sofo {
             Damping::RelativeLargest(l) => l * s_max.max(0.0),
             Damping::RelativeSmallest(l) => l * s_min.max(0.0),
         };
-        // coeff = U f(S + γ) Uᵀ C, dropping directions of no curvature
+        // directions of no curvature are dropped
         let floor = f64::EPSILON * (k as f64) * s_max.abs().max(f64::MIN_POSITIVE);
         let mut ut_c = vec![0.0; k];
         for j in 0..k {
@@ -290,6 +287,18 @@ impl Sofo {
         if coeff.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite("SOFO step coefficients".into()));
         }
+        Ok((coeff, s, gamma))
+    }
+
+    /// Solves the damped system in the subspace and expands the step.
+    pub fn propose<T: Float>(
+        &self,
+        params: &ParamSet<T>,
+        tangents: &Tangents<T>,
+        sketch: &Sketch,
+    ) -> Result<Proposal<T>> {
+        let k = tangents.k;
+        let (coeff, s, gamma) = self.coefficients(sketch)?;
         // Δ = coeffᵀ V, one GEMV over all trainable scalars
         let p = params.trainable_count();
         let mut delta = Tensor::<T>::scratch(&[1, p]);
@@ -305,18 +314,7 @@ impl Sofo {
             Mat::row_major(p),
             T::one(),
         );
-        let mut step = Vec::with_capacity(params.len());
-        let mut off = 0;
-        for prm in params.iter() {
-            if !prm.mode.trainable() {
-                step.push(None);
-                continue;
-            }
-            let n = prm.value.numel();
-            let d = Tensor::from_vec(prm.value.shape(), delta.data()[off..off + n].to_vec())?;
-            step.push(Some(d));
-            off += n;
-        }
+        let step = split_flat(params, delta.data())?;
         Ok(Proposal {
             coeff,
             step,
@@ -367,43 +365,111 @@ impl Sofo {
         seed: u64,
         iteration: u64,
     ) -> Result<StepReport> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &self.device {
+            return crate::cuda::sofo_step(self, dev, model, params, batch, seed, iteration);
+        }
         let tangents = self.sample_tangents(params, seed, iteration)?;
-        let sketch = match self.sketch(model, params, &tangents, batch) {
-            Ok(s) => s,
-            Err(Error::NonFinite(_)) => {
-                return Ok(StepReport {
-                    loss: f64::NAN,
-                    max_eigenvalue: f64::NAN,
-                    applied: false,
-                })
-            }
-            Err(e) => return Err(e),
-        };
-        let applied = match self.propose(params, &tangents, &sketch) {
-            Ok(prop) => {
-                let max_eig = prop.eigenvalues.last().copied().unwrap_or(0.0);
-                match self.apply(params, &prop) {
-                    Ok(()) => {
-                        return Ok(StepReport {
-                            loss: sketch.loss,
-                            max_eigenvalue: max_eig,
-                            applied: true,
-                        })
-                    }
-                    Err(Error::NonFinite(_)) => false,
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(Error::NonFinite(_))
-            | Err(Error::Tensor(sofo_tensor::TensorError::Numerical { .. })) => false,
-            Err(e) => return Err(e),
-        };
-        Ok(StepReport {
-            loss: sketch.loss,
-            max_eigenvalue: f64::NAN,
-            applied,
+        let sketch = self.sketch(model, params, &tangents, batch);
+        self.finish_step(params, sketch, |params, coeff| {
+            self.expand(params, &tangents, coeff)
         })
     }
+
+    /// The stages of a step after the sketch, shared by the devices:
+    /// coefficients, expansion (`expand`), guarded update.
+    pub(crate) fn finish_step<T: Float>(
+        &self,
+        params: &mut ParamSet<T>,
+        sketch: Result<Sketch>,
+        expand: impl FnOnce(&ParamSet<T>, Vec<f64>) -> Result<Vec<Option<Tensor<T>>>>,
+    ) -> Result<StepReport> {
+        let skipped = |loss: f64| {
+            Ok(StepReport {
+                loss,
+                max_eigenvalue: f64::NAN,
+                applied: false,
+            })
+        };
+        let sketch = match sketch {
+            Ok(s) => s,
+            Err(Error::NonFinite(_)) => return skipped(f64::NAN),
+            Err(e) => return Err(e),
+        };
+        let (coeff, eigenvalues, damping) = match self.coefficients(&sketch) {
+            Ok(c) => c,
+            Err(Error::NonFinite(_))
+            | Err(Error::Tensor(sofo_tensor::TensorError::Numerical { .. })) => {
+                return skipped(sketch.loss)
+            }
+            Err(e) => return Err(e),
+        };
+        let max_eigenvalue = eigenvalues.last().copied().unwrap_or(0.0);
+        let step = expand(params, coeff.clone())?;
+        let prop = Proposal {
+            coeff,
+            step,
+            eigenvalues,
+            damping,
+        };
+        match self.apply(params, &prop) {
+            Ok(()) => Ok(StepReport {
+                loss: sketch.loss,
+                max_eigenvalue,
+                applied: true,
+            }),
+            Err(Error::NonFinite(_)) => skipped(sketch.loss),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Δ = Σ_k coeff_k V_k per parameter tensor.
+    fn expand<T: Float>(
+        &self,
+        params: &ParamSet<T>,
+        tangents: &Tangents<T>,
+        coeff: Vec<f64>,
+    ) -> Result<Vec<Option<Tensor<T>>>> {
+        let k = tangents.k;
+        let p = params.trainable_count();
+        let mut delta = Tensor::<T>::scratch(&[1, p]);
+        let ct = Tensor::<T>::from_f64_slice(&[1, k], &coeff)?;
+        Cpu.gemm(
+            Gemm::new(1, p, k),
+            delta.data_mut(),
+            Mat::row_major(p),
+            None,
+            ct.data(),
+            Mat::row_major(k),
+            tangents.flat.data(),
+            Mat::row_major(p),
+            T::one(),
+        );
+        split_flat(params, delta.data())
+    }
+}
+
+/// Splits a flat vector over the trainable scalars into per-tensor pieces
+/// (`None` for pinned tensors).
+pub(crate) fn split_flat<T: Float>(
+    params: &ParamSet<T>,
+    flat: &[T],
+) -> Result<Vec<Option<Tensor<T>>>> {
+    let mut out = Vec::with_capacity(params.len());
+    let mut off = 0;
+    for prm in params.iter() {
+        if !prm.mode.trainable() {
+            out.push(None);
+            continue;
+        }
+        let n = prm.value.numel();
+        out.push(Some(Tensor::from_vec(
+            prm.value.shape(),
+            flat[off..off + n].to_vec(),
+        )?));
+        off += n;
+    }
+    Ok(out)
 }
 
 /// V ← S^{-1/2} Uᵀ V with V Vᵀ = U S Uᵀ: orthonormal rows spanning span(V).
