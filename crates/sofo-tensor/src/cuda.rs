@@ -227,6 +227,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
+    /// Stands in for absent optional kernel arguments (never read).
+    dummy: CudaSlice<f32>,
 }
 
 /// Whether the CUDA driver library can be loaded on this machine.
@@ -418,12 +420,16 @@ impl CudaDevice {
             normal_fill: f("normal_fill")?,
             gather_param: f("gather_param")?,
         };
+        let dummy = stream
+            .alloc_zeros::<f32>(1)
+            .map_err(|e| dev_err("alloc", e))?;
         Ok(Arc::new(CudaDevice {
             ordinal,
             name,
             stream,
             blas,
             k,
+            dummy,
         }))
     }
 
@@ -442,13 +448,11 @@ impl CudaDevice {
     }
 
     pub fn upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
-        Ok(DevTensor {
-            shape: t.shape().to_vec(),
-            data: self
-                .stream
-                .clone_htod(t.data())
-                .map_err(|e| dev_err("upload", e))?,
-        })
+        let data = self
+            .stream
+            .clone_htod(t.data())
+            .map_err(|e| dev_err("upload", e))?;
+        Ok(DevTensor::wrap(t.shape(), data))
     }
 
     pub fn upload_f64(&self, v: &[f64]) -> Result<CudaSlice<f64>> {
@@ -479,13 +483,11 @@ impl CudaDevice {
 
     pub fn zeros(&self, shape: &[usize]) -> Result<DevTensor> {
         let n = shape.iter().product::<usize>().max(1);
-        Ok(DevTensor {
-            shape: shape.to_vec(),
-            data: self
-                .stream
-                .alloc_zeros::<f32>(n)
-                .map_err(|e| dev_err("alloc", e))?,
-        })
+        let data = self
+            .stream
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| dev_err("alloc", e))?;
+        Ok(DevTensor::wrap(shape, data))
     }
 
     pub fn zeros_f64(&self, n: usize) -> Result<CudaSlice<f64>> {
@@ -504,23 +506,22 @@ impl CudaDevice {
     ) -> Result<(DevTensor, Option<DevTensor>)> {
         let mut y = self.scratch(&x.shape)?;
         let mut d = if want_d {
-            self.scratch(&x.shape)?
+            Some(self.scratch(&x.shape)?)
         } else {
-            self.scratch(&[1])?
+            None
         };
         let n = x.numel() as i64;
         let (opc, wd) = (op as i32, want_d as i32);
         let mut b = self.stream.launch_builder(&self.k.unary_fwd);
-        b.arg(&x.data)
-            .arg(&mut y.data)
-            .arg(&mut d.data)
-            .arg(&n)
-            .arg(&opc)
-            .arg(&s)
-            .arg(&wd);
+        b.arg(&x.data).arg(&mut y.data);
+        match d.as_mut() {
+            Some(d) => b.arg(&mut d.data),
+            None => b.arg(&self.dummy), // not written when want_d = 0
+        };
+        b.arg(&n).arg(&opc).arg(&s).arg(&wd);
         // SAFETY: argument types match the kernel; n bounds every access.
         unsafe { b.launch(grid(x.numel())) }.map_err(|e| dev_err("unary", e))?;
-        Ok((y, want_d.then_some(d)))
+        Ok((y, d))
     }
 
     /// out[p, k, l] = d[p, l] · t[p, k, l]
@@ -556,9 +557,8 @@ impl CudaDevice {
         let mut y = self.scratch(shape)?;
         let n = *shape.last().unwrap_or(&1) as i32;
         let total = y.numel() as i64;
-        let dummy = self.scratch(&[1])?;
-        let bd = bias.map_or(&dummy.data, |b| &b.data);
-        let (xd, c) = leak.map_or((&dummy.data, 0.0), |(x, c)| (&x.data, c));
+        let bd = bias.map_or(&self.dummy, |b| &b.data);
+        let (xd, c) = leak.map_or((&self.dummy, 0.0), |(x, c)| (&x.data, c));
         let (hb, hx) = (bias.is_some() as i32, leak.is_some() as i32);
         let mut b = self.stream.launch_builder(&self.k.linear_init_primal);
         b.arg(&mut y.data)
@@ -587,9 +587,8 @@ impl CudaDevice {
         let mut t = self.scratch(tshape)?;
         let n = *tshape.last().unwrap_or(&1) as i32;
         let total = t.numel() as i64;
-        let dummy = self.scratch(&[1])?;
-        let bd = bias_t.map_or(&dummy.data, |b| &b.data);
-        let (xd, c) = leak_t.map_or((&dummy.data, 0.0), |(x, c)| (&x.data, c));
+        let bd = bias_t.map_or(&self.dummy, |b| &b.data);
+        let (xd, c) = leak_t.map_or((&self.dummy, 0.0), |(x, c)| (&x.data, c));
         let (hb, hx, k32) = (bias_t.is_some() as i32, leak_t.is_some() as i32, k as i32);
         let mut b = self.stream.launch_builder(&self.k.linear_init_tangent);
         b.arg(&mut t.data)
@@ -755,8 +754,7 @@ impl CudaDevice {
         let l = *y.shape.last().unwrap_or(&1);
         let rows = (y.numel() / l.max(1)) as i64;
         let (l32, k32, inv_n) = (l as i32, k as i32, 1.0 / n_norm);
-        let dummy = self.scratch(&[1])?;
-        let wd = w.map_or(&dummy.data, |w| &w.data);
+        let wd = w.map_or(&self.dummy, |w| &w.data);
         let hw = w.is_some() as i32;
         let mut b = self.stream.launch_builder(&self.k.mse_value);
         b.arg(&y.data)
