@@ -1,14 +1,16 @@
 //! One op vocabulary for models, losses and plants, and the engines that run
 //! it. A model is written once against [`Ops`]; the caller picks the engine:
 //! [`Fwd`] with K tangents (SOFO's and FGD's engine) or with none (plain
-//! primal evaluation). The reverse-mode tape implements the same trait.
+//! primal evaluation), or the reverse-mode tape [`Rev`] for backpropagation.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod forward;
 pub mod layout;
 mod ops;
+mod reverse;
 
 pub use forward::{linear_shapes, Dual, Fwd};
 pub use ops::{Binary, Ops, Unary};
+pub use reverse::{Rev, Var};
 pub use sofo_tensor::{Float, Result, Tensor, TensorError};
