@@ -3,7 +3,7 @@
 
 use clap::Args;
 use sofo::models::{Activation, Batch, LorenzModel, Model, RateRnn};
-use sofo::optim::{Damping, Sofo, SofoConfig, TangentKind};
+use sofo::optim::{Adam, AdamConfig, Damping, Optimizer, Sofo, SofoConfig, TangentKind};
 use sofo::params::ParamSet;
 use sofo::tasks::{LorenzData, LorenzTask, Task};
 use sofo::{Device, Result};
@@ -32,9 +32,16 @@ pub struct BenchArgs {
     /// their own (e.g. 32,256,1024,4096): memory and time against T.
     #[arg(long, value_delimiter = ',', value_name = "T,T,..")]
     steps: Vec<usize>,
+    /// sofo, adam (BPTT, CPU) or all.
+    #[arg(long, default_value = "all")]
+    method: String,
+    /// Peak extra memory of one iteration against T, SOFO and Adam-BPTT.
+    #[arg(long)]
+    memory: bool,
 }
 
 struct Record {
+    method: &'static str,
     /// Peak bytes of device memory held during the timed iterations (GPU).
     peak_device_bytes: Option<usize>,
     name: &'static str,
@@ -63,26 +70,31 @@ fn random_batch(t: usize, m: usize, i: usize, o: usize, seed: u64) -> Result<Bat
     })
 }
 
-fn time_sofo<M: Model<f32>>(
-    device: &Device,
-    model: &M,
-    params: &mut ParamSet<f32>,
-    batch: &Batch<f32>,
-    k: usize,
-    iters: usize,
-) -> Result<(f64, f64, Option<usize>)> {
-    // the anchor's settings: orthonormal tangents, damping 1e-3 relative to
-    // the largest eigenvalue, lr 0.1
-    let sofo = Sofo::new(SofoConfig {
+/// The anchor's SOFO settings: orthonormal tangents, damping 1e-3 relative
+/// to the largest eigenvalue, lr 0.1.
+fn anchor_sofo(k: usize, device: &Device) -> Result<Sofo> {
+    Ok(Sofo::new(SofoConfig {
         k,
         tangents: TangentKind::Orthonormal,
         damping: Damping::RelativeLargest(1e-3),
         sqrt: false,
         lr: 0.1,
     })?
-    .on(device.clone());
+    .on(device.clone()))
+}
+
+/// Median and minimum seconds per iteration (after 2 warm-up iterations)
+/// and, on a GPU, the peak device bytes held during the timed iterations.
+fn time_steps<M: Model<f32>, O: Optimizer<f32>>(
+    device: &Device,
+    opt: &mut O,
+    model: &M,
+    params: &mut ParamSet<f32>,
+    batch: &Batch<f32>,
+    iters: usize,
+) -> Result<(f64, f64, Option<usize>)> {
     for it in 0..2 {
-        sofo.step(model, params, batch, 0, it)?;
+        opt.step(model, params, batch, 0, it)?;
     }
     let mut times = Vec::with_capacity(iters);
     #[cfg(feature = "cuda")]
@@ -92,7 +104,7 @@ fn time_sofo<M: Model<f32>>(
     };
     for it in 0..iters {
         let t0 = Instant::now();
-        sofo.step(model, params, batch, 0, 2 + it as u64)?;
+        opt.step(model, params, batch, 0, 2 + it as u64)?;
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -100,8 +112,78 @@ fn time_sofo<M: Model<f32>>(
     let peak =
         matches!(device, Device::Cuda(_)).then(|| sofo_tensor::cuda::device_memory().1 - base);
     #[cfg(not(feature = "cuda"))]
-    let peak = None;
+    let peak = {
+        let _ = device;
+        None
+    };
     Ok((times[times.len() / 2], times[0], peak))
+}
+
+/// Peak bytes the tensor layer holds during one iteration, beyond what it
+/// held before (host memory: the CPU backend).
+fn peak_extra_bytes<M: Model<f32>, O: Optimizer<f32>>(
+    opt: &mut O,
+    model: &M,
+    params: &mut ParamSet<f32>,
+    batch: &Batch<f32>,
+) -> Result<usize> {
+    opt.step(model, params, batch, 0, 0)?;
+    sofo_tensor::memory::clear_pools();
+    let before = sofo_tensor::memory::stats();
+    sofo_tensor::memory::reset_peak();
+    opt.step(model, params, batch, 0, 1)?;
+    Ok(sofo_tensor::memory::stats().peak_bytes - before.live_bytes - before.pooled_bytes)
+}
+
+fn rnn(n: usize) -> RateRnn {
+    RateRnn {
+        n,
+        inputs: 3,
+        outputs: 3,
+        alpha: 0.1,
+        activation: Activation::Tanh,
+        learn_x0: false,
+        gain: 0.9,
+    }
+}
+
+/// `sofo bench --memory`: SOFO and Adam-BPTT on the rate RNN N=128 M=64
+/// K=64 against T, one JSON object per line with `peak_extra_bytes`.
+fn memory(a: &BenchArgs, device: &Device) -> Result<()> {
+    let ts = if a.steps.is_empty() {
+        vec![32, 256, 1024, 4096, 16384]
+    } else {
+        a.steps.clone()
+    };
+    let model = rnn(128);
+    for method in ["sofo", "adam"] {
+        for &t in &ts {
+            let mut params = model.init(0)?;
+            let batch = random_batch(t, 64, 3, 3, 0)?;
+            let bytes = if method == "sofo" {
+                peak_extra_bytes(&mut anchor_sofo(64, device)?, &model, &mut params, &batch)?
+            } else {
+                peak_extra_bytes(
+                    &mut Adam::<f32>::new(AdamConfig::default())?,
+                    &model,
+                    &mut params,
+                    &batch,
+                )?
+            };
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"method": method, "n": 128, "m": 64, "k": 64, "t": t, "peak_extra_bytes": bytes})
+                );
+            } else {
+                println!(
+                    "{method:<5} T={t:<6} peak extra {:.2} MiB",
+                    bytes as f64 / 1048576.0
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -109,6 +191,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let threads = sofo_tensor::parallel::threads();
     let device = Device::open(&a.device)?;
     let on_gpu = !matches!(device, Device::Cpu);
+    if !["sofo", "adam", "all"].contains(&a.method.as_str()) {
+        return Err(sofo::Error::config(
+            "--method",
+            &a.method,
+            "sofo, adam or all",
+        ));
+    }
+    if a.memory {
+        return memory(&a, &device);
+    }
     let want = |name: &str| a.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
     let mut records = Vec::new();
     let iters = a.iters.max(1);
@@ -133,21 +225,47 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if !want(name) || (long && !on_gpu && a.only.is_none()) {
             continue;
         }
-        let model = RateRnn {
-            n,
-            inputs: 3,
-            outputs: 3,
-            alpha: 0.1,
-            activation: Activation::Tanh,
-            learn_x0: false,
-            gain: 0.9,
-        };
-        let mut params = model.init(0)?;
+        let model = rnn(n);
         let batch = random_batch(t, m, 3, 3, 0)?;
-        let (median, min, peak_device_bytes) =
-            time_sofo(&device, &model, &mut params, &batch, k, iters)?;
+        // Adam through BPTT on the same model and batch (CPU tape only)
+        if a.method != "sofo" && !on_gpu && !long {
+            let mut params = model.init(0)?;
+            let mut adam = Adam::<f32>::new(AdamConfig::default())?;
+            let (median, min, _) =
+                time_steps(&device, &mut adam, &model, &mut params, &batch, iters)?;
+            emit(
+                &a,
+                &Record {
+                    method: "adam",
+                    peak_device_bytes: None,
+                    name,
+                    n,
+                    m,
+                    k: 0,
+                    t,
+                    median,
+                    min,
+                    flops: 0.0,
+                },
+                threads,
+                &device,
+            );
+        }
+        if a.method == "adam" {
+            continue;
+        }
+        let mut params = model.init(0)?;
+        let (median, min, peak_device_bytes) = time_steps(
+            &device,
+            &mut anchor_sofo(k, &device)?,
+            &model,
+            &mut params,
+            &batch,
+            iters,
+        )?;
         let flops = model.sofo_flops(k, &batch);
         records.push(Record {
+            method: "sofo",
             peak_device_bytes,
             name,
             n,
@@ -160,7 +278,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         });
         emit(&a, records.last().unwrap(), threads, &device);
     }
-    if want("lorenz") {
+    if want("lorenz") && a.method != "adam" {
         let task = LorenzTask {
             data: LorenzData::generate(1, 3500, 500, 32, 0.01)?,
         };
@@ -168,10 +286,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut params = <LorenzModel as Model<f32>>::init(&model, 0)?;
         let (m, k) = (128, 128);
         let batch = Task::<f32>::train_batch(&task, 0, 0, m)?;
-        let (median, min, peak_device_bytes) =
-            time_sofo(&device, &model, &mut params, &batch, k, iters)?;
+        let (median, min, peak_device_bytes) = time_steps(
+            &device,
+            &mut anchor_sofo(k, &device)?,
+            &model,
+            &mut params,
+            &batch,
+            iters,
+        )?;
         let flops = model.sofo_flops(k, &batch);
         records.push(Record {
+            method: "sofo",
             peak_device_bytes,
             name: "lorenz",
             n: 400,
@@ -188,11 +313,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
 }
 
 fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
-    let gflops = r.flops / r.median / 1e9;
+    let gflops = (r.flops > 0.0).then(|| r.flops / r.median / 1e9);
     if a.json {
         println!(
             "{}",
             serde_json::json!({
+                "method": r.method,
                 "name": r.name, "n": r.n, "m": r.m, "k": r.k, "t": r.t,
                 "seconds_per_iter": r.median, "min_seconds_per_iter": r.min,
                 "gflops": gflops, "threads": threads, "iters": a.iters,
@@ -202,7 +328,8 @@ fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
         );
     } else {
         println!(
-            "{:<10} N={:<4} M={:<4} K={:<4} T={:<4}  {:.4} s/iter (min {:.4})  {:.1} GFLOP/s  [{}, {} threads]",
+            "{:<5} {:<10} N={:<4} M={:<4} K={:<4} T={:<4}  {:.4} s/iter (min {:.4})  {}  [{}, {} threads]",
+            r.method,
             r.name,
             r.n,
             r.m,
@@ -210,7 +337,7 @@ fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
             r.t,
             r.median,
             r.min,
-            gflops,
+            gflops.map_or(String::new(), |g| format!("{g:.1} GFLOP/s")),
             device.describe(),
             threads
         );

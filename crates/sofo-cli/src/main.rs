@@ -8,8 +8,10 @@ use config::RunConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 use sofo::models::{LorenzModel, Model};
 use sofo::optim::Sofo;
+use sofo::optim::{Adam, Fgd, Optimizer, Sgd};
+use sofo::params::ParamSet;
 use sofo::tasks::{LorenzData, LorenzTask, Task};
-use sofo::train::{train_sofo, TrainOptions};
+use sofo::train::{train, MetricsRow, TrainOptions};
 use sofo::{Error, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,10 +53,10 @@ struct TrainArgs {
     /// Trials per batch (M).
     #[arg(long, value_name = "M")]
     batch: Option<usize>,
-    /// Number of SOFO tangents (K).
+    /// Number of tangents K (SOFO, FGD).
     #[arg(long, value_name = "K")]
     tangents: Option<usize>,
-    /// Learning rate η.
+    /// Learning rate η of the chosen optimiser.
     #[arg(long, value_name = "η", allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Relative damping λ.
@@ -110,10 +112,18 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
         c.batch = v;
     }
     if let Some(v) = a.tangents {
-        c.sofo.tangents = v;
+        match c.optimizer.as_str() {
+            "fgd" => c.fgd.tangents = v,
+            _ => c.sofo.tangents = v,
+        }
     }
     if let Some(v) = a.lr {
-        c.sofo.lr = v;
+        match c.optimizer.as_str() {
+            "adam" => c.adam.lr = v,
+            "sgd" => c.sgd.lr = v,
+            "fgd" => c.fgd.lr = v,
+            _ => c.sofo.lr = v,
+        }
     }
     if let Some(v) = a.damping {
         c.sofo.damping = v;
@@ -134,7 +144,7 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
     Ok(c)
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+fn run_train(a: TrainArgs) -> Result<()> {
     let cfg = resolve(&a)?;
     sofo_tensor::parallel::set_threads(cfg.threads);
     let out = PathBuf::from(&cfg.out);
@@ -146,93 +156,138 @@ fn train(a: TrainArgs) -> Result<()> {
         data: LorenzData::generate(l.data_seed, l.train_bouts, l.test_bouts, l.bout_len, l.dt)?,
     };
     let model = LorenzModel { hidden: l.hidden };
-    let mut params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
+    let params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
     let device = sofo::Device::open(&cfg.device)?;
-    let sofo = Sofo::new(cfg.sofo_config()?)?.on(device);
     let p = params.trainable_count();
-    if cfg.sofo.tangents > p {
-        return Err(Error::config(
-            "sofo.tangents",
-            cfg.sofo.tangents,
-            format!("K ≤ P = {p}"),
-        ));
+    let k = match cfg.optimizer.as_str() {
+        "sofo" => Some(("sofo.tangents", cfg.sofo.tangents)),
+        "fgd" => Some(("fgd.tangents", cfg.fgd.tangents)),
+        _ => None,
+    };
+    if let Some((field, k)) = k {
+        if k > p {
+            return Err(Error::config(field, k, format!("K ≤ P = {p}")));
+        }
     }
-    let threads = sofo_tensor::parallel::threads();
-    eprintln!(
-        "sofo: task {} | P = {p} | K = {} | M = {} | {} iterations | {threads} threads | {} | run dir {}",
-        Task::<f32>::name(&task),
-        cfg.sofo.tangents,
-        cfg.batch,
-        cfg.iterations,
-        sofo.device.describe(),
-        out.display()
-    );
+    let run = Run {
+        cfg: &cfg,
+        quiet: a.quiet,
+        out,
+        device: device.clone(),
+    };
+    match cfg.optimizer.as_str() {
+        "sofo" => run.go(
+            &model,
+            &task,
+            params,
+            Sofo::new(cfg.sofo_config()?)?.on(device),
+        ),
+        "adam" => run.go(&model, &task, params, Adam::<f32>::new(cfg.adam_config()?)?),
+        "sgd" => run.go(&model, &task, params, Sgd::<f32>::new(cfg.sgd_config()?)?),
+        _ => run.go(
+            &model,
+            &task,
+            params,
+            Fgd::new(cfg.fgd_config()?)?.on(device),
+        ),
+    }
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // Ctrl-C: finish the iteration in flight, then write the weights.
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(cfg.iterations as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
-    let mut last_test = f64::NAN;
-    let opts = TrainOptions {
-        iterations: cfg.iterations,
-        batch: cfg.batch,
-        seed: cfg.seed,
-        eval_every: cfg.eval_every,
-        test_trials: cfg.test_trials,
-        out: Some(out.clone()),
-    };
-    let rows = train_sofo(
-        &model,
-        &task,
-        &mut params,
-        &sofo,
-        &opts,
-        |row| {
-            if let Some(t) = row.test_loss {
-                last_test = t;
-            }
-            bar.set_message(format!("loss {:.4e}  test {:.4e}", row.loss, last_test));
-            bar.inc(1);
-        },
-        || stop.load(Ordering::SeqCst),
-    )?;
-    bar.finish();
-    let done = rows.len();
-    let skipped = rows.iter().filter(|r| !r.applied).count();
-    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-        let test = rows
-            .iter()
-            .rev()
-            .find_map(|r| r.test_loss)
-            .unwrap_or(f64::NAN);
+/// One training run's settings and outputs.
+struct Run<'a> {
+    cfg: &'a RunConfig,
+    quiet: bool,
+    out: PathBuf,
+    device: sofo::Device,
+}
+
+impl Run<'_> {
+    fn go<M: Model<f32>, K: Task<f32>, O: Optimizer<f32>>(
+        &self,
+        model: &M,
+        task: &K,
+        mut params: ParamSet<f32>,
+        mut opt: O,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let threads = sofo_tensor::parallel::threads();
         eprintln!(
-            "done: {done} iterations in {:.1} s ({:.3} s/iter) | loss {:.4e} → {:.4e} | test loss {:.4e}{}",
-            last.wall_s,
-            last.wall_s / done as f64,
-            first.loss,
-            last.loss,
-            test,
-            if skipped > 0 { format!(" | {skipped} steps skipped (non-finite)") } else { String::new() }
+            "sofo: task {} | optimizer {} | P = {} | M = {} | {} iterations | {threads} threads | {} | run dir {}",
+            task.name(),
+            opt.name(),
+            params.trainable_count(),
+            cfg.batch,
+            cfg.iterations,
+            self.device.describe(),
+            self.out.display()
         );
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let stop = stop.clone();
+            // Ctrl-C: finish the iteration in flight, then write the weights.
+            let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+        }
+        let bar = if self.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(cfg.iterations as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        let mut last_test = f64::NAN;
+        let opts = TrainOptions {
+            iterations: cfg.iterations,
+            batch: cfg.batch,
+            seed: cfg.seed,
+            eval_every: cfg.eval_every,
+            test_trials: cfg.test_trials,
+            out: Some(self.out.clone()),
+            device: self.device.clone(),
+        };
+        let rows = train(
+            model,
+            task,
+            &mut params,
+            &mut opt,
+            &opts,
+            |row: &MetricsRow| {
+                if let Some(t) = row.test_loss {
+                    last_test = t;
+                }
+                bar.set_message(format!("loss {:.4e}  test {:.4e}", row.loss, last_test));
+                bar.inc(1);
+            },
+            || stop.load(Ordering::SeqCst),
+        )?;
+        bar.finish();
+        let done = rows.len();
+        let skipped = rows.iter().filter(|r| !r.applied).count();
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            let test = rows
+                .iter()
+                .rev()
+                .find_map(|r| r.test_loss)
+                .unwrap_or(f64::NAN);
+            eprintln!(
+                "done: {done} iterations in {:.1} s ({:.3} s/iter) | loss {:.4e} → {:.4e} | test loss {:.4e}{}",
+                last.wall_s,
+                last.wall_s / done as f64,
+                first.loss,
+                last.loss,
+                test,
+                if skipped > 0 { format!(" | {skipped} steps skipped (non-finite)") } else { String::new() }
+            );
+        }
+        eprintln!(
+            "wrote {}/config.toml, metrics.csv, weights.safetensors",
+            self.out.display()
+        );
+        Ok(())
     }
-    eprintln!(
-        "wrote {}/config.toml, metrics.csv, weights.safetensors",
-        out.display()
-    );
-    Ok(())
 }
 
 fn tasks() {
@@ -256,7 +311,7 @@ fn tasks() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Train(a) => train(a),
+        Command::Train(a) => run_train(a),
         Command::Bench(a) => bench::run(a),
         Command::Tasks => {
             tasks();

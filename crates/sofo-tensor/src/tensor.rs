@@ -105,6 +105,12 @@ impl<T: Float> Tensor<T> {
     pub fn into_vec(self) -> Vec<T> {
         self.buf.into_vec()
     }
+    /// Returns the memory to the system allocator instead of the pool: for
+    /// large buffers made once per iteration, which pooling would only keep.
+    pub fn free(self) {
+        drop(self.into_vec());
+    }
+
     pub fn to_f64_vec(&self) -> Vec<f64> {
         self.data().iter().map(|v| v.to_f64()).collect()
     }

@@ -108,7 +108,7 @@ pub fn observe_pass_cuda<T: Float, M: Model<T>>(
     dev: &Arc<CudaDevice>,
     model: &M,
     k: usize,
-    params: &[Dual<T>],
+    params: Vec<Dual<T>>,
     batch: &Batch<T>,
 ) -> Result<Sketch> {
     let mut e = CudaFwd::new(dev.clone(), k);

@@ -67,7 +67,7 @@ impl Device {
         &self,
         model: &M,
         k: usize,
-        params: &[Dual<T>],
+        params: Vec<Dual<T>>,
         batch: &Batch<T>,
     ) -> Result<Sketch> {
         match self {

@@ -4,7 +4,7 @@
 use crate::checkpoint;
 use crate::device::Device;
 use crate::models::{Batch, Model};
-use crate::optim::Sofo;
+use crate::optim::Optimizer;
 use crate::params::ParamSet;
 use crate::tasks::Task;
 use crate::Result;
@@ -34,7 +34,7 @@ pub fn evaluate_on<T: Float, M: Model<T>>(
         .iter()
         .map(|p| Dual::constant(p.value.clone()))
         .collect();
-    Ok(device.pass(model, 0, &duals, batch)?.loss)
+    Ok(device.pass(model, 0, duals, batch)?.loss)
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +47,8 @@ pub struct TrainOptions {
     pub test_trials: usize,
     /// Run directory for metrics.csv and weights.safetensors.
     pub out: Option<PathBuf>,
+    /// Where held-out evaluations run.
+    pub device: Device,
 }
 
 /// One row of metrics.csv.
@@ -78,14 +80,14 @@ impl MetricsRow {
     }
 }
 
-/// Trains `params` with SOFO. `on_row` sees every row as it is written (for
-/// a progress display); `stop` is polled between iterations (Ctrl-C).
-#[allow(clippy::too_many_arguments)]
-pub fn train_sofo<T: Float, M: Model<T>, K: Task<T>>(
+/// Trains `params` with `optimizer`. `on_row` sees every row as it is
+/// written (for a progress display); `stop` is polled between iterations
+/// (Ctrl-C).
+pub fn train<T: Float, M: Model<T>, K: Task<T>, O: Optimizer<T>>(
     model: &M,
     task: &K,
     params: &mut ParamSet<T>,
-    sofo: &Sofo,
+    optimizer: &mut O,
     opts: &TrainOptions,
     mut on_row: impl FnMut(&MetricsRow),
     stop: impl Fn() -> bool,
@@ -107,10 +109,15 @@ pub fn train_sofo<T: Float, M: Model<T>, K: Task<T>>(
             break;
         }
         let batch = task.train_batch(opts.seed, it as u64, opts.batch)?;
-        let rep = sofo.step(model, params, &batch, opts.seed, it as u64)?;
+        let rep = optimizer.step(model, params, &batch, opts.seed, it as u64)?;
         let last = it + 1 == opts.iterations;
         let test_loss = if opts.eval_every > 0 && ((it + 1) % opts.eval_every == 0 || last) {
-            Some(evaluate_on(&sofo.device, model, params, &test)?)
+            // a diverged model scores NaN; the run goes on (its steps are skipped)
+            match evaluate_on(&opts.device, model, params, &test) {
+                Ok(l) => Some(l),
+                Err(crate::Error::NonFinite(_)) => Some(f64::NAN),
+                Err(e) => return Err(e),
+            }
         } else {
             None
         };

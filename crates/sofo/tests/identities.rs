@@ -261,3 +261,27 @@ fn tangent_normalisations() {
     assert_eq!(a, b);
     assert_ne!(a, c);
 }
+
+/// Identity 3: C = Vᵀ∇c with ∇c from reverse mode (BPTT), and the reverse
+/// gradient equals Jᵀg built from forward tangents.
+#[test]
+fn gradient_sketch_equals_projected_bptt_gradient() {
+    let (model, params, batch) = tiny_rnn(3, 5);
+    let p = params.trainable_count();
+    let (loss, grads) = sofo::models::gradient_pass(&model, &params, &batch).unwrap();
+    let g: Vec<f64> = grads.iter().flat_map(|t| t.data().to_vec()).collect();
+    assert_eq!(g.len(), p);
+    let (_, jtg) = ggn_and_gradient(&model, &params, &batch);
+    let d = max_rel_diff(&g, &jtg);
+    assert!(d < 1e-12, "reverse ∇c differs from Jᵀg by {d:e}");
+    assert!((loss - loss_at(&model, &params, &batch)).abs() < 1e-14 * loss);
+    let s = sofo(6, TangentKind::Orthonormal, Damping::None);
+    let tg = s.sample_tangents(&params, 5, 0).unwrap();
+    let sk = s.sketch(&model, &params, &tg, &batch).unwrap();
+    let v = tg.flat.data();
+    let want: Vec<f64> = (0..6)
+        .map(|k| (0..p).map(|i| v[k * p + i] * g[i]).sum())
+        .collect();
+    let d = max_rel_diff(&sk.c, &want);
+    assert!(d < 1e-10, "C differs from Vᵀ∇c (reverse) by {d:e}");
+}

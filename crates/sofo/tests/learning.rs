@@ -3,7 +3,7 @@
 use sofo::models::{LorenzModel, Model};
 use sofo::optim::{Damping, Sofo, SofoConfig};
 use sofo::tasks::{LorenzData, LorenzTask, Task};
-use sofo::train::{evaluate, train_sofo, MetricsRow, TrainOptions};
+use sofo::train::{evaluate, train, MetricsRow, TrainOptions};
 
 fn small_task() -> LorenzTask {
     LorenzTask {
@@ -17,7 +17,7 @@ fn run(seed: u64, iterations: usize) -> (Vec<MetricsRow>, f64, f64) {
     let mut params = Model::<f32>::init(&model, seed).unwrap();
     let test = Task::<f32>::test_batch(&task, 100).unwrap();
     let initial = evaluate(&model, &params, &test).unwrap();
-    let sofo = Sofo::new(SofoConfig {
+    let mut sofo = Sofo::new(SofoConfig {
         k: 32,
         lr: 0.5,
         damping: Damping::RelativeLargest(1e-3),
@@ -31,8 +31,18 @@ fn run(seed: u64, iterations: usize) -> (Vec<MetricsRow>, f64, f64) {
         eval_every: 0,
         test_trials: 100,
         out: None,
+        device: sofo::Device::Cpu,
     };
-    let rows = train_sofo(&model, &task, &mut params, &sofo, &opts, |_| {}, || false).unwrap();
+    let rows = train(
+        &model,
+        &task,
+        &mut params,
+        &mut sofo,
+        &opts,
+        |_| {},
+        || false,
+    )
+    .unwrap();
     let fin = evaluate(&model, &params, &test).unwrap();
     (rows, initial, fin)
 }

@@ -10,7 +10,7 @@ use crate::loss::{Observer, Sketch};
 use crate::params::ParamSet;
 use crate::{Error, Result};
 use rayon::prelude::*;
-use sofo_ad::{Dual, Fwd, Ops};
+use sofo_ad::{Dual, Fwd, Ops, Rev, Var};
 use sofo_tensor::{parallel, Float, Tensor};
 
 /// A batch of trials for a sequence model.
@@ -186,11 +186,18 @@ pub trait Model<T: Float>: Sync {
 pub fn observe_pass<T: Float, M: Model<T>>(
     model: &M,
     k: usize,
-    params: &[Dual<T>],
+    params: Vec<Dual<T>>,
     batch: &Batch<T>,
 ) -> Result<Sketch> {
     let mut e = Fwd::new(k);
-    let prepared = model.prepare(&mut e, params)?;
+    let prepared = model.prepare(&mut e, &params)?;
+    // what the time loop needs is in `prepared`: free the parameters'
+    // tangents (for the rate RNN, W's in their untransposed layout)
+    for d in params {
+        if let Some(t) = d.tangent {
+            t.free();
+        }
+    }
     let parts = parallel::threads().min(batch.trials).max(1);
     let run = |b: &Trials<'_, T>| -> Result<Sketch> {
         let mut e = Fwd::new(k);
@@ -211,4 +218,81 @@ pub fn observe_pass<T: Float, M: Model<T>>(
         total.add(&s?);
     }
     total.finish()
+}
+
+/// The loss and its gradient by backpropagation through time: the model
+/// runs on a reverse-mode tape, each observed little loss seeds the backward
+/// pass with ∂ℓ/∂y, and one sweep gives ∂c/∂θ for every parameter tensor.
+/// Trials are split into one group per thread (a tape each) and the groups'
+/// gradients summed in group order, as in [`observe_pass`].
+pub fn gradient_pass<T: Float, M: Model<T>>(
+    model: &M,
+    params: &ParamSet<T>,
+    batch: &Batch<T>,
+) -> Result<(f64, Vec<Tensor<T>>)> {
+    let parts = parallel::threads().min(batch.trials).max(1);
+    let run = |b: &Trials<'_, T>| -> Result<(f64, Vec<Tensor<T>>)> {
+        let mut r = Rev::<T>::new();
+        let leaves: Vec<Var> = params.iter().map(|p| r.leaf(p.value.clone())).collect();
+        let prepared = model.prepare(&mut r, &leaves)?;
+        let mut seeds = GradientSeeds {
+            loss: 0.0,
+            seeds: vec![],
+        };
+        model.run(&mut r, &prepared, b, &mut seeds)?;
+        let g = r.backward(seeds.seeds)?;
+        let grads = leaves
+            .iter()
+            .zip(params.iter())
+            .map(|(l, p)| {
+                g[l.id()]
+                    .clone()
+                    .unwrap_or_else(|| Tensor::zeros(p.value.shape()))
+            })
+            .collect();
+        Ok((seeds.loss, grads))
+    };
+    if parts == 1 {
+        return run(&batch.all());
+    }
+    let groups = batch.split(parts)?;
+    let results: Vec<Result<(f64, Vec<Tensor<T>>)>> = groups
+        .par_iter()
+        .map(|b| parallel::serial(|| run(b)))
+        .collect();
+    let mut total: Option<(f64, Vec<Tensor<T>>)> = None;
+    for r in results {
+        let (l, g) = r?;
+        total = Some(match total {
+            None => (l, g),
+            Some((tl, mut tg)) => {
+                for (a, b) in tg.iter_mut().zip(&g) {
+                    a.axpy(T::one(), b)?;
+                }
+                (tl + l, tg)
+            }
+        });
+    }
+    Ok(total.expect("at least one group"))
+}
+
+/// Under reverse mode, an observation records the loss and the seed ∂ℓ/∂y.
+struct GradientSeeds<T: Float> {
+    loss: f64,
+    seeds: Vec<(Var, Tensor<T>)>,
+}
+
+impl<T: Float> Observer<T, Rev<T>> for GradientSeeds<T> {
+    fn observe(
+        &mut self,
+        e: &mut Rev<T>,
+        y: &Var,
+        loss: &dyn crate::loss::LittleLoss<T>,
+    ) -> Result<()> {
+        let yv = e.value_of(y);
+        self.loss += loss.value(yv)?;
+        self.seeds
+            .push((y.clone(), loss.gradient(yv)?.convert::<T>()));
+        Ok(())
+    }
 }

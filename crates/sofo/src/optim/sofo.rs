@@ -12,7 +12,7 @@ use crate::loss::Sketch;
 use crate::models::{Batch, Model};
 use crate::params::{ParamMode, ParamSet};
 use crate::{Error, Result};
-use sofo_ad::layout::from_canonical;
+use sofo_ad::layout::{split3, tangent_shape};
 use sofo_ad::Dual;
 use sofo_tensor::backend::{Cpu, Gemm, Kernels, Mat};
 use sofo_tensor::{eigen, rng, Float, Tensor};
@@ -190,7 +190,8 @@ impl Sofo {
                         format!("K ≤ P = {p} for orthonormal tangents"),
                     ));
                 }
-                flat = orthonormalize(&flat, k, p)?;
+                let ortho = orthonormalize(&flat, k, p)?;
+                std::mem::replace(&mut flat, ortho).free();
             }
         }
         self.tangents_from(params, flat)
@@ -219,16 +220,20 @@ impl Sofo {
                 per_param.push(None);
                 continue;
             }
-            let s = prm.value.numel();
-            let mut canon = Tensor::<T>::scratch(&[k, s]);
-            for kk in 0..k {
-                canon.data_mut()[kk * s..(kk + 1) * s]
-                    .copy_from_slice(&flat.data()[kk * p + off..kk * p + off + s]);
+            // gather straight into the layout [a, K, l]: row (a, k) of the
+            // tangents is the slice [a·l, (a+1)·l) of direction k
+            let shape = prm.value.shape();
+            let (a, _, l) = split3(shape, k);
+            let mut t = Tensor::<T>::scratch(&tangent_shape(shape, k));
+            let fd = flat.data();
+            for (row, dst) in t.data_mut().chunks_mut(l.max(1)).enumerate() {
+                let (ai, kk) = (row / k, row % k);
+                let src = kk * p + off + ai * l;
+                dst.copy_from_slice(&fd[src..src + l]);
             }
-            let mut shape = vec![k];
-            shape.extend_from_slice(prm.value.shape());
-            per_param.push(Some(from_canonical(&canon.reshape(&shape)?, k)?));
-            off += s;
+            debug_assert_eq!(a * l, prm.value.numel());
+            per_param.push(Some(t));
+            off += prm.value.numel();
         }
         Ok(Tangents { k, flat, per_param })
     }
@@ -249,10 +254,28 @@ impl Sofo {
                 tangent: t.clone(),
             })
             .collect();
-        self.device.pass(model, tangents.k, &duals, batch)
+        self.device.pass(model, tangents.k, duals, batch)
     }
 
-    /// Solves the damped system in the subspace and expands the step.
+    /// [`Sofo::sketch`] that consumes the per-parameter tangents (no copy).
+    fn sketch_taking<T: Float, M: Model<T>>(
+        &self,
+        model: &M,
+        params: &ParamSet<T>,
+        tangents: &mut Tangents<T>,
+        batch: &Batch<T>,
+    ) -> Result<Sketch> {
+        let duals: Vec<Dual<T>> = params
+            .iter()
+            .zip(tangents.per_param.iter_mut())
+            .map(|(p, t)| Dual {
+                primal: p.value.clone(),
+                tangent: t.take(),
+            })
+            .collect();
+        self.device.pass(model, tangents.k, duals, batch)
+    }
+
     /// The step's coefficients in the tangent basis, coeff = U f(S + γ) Uᵀ C,
     /// with the eigenvalues of G̃ (ascending) and the damping γ used.
     pub fn coefficients(&self, sketch: &Sketch) -> Result<(Vec<f64>, Vec<f64>, f64)> {
@@ -369,8 +392,8 @@ impl Sofo {
         if let Device::Cuda(dev) = &self.device {
             return crate::cuda::sofo_step(self, dev, model, params, batch, seed, iteration);
         }
-        let tangents = self.sample_tangents(params, seed, iteration)?;
-        let sketch = self.sketch(model, params, &tangents, batch);
+        let mut tangents = self.sample_tangents(params, seed, iteration)?;
+        let sketch = self.sketch_taking(model, params, &mut tangents, batch);
         self.finish_step(params, sketch, |params, coeff| {
             self.expand(params, &tangents, coeff)
         })
@@ -424,7 +447,7 @@ impl Sofo {
     }
 
     /// Δ = Σ_k coeff_k V_k per parameter tensor.
-    fn expand<T: Float>(
+    pub(crate) fn expand<T: Float>(
         &self,
         params: &ParamSet<T>,
         tangents: &Tangents<T>,

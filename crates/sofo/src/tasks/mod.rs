@@ -1,6 +1,7 @@
 //! Seeded trial generators.
 
 mod lorenz;
+pub mod sine;
 
 pub use lorenz::{LorenzData, LorenzTask};
 
