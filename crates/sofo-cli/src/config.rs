@@ -3,13 +3,14 @@
 //! `--config` accepts.
 
 use serde::{Deserialize, Serialize};
+use sofo::optim::force::ForceConfig;
 use sofo::optim::{
     AdamConfig, Damping, FgdConfig, LearningRate, Schedule, SgdConfig, SofoConfig, TangentKind,
 };
 use sofo::{Error, Result};
 
-pub const TASKS: &[&str] = &["lorenz"];
-pub const OPTIMIZERS: &[&str] = &["sofo", "adam", "sgd", "fgd"];
+pub const TASKS: &[&str] = &["lorenz", "sine"];
+pub const OPTIMIZERS: &[&str] = &["sofo", "adam", "sgd", "fgd", "force"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -37,6 +38,40 @@ pub struct RunConfig {
     /// Learning-rate schedule of the first-order optimisers (adam, sgd, fgd).
     pub schedule: ScheduleSection,
     pub lorenz: LorenzSection,
+    pub force: ForceSection,
+}
+
+/// FORCE on the sine task (tasks.md §6): a reservoir with a trained readout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForceSection {
+    pub n: usize,
+    /// connection probability of J
+    pub p: f64,
+    /// gain of J
+    pub g: f64,
+    /// RLS regulariser: P₀ = I/α
+    pub alpha: f64,
+    /// steps between RLS updates
+    pub rls_every: usize,
+    /// periods of the target (1200 steps each) with learning on
+    pub train_periods: usize,
+    /// periods with learning off, for the test error
+    pub test_periods: usize,
+}
+
+impl Default for ForceSection {
+    fn default() -> Self {
+        ForceSection {
+            n: 1000,
+            p: 0.1,
+            g: 1.5,
+            alpha: 1.0,
+            rls_every: 2,
+            train_periods: 12,
+            test_periods: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -176,6 +211,7 @@ impl Default for RunConfig {
             fgd: FgdSection::default(),
             schedule: ScheduleSection::default(),
             lorenz: LorenzSection::default(),
+            force: ForceSection::default(),
         }
     }
 }
@@ -269,7 +305,16 @@ impl RunConfig {
         if self.out.is_empty() {
             return Err(Error::config("out", "\"\"", "a directory path"));
         }
+        // FORCE trains reservoirs: the sine task and FORCE go together
+        if (self.task == "sine") != (self.optimizer == "force") {
+            return Err(Error::config(
+                "optimizer",
+                format!("\"{}\" with task \"{}\"", self.optimizer, self.task),
+                "force for the sine task (a reservoir), and sofo, adam, sgd or fgd for the others",
+            ));
+        }
         match self.optimizer.as_str() {
+            "force" => self.force_config().map(|_| ())?,
             "adam" => self.adam_config().map(|_| ())?,
             "sgd" => self.sgd_config().map(|_| ())?,
             "fgd" => self.fgd_config().map(|_| ())?,
@@ -331,6 +376,28 @@ impl RunConfig {
             return Err(Error::config(field, c, "≥ 0 (0 = no clipping)"));
         }
         Ok((c > 0.0).then_some(c))
+    }
+
+    pub fn force_config(&self) -> Result<ForceConfig> {
+        let f = &self.force;
+        let c = ForceConfig {
+            n: f.n,
+            p: f.p,
+            g: f.g,
+            alpha: f.alpha,
+            rls_every: f.rls_every,
+            seed: self.seed,
+            ..ForceConfig::sine()
+        };
+        c.validate()?;
+        if f.train_periods == 0 || f.test_periods == 0 {
+            return Err(Error::config(
+                "force.train_periods/test_periods",
+                format!("{}/{}", f.train_periods, f.test_periods),
+                "at least 1 each",
+            ));
+        }
+        Ok(c)
     }
 
     pub fn adam_config(&self) -> Result<AdamConfig> {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod config;
+mod plot;
 
 use clap::{Args, Parser, Subcommand};
 use config::RunConfig;
@@ -33,10 +34,42 @@ struct Cli {
 enum Command {
     /// Train a network on a task.
     Train(TrainArgs),
+    /// Train several optimisers from the same initial weights on the same
+    /// batches; plot and tabulate their losses.
+    Compare(CompareArgs),
     /// Seconds per SOFO iteration and GFLOP/s on fixed configurations.
     Bench(bench::BenchArgs),
     /// List the tasks with their defaults.
     Tasks,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Task to train on (see `sofo tasks`).
+    #[arg(long)]
+    task: Option<String>,
+    /// Optimisers to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "sofo,adam")]
+    optimizers: Vec<String>,
+    #[arg(long, value_name = "N")]
+    iterations: Option<usize>,
+    #[arg(long, value_name = "M")]
+    batch: Option<usize>,
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    #[arg(long, value_name = "T")]
+    threads: Option<usize>,
+    /// cpu, cuda or cuda:N (SOFO and FGD passes; BPTT runs on the CPU).
+    #[arg(long, value_name = "DEV")]
+    device: Option<String>,
+    /// Settings file (TOML): every optimiser's section is read from it.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Directory: one run directory per optimiser, compare.png.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -98,6 +131,9 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
     };
     if let Some(v) = &a.task {
         c.task = v.clone();
+        if v == "sine" && a.optimizer.is_none() && a.config.is_none() {
+            c.optimizer = "force".into();
+        }
         if a.out.is_none() && a.config.is_none() {
             c.out = format!("runs/{v}");
         }
@@ -147,9 +183,17 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
 fn run_train(a: TrainArgs) -> Result<()> {
     let cfg = resolve(&a)?;
     sofo_tensor::parallel::set_threads(cfg.threads);
+    run_config(&cfg, a.quiet).map(|_| ())
+}
+
+/// Trains as `cfg` says, in `cfg.out`; returns the metrics rows.
+fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
     let out = PathBuf::from(&cfg.out);
     std::fs::create_dir_all(&out)?;
     sofo::checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    if cfg.optimizer == "force" {
+        return run_force(cfg, &out, quiet);
+    }
 
     let l = &cfg.lorenz;
     let task = LorenzTask {
@@ -170,8 +214,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
         }
     }
     let run = Run {
-        cfg: &cfg,
-        quiet: a.quiet,
+        cfg,
+        quiet,
         out,
         device: device.clone(),
     };
@@ -193,6 +237,158 @@ fn run_train(a: TrainArgs) -> Result<()> {
     }
 }
 
+/// FORCE on the sine task: one metrics row per period of the target (the
+/// mean squared error while learning), then the test error with learning
+/// off; weights: readout `W` [N, 1], recurrent `J` [N, N], feedback `F` [1, N].
+fn run_force(cfg: &RunConfig, out: &std::path::Path, quiet: bool) -> Result<Vec<MetricsRow>> {
+    use sofo::optim::force::Force;
+    use sofo::params::{Param, ParamMode};
+    use sofo::tasks::sine::{sine_targets, sine_variance, PERIOD};
+    let fc = cfg.force_config()?;
+    let steps = (PERIOD / fc.dt).round() as usize;
+    let mut net = Force::new(fc.clone(), 1)?;
+    eprintln!(
+        "sofo: task sine | optimizer force | N = {} | g = {} | {} training periods of {steps} steps | run dir {}",
+        fc.n,
+        fc.g,
+        cfg.force.train_periods,
+        out.display()
+    );
+    let mut csv = std::fs::File::create(out.join("metrics.csv"))?;
+    use std::io::Write;
+    writeln!(csv, "{}", sofo::train::METRICS_HEADER)?;
+    let start = std::time::Instant::now();
+    let mut rows = Vec::new();
+    let periods = cfg.force.train_periods;
+    for it in 0..periods {
+        let targets = sine_targets(net.time(), steps, fc.dt);
+        let trace = net.train(&targets, None)?;
+        let test_loss = if it + 1 == periods {
+            let t = sine_targets(net.time(), steps * cfg.force.test_periods, fc.dt);
+            Some(net.test(&t, None)?.mean_mse())
+        } else {
+            None
+        };
+        let row = MetricsRow {
+            iteration: it,
+            loss: trace.mean_mse(),
+            wall_s: start.elapsed().as_secs_f64(),
+            test_loss,
+            max_eigenvalue: f64::NAN,
+            applied: true,
+        };
+        writeln!(csv, "{}", row.csv())?;
+        csv.flush()?;
+        if !quiet {
+            eprintln!("period {:>3}: training MSE {:.4e}", it + 1, row.loss);
+        }
+        rows.push(row);
+    }
+    let n = fc.n;
+    let t = |name: &str, shape: &[usize], v: Vec<f64>, mode| -> Result<Param<f32>> {
+        Ok(Param {
+            name: name.into(),
+            value: sofo::Tensor::<f64>::from_vec(shape, v)?.convert::<f32>(),
+            mode,
+        })
+    };
+    let params = ParamSet::new(vec![
+        t("W", &[n, 1], net.readout().to_vec(), ParamMode::Free)?,
+        t("J", &[n, n], net.recurrent_dense(), ParamMode::Pinned)?,
+        t("F", &[1, n], net.feedback().to_vec(), ParamMode::Pinned)?,
+    ]);
+    sofo::train::save_weights(&params, out)?;
+    let test = rows.last().and_then(|r| r.test_loss).unwrap_or(f64::NAN);
+    eprintln!(
+        "done: test MSE with learning off {test:.4e} ({:.2e} of the target's variance) in {:.1} s",
+        test / sine_variance(),
+        start.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "wrote {}/config.toml, metrics.csv, weights.safetensors",
+        out.display()
+    );
+    Ok(rows)
+}
+
+fn run_compare(a: CompareArgs) -> Result<()> {
+    let base = resolve(&TrainArgs {
+        task: a.task.clone(),
+        optimizer: None,
+        iterations: a.iterations,
+        batch: a.batch,
+        tangents: None,
+        lr: None,
+        damping: None,
+        seed: a.seed,
+        threads: a.threads,
+        device: a.device.clone(),
+        config: a.config.clone(),
+        out: None,
+        quiet: a.quiet,
+    })?;
+    sofo_tensor::parallel::set_threads(base.threads);
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/compare-{}", base.task)));
+    if a.optimizers.is_empty() {
+        return Err(Error::config(
+            "--optimizers",
+            "\"\"",
+            "a comma-separated list of sofo, adam, sgd, fgd",
+        ));
+    }
+    // check every name before the first run starts
+    let mut cfgs = Vec::new();
+    for o in &a.optimizers {
+        let mut c = base.clone();
+        c.optimizer = o.clone();
+        c.out = out.join(o).display().to_string();
+        c.validate()?;
+        cfgs.push(c);
+    }
+    let mut runs = Vec::new();
+    for c in &cfgs {
+        runs.push((c.optimizer.clone(), run_config(c, a.quiet)?));
+    }
+    std::fs::create_dir_all(&out)?;
+    sofo::checkpoint::write_atomic(&out.join("config.toml"), base.to_toml().as_bytes())?;
+    plot::loss_curves(
+        &out.join("compare.png"),
+        &format!(
+            "{}: same initial weights, same batches (seed {})",
+            base.task, base.seed
+        ),
+        &runs,
+    )?;
+    println!("| optimizer | final loss | best loss | final test loss | s/iter |");
+    println!("|---|---|---|---|---|");
+    for (name, rows) in &runs {
+        let last = rows.last();
+        let best = rows
+            .iter()
+            .map(|r| r.loss)
+            .filter(|l| l.is_finite())
+            .fold(f64::INFINITY, f64::min);
+        let test = rows
+            .iter()
+            .rev()
+            .find_map(|r| r.test_loss)
+            .unwrap_or(f64::NAN);
+        let per = last.map_or(f64::NAN, |r| r.wall_s / rows.len() as f64);
+        println!(
+            "| {name} | {:.4e} | {best:.4e} | {test:.4e} | {per:.4} |",
+            last.map_or(f64::NAN, |r| r.loss)
+        );
+    }
+    eprintln!(
+        "wrote {}/compare.png and one run directory per optimiser",
+        out.display()
+    );
+    Ok(())
+}
+
 /// One training run's settings and outputs.
 struct Run<'a> {
     cfg: &'a RunConfig,
@@ -208,7 +404,7 @@ impl Run<'_> {
         task: &K,
         mut params: ParamSet<f32>,
         mut opt: O,
-    ) -> Result<()> {
+    ) -> Result<Vec<MetricsRow>> {
         let cfg = self.cfg;
         let threads = sofo_tensor::parallel::threads();
         eprintln!(
@@ -286,7 +482,7 @@ impl Run<'_> {
             "wrote {}/config.toml, metrics.csv, weights.safetensors",
             self.out.display()
         );
-        Ok(())
+        Ok(rows)
     }
 }
 
@@ -294,7 +490,7 @@ fn tasks() {
     let d = RunConfig::default();
     println!("lorenz  Lorenz attractor from sparse (endpoint-only) supervision, tasks.md §1");
     println!(
-        "        defaults: hidden {} (P = 2809), bouts {}+{} of {} steps, dt {}, batch {}, K {}, lr {}, damping {:e}, {} iterations",
+        "        optimizers sofo (default), adam, sgd, fgd; defaults: hidden {} (P = 2809), bouts {}+{} of {} steps, dt {}, batch {}, K {}, lr {}, damping {:e}, {} iterations",
         d.lorenz.hidden,
         d.lorenz.train_bouts,
         d.lorenz.test_bouts,
@@ -306,12 +502,18 @@ fn tasks() {
         d.sofo.damping,
         d.iterations
     );
+    println!("sine    FORCE sine-wave generation by a reservoir, tasks.md §6");
+    println!(
+        "        optimizer force; defaults: N {}, p {}, g {}, RLS every {} steps, α {}, {} training periods, {} test periods",
+        d.force.n, d.force.p, d.force.g, d.force.rls_every, d.force.alpha, d.force.train_periods, d.force.test_periods
+    );
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Train(a) => run_train(a),
+        Command::Compare(a) => run_compare(a),
         Command::Bench(a) => bench::run(a),
         Command::Tasks => {
             tasks();

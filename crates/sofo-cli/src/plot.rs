@@ -1,0 +1,99 @@
+//! Pictures: loss curves of several runs, against iterations and against
+//! wall-clock seconds (PNG, with a font shipped in the binary so that no
+//! system fonts are needed).
+
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+use sofo::train::MetricsRow;
+use sofo::{Error, Result};
+use std::path::Path;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+
+fn plot_err(e: impl std::fmt::Display) -> Error {
+    Error::Io(std::io::Error::other(format!("plot: {e}")))
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+];
+
+/// Writes `path`: two panels, loss (log scale) against iteration and
+/// against seconds, one line per run. Non-finite losses are left out.
+pub fn loss_curves(path: &Path, title: &str, runs: &[(String, Vec<MetricsRow>)]) -> Result<()> {
+    let _ = register_font("sans-serif", FontStyle::Normal, FONT);
+    let pts = |r: &[MetricsRow], by_time: bool| -> Vec<(f64, f64)> {
+        r.iter()
+            .filter(|m| m.loss.is_finite() && m.loss > 0.0)
+            .map(|m| {
+                (
+                    if by_time {
+                        m.wall_s
+                    } else {
+                        (m.iteration + 1) as f64
+                    },
+                    m.loss,
+                )
+            })
+            .collect()
+    };
+    let all: Vec<(f64, f64)> = runs.iter().flat_map(|(_, r)| pts(r, false)).collect();
+    if all.is_empty() {
+        return Err(Error::NonFinite("no finite loss to plot".into()));
+    }
+    let lo = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = all.iter().map(|p| p.1).fold(0.0f64, f64::max);
+    let (lo, hi) = (lo * 0.8, hi * 1.25);
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(plot_err)?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, by_time) in panels.iter().zip([false, true]) {
+        let xmax = runs
+            .iter()
+            .flat_map(|(_, r)| pts(r, by_time))
+            .map(|p| p.0)
+            .fold(1e-9f64, f64::max);
+        let mut chart = ChartBuilder::on(panel)
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..xmax, (lo..hi).log_scale())
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc(if by_time {
+                "wall-clock seconds"
+            } else {
+                "iteration"
+            })
+            .y_desc("training loss")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(plot_err)?;
+        for (i, (name, rows)) in runs.iter().enumerate() {
+            let c = COLORS[i % COLORS.len()];
+            chart
+                .draw_series(LineSeries::new(pts(rows, by_time), c.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(plot_err)?;
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
