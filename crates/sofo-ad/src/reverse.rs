@@ -104,8 +104,9 @@ impl<T: Float> Rev<T> {
     }
 
     /// Backpropagates the output gradients `seeds` (node, ∂c/∂node) through
-    /// the tape; returns the gradient of every node (`None` where none
-    /// flows). Seeds for the same node add up.
+    /// the tape; returns, indexed by node, the gradient of every leaf that
+    /// needs one (`None` elsewhere: intermediate gradients are freed as soon
+    /// as they have been propagated). Seeds for the same node add up.
     pub fn backward(&self, seeds: Vec<(Var, Tensor<T>)>) -> Result<Vec<Option<Tensor<T>>>> {
         let mut g: Vec<Option<Tensor<T>>> = (0..self.nodes.len()).map(|_| None).collect();
         for (v, s) in seeds {
@@ -122,7 +123,10 @@ impl<T: Float> Rev<T> {
             let Some(gy) = g[id].take() else { continue };
             let node = &self.nodes[id];
             self.backprop(id, &node.op, &gy, &mut g)?;
-            g[id] = Some(gy);
+            // keep the leaves' gradients; an intermediate one is spent here
+            if matches!(node.op, Op::Leaf) {
+                g[id] = Some(gy);
+            }
         }
         Ok(g)
     }
