@@ -98,6 +98,35 @@ impl<T: Float> ParamSet<T> {
         }
         Ok(())
     }
+    /// θ ← θ − scale · u for every tensor with an update (`None`: left as
+    /// is), bounded tensors projected back; all or nothing: if any new value
+    /// would be non-finite, nothing changes and the error names the tensor.
+    pub fn apply_updates(&mut self, updates: &[Option<Tensor<T>>], scale: T) -> Result<()> {
+        let mut new = Vec::with_capacity(updates.len());
+        for (p, u) in self.params.iter().zip(updates) {
+            let Some(u) = u else {
+                new.push(None);
+                continue;
+            };
+            let mut v = p.value.clone();
+            v.axpy(-scale, u)?;
+            if let ParamMode::Bounded { lower, upper } = p.mode {
+                let (lo, hi) = (T::from_f64(lower), T::from_f64(upper));
+                v.data_mut().iter_mut().for_each(|x| *x = x.max(lo).min(hi));
+            }
+            if !v.is_finite() {
+                return Err(Error::NonFinite(format!("updated parameter `{}`", p.name)));
+            }
+            new.push(Some(v));
+        }
+        for (p, v) in self.params.iter_mut().zip(new) {
+            if let Some(v) = v {
+                p.value = v;
+            }
+        }
+        Ok(())
+    }
+
     pub fn all_finite(&self) -> bool {
         self.params.iter().all(|p| p.value.is_finite())
     }

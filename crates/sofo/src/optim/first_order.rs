@@ -6,7 +6,7 @@
 use super::sofo::{Sofo, SofoConfig, StepReport, TangentKind};
 use super::Optimizer;
 use crate::models::{gradient_pass, Batch, Model};
-use crate::params::{ParamMode, ParamSet};
+use crate::params::ParamSet;
 use crate::{Error, Result};
 use sofo_tensor::{Float, Tensor};
 
@@ -106,15 +106,36 @@ fn clip<T: Float>(grads: &mut [Tensor<T>], max_norm: Option<f64>) -> f64 {
     norm
 }
 
-/// θ − update, projected into bounds; None if anything is non-finite.
-fn updated<T: Float>(value: &Tensor<T>, update: &Tensor<T>, mode: ParamMode) -> Option<Tensor<T>> {
-    let mut v = value.clone();
-    v.axpy(-T::one(), update).ok()?;
-    if let ParamMode::Bounded { lower, upper } = mode {
-        let (lo, hi) = (T::from_f64(lower), T::from_f64(upper));
-        v.data_mut().iter_mut().for_each(|x| *x = x.max(lo).min(hi));
+/// The clipped BPTT gradient, or `Err(loss)` when it or the loss is not
+/// finite (the step is then skipped).
+#[allow(clippy::type_complexity)]
+fn bptt_gradient<T: Float, M: Model<T>>(
+    model: &M,
+    params: &ParamSet<T>,
+    batch: &Batch<T>,
+    max_norm: Option<f64>,
+) -> Result<std::result::Result<(f64, Vec<Tensor<T>>), f64>> {
+    let (loss, mut grads) = gradient_pass(model, params, batch)?;
+    if !loss.is_finite() || grads.iter().any(|g| !g.is_finite()) {
+        return Ok(Err(loss));
     }
-    v.is_finite().then_some(v)
+    clip(&mut grads, max_norm);
+    Ok(Ok((loss, grads)))
+}
+
+fn zeros_like<T: Float>(params: &ParamSet<T>) -> Vec<Tensor<T>> {
+    params
+        .iter()
+        .map(|p| Tensor::zeros(p.value.shape()))
+        .collect()
+}
+
+fn applied(loss: f64) -> Result<StepReport> {
+    Ok(StepReport {
+        loss,
+        max_eigenvalue: f64::NAN,
+        applied: true,
+    })
 }
 
 fn skipped(loss: f64) -> Result<StepReport> {
@@ -192,30 +213,22 @@ impl<T: Float> Optimizer<T> for Adam<T> {
         _seed: u64,
         iteration: u64,
     ) -> Result<StepReport> {
-        let (loss, mut grads) = gradient_pass(model, params, batch)?;
-        if !loss.is_finite() || grads.iter().any(|g| !g.is_finite()) {
-            return skipped(loss);
-        }
-        clip(&mut grads, self.config.clip);
+        let (loss, grads) = match bptt_gradient(model, params, batch, self.config.clip)? {
+            Ok(g) => g,
+            Err(loss) => return skipped(loss),
+        };
         if self.m.is_empty() {
-            self.m = params
-                .iter()
-                .map(|p| Tensor::zeros(p.value.shape()))
-                .collect();
-            self.v = params
-                .iter()
-                .map(|p| Tensor::zeros(p.value.shape()))
-                .collect();
+            self.m = zeros_like(params);
+            self.v = zeros_like(params);
         }
         let c = &self.config;
         let t = self.t + 1;
         let (b1, b2) = (c.beta1, c.beta2);
         let lr = c.lr.at(iteration as usize);
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let mut new_m = Vec::with_capacity(grads.len());
         let mut new_v = Vec::with_capacity(grads.len());
-        let mut new_p = Vec::with_capacity(grads.len());
+        let mut updates = Vec::with_capacity(grads.len());
         for (i, (p, g)) in params.iter().zip(&grads).enumerate() {
             let m = self.m[i].zip_map(g, "adam", |m, g| {
                 T::from_f64(b1 * m.to_f64() + (1.0 - b1) * g.to_f64())
@@ -224,33 +237,23 @@ impl<T: Float> Optimizer<T> for Adam<T> {
                 let g = g.to_f64();
                 T::from_f64(b2 * v.to_f64() + (1.0 - b2) * g * g)
             })?;
-            if p.mode.trainable() {
-                let upd = m.zip_map(&v, "adam", |m, v| {
+            updates.push(if p.mode.trainable() {
+                Some(m.zip_map(&v, "adam", |m, v| {
                     T::from_f64(lr * (m.to_f64() / bc1) / ((v.to_f64() / bc2).sqrt() + c.eps))
-                })?;
-                match updated(&p.value, &upd, p.mode) {
-                    Some(x) => new_p.push(Some(x)),
-                    None => return skipped(loss),
-                }
+                })?)
             } else {
-                new_p.push(None);
-            }
+                None
+            });
             new_m.push(m);
             new_v.push(v);
         }
-        for (p, x) in params.iter_mut().zip(new_p) {
-            if let Some(x) = x {
-                p.value = x;
-            }
+        if params.apply_updates(&updates, T::one()).is_err() {
+            return skipped(loss);
         }
         self.m = new_m;
         self.v = new_v;
         self.t = t;
-        Ok(StepReport {
-            loss,
-            max_eigenvalue: f64::NAN,
-            applied: true,
-        })
+        applied(loss)
     }
 }
 
@@ -301,44 +304,27 @@ impl<T: Float> Optimizer<T> for Sgd<T> {
         _seed: u64,
         iteration: u64,
     ) -> Result<StepReport> {
-        let (loss, mut grads) = gradient_pass(model, params, batch)?;
-        if !loss.is_finite() || grads.iter().any(|g| !g.is_finite()) {
-            return skipped(loss);
-        }
-        clip(&mut grads, self.config.clip);
+        let (loss, grads) = match bptt_gradient(model, params, batch, self.config.clip)? {
+            Ok(g) => g,
+            Err(loss) => return skipped(loss),
+        };
         if self.buf.is_empty() {
-            self.buf = params
-                .iter()
-                .map(|p| Tensor::zeros(p.value.shape()))
-                .collect();
+            self.buf = zeros_like(params);
         }
         let mu = T::from_f64(self.config.momentum);
         let lr = T::from_f64(self.config.lr.at(iteration as usize));
         let mut new_b = Vec::with_capacity(grads.len());
-        let mut new_p = Vec::with_capacity(grads.len());
+        let mut updates = Vec::with_capacity(grads.len());
         for (i, (p, g)) in params.iter().zip(&grads).enumerate() {
             let b = self.buf[i].zip_map(g, "sgd", |b, g| mu * b + g)?;
-            if p.mode.trainable() {
-                match updated(&p.value, &b.scale(lr), p.mode) {
-                    Some(x) => new_p.push(Some(x)),
-                    None => return skipped(loss),
-                }
-            } else {
-                new_p.push(None);
-            }
+            updates.push(p.mode.trainable().then(|| b.scale(lr)));
             new_b.push(b);
         }
-        for (p, x) in params.iter_mut().zip(new_p) {
-            if let Some(x) = x {
-                p.value = x;
-            }
+        if params.apply_updates(&updates, T::one()).is_err() {
+            return skipped(loss);
         }
         self.buf = new_b;
-        Ok(StepReport {
-            loss,
-            max_eigenvalue: f64::NAN,
-            applied: true,
-        })
+        applied(loss)
     }
 }
 
@@ -398,25 +384,9 @@ impl<T: Float> Optimizer<T> for Fgd {
         let scale = p / tg.k as f64 * self.config.lr.at(iteration as usize);
         let coeff: Vec<f64> = sketch.c.iter().map(|c| c * scale).collect();
         let step = self.sampler.expand(params, &tg, coeff)?;
-        let mut new_p = Vec::with_capacity(step.len());
-        for (prm, d) in params.iter().zip(&step) {
-            match d {
-                None => new_p.push(None),
-                Some(d) => match updated(&prm.value, d, prm.mode) {
-                    Some(x) => new_p.push(Some(x)),
-                    None => return skipped(sketch.loss),
-                },
-            }
+        if params.apply_updates(&step, T::one()).is_err() {
+            return skipped(sketch.loss);
         }
-        for (prm, x) in params.iter_mut().zip(new_p) {
-            if let Some(x) = x {
-                prm.value = x;
-            }
-        }
-        Ok(StepReport {
-            loss: sketch.loss,
-            max_eigenvalue: f64::NAN,
-            applied: true,
-        })
+        applied(sketch.loss)
     }
 }

@@ -10,7 +10,7 @@
 use crate::device::Device;
 use crate::loss::Sketch;
 use crate::models::{Batch, Model};
-use crate::params::{ParamMode, ParamSet};
+use crate::params::ParamSet;
 use crate::{Error, Result};
 use sofo_ad::layout::{split3, tangent_shape};
 use sofo_ad::Dual;
@@ -349,33 +349,7 @@ impl Sofo {
     /// θ ← θ − η Δ (bounded tensors projected back). Nothing is changed if
     /// any new value would be non-finite.
     pub fn apply<T: Float>(&self, params: &mut ParamSet<T>, proposal: &Proposal<T>) -> Result<()> {
-        let lr = T::from_f64(self.config.lr);
-        let mut new = Vec::with_capacity(params.len());
-        for (prm, d) in params.iter().zip(&proposal.step) {
-            let Some(d) = d else {
-                new.push(None);
-                continue;
-            };
-            let mut v = prm.value.clone();
-            v.axpy(-lr, d)?;
-            if let ParamMode::Bounded { lower, upper } = prm.mode {
-                let (lo, hi) = (T::from_f64(lower), T::from_f64(upper));
-                v.data_mut().iter_mut().for_each(|x| *x = x.max(lo).min(hi));
-            }
-            if !v.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "updated parameter `{}`",
-                    prm.name
-                )));
-            }
-            new.push(Some(v));
-        }
-        for (prm, v) in params.iter_mut().zip(new) {
-            if let Some(v) = v {
-                prm.value = v;
-            }
-        }
-        Ok(())
+        params.apply_updates(&proposal.step, T::from_f64(self.config.lr))
     }
 
     /// One full iteration. A non-finite loss, sketch or step leaves the
