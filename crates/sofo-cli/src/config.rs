@@ -3,13 +3,15 @@
 //! `--config` accepts.
 
 use serde::{Deserialize, Serialize};
+use sofo::models::{Activation, RateRnn};
 use sofo::optim::force::ForceConfig;
 use sofo::optim::{
     AdamConfig, Damping, FgdConfig, LearningRate, Schedule, SgdConfig, SofoConfig, TangentKind,
 };
+use sofo::tasks::FlipFlopTask;
 use sofo::{Error, Result};
 
-pub const TASKS: &[&str] = &["lorenz", "sine"];
+pub const TASKS: &[&str] = &["lorenz", "sine", "flipflop"];
 pub const OPTIMIZERS: &[&str] = &["sofo", "adam", "sgd", "fgd", "force"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,6 +41,38 @@ pub struct RunConfig {
     pub schedule: ScheduleSection,
     pub lorenz: LorenzSection,
     pub force: ForceSection,
+    pub flipflop: FlipFlopSection,
+}
+
+/// The b-bit flip-flop (tasks.md §4) with a fully trained rate RNN.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlipFlopSection {
+    pub bits: usize,
+    pub steps: usize,
+    pub pulse_prob: f64,
+    /// units N
+    pub n: usize,
+    /// dt/τ
+    pub alpha: f64,
+    /// tanh | relu | softplus
+    pub activation: String,
+    /// initial recurrent gain g (W ~ N(0, g²/N))
+    pub gain: f64,
+}
+
+impl Default for FlipFlopSection {
+    fn default() -> Self {
+        FlipFlopSection {
+            bits: 3,
+            steps: 200,
+            pulse_prob: 0.02,
+            n: 128,
+            alpha: 0.2,
+            activation: "relu".into(),
+            gain: 0.9,
+        }
+    }
 }
 
 /// FORCE on the sine task (tasks.md §6): a reservoir with a trained readout.
@@ -212,6 +246,7 @@ impl Default for RunConfig {
             schedule: ScheduleSection::default(),
             lorenz: LorenzSection::default(),
             force: ForceSection::default(),
+            flipflop: FlipFlopSection::default(),
         }
     }
 }
@@ -244,6 +279,18 @@ impl Default for LorenzSection {
     }
 }
 
+/// Overlays `top` on `base`, table by table.
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 fn one_of(field: &str, value: &str, allowed: &[&str]) -> Result<()> {
     if allowed.contains(&value) {
         Ok(())
@@ -257,14 +304,51 @@ fn one_of(field: &str, value: &str, allowed: &[&str]) -> Result<()> {
 }
 
 impl RunConfig {
+    /// The built-in defaults of `task`: the Lorenz ones, with what another
+    /// task needs to learn out of the box (its optimiser, learning rate,
+    /// batch, run directory).
+    pub fn defaults_for(task: &str) -> Self {
+        let mut c = RunConfig {
+            task: task.to_string(),
+            out: format!("runs/{task}"),
+            ..RunConfig::default()
+        };
+        match task {
+            "sine" => c.optimizer = "force".into(),
+            "flipflop" => {
+                // relu rate networks diverge at the Lorenz rate (0.5); 0.1 is
+                // the anchors' flip-flop rate (README)
+                c.sofo.lr = 0.1;
+                c.sofo.damping = 1e-3;
+                c.batch = 64;
+                c.test_trials = 256;
+            }
+            _ => {}
+        }
+        c
+    }
+
+    /// A config file over the defaults of the task it names.
     pub fn from_toml(text: &str, source: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| {
+        let bad = |e: String| {
             Error::config(
                 format!("--config {source}"),
                 "",
                 format!("a valid sofo config: {e}"),
             )
-        })
+        };
+        let file: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+        let task = file
+            .get("task")
+            .and_then(|v| v.as_str())
+            .unwrap_or("lorenz");
+        let mut base =
+            toml::Table::try_from(Self::defaults_for(task)).map_err(|e| bad(e.to_string()))?;
+        merge(&mut base, file);
+        base.try_into()
+            .map_err(|e: toml::de::Error| bad(e.to_string()))
     }
 
     pub fn to_toml(&self) -> String {
@@ -312,6 +396,9 @@ impl RunConfig {
                 format!("\"{}\" with task \"{}\"", self.optimizer, self.task),
                 "force for the sine task (a reservoir), and sofo, adam, sgd or fgd for the others",
             ));
+        }
+        if self.task == "flipflop" {
+            self.flipflop()?;
         }
         match self.optimizer.as_str() {
             "force" => self.force_config().map(|_| ())?,
@@ -376,6 +463,44 @@ impl RunConfig {
             return Err(Error::config(field, c, "≥ 0 (0 = no clipping)"));
         }
         Ok((c > 0.0).then_some(c))
+    }
+
+    /// The flip-flop task and its network.
+    pub fn flipflop(&self) -> Result<(FlipFlopTask, RateRnn)> {
+        let f = &self.flipflop;
+        let task = FlipFlopTask {
+            pulse_prob: f.pulse_prob,
+            ..FlipFlopTask::new(f.bits, f.steps)
+        };
+        task.validate()?;
+        let model = RateRnn {
+            n: f.n,
+            inputs: f.bits,
+            outputs: f.bits,
+            alpha: f.alpha,
+            activation: Activation::parse(&f.activation).map_err(|_| {
+                Error::config(
+                    "flipflop.activation",
+                    format!("\"{}\"", f.activation),
+                    "tanh, relu or softplus",
+                )
+            })?,
+            learn_x0: false,
+            gain: f.gain,
+        };
+        model.validate().map_err(|e| match e {
+            Error::Config {
+                field,
+                value,
+                allowed,
+            } => Error::Config {
+                field: field.replace("model.", "flipflop."),
+                value,
+                allowed,
+            },
+            e => e,
+        })?;
+        Ok((task, model))
     }
 
     pub fn force_config(&self) -> Result<ForceConfig> {

@@ -7,11 +7,11 @@ mod plot;
 use clap::{Args, Parser, Subcommand};
 use config::RunConfig;
 use indicatif::{ProgressBar, ProgressStyle};
-use sofo::models::{LorenzModel, Model};
+use sofo::models::{record_outputs, LorenzModel, Model, RateRnn};
 use sofo::optim::Sofo;
 use sofo::optim::{Adam, Fgd, Optimizer, Sgd};
 use sofo::params::ParamSet;
-use sofo::tasks::{LorenzData, LorenzTask, Task};
+use sofo::tasks::{correct_bits, FlipFlopTask, LorenzData, LorenzTask, Task};
 use sofo::train::{train, MetricsRow, TrainOptions};
 use sofo::{Error, Result};
 use std::path::PathBuf;
@@ -127,16 +127,10 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
             })?;
             RunConfig::from_toml(&text, &p.display().to_string())?
         }
-        None => RunConfig::default(),
+        None => RunConfig::defaults_for(a.task.as_deref().unwrap_or("lorenz")),
     };
     if let Some(v) = &a.task {
         c.task = v.clone();
-        if v == "sine" && a.optimizer.is_none() && a.config.is_none() {
-            c.optimizer = "force".into();
-        }
-        if a.out.is_none() && a.config.is_none() {
-            c.out = format!("runs/{v}");
-        }
     }
     if let Some(v) = &a.optimizer {
         c.optimizer = v.clone();
@@ -195,46 +189,84 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
         return run_force(cfg, &out, quiet);
     }
 
-    let l = &cfg.lorenz;
-    let task = LorenzTask {
-        data: LorenzData::generate(l.data_seed, l.train_bouts, l.test_bouts, l.bout_len, l.dt)?,
-    };
-    let model = LorenzModel { hidden: l.hidden };
-    let params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
     let device = sofo::Device::open(&cfg.device)?;
-    let p = params.trainable_count();
-    let k = match cfg.optimizer.as_str() {
-        "sofo" => Some(("sofo.tangents", cfg.sofo.tangents)),
-        "fgd" => Some(("fgd.tangents", cfg.fgd.tangents)),
-        _ => None,
-    };
-    if let Some((field, k)) = k {
-        if k > p {
-            return Err(Error::config(field, k, format!("K ≤ P = {p}")));
-        }
-    }
     let run = Run {
         cfg,
         quiet,
         out,
-        device: device.clone(),
+        device,
     };
-    match cfg.optimizer.as_str() {
-        "sofo" => run.go(
-            &model,
-            &task,
-            params,
-            Sofo::new(cfg.sofo_config()?)?.on(device),
-        ),
-        "adam" => run.go(&model, &task, params, Adam::<f32>::new(cfg.adam_config()?)?),
-        "sgd" => run.go(&model, &task, params, Sgd::<f32>::new(cfg.sgd_config()?)?),
-        _ => run.go(
-            &model,
-            &task,
-            params,
-            Fgd::new(cfg.fgd_config()?)?.on(device),
-        ),
+    match cfg.task.as_str() {
+        "flipflop" => {
+            let (task, model) = cfg.flipflop()?;
+            let params = Model::<f32>::init(&model, cfg.seed)?;
+            let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            flipflop_report(&model, &task, &params, &run.out)?;
+            Ok(rows)
+        }
+        _ => {
+            let l = &cfg.lorenz;
+            let task = LorenzTask {
+                data: LorenzData::generate(
+                    l.data_seed,
+                    l.train_bouts,
+                    l.test_bouts,
+                    l.bout_len,
+                    l.dt,
+                )?,
+            };
+            let model = LorenzModel { hidden: l.hidden };
+            let params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
+            Ok(run.with_optimizer(&model, &task, params)?.0)
+        }
     }
+}
+
+/// The flip-flop's metric and picture on fresh held-out trials: the share
+/// of correct bits, and outputs against targets for one trial.
+fn flipflop_report(
+    model: &RateRnn,
+    task: &FlipFlopTask,
+    params: &ParamSet<f32>,
+    out: &std::path::Path,
+) -> Result<()> {
+    let test = Task::<f32>::test_batch(task, 256)?;
+    let ys = record_outputs(model, params, &test)?;
+    let outputs: Vec<f64> = ys.iter().flat_map(|y| y.to_f64_vec()).collect();
+    let targets = test.targets.to_f64_vec();
+    let share = correct_bits(&outputs, &targets);
+    let (m, b) = (test.trials, task.bits);
+    let channel =
+        |v: &[f64], c: usize| -> Vec<f64> { (0..task.steps).map(|t| v[(t * m) * b + c]).collect() };
+    let inputs = test
+        .inputs
+        .as_ref()
+        .map(|u| u.to_f64_vec())
+        .unwrap_or_default();
+    let traces: Vec<plot::Trace> = (0..b)
+        .map(|c| plot::Trace {
+            label: format!("bit {}", c + 1),
+            lines: vec![
+                ("input".into(), channel(&inputs, c)),
+                ("target".into(), channel(&targets, c)),
+                ("output".into(), channel(&outputs, c)),
+            ],
+        })
+        .collect();
+    plot::traces(
+        &out.join("flipflop.png"),
+        &format!(
+            "flip-flop, held-out trial 1: {:.1} % of bits correct over 256 trials",
+            100.0 * share
+        ),
+        &traces,
+    )?;
+    eprintln!(
+        "flip-flop: {:.2} % of bits correct on 256 held-out trials; wrote {}/flipflop.png",
+        100.0 * share,
+        out.display()
+    );
+    Ok(())
 }
 
 /// FORCE on the sine task: one metrics row per period of the target (the
@@ -398,13 +430,41 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Trains with the optimiser the config names.
+    fn with_optimizer<M: Model<f32>, K: Task<f32>>(
+        &self,
+        model: &M,
+        task: &K,
+        params: ParamSet<f32>,
+    ) -> Result<(Vec<MetricsRow>, ParamSet<f32>)> {
+        let cfg = self.cfg;
+        let p = params.trainable_count();
+        let k = match cfg.optimizer.as_str() {
+            "sofo" => Some(("sofo.tangents", cfg.sofo.tangents)),
+            "fgd" => Some(("fgd.tangents", cfg.fgd.tangents)),
+            _ => None,
+        };
+        if let Some((field, k)) = k {
+            if k > p {
+                return Err(Error::config(field, k, format!("K ≤ P = {p}")));
+            }
+        }
+        let d = self.device.clone();
+        match cfg.optimizer.as_str() {
+            "sofo" => self.go(model, task, params, Sofo::new(cfg.sofo_config()?)?.on(d)),
+            "adam" => self.go(model, task, params, Adam::<f32>::new(cfg.adam_config()?)?),
+            "sgd" => self.go(model, task, params, Sgd::<f32>::new(cfg.sgd_config()?)?),
+            _ => self.go(model, task, params, Fgd::new(cfg.fgd_config()?)?.on(d)),
+        }
+    }
+
     fn go<M: Model<f32>, K: Task<f32>, O: Optimizer<f32>>(
         &self,
         model: &M,
         task: &K,
         mut params: ParamSet<f32>,
         mut opt: O,
-    ) -> Result<Vec<MetricsRow>> {
+    ) -> Result<(Vec<MetricsRow>, ParamSet<f32>)> {
         let cfg = self.cfg;
         let threads = sofo_tensor::parallel::threads();
         eprintln!(
@@ -482,7 +542,7 @@ impl Run<'_> {
             "wrote {}/config.toml, metrics.csv, weights.safetensors",
             self.out.display()
         );
-        Ok(rows)
+        Ok((rows, params))
     }
 }
 
@@ -501,6 +561,12 @@ fn tasks() {
         d.sofo.lr,
         d.sofo.damping,
         d.iterations
+    );
+    let f = RunConfig::defaults_for("flipflop");
+    println!("flipflop  b-bit flip-flop with a fully trained rate RNN, tasks.md §4 (metric: share of correct bits; picture flipflop.png)");
+    println!(
+        "        optimizers sofo (default), adam, sgd, fgd; defaults: bits {}, T {}, N {}, {}, α {}, batch {}, K {}, lr {}, damping {:e}",
+        f.flipflop.bits, f.flipflop.steps, f.flipflop.n, f.flipflop.activation, f.flipflop.alpha, f.batch, f.sofo.tangents, f.sofo.lr, f.sofo.damping
     );
     println!("sine    FORCE sine-wave generation by a reservoir, tasks.md §6");
     println!(

@@ -97,3 +97,64 @@ pub fn loss_curves(path: &Path, title: &str, runs: &[(String, Vec<MetricsRow>)])
     root.present().map_err(plot_err)?;
     Ok(())
 }
+
+/// One panel of time series: a label and named lines over steps.
+pub struct Trace {
+    pub label: String,
+    pub lines: Vec<(String, Vec<f64>)>,
+}
+
+/// Writes `path`: one panel per trace, stacked, lines against time step.
+pub fn traces(path: &Path, title: &str, panels: &[Trace]) -> Result<()> {
+    let _ = register_font("sans-serif", FontStyle::Normal, FONT);
+    let h = 60 + 220 * panels.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (1200, h)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let root = root.titled(title, ("sans-serif", 20)).map_err(plot_err)?;
+    for (area, p) in root
+        .split_evenly((panels.len().max(1), 1))
+        .iter()
+        .zip(panels)
+    {
+        let n = p.lines.iter().map(|(_, v)| v.len()).max().unwrap_or(1);
+        let (lo, hi) = p
+            .lines
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .filter(|v| v.is_finite())
+            .fold((-1.2f64, 1.2f64), |(a, b), v| (a.min(v), b.max(v)));
+        let mut chart = ChartBuilder::on(area)
+            .margin(10)
+            .caption(&p.label, ("sans-serif", 16))
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..n as f64, lo..hi)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(plot_err)?;
+        for (i, (name, v)) in p.lines.iter().enumerate() {
+            let c = COLORS[i % COLORS.len()];
+            let pts: Vec<(f64, f64)> = v.iter().enumerate().map(|(t, &y)| (t as f64, y)).collect();
+            chart
+                .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(plot_err)?;
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}

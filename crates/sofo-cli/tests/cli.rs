@@ -317,3 +317,48 @@ fn baselines_train_from_the_cli() {
     let o = sofo(&["train", "--optimizer", "adam", "--lr", "0"]);
     assert!(stderr(&o).contains("adam.lr"), "{}", stderr(&o));
 }
+
+#[test]
+fn flipflop_trains_reports_and_draws() {
+    let dir = tmp("flipflop");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("ff.toml");
+    // a config naming the task starts from that task's defaults (lr 0.1 here)
+    std::fs::write(&cfg, "task = \"flipflop\"\niterations = 30\nbatch = 16\nthreads = 1\n[sofo]\ntangents = 32\n[flipflop]\nn = 32\nsteps = 60\nbits = 2\n").unwrap();
+    let out = dir.join("run");
+    let o = sofo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(resolved.contains("lr = 0.1\n"), "{resolved}");
+    let e = stderr(&o);
+    let share: f64 = e
+        .split("flip-flop: ")
+        .nth(1)
+        .and_then(|r| r.split(" %").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric in {e}"));
+    assert!((0.0..=100.0).contains(&share));
+    assert_eq!(
+        &std::fs::read(out.join("flipflop.png")).unwrap()[1..4],
+        b"PNG"
+    );
+    // bad task settings name the field
+    std::fs::write(
+        &cfg,
+        "task = \"flipflop\"\n[flipflop]\nactivation = \"gelu\"\n",
+    )
+    .unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("flipflop.activation") && stderr(&o).contains("gelu"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -296,3 +296,37 @@ impl<T: Float> Observer<T, Rev<T>> for GradientSeeds<T> {
         Ok(())
     }
 }
+
+/// The model's outputs at every observed step, [T_obs, M, O] flattened in
+/// step order (primal evaluation on the CPU): for task metrics and pictures.
+pub fn record_outputs<T: Float, M: Model<T>>(
+    model: &M,
+    params: &ParamSet<T>,
+    batch: &Batch<T>,
+) -> Result<Vec<Tensor<T>>> {
+    let mut e = Fwd::primal();
+    let duals: Vec<Dual<T>> = params
+        .iter()
+        .map(|p| Dual::constant(p.value.clone()))
+        .collect();
+    let prepared = model.prepare(&mut e, &duals)?;
+    let mut rec = Recorder { outputs: vec![] };
+    model.run(&mut e, &prepared, &batch.all(), &mut rec)?;
+    Ok(rec.outputs)
+}
+
+struct Recorder<T: Float> {
+    outputs: Vec<Tensor<T>>,
+}
+
+impl<T: Float> Observer<T, Fwd> for Recorder<T> {
+    fn observe(
+        &mut self,
+        _e: &mut Fwd,
+        y: &Dual<T>,
+        _loss: &dyn crate::loss::LittleLoss<T>,
+    ) -> Result<()> {
+        self.outputs.push(y.primal.clone());
+        Ok(())
+    }
+}

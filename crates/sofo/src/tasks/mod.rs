@@ -1,8 +1,10 @@
 //! Seeded trial generators.
 
+mod flipflop;
 mod lorenz;
 pub mod sine;
 
+pub use flipflop::{correct_bits, FlipFlopTask};
 pub use lorenz::{LorenzData, LorenzTask};
 
 use crate::models::Batch;
