@@ -8,10 +8,10 @@ use sofo::optim::force::ForceConfig;
 use sofo::optim::{
     AdamConfig, Damping, FgdConfig, LearningRate, Schedule, SgdConfig, SofoConfig, TangentKind,
 };
-use sofo::tasks::FlipFlopTask;
+use sofo::tasks::{AdditionTask, FlipFlopTask};
 use sofo::{Error, Result};
 
-pub const TASKS: &[&str] = &["lorenz", "sine", "flipflop"];
+pub const TASKS: &[&str] = &["lorenz", "sine", "flipflop", "addition"];
 pub const OPTIMIZERS: &[&str] = &["sofo", "adam", "sgd", "fgd", "force"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -42,6 +42,34 @@ pub struct RunConfig {
     pub lorenz: LorenzSection,
     pub force: ForceSection,
     pub flipflop: FlipFlopSection,
+    pub addition: AdditionSection,
+}
+
+/// Delayed addition (tasks.md §5) with a rate RNN.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdditionSection {
+    pub steps: usize,
+    /// units N
+    pub n: usize,
+    /// dt/τ (the leak)
+    pub alpha: f64,
+    /// tanh | relu | softplus
+    pub activation: String,
+    /// initial recurrent gain g
+    pub gain: f64,
+}
+
+impl Default for AdditionSection {
+    fn default() -> Self {
+        AdditionSection {
+            steps: 1000,
+            n: 128,
+            alpha: 0.25,
+            activation: "relu".into(),
+            gain: 0.9,
+        }
+    }
 }
 
 /// The b-bit flip-flop (tasks.md §4) with a fully trained rate RNN.
@@ -247,6 +275,7 @@ impl Default for RunConfig {
             lorenz: LorenzSection::default(),
             force: ForceSection::default(),
             flipflop: FlipFlopSection::default(),
+            addition: AdditionSection::default(),
         }
     }
 }
@@ -277,6 +306,46 @@ impl Default for LorenzSection {
             data_seed: 1,
         }
     }
+}
+
+/// A rate RNN from a task section; errors name `section.field`.
+fn rate_rnn(
+    section: &str,
+    n: usize,
+    inputs: usize,
+    outputs: usize,
+    alpha: f64,
+    activation: &str,
+    gain: f64,
+) -> Result<RateRnn> {
+    let model = RateRnn {
+        n,
+        inputs,
+        outputs,
+        alpha,
+        activation: Activation::parse(activation).map_err(|_| {
+            Error::config(
+                format!("{section}.activation"),
+                format!("\"{activation}\""),
+                "tanh, relu or softplus",
+            )
+        })?,
+        learn_x0: false,
+        gain,
+    };
+    model.validate().map_err(|e| match e {
+        Error::Config {
+            field,
+            value,
+            allowed,
+        } => Error::Config {
+            field: field.replace("model.", &format!("{section}.")),
+            value,
+            allowed,
+        },
+        e => e,
+    })?;
+    Ok(model)
 }
 
 /// Overlays `top` on `base`, table by table.
@@ -315,6 +384,12 @@ impl RunConfig {
         };
         match task {
             "sine" => c.optimizer = "force".into(),
+            "addition" => {
+                // tasks.md §5: K 128, lr 0.1, damping 1e-5, batch 256
+                c.sofo.lr = 0.1;
+                c.batch = 256;
+                c.test_trials = 256;
+            }
             "flipflop" => {
                 // relu rate networks diverge at the Lorenz rate (0.5); 0.1 is
                 // the anchors' flip-flop rate (README)
@@ -397,8 +472,10 @@ impl RunConfig {
                 "force for the sine task (a reservoir), and sofo, adam, sgd or fgd for the others",
             ));
         }
-        if self.task == "flipflop" {
-            self.flipflop()?;
+        match self.task.as_str() {
+            "flipflop" => self.flipflop().map(|_| ())?,
+            "addition" => self.addition().map(|_| ())?,
+            _ => {}
         }
         match self.optimizer.as_str() {
             "force" => self.force_config().map(|_| ())?,
@@ -473,33 +550,24 @@ impl RunConfig {
             ..FlipFlopTask::new(f.bits, f.steps)
         };
         task.validate()?;
-        let model = RateRnn {
-            n: f.n,
-            inputs: f.bits,
-            outputs: f.bits,
-            alpha: f.alpha,
-            activation: Activation::parse(&f.activation).map_err(|_| {
-                Error::config(
-                    "flipflop.activation",
-                    format!("\"{}\"", f.activation),
-                    "tanh, relu or softplus",
-                )
-            })?,
-            learn_x0: false,
-            gain: f.gain,
-        };
-        model.validate().map_err(|e| match e {
-            Error::Config {
-                field,
-                value,
-                allowed,
-            } => Error::Config {
-                field: field.replace("model.", "flipflop."),
-                value,
-                allowed,
-            },
-            e => e,
-        })?;
+        let model = rate_rnn(
+            "flipflop",
+            f.n,
+            f.bits,
+            f.bits,
+            f.alpha,
+            &f.activation,
+            f.gain,
+        )?;
+        Ok((task, model))
+    }
+
+    /// The delayed-addition task and its network.
+    pub fn addition(&self) -> Result<(AdditionTask, RateRnn)> {
+        let a = &self.addition;
+        let task = AdditionTask::new(a.steps);
+        task.validate()?;
+        let model = rate_rnn("addition", a.n, 2, 1, a.alpha, &a.activation, a.gain)?;
         Ok((task, model))
     }
 

@@ -158,3 +158,57 @@ pub fn traces(path: &Path, title: &str, panels: &[Trace]) -> Result<()> {
     root.present().map_err(plot_err)?;
     Ok(())
 }
+
+/// Writes `path`: points (x, y) with the diagonal y = x.
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    pts: &[(f64, f64)],
+) -> Result<()> {
+    let _ = register_font("sans-serif", FontStyle::Normal, FONT);
+    let finite: Vec<(f64, f64)> = pts
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    let (lo, hi) = finite
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &(x, y)| {
+            (a.min(x).min(y), b.max(x).max(y))
+        });
+    let (lo, hi) = if lo < hi {
+        (lo - 0.05, hi + 0.05)
+    } else {
+        (-1.0, 1.0)
+    };
+    let root = BitMapBackend::new(path, (700, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(lo..hi, lo..hi)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(vec![(lo, lo), (hi, hi)], BLACK.mix(0.4)))
+        .map_err(plot_err)?;
+    chart
+        .draw_series(
+            finite
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 3, COLORS[0].filled())),
+        )
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}

@@ -362,3 +362,34 @@ fn flipflop_trains_reports_and_draws() {
         stderr(&o)
     );
 }
+
+#[test]
+fn addition_trains_reports_and_draws() {
+    let dir = tmp("addition");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("a.toml");
+    std::fs::write(&cfg, "task = \"addition\"\niterations = 5\nbatch = 16\nthreads = 1\ntest_trials = 32\n[sofo]\ntangents = 16\n[addition]\nsteps = 30\nn = 16\n").unwrap();
+    let out = dir.join("run");
+    let o = sofo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("addition: MSE"), "{}", stderr(&o));
+    assert_eq!(
+        &std::fs::read(out.join("addition.png")).unwrap()[1..4],
+        b"PNG"
+    );
+    let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("batch = 16") && resolved.contains("steps = 30"),
+        "{resolved}"
+    );
+    std::fs::write(&cfg, "task = \"addition\"\n[addition]\nsteps = 10\n").unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(stderr(&o).contains("addition.steps"), "{}", stderr(&o));
+}

@@ -1,9 +1,11 @@
 //! Seeded trial generators.
 
+mod addition;
 mod flipflop;
 mod lorenz;
 pub mod sine;
 
+pub use addition::AdditionTask;
 pub use flipflop::{correct_bits, FlipFlopTask};
 pub use lorenz::{LorenzData, LorenzTask};
 
