@@ -37,10 +37,23 @@ enum Command {
     /// Train several optimisers from the same initial weights on the same
     /// batches; plot and tabulate their losses.
     Compare(CompareArgs),
+    /// Re-evaluate a run's saved weights on held-out trials.
+    Eval(EvalArgs),
     /// Seconds per SOFO iteration and GFLOP/s on fixed configurations.
     Bench(bench::BenchArgs),
     /// List the tasks with their defaults.
     Tasks,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A run directory (config.toml and weights.safetensors).
+    #[arg(long, value_name = "DIR")]
+    run: PathBuf,
+    /// Seed of fresh held-out trials (flip-flop, addition); default: the
+    /// task's own test set.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
 }
 
 #[derive(Args)]
@@ -394,6 +407,84 @@ fn run_force(cfg: &RunConfig, out: &std::path::Path, quiet: bool) -> Result<Vec<
     Ok(rows)
 }
 
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let cfg_path = a.run.join("config.toml");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        Error::config(
+            "--run",
+            a.run.display(),
+            format!("a run directory with config.toml ({e})"),
+        )
+    })?;
+    let cfg = RunConfig::from_toml(&text, &cfg_path.display().to_string())?;
+    cfg.validate()?;
+    let weights = a.run.join("weights.safetensors");
+    let out = a.run.join("eval");
+    std::fs::create_dir_all(&out)?;
+    match cfg.task.as_str() {
+        "sine" => {
+            use sofo::optim::force::Force;
+            use sofo::tasks::sine::{sine_targets, sine_variance, PERIOD};
+            let fc = cfg.force_config()?;
+            let mut net = Force::new(fc.clone(), 1)?;
+            let w = sofo::checkpoint::load::<f64>(&weights)?;
+            let readout = w.iter().find(|(n, _)| n == "W").ok_or_else(|| {
+                Error::Checkpoint(format!("{}: no tensor `W`", weights.display()))
+            })?;
+            net.set_readout(readout.1.data())?;
+            let steps = (PERIOD / fc.dt).round() as usize;
+            // let the network settle onto its own output first, then score
+            net.run(steps, None)?;
+            let t = sine_targets(net.time(), steps * cfg.force.test_periods, fc.dt);
+            let mse = net.test(&t, None)?.mean_mse();
+            println!(
+                "sine: test MSE with learning off {mse:.4e} ({:.2e} of the target's variance)",
+                mse / sine_variance()
+            );
+        }
+        "flipflop" => {
+            let (mut task, model) = cfg.flipflop()?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            sofo::checkpoint::load_into(&mut params, &weights)?;
+            if let Some(s) = a.seed {
+                task.test_seed = s;
+            }
+            flipflop_report(&model, &task, &params, &out)?;
+        }
+        "addition" => {
+            let (mut task, model) = cfg.addition()?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            sofo::checkpoint::load_into(&mut params, &weights)?;
+            if let Some(s) = a.seed {
+                task.test_seed = s;
+            }
+            addition_report(&model, &task, &params, &out)?;
+        }
+        _ => {
+            let l = &cfg.lorenz;
+            let task = LorenzTask {
+                data: LorenzData::generate(
+                    l.data_seed,
+                    l.train_bouts,
+                    l.test_bouts,
+                    l.bout_len,
+                    l.dt,
+                )?,
+            };
+            let model = LorenzModel { hidden: l.hidden };
+            let mut params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
+            sofo::checkpoint::load_into(&mut params, &weights)?;
+            let test = Task::<f32>::test_batch(&task, cfg.test_trials)?;
+            let loss = sofo::train::evaluate(&model, &params, &test)?;
+            println!(
+                "lorenz: endpoint MSE on {} held-out bouts {loss:.4e}",
+                test.trials
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run_compare(a: CompareArgs) -> Result<()> {
     let base = resolve(&TrainArgs {
         task: a.task.clone(),
@@ -637,6 +728,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Train(a) => run_train(a),
         Command::Compare(a) => run_compare(a),
+        Command::Eval(a) => run_eval(a),
         Command::Bench(a) => bench::run(a),
         Command::Tasks => {
             tasks();
