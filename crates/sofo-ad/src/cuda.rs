@@ -36,6 +36,7 @@ pub struct CudaFwd {
 fn code(op: Unary) -> (UnaryCode, f32) {
     match op {
         Unary::Neg => (UnaryCode::Neg, 0.0),
+        Unary::Abs => (UnaryCode::Abs, 0.0),
         Unary::Exp => (UnaryCode::Exp, 0.0),
         Unary::Log => (UnaryCode::Log, 0.0),
         Unary::Tanh => (UnaryCode::Tanh, 0.0),

@@ -4,6 +4,7 @@ use sofo_tensor::{Float, Result, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Unary {
     Neg,
+    Abs,
     Exp,
     Log,
     Tanh,
@@ -20,6 +21,7 @@ impl Unary {
     pub fn apply<T: Float>(self, x: T) -> T {
         match self {
             Unary::Neg => -x,
+            Unary::Abs => x.abs(),
             Unary::Exp => x.exp(),
             Unary::Log => x.ln(),
             Unary::Tanh => x.tanh(),
@@ -41,6 +43,16 @@ impl Unary {
         let two = T::from_f64(2.0);
         match self {
             Unary::Neg => -T::one(),
+            // the subgradient 0 at x = 0
+            Unary::Abs => {
+                if x > T::zero() {
+                    T::one()
+                } else if x < T::zero() {
+                    -T::one()
+                } else {
+                    T::zero()
+                }
+            }
             Unary::Exp => y,
             Unary::Log => T::one() / x,
             Unary::Tanh => T::one() - y * y,
@@ -140,6 +152,9 @@ pub trait Ops<T: Float> {
     // Conveniences, all in terms of the ops above.
     fn neg(&mut self, x: &Self::V) -> Result<Self::V> {
         self.unary(x, Unary::Neg)
+    }
+    fn abs(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Abs)
     }
     fn exp(&mut self, x: &Self::V) -> Result<Self::V> {
         self.unary(x, Unary::Exp)

@@ -452,8 +452,9 @@ fn layout_round_trips() {
 // ---------------------------------------------------------------------------
 // Elementwise ops.
 
-const UNARY_OPS: [(Unary, Dist); 11] = [
+const UNARY_OPS: [(Unary, Dist); 12] = [
     (Unary::Neg, N1),
+    (Unary::Abs, Dist::AwayFromZero(0.1)),
     (Unary::Exp, N1),
     (Unary::Log, Dist::Uniform(0.3, 3.0)),
     (Unary::Tanh, Dist::Normal(1.5)),

@@ -47,6 +47,7 @@ extern "C" __global__ void unary_fwd(const float* x, float* y, float* d, long lo
             case 7: o = v * v; g = 2.f * v; break;
             case 8: o = sqrtf(v); g = 0.5f / o; break;
             case 9: o = v + s; g = 1.f; break;
+            case 11: o = fabsf(v); g = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f); break;
             default: o = v * s; g = s; break;
         }
         y[i] = o;
@@ -204,6 +205,7 @@ pub enum UnaryCode {
     Sqrt = 8,
     AddScalar = 9,
     MulScalar = 10,
+    Abs = 11,
 }
 
 struct Kernels {

@@ -79,6 +79,7 @@ fn every_op_agrees_with_the_cpu() {
     };
     for op in [
         Unary::Neg,
+        Unary::Abs,
         Unary::Exp,
         Unary::Log,
         Unary::Tanh,

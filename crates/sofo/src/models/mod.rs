@@ -1,8 +1,10 @@
 //! Models, each written once against the op vocabulary [`Ops`].
 
+mod constrained;
 mod lorenz;
 mod rate_rnn;
 
+pub use constrained::{ConstrainedRnn, Constraints};
 pub use lorenz::LorenzModel;
 pub use rate_rnn::{Activation, RateRnn};
 
