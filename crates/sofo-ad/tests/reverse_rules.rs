@@ -90,7 +90,9 @@ fn check(case: Case, shapes: &[&[usize]], seed: u64) {
             let t = randn(s, seed * 31 + i as u64);
             match case {
                 Case::Unary(Unary::Log) | Case::Unary(Unary::Sqrt) => t.map(|v| v.abs() + 0.5),
-                Case::Unary(Unary::Relu) | Case::Unary(Unary::Abs) => t.map(|v| if v.abs() < 0.1 { v + 0.3 } else { v }),
+                Case::Unary(Unary::Relu) | Case::Unary(Unary::Abs) => {
+                    t.map(|v| if v.abs() < 0.1 { v + 0.3 } else { v })
+                }
                 Case::Binary(Binary::Div) if i == 1 => t.map(|v| v.signum() * (v.abs() + 0.5)),
                 _ => t,
             }

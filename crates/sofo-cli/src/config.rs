@@ -3,7 +3,7 @@
 //! `--config` accepts.
 
 use serde::{Deserialize, Serialize};
-use sofo::models::{Activation, RateRnn};
+use sofo::models::{Activation, ConstrainedRnn, Constraints, RateRnn};
 use sofo::optim::force::ForceConfig;
 use sofo::optim::{
     AdamConfig, Damping, FgdConfig, LearningRate, Schedule, SgdConfig, SofoConfig, TangentKind,
@@ -43,6 +43,35 @@ pub struct RunConfig {
     pub force: ForceSection,
     pub flipflop: FlipFlopSection,
     pub addition: AdditionSection,
+    /// Biological constraints of the rate RNN (flipflop, addition).
+    pub constraints: ConstraintsSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConstraintsSection {
+    /// Dale's law on W: W = |W̃|·diag(s)
+    pub dale: bool,
+    /// share of excitatory units under Dale's law
+    pub excitatory: f64,
+    /// Dale's law on the readout C too
+    pub dale_readout: bool,
+    /// connection probability of W (a fixed random mask; 1 = dense)
+    pub density: f64,
+    /// self-connections allowed
+    pub autapses: bool,
+}
+
+impl Default for ConstraintsSection {
+    fn default() -> Self {
+        ConstraintsSection {
+            dale: false,
+            excitatory: 0.8,
+            dale_readout: false,
+            density: 1.0,
+            autapses: true,
+        }
+    }
 }
 
 /// Delayed addition (tasks.md §5) with a rate RNN.
@@ -276,6 +305,7 @@ impl Default for RunConfig {
             force: ForceSection::default(),
             flipflop: FlipFlopSection::default(),
             addition: AdditionSection::default(),
+            constraints: ConstraintsSection::default(),
         }
     }
 }
@@ -473,8 +503,8 @@ impl RunConfig {
             ));
         }
         match self.task.as_str() {
-            "flipflop" => self.flipflop().map(|_| ())?,
-            "addition" => self.addition().map(|_| ())?,
+            "flipflop" => self.constrained(self.flipflop()?.1).map(|_| ())?,
+            "addition" => self.constrained(self.addition()?.1).map(|_| ())?,
             _ => {}
         }
         match self.optimizer.as_str() {
@@ -540,6 +570,21 @@ impl RunConfig {
             return Err(Error::config(field, c, "≥ 0 (0 = no clipping)"));
         }
         Ok((c > 0.0).then_some(c))
+    }
+
+    /// The rate RNN under the configured constraints.
+    pub fn constrained(&self, rnn: RateRnn) -> Result<ConstrainedRnn> {
+        let c = &self.constraints;
+        let n = rnn.n;
+        let cons = Constraints::generate(
+            n,
+            c.dale.then_some(c.excitatory),
+            c.dale_readout,
+            c.density,
+            c.autapses,
+            self.seed,
+        )?;
+        ConstrainedRnn::new(rnn, cons)
     }
 
     /// The flip-flop task and its network.

@@ -7,7 +7,7 @@ mod plot;
 use clap::{Args, Parser, Subcommand};
 use config::RunConfig;
 use indicatif::{ProgressBar, ProgressStyle};
-use sofo::models::{record_outputs, LorenzModel, Model, RateRnn};
+use sofo::models::{record_outputs, ConstrainedRnn, LorenzModel, Model};
 use sofo::optim::Sofo;
 use sofo::optim::{Adam, Fgd, Optimizer, Sgd};
 use sofo::params::ParamSet;
@@ -211,16 +211,20 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
     };
     match cfg.task.as_str() {
         "addition" => {
-            let (task, model) = cfg.addition()?;
+            let (task, rnn) = cfg.addition()?;
+            let model = cfg.constrained(rnn)?;
             let params = Model::<f32>::init(&model, cfg.seed)?;
             let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            save_effective(&model, &params, &run.out)?;
             addition_report(&model, &task, &params, &run.out)?;
             Ok(rows)
         }
         "flipflop" => {
-            let (task, model) = cfg.flipflop()?;
+            let (task, rnn) = cfg.flipflop()?;
+            let model = cfg.constrained(rnn)?;
             let params = Model::<f32>::init(&model, cfg.seed)?;
             let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            save_effective(&model, &params, &run.out)?;
             flipflop_report(&model, &task, &params, &run.out)?;
             Ok(rows)
         }
@@ -242,10 +246,33 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
     }
 }
 
+/// Under constraints, the weights the network uses go beside the raw ones.
+fn save_effective(
+    model: &ConstrainedRnn,
+    params: &ParamSet<f32>,
+    out: &std::path::Path,
+) -> Result<()> {
+    let c = &model.constraints;
+    if c.dale.is_none() && c.mask_w.is_none() && c.mask_b.is_none() && c.mask_c.is_none() {
+        return Ok(());
+    }
+    let eff = model.effective_weights(params)?;
+    let set = ParamSet::new(
+        eff.into_iter()
+            .map(|(name, value)| sofo::params::Param {
+                name,
+                value,
+                mode: sofo::params::ParamMode::Pinned,
+            })
+            .collect(),
+    );
+    sofo::checkpoint::save(&set, &out.join("weights_effective.safetensors"))
+}
+
 /// Delayed addition's metric and picture on held-out trials: the MSE of
 /// the reported sums, the share within 0.04, and predicted against true.
 fn addition_report(
-    model: &RateRnn,
+    model: &ConstrainedRnn,
     task: &AdditionTask,
     params: &ParamSet<f32>,
     out: &std::path::Path,
@@ -289,7 +316,7 @@ fn addition_report(
 /// The flip-flop's metric and picture on fresh held-out trials: the share
 /// of correct bits, and outputs against targets for one trial.
 fn flipflop_report(
-    model: &RateRnn,
+    model: &ConstrainedRnn,
     task: &FlipFlopTask,
     params: &ParamSet<f32>,
     out: &std::path::Path,
@@ -443,7 +470,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             );
         }
         "flipflop" => {
-            let (mut task, model) = cfg.flipflop()?;
+            let (mut task, rnn) = cfg.flipflop()?;
+            let model = cfg.constrained(rnn)?;
             let mut params = Model::<f32>::init(&model, cfg.seed)?;
             sofo::checkpoint::load_into(&mut params, &weights)?;
             if let Some(s) = a.seed {
@@ -452,7 +480,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             flipflop_report(&model, &task, &params, &out)?;
         }
         "addition" => {
-            let (mut task, model) = cfg.addition()?;
+            let (mut task, rnn) = cfg.addition()?;
+            let model = cfg.constrained(rnn)?;
             let mut params = Model::<f32>::init(&model, cfg.seed)?;
             sofo::checkpoint::load_into(&mut params, &weights)?;
             if let Some(s) = a.seed {

@@ -393,3 +393,47 @@ fn addition_trains_reports_and_draws() {
     let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(stderr(&o).contains("addition.steps"), "{}", stderr(&o));
 }
+
+#[test]
+fn constrained_flipflop_writes_effective_weights_that_obey_dale_and_the_mask() {
+    let dir = tmp("dale");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("d.toml");
+    std::fs::write(
+        &cfg,
+        "task = \"flipflop\"\niterations = 5\nbatch = 8\nthreads = 1\n[sofo]\ntangents = 16\n[flipflop]\nn = 20\nsteps = 40\n[constraints]\ndale = true\nexcitatory = 0.75\ndensity = 0.5\nautapses = false\n",
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let o = sofo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eff = sofo::checkpoint::load::<f32>(&out.join("weights_effective.safetensors")).unwrap();
+    let w = &eff.iter().find(|(n, _)| n == "W").unwrap().1;
+    let n = 20;
+    let mut zeros = 0;
+    for (k, &v) in w.data().iter().enumerate() {
+        let excitatory = k % n < 15;
+        assert!(
+            if excitatory { v >= 0.0 } else { v <= 0.0 },
+            "W[{},{}] = {v}",
+            k / n,
+            k % n
+        );
+        zeros += (v == 0.0) as usize;
+        if k / n == k % n {
+            assert_eq!(v, 0.0);
+        }
+    }
+    // about half of the 380 off-diagonal entries are masked out
+    assert!((140..=260).contains(&(zeros - n)), "{zeros} zeros");
+    std::fs::write(&cfg, "task = \"flipflop\"\n[constraints]\ndensity = 0\n").unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(stderr(&o).contains("constraints.density"), "{}", stderr(&o));
+}

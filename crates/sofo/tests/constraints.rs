@@ -62,16 +62,27 @@ fn check_constraints(m: &ConstrainedRnn, params: &sofo::params::ParamSet<f64>, w
         if mask[k] == 0.0 {
             assert_eq!(v, 0.0, "{what}: masked W[{},{}] = {v}", k / n, k % n);
         } else {
-            assert!(v * signs[k % n] >= 0.0, "{what}: W[{},{}] = {v} against Dale", k / n, k % n);
+            assert!(
+                v * signs[k % n] >= 0.0,
+                "{what}: W[{},{}] = {v} against Dale",
+                k / n,
+                k % n
+            );
             nonzero += (v != 0.0) as usize;
         }
         if k / n == k % n {
             assert_eq!(v, 0.0, "{what}: autapse");
         }
     }
-    assert!(nonzero > 100, "{what}: the constraint must not zero everything");
+    assert!(
+        nonzero > 100,
+        "{what}: the constraint must not zero everything"
+    );
     for (j, &v) in c.data().iter().enumerate() {
-        assert!(v * signs[j] >= 0.0, "{what}: readout C[0,{j}] = {v} against Dale");
+        assert!(
+            v * signs[j] >= 0.0,
+            "{what}: readout C[0,{j}] = {v} against Dale"
+        );
     }
 }
 
@@ -101,7 +112,10 @@ fn signs_and_masks_survive_training_with_sofo_and_adam() {
     check_constraints(&m, &ps, "after SOFO");
     check_constraints(&m, &pa, "after Adam");
     // and training changed the weights
-    assert_ne!(ps.get("W").unwrap().value.to_f64_vec(), p0.get("W").unwrap().value.to_f64_vec());
+    assert_ne!(
+        ps.get("W").unwrap().value.to_f64_vec(),
+        p0.get("W").unwrap().value.to_f64_vec()
+    );
 }
 
 #[test]
@@ -118,7 +132,11 @@ fn a_dale_network_learns_under_sofo() {
     })
     .unwrap();
     for it in 0..60 {
-        assert!(s.step(&m, &mut params, &memory_batch(32, 30, it), 0, it).unwrap().applied);
+        assert!(
+            s.step(&m, &mut params, &memory_batch(32, 30, it), 0, it)
+                .unwrap()
+                .applied
+        );
     }
     let after = evaluate(&m, &params, &test).unwrap();
     // predicting 0 scores 1.0; holding the sign needs the recurrence
@@ -134,7 +152,10 @@ fn gradients_through_the_constraints_agree_between_modes() {
     let g: Vec<f64> = grads.iter().flat_map(|t| t.data().to_vec()).collect();
     let (_, jtg) = ggn_and_gradient(&m, &params, &batch);
     let d = max_rel_diff(&g, &jtg);
-    assert!(d < 1e-12, "reverse vs forward gradient through |·| and masks: {d:e}");
+    assert!(
+        d < 1e-12,
+        "reverse vs forward gradient through |·| and masks: {d:e}"
+    );
     // masked raw entries get no gradient
     let mask = m.constraints.mask_w.as_ref().unwrap();
     for (k, v) in grads[0].data().iter().enumerate() {
@@ -154,7 +175,16 @@ fn excitation_and_inhibition_balance_at_start() {
     // inhibitory scaling it would be ≈ (N_E − N_I)·E|w|·density > 0
     let mean_row_sum: f64 = w.data().iter().sum::<f64>() / n as f64;
     let typical = w.data().iter().map(|v| v.abs()).sum::<f64>() / n as f64;
-    assert!(mean_row_sum.abs() < 0.25 * typical, "mean row sum {mean_row_sum} vs |row| {typical}");
-    assert!(Constraints::generate(4, Some(1.5), false, 1.0, true, 0).unwrap_err().to_string().contains("constraints.excitatory"));
-    assert!(Constraints::generate(4, None, false, 0.0, true, 0).unwrap_err().to_string().contains("constraints.density"));
+    assert!(
+        mean_row_sum.abs() < 0.25 * typical,
+        "mean row sum {mean_row_sum} vs |row| {typical}"
+    );
+    assert!(Constraints::generate(4, Some(1.5), false, 1.0, true, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("constraints.excitatory"));
+    assert!(Constraints::generate(4, None, false, 0.0, true, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("constraints.density"));
 }

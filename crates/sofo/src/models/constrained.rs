@@ -34,14 +34,29 @@ impl Constraints {
     /// Seeded patterns: the first round(fraction·N) units excitatory (when
     /// `excitatory` is Some), W kept with probability `density`, no
     /// self-connections unless `autapses`.
-    pub fn generate(n: usize, excitatory: Option<f64>, dale_readout: bool, density: f64, autapses: bool, seed: u64) -> Result<Self> {
+    pub fn generate(
+        n: usize,
+        excitatory: Option<f64>,
+        dale_readout: bool,
+        density: f64,
+        autapses: bool,
+        seed: u64,
+    ) -> Result<Self> {
         if let Some(f) = excitatory {
             if !(0.0..=1.0).contains(&f) {
-                return Err(Error::config("constraints.excitatory", f, "a fraction in [0, 1]"));
+                return Err(Error::config(
+                    "constraints.excitatory",
+                    f,
+                    "a fraction in [0, 1]",
+                ));
             }
         }
         if !(density > 0.0 && density <= 1.0) {
-            return Err(Error::config("constraints.density", density, "0 < density ≤ 1"));
+            return Err(Error::config(
+                "constraints.density",
+                density,
+                "0 < density ≤ 1",
+            ));
         }
         let dale = excitatory.map(|f| {
             let ne = (f * n as f64).round() as usize;
@@ -88,7 +103,11 @@ impl ConstrainedRnn {
         let (n, i, o) = (rnn.n, rnn.inputs, rnn.outputs);
         let check = |name: &str, v: &Option<Vec<f64>>, len: usize| -> Result<()> {
             match v {
-                Some(v) if v.len() != len => Err(Error::config(name, format!("{} entries", v.len()), format!("{len}"))),
+                Some(v) if v.len() != len => Err(Error::config(
+                    name,
+                    format!("{} entries", v.len()),
+                    format!("{len}"),
+                )),
                 _ => Ok(()),
             }
         };
@@ -101,7 +120,13 @@ impl ConstrainedRnn {
 
     /// The factor the raw tensor is multiplied by (after |·| under Dale):
     /// sign of the presynaptic unit (column) times the mask.
-    fn factor(&self, rows: usize, cols: usize, mask: &Option<Vec<f64>>, signs: Option<&Vec<f64>>) -> Option<Vec<f64>> {
+    fn factor(
+        &self,
+        rows: usize,
+        cols: usize,
+        mask: &Option<Vec<f64>>,
+        signs: Option<&Vec<f64>>,
+    ) -> Option<Vec<f64>> {
         if mask.is_none() && signs.is_none() {
             return None;
         }
@@ -112,12 +137,27 @@ impl ConstrainedRnn {
         )
     }
 
-    fn effective_one<T: Float, E: Ops<T>>(&self, e: &mut E, raw: &E::V, shape: [usize; 2], mask: &Option<Vec<f64>>, dale: bool) -> Result<E::V> {
-        let signs = if dale { self.constraints.dale.as_ref() } else { None };
+    fn effective_one<T: Float, E: Ops<T>>(
+        &self,
+        e: &mut E,
+        raw: &E::V,
+        shape: [usize; 2],
+        mask: &Option<Vec<f64>>,
+        dale: bool,
+    ) -> Result<E::V> {
+        let signs = if dale {
+            self.constraints.dale.as_ref()
+        } else {
+            None
+        };
         let Some(f) = self.factor(shape[0], shape[1], mask, signs) else {
             return Ok(raw.clone());
         };
-        let base = if signs.is_some() { e.abs(raw)? } else { raw.clone() };
+        let base = if signs.is_some() {
+            e.abs(raw)?
+        } else {
+            raw.clone()
+        };
         let f = e.constant(Tensor::from_f64_slice(&shape, &f)?)?;
         Ok(e.mul(&base, &f)?)
     }
@@ -138,11 +178,21 @@ impl ConstrainedRnn {
     }
 
     /// The weights the network uses, named as the raw ones (W, B, b, C, d).
-    pub fn effective_weights<T: Float>(&self, params: &ParamSet<T>) -> Result<Vec<(String, Tensor<T>)>> {
+    pub fn effective_weights<T: Float>(
+        &self,
+        params: &ParamSet<T>,
+    ) -> Result<Vec<(String, Tensor<T>)>> {
         let mut e = Fwd::primal();
-        let duals: Vec<Dual<T>> = params.iter().map(|p| Dual::constant(p.value.clone())).collect();
+        let duals: Vec<Dual<T>> = params
+            .iter()
+            .map(|p| Dual::constant(p.value.clone()))
+            .collect();
         let eff = self.effective(&mut e, &duals)?;
-        Ok(params.iter().zip(eff).map(|(p, d)| (p.name.clone(), d.primal)).collect())
+        Ok(params
+            .iter()
+            .zip(eff)
+            .map(|(p, d)| (p.name.clone(), d.primal))
+            .collect())
     }
 }
 
@@ -173,7 +223,13 @@ impl<T: Float> Model<T> for ConstrainedRnn {
         self.rnn.prepare(e, &eff)
     }
 
-    fn run<E: Ops<T>>(&self, e: &mut E, prepared: &[E::V], trials: &Trials<'_, T>, obs: &mut dyn Observer<T, E>) -> Result<()> {
+    fn run<E: Ops<T>>(
+        &self,
+        e: &mut E,
+        prepared: &[E::V],
+        trials: &Trials<'_, T>,
+        obs: &mut dyn Observer<T, E>,
+    ) -> Result<()> {
         self.rnn.run(e, prepared, trials, obs)
     }
 
