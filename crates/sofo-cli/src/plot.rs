@@ -53,47 +53,80 @@ pub fn loss_curves(path: &Path, title: &str, runs: &[(String, Vec<MetricsRow>)])
     root.fill(&WHITE).map_err(plot_err)?;
     let root = root.titled(title, ("sans-serif", 22)).map_err(plot_err)?;
     let panels = root.split_evenly((1, 2));
-    for (panel, by_time) in panels.iter().zip([false, true]) {
-        let xmax = runs
-            .iter()
-            .flat_map(|(_, r)| pts(r, by_time))
-            .map(|p| p.0)
-            .fold(1e-9f64, f64::max);
-        let mut chart = ChartBuilder::on(panel)
+    // the same drawing on two coordinate systems (linear and log x)
+    macro_rules! panel {
+        ($chart:expr, $by_time:expr, $x_desc:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc($x_desc)
+                .y_desc("training loss")
+                .label_style(("sans-serif", 14))
+                .draw()
+                .map_err(plot_err)?;
+            for (i, (name, rows)) in runs.iter().enumerate() {
+                let c = COLORS[i % COLORS.len()];
+                chart
+                    .draw_series(LineSeries::new(pts(rows, $by_time), c.stroke_width(2)))
+                    .map_err(plot_err)?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .draw()
+                .map_err(plot_err)?;
+        }};
+    }
+    let iters = runs
+        .iter()
+        .flat_map(|(_, r)| pts(r, false))
+        .map(|p| p.0)
+        .fold(1.0f64, f64::max);
+    panel!(
+        ChartBuilder::on(&panels[0])
             .margin(16)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(0f64..xmax, (lo..hi).log_scale())
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc(if by_time {
-                "wall-clock seconds"
-            } else {
-                "iteration"
-            })
-            .y_desc("training loss")
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(plot_err)?;
-        for (i, (name, rows)) in runs.iter().enumerate() {
-            let c = COLORS[i % COLORS.len()];
-            chart
-                .draw_series(LineSeries::new(pts(rows, by_time), c.stroke_width(2)))
-                .map_err(plot_err)?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(plot_err)?;
-    }
+            .build_cartesian_2d(0f64..iters, (lo..hi).log_scale())
+            .map_err(plot_err)?,
+        false,
+        "iteration"
+    );
+    // optimisers' costs per iteration differ by orders of magnitude: log time
+    let times: Vec<f64> = runs
+        .iter()
+        .flat_map(|(_, r)| pts(r, true))
+        .map(|p| p.0)
+        .filter(|t| *t > 0.0)
+        .collect();
+    let t_lo = times
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .min(1e-3)
+        * 0.8;
+    let t_hi = times
+        .iter()
+        .copied()
+        .fold(0.0f64, f64::max)
+        .max(t_lo * 10.0)
+        * 1.25;
+    panel!(
+        ChartBuilder::on(&panels[1])
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((t_lo..t_hi).log_scale(), (lo..hi).log_scale())
+            .map_err(plot_err)?,
+        true,
+        "wall-clock seconds (log)"
+    );
     root.present().map_err(plot_err)?;
     Ok(())
 }
