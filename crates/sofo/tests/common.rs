@@ -4,7 +4,7 @@
 use sofo::loss::{LittleLoss, Observer};
 use sofo::models::{Activation, Batch, Model, RateRnn, Trials};
 use sofo::params::{Param, ParamMode, ParamSet};
-use sofo::{Dual, Fwd, Ops, Result, Tensor};
+use sofo::{Dual, Float, Fwd, Ops, Result, Tensor};
 use sofo_tensor::rng;
 
 pub fn randn(shape: &[usize], seed: u64, stream: u64) -> Tensor<f64> {
@@ -212,4 +212,30 @@ pub fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
         .zip(b)
         .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
         / scale
+}
+
+/// A one-bit memory task: a ±1 pulse at step 2; report its sign from step 5
+/// on (steps before are not scored). Predicting 0 scores 1.
+pub fn memory_batch<T: Float>(m: usize, t: usize, seed: u64) -> Batch<T> {
+    let signs = randn(&[m], seed, 0);
+    let mut u = Tensor::<T>::zeros(&[t, m, 1]);
+    let mut y = Tensor::<T>::zeros(&[t, m, 1]);
+    let mut w = Tensor::<T>::zeros(&[t, m]);
+    for j in 0..m {
+        let s = T::from_f64(if signs.data()[j] > 0.0 { 1.0 } else { -1.0 });
+        u.data_mut()[2 * m + j] = s;
+        for step in 5..t {
+            y.data_mut()[step * m + j] = s;
+            w.data_mut()[step * m + j] = T::one();
+        }
+    }
+    Batch {
+        steps: t,
+        trials: m,
+        inputs: Some(u),
+        initial: None,
+        targets: y,
+        weights: Some(w),
+        loss_norm: (m * (t - 5)) as f64,
+    }
 }

@@ -6,35 +6,9 @@
 mod common;
 
 use common::*;
-use sofo::models::{gradient_pass, Activation, Batch, ConstrainedRnn, Constraints, Model, RateRnn};
+use sofo::models::{gradient_pass, Activation, ConstrainedRnn, Constraints, Model, RateRnn};
 use sofo::optim::{Adam, AdamConfig, Damping, Optimizer, Sofo, SofoConfig};
 use sofo::train::evaluate;
-use sofo::Tensor;
-
-/// A ±1 pulse at step 2; report its sign from step 5 on.
-fn memory_batch(m: usize, t: usize, seed: u64) -> Batch<f64> {
-    let signs = randn(&[m], seed, 0);
-    let mut u = Tensor::<f64>::zeros(&[t, m, 1]);
-    let mut y = Tensor::<f64>::zeros(&[t, m, 1]);
-    let mut w = Tensor::<f64>::zeros(&[t, m]);
-    for j in 0..m {
-        let s = signs.data()[j].signum();
-        u.data_mut()[2 * m + j] = s;
-        for step in 5..t {
-            y.data_mut()[step * m + j] = s;
-            w.data_mut()[step * m + j] = 1.0;
-        }
-    }
-    Batch {
-        steps: t,
-        trials: m,
-        inputs: Some(u),
-        initial: None,
-        targets: y,
-        weights: Some(w),
-        loss_norm: (m * (t - 5)) as f64,
-    }
-}
 
 fn model(seed: u64) -> ConstrainedRnn {
     let rnn = RateRnn {

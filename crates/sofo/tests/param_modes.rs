@@ -4,11 +4,10 @@
 mod common;
 
 use common::*;
-use sofo::models::{Activation, Batch, Model, RateRnn};
+use sofo::models::{Activation, Model, RateRnn};
 use sofo::optim::{Damping, Sofo, SofoConfig};
 use sofo::params::ParamMode;
 use sofo::train::evaluate;
-use sofo::Tensor;
 
 fn sofo(k: usize) -> Sofo {
     Sofo::new(SofoConfig {
@@ -85,31 +84,6 @@ fn bounded_tensors_stay_in_bounds() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("\"W\""), "{e}");
-}
-
-/// A 1-bit memory task: a ±1 pulse at step 2; report its sign from step 5.
-fn memory_batch(m: usize, t: usize, seed: u64) -> Batch<f32> {
-    let signs = randn(&[m], seed, 0);
-    let mut u = Tensor::<f32>::zeros(&[t, m, 1]);
-    let mut y = Tensor::<f32>::zeros(&[t, m, 1]);
-    let mut w = Tensor::<f32>::zeros(&[t, m]);
-    for j in 0..m {
-        let s = if signs.data()[j] > 0.0 { 1.0 } else { -1.0 };
-        u.data_mut()[2 * m + j] = s;
-        for step in 5..t {
-            y.data_mut()[step * m + j] = s;
-            w.data_mut()[step * m + j] = 1.0;
-        }
-    }
-    Batch {
-        steps: t,
-        trials: m,
-        inputs: Some(u),
-        initial: None,
-        targets: y,
-        weights: Some(w),
-        loss_norm: (m * (t - 5)) as f64,
-    }
 }
 
 #[test]
