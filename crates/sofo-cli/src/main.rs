@@ -399,6 +399,7 @@ fn run_force(cfg: &RunConfig, out: &std::path::Path, quiet: bool) -> Result<Vec<
             test_loss,
             max_eigenvalue: f64::NAN,
             applied: true,
+            metric: None,
         };
         writeln!(csv, "{}", row.csv())?;
         csv.flush()?;
@@ -666,6 +667,7 @@ impl Run<'_> {
             .expect("valid template"),
         );
         let mut last_test = f64::NAN;
+        let mut last_metric = String::new();
         let opts = TrainOptions {
             iterations: cfg.iterations,
             batch: cfg.batch,
@@ -685,7 +687,17 @@ impl Run<'_> {
                 if let Some(t) = row.test_loss {
                     last_test = t;
                 }
-                bar.set_message(format!("loss {:.4e}  test {:.4e}", row.loss, last_test));
+                if let Some(m) = row.metric {
+                    last_metric = format!(
+                        "  {} {:.1} %",
+                        task.metric_name().unwrap_or("metric"),
+                        100.0 * m
+                    );
+                }
+                bar.set_message(format!(
+                    "loss {:.4e}  test {:.4e}{last_metric}",
+                    row.loss, last_test
+                ));
                 bar.inc(1);
             },
             || stop.load(Ordering::SeqCst),

@@ -349,6 +349,18 @@ fn flipflop_trains_reports_and_draws() {
         &std::fs::read(out.join("flipflop.png")).unwrap()[1..4],
         b"PNG"
     );
+    // the share is also recorded during training, at the evaluation points
+    let m = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(m.lines().next().unwrap().ends_with(",metric"));
+    let during: Vec<f64> = m
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(6).filter(|v| !v.is_empty())?.parse().ok())
+        .collect();
+    assert!(
+        !during.is_empty() && during.iter().all(|v| (0.0..=1.0).contains(v)),
+        "{m}"
+    );
     // bad task settings name the field
     std::fs::write(
         &cfg,

@@ -3,7 +3,7 @@
 
 use crate::checkpoint;
 use crate::device::Device;
-use crate::models::{Batch, Model};
+use crate::models::{record_outputs, Batch, Model};
 use crate::optim::Optimizer;
 use crate::params::ParamSet;
 use crate::tasks::Task;
@@ -60,14 +60,18 @@ pub struct MetricsRow {
     pub test_loss: Option<f64>,
     pub max_eigenvalue: f64,
     pub applied: bool,
+    /// The task's metric, where it has one, at evaluation points.
+    pub metric: Option<f64>,
 }
 
-pub const METRICS_HEADER: &str = "iteration,loss,wall_s,test_loss,max_eigenvalue,applied";
+/// `metric`: the task's own score on the held-out trials (see
+/// [`Task::metric`]), at the evaluation points.
+pub const METRICS_HEADER: &str = "iteration,loss,wall_s,test_loss,max_eigenvalue,applied,metric";
 
 impl MetricsRow {
     pub fn csv(&self) -> String {
         format!(
-            "{},{:.9e},{:.6},{},{:.6e},{}",
+            "{},{:.9e},{:.6},{},{:.6e},{},{}",
             self.iteration,
             self.loss,
             self.wall_s,
@@ -75,7 +79,8 @@ impl MetricsRow {
                 .map(|v| format!("{v:.9e}"))
                 .unwrap_or_default(),
             self.max_eigenvalue,
-            self.applied as u8
+            self.applied as u8,
+            self.metric.map(|v| format!("{v:.6}")).unwrap_or_default()
         )
     }
 }
@@ -111,7 +116,14 @@ pub fn train<T: Float, M: Model<T>, K: Task<T>, O: Optimizer<T>>(
         let batch = task.train_batch(opts.seed, it as u64, opts.batch)?;
         let rep = optimizer.step(model, params, &batch, opts.seed, it as u64)?;
         let last = it + 1 == opts.iterations;
-        let test_loss = if opts.eval_every > 0 && ((it + 1) % opts.eval_every == 0 || last) {
+        let eval_now = opts.eval_every > 0 && ((it + 1) % opts.eval_every == 0 || last);
+        let metric = if eval_now && task.metric_name().is_some() {
+            let ys = record_outputs(model, params, &test)?;
+            task.metric(&ys, &test)
+        } else {
+            None
+        };
+        let test_loss = if eval_now {
             // a diverged model scores NaN; the run goes on (its steps are skipped)
             match evaluate_on(&opts.device, model, params, &test) {
                 Ok(l) => Some(l),
@@ -128,6 +140,7 @@ pub fn train<T: Float, M: Model<T>, K: Task<T>, O: Optimizer<T>>(
             test_loss,
             max_eigenvalue: rep.max_eigenvalue,
             applied: rep.applied,
+            metric,
         };
         if let Some(f) = csv.as_mut() {
             writeln!(f, "{}", row.csv())?;

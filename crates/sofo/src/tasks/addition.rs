@@ -89,4 +89,21 @@ impl<T: Float> Task<T> for AdditionTask {
     fn test_batch(&self, trials: usize) -> Result<Batch<T>> {
         self.batch(trials, self.test_seed, 0x7E57)
     }
+
+    fn metric_name(&self) -> Option<&'static str> {
+        Some("share within 0.04")
+    }
+
+    /// The share of trials whose reported sum is within 0.04 of the truth.
+    fn metric(&self, outputs: &[Tensor<T>], batch: &Batch<T>) -> Option<f64> {
+        let pred = outputs.last()?.to_f64_vec();
+        let m = batch.trials;
+        let truth = &batch.targets.to_f64_vec()[(batch.steps - 1) * m..];
+        let ok = pred
+            .iter()
+            .zip(truth)
+            .filter(|(p, t)| (*p - *t).abs() < 0.04)
+            .count();
+        Some(ok as f64 / m as f64)
+    }
 }

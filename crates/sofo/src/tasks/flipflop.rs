@@ -129,6 +129,15 @@ impl<T: Float> Task<T> for FlipFlopTask {
     fn test_batch(&self, trials: usize) -> Result<Batch<T>> {
         self.batch(trials, self.test_seed, 0x7E57)
     }
+
+    fn metric_name(&self) -> Option<&'static str> {
+        Some("correct bits")
+    }
+
+    fn metric(&self, outputs: &[Tensor<T>], batch: &Batch<T>) -> Option<f64> {
+        let out: Vec<f64> = outputs.iter().flat_map(|y| y.to_f64_vec()).collect();
+        Some(correct_bits(&out, &batch.targets.to_f64_vec()))
+    }
 }
 
 /// Share of (step, trial, channel) entries whose output, rounded to the
