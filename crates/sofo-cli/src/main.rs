@@ -214,6 +214,7 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
             let (task, rnn) = cfg.addition()?;
             let model = cfg.constrained(rnn)?;
             let params = Model::<f32>::init(&model, cfg.seed)?;
+            report_start(&model, &params)?;
             let (rows, params) = run.with_optimizer(&model, &task, params)?;
             save_effective(&model, &params, &run.out)?;
             addition_report(&model, &task, &params, &run.out)?;
@@ -223,6 +224,7 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
             let (task, rnn) = cfg.flipflop()?;
             let model = cfg.constrained(rnn)?;
             let params = Model::<f32>::init(&model, cfg.seed)?;
+            report_start(&model, &params)?;
             let (rows, params) = run.with_optimizer(&model, &task, params)?;
             save_effective(&model, &params, &run.out)?;
             flipflop_report(&model, &task, &params, &run.out)?;
@@ -244,6 +246,18 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
             Ok(run.with_optimizer(&model, &task, params)?.0)
         }
     }
+}
+
+/// The recurrent weights' spectral radius at start, beside the gain.
+fn report_start(model: &ConstrainedRnn, params: &ParamSet<f32>) -> Result<()> {
+    let r = model.spectral_radius(params)?;
+    eprintln!(
+        "rate RNN: N = {}, gain g = {}, spectral radius of W at start {r:.3}{}",
+        model.rnn.n,
+        model.rnn.gain,
+        if r > 1.0 { " (chaotic regime)" } else { "" }
+    );
+    Ok(())
 }
 
 /// Under constraints, the weights the network uses go beside the raw ones.

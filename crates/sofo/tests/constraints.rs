@@ -162,3 +162,43 @@ fn excitation_and_inhibition_balance_at_start() {
         .to_string()
         .contains("constraints.density"));
 }
+
+#[test]
+fn the_initial_spectral_radius_follows_the_gain() {
+    for g in [0.5, 1.5] {
+        let rnn = RateRnn {
+            n: 300,
+            inputs: 1,
+            outputs: 1,
+            alpha: 0.1,
+            activation: Activation::Tanh,
+            learn_x0: false,
+            gain: g,
+        };
+        let m = ConstrainedRnn::new(rnn, Constraints::default()).unwrap();
+        let params: sofo::params::ParamSet<f64> = m.init(1).unwrap();
+        let r = m.spectral_radius(&params).unwrap();
+        // circular law: radius → g as N grows; within 10 % at N = 300
+        assert!((r - g).abs() < 0.1 * g, "g = {g}: radius {r}");
+    }
+}
+
+#[test]
+fn constrained_starts_have_the_gain_as_spectral_radius() {
+    for g in [0.5, 1.5] {
+        let rnn = RateRnn {
+            n: 60,
+            inputs: 1,
+            outputs: 1,
+            alpha: 0.1,
+            activation: Activation::Relu,
+            learn_x0: false,
+            gain: g,
+        };
+        let c = Constraints::generate(60, Some(0.8), false, 0.3, false, 2).unwrap();
+        let m = ConstrainedRnn::new(rnn, c).unwrap();
+        let params: sofo::params::ParamSet<f64> = m.init(3).unwrap();
+        let r = m.spectral_radius(&params).unwrap();
+        assert!((r - g).abs() < 1e-9 * g, "g = {g}: radius {r}");
+    }
+}

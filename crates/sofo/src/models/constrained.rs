@@ -177,6 +177,18 @@ impl ConstrainedRnn {
         Ok(out)
     }
 
+    /// The spectral radius of the effective recurrent weights: about the
+    /// gain g for a dense random start (the circular law); above 1 the
+    /// untrained network is chaotic.
+    pub fn spectral_radius<T: Float>(&self, params: &ParamSet<T>) -> Result<f64> {
+        let eff = self.effective_weights(params)?;
+        let w = &eff[0].1;
+        Ok(sofo_tensor::eigen::spectral_radius(
+            &w.to_f64_vec(),
+            self.rnn.n,
+        )?)
+    }
+
     /// The weights the network uses, named as the raw ones (W, B, b, C, d).
     pub fn effective_weights<T: Float>(
         &self,
@@ -197,11 +209,15 @@ impl ConstrainedRnn {
 }
 
 impl<T: Float> Model<T> for ConstrainedRnn {
-    /// The rate RNN's initialisation; under Dale's law the inhibitory
+    /// The rate RNN's initialisation. Under Dale's law the inhibitory
     /// columns are scaled by N_E/N_I so that every row of the effective W
-    /// sums to zero in expectation (no outlier in the spectrum at start).
+    /// sums to zero in expectation (no outlier in the spectrum at start);
+    /// then, under Dale's law or a mask, W̃ is rescaled so that the spectral
+    /// radius of the effective W is the gain g (|·| and masks change the
+    /// variance that g sets for a dense Gaussian W).
     fn init(&self, seed: u64) -> Result<ParamSet<T>> {
         let mut ps = Model::<T>::init(&self.rnn, seed)?;
+        let constrained = self.constraints.dale.is_some() || self.constraints.mask_w.is_some();
         if let Some(s) = &self.constraints.dale {
             let ne = s.iter().filter(|&&v| v > 0.0).count() as f64;
             let ni = s.len() as f64 - ne;
@@ -213,6 +229,13 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                         *v *= T::from_f64(ne / ni);
                     }
                 }
+            }
+        }
+        if constrained && self.rnn.gain > 0.0 {
+            let r = self.spectral_radius(&ps)?;
+            if r > 0.0 {
+                let w = &mut ps.get_mut("W").expect("the rate RNN has W").value;
+                *w = w.scale(T::from_f64(self.rnn.gain / r));
             }
         }
         Ok(ps)
