@@ -60,6 +60,10 @@ pub struct ConstraintsSection {
     pub density: f64,
     /// self-connections allowed
     pub autapses: bool,
+    /// parameter tensors never updated (e.g. ["B", "C"]); still part of the model
+    pub pinned: Vec<String>,
+    /// parameter tensors kept in [lower, upper] after every update, e.g. { b = [-1.0, 1.0] }
+    pub bounds: std::collections::BTreeMap<String, [f64; 2]>,
 }
 
 impl Default for ConstraintsSection {
@@ -70,6 +74,8 @@ impl Default for ConstraintsSection {
             dale_readout: false,
             density: 1.0,
             autapses: true,
+            pinned: vec![],
+            bounds: Default::default(),
         }
     }
 }
@@ -570,6 +576,44 @@ impl RunConfig {
             return Err(Error::config(field, c, "≥ 0 (0 = no clipping)"));
         }
         Ok((c > 0.0).then_some(c))
+    }
+
+    /// Pins and bounds the tensors the `[constraints]` section names.
+    pub fn apply_modes<T: sofo::Float>(
+        &self,
+        params: &mut sofo::params::ParamSet<T>,
+    ) -> Result<()> {
+        use sofo::params::ParamMode;
+        for name in &self.constraints.pinned {
+            params.set_mode(name, ParamMode::Pinned).map_err(|e| {
+                Error::config("constraints.pinned", format!("\"{name}\""), e.to_string())
+            })?;
+        }
+        for (name, [lower, upper]) in &self.constraints.bounds {
+            params
+                .set_mode(
+                    name,
+                    ParamMode::Bounded {
+                        lower: *lower,
+                        upper: *upper,
+                    },
+                )
+                .map_err(|e| {
+                    Error::config(
+                        "constraints.bounds",
+                        format!("{name} = [{lower}, {upper}]"),
+                        e.to_string(),
+                    )
+                })?;
+        }
+        if params.trainable_count() == 0 {
+            return Err(Error::config(
+                "constraints.pinned",
+                format!("{:?}", self.constraints.pinned),
+                "at least one tensor left to train",
+            ));
+        }
+        Ok(())
     }
 
     /// The rate RNN under the configured constraints.

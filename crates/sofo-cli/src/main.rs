@@ -213,7 +213,8 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
         "addition" => {
             let (task, rnn) = cfg.addition()?;
             let model = cfg.constrained(rnn)?;
-            let params = Model::<f32>::init(&model, cfg.seed)?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            cfg.apply_modes(&mut params)?;
             report_start(&model, &params)?;
             let (rows, params) = run.with_optimizer(&model, &task, params)?;
             save_effective(&model, &params, &run.out)?;
@@ -223,7 +224,8 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
         "flipflop" => {
             let (task, rnn) = cfg.flipflop()?;
             let model = cfg.constrained(rnn)?;
-            let params = Model::<f32>::init(&model, cfg.seed)?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            cfg.apply_modes(&mut params)?;
             report_start(&model, &params)?;
             let (rows, params) = run.with_optimizer(&model, &task, params)?;
             save_effective(&model, &params, &run.out)?;

@@ -449,3 +449,48 @@ fn constrained_flipflop_writes_effective_weights_that_obey_dale_and_the_mask() {
     let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(stderr(&o).contains("constraints.density"), "{}", stderr(&o));
 }
+
+#[test]
+fn pinned_and_bounded_tensors_from_the_config() {
+    let dir = tmp("pinned");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("p.toml");
+    let body = |iters: usize| {
+        format!(
+            "task = \"flipflop\"\niterations = {iters}\nbatch = 8\nthreads = 1\n[sofo]\ntangents = 16\n[flipflop]\nn = 16\nsteps = 30\n[constraints]\npinned = [\"B\"]\nbounds = {{ b = [-0.01, 0.01] }}\n"
+        )
+    };
+    let mut weights = vec![];
+    for iters in [2, 6] {
+        std::fs::write(&cfg, body(iters)).unwrap();
+        let out = dir.join(format!("run{iters}"));
+        let o = sofo(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        weights.push(sofo::checkpoint::load::<f32>(&out.join("weights.safetensors")).unwrap());
+    }
+    let get = |w: &Vec<(String, sofo::Tensor<f32>)>, n: &str| {
+        w.iter().find(|(m, _)| m == n).unwrap().1.data().to_vec()
+    };
+    // B never moves; W does; b stays inside its bounds
+    assert_eq!(get(&weights[0], "B"), get(&weights[1], "B"));
+    assert_ne!(get(&weights[0], "W"), get(&weights[1], "W"));
+    assert!(get(&weights[1], "b").iter().all(|v| v.abs() <= 0.01 + 1e-7));
+    std::fs::write(
+        &cfg,
+        "task = \"flipflop\"\n[constraints]\npinned = [\"Q\"]\n",
+    )
+    .unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("constraints.pinned") && stderr(&o).contains("Q"),
+        "{}",
+        stderr(&o)
+    );
+}
