@@ -71,11 +71,6 @@ impl Unary {
             Unary::MulScalar(s) => T::from_f64(s),
         }
     }
-
-    /// The derivative does not depend on x.
-    pub fn is_affine(self) -> bool {
-        matches!(self, Unary::Neg | Unary::AddScalar(_) | Unary::MulScalar(_))
-    }
 }
 
 fn sigmoid<T: Float>(x: T) -> T {

@@ -74,14 +74,6 @@ impl<T: Float> Rev<T> {
         &self.nodes[v.id].value
     }
 
-    /// Bytes held by the tape's values.
-    pub fn tape_bytes(&self) -> usize {
-        self.nodes
-            .iter()
-            .map(|n| n.value.numel() * std::mem::size_of::<T>())
-            .sum()
-    }
-
     fn push(&mut self, value: Tensor<T>, op: Op<T>, needs_grad: bool) -> Var {
         let shape = value.shape().to_vec();
         self.nodes.push(Node {

@@ -119,6 +119,39 @@ fn time_steps<M: Model<f32>, O: Optimizer<f32>>(
     Ok((times[times.len() / 2], times[0], peak))
 }
 
+/// Times SOFO with the anchor's settings on `batch` from fresh parameters.
+fn time_sofo<M: Model<f32>>(
+    device: &Device,
+    model: &M,
+    batch: &Batch<f32>,
+    k: usize,
+    iters: usize,
+    name: &'static str,
+    n: usize,
+) -> Result<Record> {
+    let mut params = model.init(0)?;
+    let (median, min, peak_device_bytes) = time_steps(
+        device,
+        &mut anchor_sofo(k, device)?,
+        model,
+        &mut params,
+        batch,
+        iters,
+    )?;
+    Ok(Record {
+        method: "sofo",
+        peak_device_bytes,
+        name,
+        n,
+        m: batch.trials,
+        k,
+        t: batch.steps,
+        median,
+        min,
+        flops: model.sofo_flops(k, batch),
+    })
+}
+
 /// Peak bytes the tensor layer holds during one iteration, beyond what it
 /// held before (host memory: the CPU backend).
 fn peak_extra_bytes<M: Model<f32>, O: Optimizer<f32>>(
@@ -202,7 +235,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return memory(&a, &device);
     }
     let want = |name: &str| a.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
-    let mut records = Vec::new();
     let iters = a.iters.max(1);
     // the anchors' rate-RNN configurations, then the sizes of the double
     // reach (T = 1000) and of the long-horizon Kalman filter (T = 5000),
@@ -254,60 +286,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.method == "adam" {
             continue;
         }
-        let mut params = model.init(0)?;
-        let (median, min, peak_device_bytes) = time_steps(
-            &device,
-            &mut anchor_sofo(k, &device)?,
-            &model,
-            &mut params,
-            &batch,
-            iters,
-        )?;
-        let flops = model.sofo_flops(k, &batch);
-        records.push(Record {
-            method: "sofo",
-            peak_device_bytes,
-            name,
-            n,
-            m,
-            k,
-            t,
-            median,
-            min,
-            flops,
-        });
-        emit(&a, records.last().unwrap(), threads, &device);
+        let r = time_sofo(&device, &model, &batch, k, iters, name, n)?;
+        emit(&a, &r, threads, &device);
     }
     if want("lorenz") && a.method != "adam" {
         let task = LorenzTask {
             data: LorenzData::generate(1, 3500, 500, 32, 0.01)?,
         };
         let model = LorenzModel { hidden: 400 };
-        let mut params = <LorenzModel as Model<f32>>::init(&model, 0)?;
-        let (m, k) = (128, 128);
-        let batch = Task::<f32>::train_batch(&task, 0, 0, m)?;
-        let (median, min, peak_device_bytes) = time_steps(
-            &device,
-            &mut anchor_sofo(k, &device)?,
-            &model,
-            &mut params,
-            &batch,
-            iters,
-        )?;
-        let flops = model.sofo_flops(k, &batch);
-        records.push(Record {
-            method: "sofo",
-            peak_device_bytes,
-            name: "lorenz",
-            n: 400,
-            m,
-            k,
-            t: 32,
-            median,
-            min,
-            flops,
-        });
-        emit(&a, records.last().unwrap(), threads, &device);
+        let batch = Task::<f32>::train_batch(&task, 0, 0, 128)?;
+        let r = time_sofo(&device, &model, &batch, 128, iters, "lorenz", 400)?;
+        emit(&a, &r, threads, &device);
     }
     Ok(())
 }

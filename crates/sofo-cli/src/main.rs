@@ -56,49 +56,54 @@ struct EvalArgs {
     seed: Option<u64>,
 }
 
-#[derive(Args)]
-struct CompareArgs {
+/// Settings shared by `train` and `compare`.
+#[derive(Args, Clone)]
+struct RunArgs {
     /// Task to train on (see `sofo tasks`).
     #[arg(long)]
     task: Option<String>,
-    /// Optimisers to compare, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "sofo,adam")]
-    optimizers: Vec<String>,
-    #[arg(long, value_name = "N")]
-    iterations: Option<usize>,
-    #[arg(long, value_name = "M")]
-    batch: Option<usize>,
-    #[arg(long, value_name = "S")]
-    seed: Option<u64>,
-    #[arg(long, value_name = "T")]
-    threads: Option<usize>,
-    /// cpu, cuda or cuda:N (SOFO and FGD passes; BPTT runs on the CPU).
-    #[arg(long, value_name = "DEV")]
-    device: Option<String>,
-    /// Settings file (TOML): every optimiser's section is read from it.
-    #[arg(long, value_name = "FILE.toml")]
-    config: Option<PathBuf>,
-    /// Directory: one run directory per optimiser, compare.png.
-    #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
-    #[arg(long)]
-    quiet: bool,
-}
-
-#[derive(Args)]
-struct TrainArgs {
-    /// Task to train on (see `sofo tasks`).
-    #[arg(long)]
-    task: Option<String>,
-    /// Optimiser.
-    #[arg(long)]
-    optimizer: Option<String>,
     /// Number of iterations.
     #[arg(long, value_name = "N")]
     iterations: Option<usize>,
     /// Trials per batch (M).
     #[arg(long, value_name = "M")]
     batch: Option<usize>,
+    /// Seed of initialisation, tangents and batches.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Worker threads (0 = all cores).
+    #[arg(long, value_name = "T")]
+    threads: Option<usize>,
+    /// Where the passes run: cpu, cuda or cuda:N (BPTT runs on the CPU).
+    #[arg(long, value_name = "DEV")]
+    device: Option<String>,
+    /// Settings file (TOML); flags override it.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Optimisers to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "sofo,adam")]
+    optimizers: Vec<String>,
+    /// Directory: one run directory per optimiser, compare.png.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Optimiser.
+    #[arg(long)]
+    optimizer: Option<String>,
     /// Number of tangents K (SOFO, FGD).
     #[arg(long, value_name = "K")]
     tangents: Option<usize>,
@@ -108,28 +113,13 @@ struct TrainArgs {
     /// Relative damping λ.
     #[arg(long, value_name = "λ", allow_negative_numbers = true)]
     damping: Option<f64>,
-    /// Seed of initialisation, tangents and batches.
-    #[arg(long, value_name = "S")]
-    seed: Option<u64>,
-    /// Worker threads (0 = all cores).
-    #[arg(long, value_name = "T")]
-    threads: Option<usize>,
-    /// Where the passes run: cpu, cuda or cuda:N.
-    #[arg(long, value_name = "DEV")]
-    device: Option<String>,
-    /// Settings file (TOML); flags override it.
-    #[arg(long, value_name = "FILE.toml")]
-    config: Option<PathBuf>,
     /// Run directory (config.toml, metrics.csv, weights.safetensors).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
 }
 
 fn resolve(a: &TrainArgs) -> Result<RunConfig> {
-    let mut c = match &a.config {
+    let mut c = match &a.run.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| {
                 Error::config(
@@ -140,18 +130,18 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
             })?;
             RunConfig::from_toml(&text, &p.display().to_string())?
         }
-        None => RunConfig::defaults_for(a.task.as_deref().unwrap_or("lorenz")),
+        None => RunConfig::defaults_for(a.run.task.as_deref().unwrap_or("lorenz")),
     };
-    if let Some(v) = &a.task {
+    if let Some(v) = &a.run.task {
         c.task = v.clone();
     }
     if let Some(v) = &a.optimizer {
         c.optimizer = v.clone();
     }
-    if let Some(v) = a.iterations {
+    if let Some(v) = a.run.iterations {
         c.iterations = v;
     }
-    if let Some(v) = a.batch {
+    if let Some(v) = a.run.batch {
         c.batch = v;
     }
     if let Some(v) = a.tangents {
@@ -171,13 +161,13 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
     if let Some(v) = a.damping {
         c.sofo.damping = v;
     }
-    if let Some(v) = a.seed {
+    if let Some(v) = a.run.seed {
         c.seed = v;
     }
-    if let Some(v) = a.threads {
+    if let Some(v) = a.run.threads {
         c.threads = v;
     }
-    if let Some(v) = &a.device {
+    if let Some(v) = &a.run.device {
         c.device = v.clone();
     }
     if let Some(v) = &a.out {
@@ -190,7 +180,7 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
 fn run_train(a: TrainArgs) -> Result<()> {
     let cfg = resolve(&a)?;
     sofo_tensor::parallel::set_threads(cfg.threads);
-    run_config(&cfg, a.quiet).map(|_| ())
+    run_config(&cfg, a.run.quiet).map(|_| ())
 }
 
 /// Trains as `cfg` says, in `cfg.out`; returns the metrics rows.
@@ -294,7 +284,7 @@ fn addition_report(
     out: &std::path::Path,
 ) -> Result<()> {
     let test = Task::<f32>::test_batch(task, 256)?;
-    let ys = record_outputs(model, params, &test)?;
+    let (_, ys) = record_outputs(model, params, &test)?;
     let pred = ys.last().map(|y| y.to_f64_vec()).unwrap_or_default();
     let m = test.trials;
     let truth = test.targets.to_f64_vec()[(task.steps - 1) * m..].to_vec();
@@ -338,7 +328,7 @@ fn flipflop_report(
     out: &std::path::Path,
 ) -> Result<()> {
     let test = Task::<f32>::test_batch(task, 256)?;
-    let ys = record_outputs(model, params, &test)?;
+    let (_, ys) = record_outputs(model, params, &test)?;
     let outputs: Vec<f64> = ys.iter().flat_map(|y| y.to_f64_vec()).collect();
     let targets = test.targets.to_f64_vec();
     let share = correct_bits(&outputs, &targets);
@@ -533,19 +523,12 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 
 fn run_compare(a: CompareArgs) -> Result<()> {
     let base = resolve(&TrainArgs {
-        task: a.task.clone(),
+        run: a.run.clone(),
         optimizer: None,
-        iterations: a.iterations,
-        batch: a.batch,
         tangents: None,
         lr: None,
         damping: None,
-        seed: a.seed,
-        threads: a.threads,
-        device: a.device.clone(),
-        config: a.config.clone(),
         out: None,
-        quiet: a.quiet,
     })?;
     sofo_tensor::parallel::set_threads(base.threads);
     let out = a
@@ -570,7 +553,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     }
     let mut runs = Vec::new();
     for c in &cfgs {
-        runs.push((c.optimizer.clone(), run_config(c, a.quiet)?));
+        runs.push((c.optimizer.clone(), run_config(c, a.run.quiet)?));
     }
     std::fs::create_dir_all(&out)?;
     sofo::checkpoint::write_atomic(&out.join("config.toml"), base.to_toml().as_bytes())?;

@@ -457,10 +457,6 @@ impl CudaDevice {
         Ok(DevTensor::wrap(t.shape(), data))
     }
 
-    pub fn upload_f64(&self, v: &[f64]) -> Result<CudaSlice<f64>> {
-        self.stream.clone_htod(v).map_err(|e| dev_err("upload", e))
-    }
-
     pub fn download(&self, t: &DevTensor) -> Result<Tensor<f32>> {
         let v = self
             .stream

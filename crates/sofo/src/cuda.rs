@@ -4,7 +4,7 @@
 
 use crate::loss::{LittleLoss, Observer, Sketch};
 use crate::models::{Batch, Model};
-use crate::optim::{split_flat, Sofo, StepReport, TangentKind};
+use crate::optim::{orthonormal_transform, split_flat, Sofo, StepReport, TangentKind};
 use crate::params::ParamSet;
 use crate::{Error, Result};
 use cudarc::driver::CudaSlice;
@@ -12,7 +12,7 @@ use sofo_ad::cuda::{CudaDual, CudaFwd};
 use sofo_ad::layout::{split3, tangent_shape};
 use sofo_ad::Dual;
 use sofo_tensor::cuda::CudaDevice;
-use sofo_tensor::{eigen, rng};
+use sofo_tensor::rng;
 use sofo_tensor::{Float, Tensor};
 use std::sync::Arc;
 
@@ -157,21 +157,7 @@ pub fn sofo_step<T: Float, M: Model<T>>(
                 })
                 .collect()
         } else {
-            if k > p {
-                return Err(Error::config(
-                    "sofo.tangents_k",
-                    k,
-                    format!("K ≤ P = {p} for orthonormal tangents"),
-                ));
-            }
-            // V ← S^{-1/2} Uᵀ V with V Vᵀ = U S Uᵀ
-            let (s, u) = eigen::symmetric_eigen(&g, k)?;
-            if s[0] <= 0.0 {
-                return Err(Error::NonFinite("tangents are linearly dependent".into()));
-            }
-            (0..k * k)
-                .map(|i| u[(i % k) * k + i / k] / s[i / k].sqrt())
-                .collect()
+            orthonormal_transform(&g, k, p)?
         };
         let m = dev.upload(&Tensor::from_f64_slice(&[k, k], &m)?)?;
         let mut w = dev.scratch(&[k, p])?;

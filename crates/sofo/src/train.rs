@@ -117,21 +117,25 @@ pub fn train<T: Float, M: Model<T>, K: Task<T>, O: Optimizer<T>>(
         let rep = optimizer.step(model, params, &batch, opts.seed, it as u64)?;
         let last = it + 1 == opts.iterations;
         let eval_now = opts.eval_every > 0 && ((it + 1) % opts.eval_every == 0 || last);
-        let metric = if eval_now && task.metric_name().is_some() {
-            let ys = record_outputs(model, params, &test)?;
-            task.metric(&ys, &test)
+        // one held-out pass gives the loss and, for the task's metric, the
+        // outputs (on the CPU: the recording pass; elsewhere the device's)
+        let (test_loss, metric) = if !eval_now {
+            (None, None)
+        } else if task.metric_name().is_some() && matches!(opts.device, Device::Cpu) {
+            let (loss, ys) = record_outputs(model, params, &test)?;
+            (Some(loss), task.metric(&ys, &test))
         } else {
-            None
-        };
-        let test_loss = if eval_now {
             // a diverged model scores NaN; the run goes on (its steps are skipped)
-            match evaluate_on(&opts.device, model, params, &test) {
-                Ok(l) => Some(l),
-                Err(crate::Error::NonFinite(_)) => Some(f64::NAN),
+            let loss = match evaluate_on(&opts.device, model, params, &test) {
+                Ok(l) => l,
+                Err(crate::Error::NonFinite(_)) => f64::NAN,
                 Err(e) => return Err(e),
-            }
-        } else {
-            None
+            };
+            let metric = match task.metric_name() {
+                Some(_) => task.metric(&record_outputs(model, params, &test)?.1, &test),
+                None => None,
+            };
+            (Some(loss), metric)
         };
         let row = MetricsRow {
             iteration: it,

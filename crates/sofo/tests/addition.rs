@@ -65,7 +65,7 @@ fn sofo_learns_a_short_delayed_addition() {
         let b = Task::<f32>::train_batch(&task, 0, it, 64).unwrap();
         s.step(&model, &mut params, &b, 0, it).unwrap();
     }
-    let y = record_outputs(&model, &params, &test).unwrap();
+    let (loss, y) = record_outputs(&model, &params, &test).unwrap();
     assert_eq!(y.len(), 1, "observed at the last step only");
     let target = &test.targets.to_f64_vec()[29 * 256..];
     let mse = y[0]
@@ -80,4 +80,9 @@ fn sofo_learns_a_short_delayed_addition() {
     // number across the delay (observed 0.086-0.09 at this budget; holding
     // both takes far longer, as the task is meant to).
     assert!(mse < 0.12, "MSE {mse}");
+    // the recorded pass's loss is the same MSE (weights on the last step only)
+    assert!(
+        (loss - mse).abs() <= 1e-9 * mse,
+        "recorded loss {loss} vs {mse}"
+    );
 }

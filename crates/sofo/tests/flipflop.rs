@@ -127,7 +127,7 @@ fn sofo_learns_a_two_bit_flip_flop() {
     let mut params = Model::<f32>::init(&model, 0).unwrap();
     let test = Task::<f32>::test_batch(&task, 64).unwrap();
     let score = |params: &sofo::params::ParamSet<f32>| {
-        let ys = record_outputs(&model, params, &test).unwrap();
+        let (_, ys) = record_outputs(&model, params, &test).unwrap();
         let out: Vec<f64> = ys.iter().flat_map(|y| y.to_f64_vec()).collect();
         correct_bits(&out, &test.targets.to_f64_vec())
     };

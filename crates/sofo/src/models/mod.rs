@@ -299,25 +299,29 @@ impl<T: Float> Observer<T, Rev<T>> for GradientSeeds<T> {
     }
 }
 
-/// The model's outputs at every observed step, [T_obs, M, O] flattened in
-/// step order (primal evaluation on the CPU): for task metrics and pictures.
+/// The loss and the model's outputs at every observed step (primal
+/// evaluation on the CPU): for task metrics and pictures.
 pub fn record_outputs<T: Float, M: Model<T>>(
     model: &M,
     params: &ParamSet<T>,
     batch: &Batch<T>,
-) -> Result<Vec<Tensor<T>>> {
+) -> Result<(f64, Vec<Tensor<T>>)> {
     let mut e = Fwd::primal();
     let duals: Vec<Dual<T>> = params
         .iter()
         .map(|p| Dual::constant(p.value.clone()))
         .collect();
     let prepared = model.prepare(&mut e, &duals)?;
-    let mut rec = Recorder { outputs: vec![] };
+    let mut rec = Recorder {
+        loss: 0.0,
+        outputs: vec![],
+    };
     model.run(&mut e, &prepared, &batch.all(), &mut rec)?;
-    Ok(rec.outputs)
+    Ok((rec.loss, rec.outputs))
 }
 
 struct Recorder<T: Float> {
+    loss: f64,
     outputs: Vec<Tensor<T>>,
 }
 
@@ -326,8 +330,9 @@ impl<T: Float> Observer<T, Fwd> for Recorder<T> {
         &mut self,
         _e: &mut Fwd,
         y: &Dual<T>,
-        _loss: &dyn crate::loss::LittleLoss<T>,
+        loss: &dyn crate::loss::LittleLoss<T>,
     ) -> Result<()> {
+        self.loss += loss.value(&y.primal)?;
         self.outputs.push(y.primal.clone());
         Ok(())
     }

@@ -6,7 +6,7 @@ mod sofo;
 
 pub use first_order::{Adam, AdamConfig, Fgd, FgdConfig, LearningRate, Schedule, Sgd, SgdConfig};
 #[cfg(feature = "cuda")]
-pub(crate) use sofo::split_flat;
+pub(crate) use sofo::{orthonormal_transform, split_flat};
 pub use sofo::{Damping, Proposal, Sofo, SofoConfig, StepReport, TangentKind, Tangents};
 
 use crate::models::{Batch, Model};

@@ -87,7 +87,7 @@ impl Default for SofoConfig {
 impl SofoConfig {
     pub fn validate(&self) -> Result<()> {
         if self.k == 0 {
-            return Err(Error::config("sofo.tangents_k", self.k, "K ≥ 1"));
+            return Err(Error::config("sofo.tangents", self.k, "K ≥ 1"));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::config("sofo.lr", self.lr, "a finite value > 0"));
@@ -183,13 +183,6 @@ impl Sofo {
                 }
             }
             TangentKind::Orthonormal => {
-                if k > p {
-                    return Err(Error::config(
-                        "sofo.tangents_k",
-                        k,
-                        format!("K ≤ P = {p} for orthonormal tangents"),
-                    ));
-                }
                 let ortho = orthonormalize(&flat, k, p)?;
                 std::mem::replace(&mut flat, ortho).free();
             }
@@ -469,6 +462,26 @@ pub(crate) fn split_flat<T: Float>(
     Ok(out)
 }
 
+/// M = S^{-1/2} Uᵀ (row-major K×K) from the Gram matrix V Vᵀ = U S Uᵀ of
+/// K directions over P scalars: the rows of M V are orthonormal and span
+/// span(V). Shared by the CPU and GPU tangent draws.
+pub(crate) fn orthonormal_transform(gram: &[f64], k: usize, p: usize) -> Result<Vec<f64>> {
+    if k > p {
+        return Err(Error::config(
+            "sofo.tangents",
+            k,
+            format!("K ≤ P = {p} for orthonormal tangents"),
+        ));
+    }
+    let (s, u) = eigen::symmetric_eigen(gram, k)?;
+    if s[0] <= 0.0 {
+        return Err(Error::NonFinite("tangents are linearly dependent".into()));
+    }
+    Ok((0..k * k)
+        .map(|idx| u[(idx % k) * k + idx / k] / s[idx / k].sqrt())
+        .collect())
+}
+
 /// V ← S^{-1/2} Uᵀ V with V Vᵀ = U S Uᵀ: orthonormal rows spanning span(V).
 fn orthonormalize<T: Float>(v: &Tensor<T>, k: usize, p: usize) -> Result<Tensor<T>> {
     let mut vvt = Tensor::<T>::scratch(&[k, k]);
@@ -483,16 +496,7 @@ fn orthonormalize<T: Float>(v: &Tensor<T>, k: usize, p: usize) -> Result<Tensor<
         Mat::transposed(p),
         T::one(),
     );
-    let g = vvt.to_f64_vec();
-    let (s, u) = eigen::symmetric_eigen(&g, k)?;
-    if s[0] <= 0.0 {
-        return Err(Error::NonFinite("tangents are linearly dependent".into()));
-    }
-    // M = S^{-1/2} Uᵀ
-    let m = Tensor::<T>::from_fn(&[k, k], |idx| {
-        let (i, j) = (idx / k, idx % k);
-        T::from_f64(u[j * k + i] / s[i].sqrt())
-    });
+    let m = Tensor::<T>::from_f64_slice(&[k, k], &orthonormal_transform(&vvt.to_f64_vec(), k, p)?)?;
     let mut out = Tensor::<T>::scratch(&[k, p]);
     Cpu.gemm(
         Gemm::new(k, p, k),
