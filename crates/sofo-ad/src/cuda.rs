@@ -45,6 +45,8 @@ fn code(op: Unary) -> (UnaryCode, f32) {
         Unary::Sigmoid => (UnaryCode::Sigmoid, 0.0),
         Unary::Square => (UnaryCode::Square, 0.0),
         Unary::Sqrt => (UnaryCode::Sqrt, 0.0),
+        Unary::Sin => (UnaryCode::Sin, 0.0),
+        Unary::Cos => (UnaryCode::Cos, 0.0),
         Unary::AddScalar(s) => (UnaryCode::AddScalar, s as f32),
         Unary::MulScalar(s) => (UnaryCode::MulScalar, s as f32),
     }

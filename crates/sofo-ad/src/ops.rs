@@ -13,6 +13,8 @@ pub enum Unary {
     Sigmoid,
     Square,
     Sqrt,
+    Sin,
+    Cos,
     AddScalar(f64),
     MulScalar(f64),
 }
@@ -33,6 +35,8 @@ impl Unary {
             Unary::Sigmoid => sigmoid(x),
             Unary::Square => x * x,
             Unary::Sqrt => x.sqrt(),
+            Unary::Sin => x.sin(),
+            Unary::Cos => x.cos(),
             Unary::AddScalar(s) => x + T::from_f64(s),
             Unary::MulScalar(s) => x * T::from_f64(s),
         }
@@ -67,6 +71,8 @@ impl Unary {
             Unary::Sigmoid => y * (T::one() - y),
             Unary::Square => two * x,
             Unary::Sqrt => T::one() / (two * y),
+            Unary::Sin => x.cos(),
+            Unary::Cos => -x.sin(),
             Unary::AddScalar(_) => T::one(),
             Unary::MulScalar(s) => T::from_f64(s),
         }
@@ -174,6 +180,12 @@ pub trait Ops<T: Float> {
     }
     fn sqrt(&mut self, x: &Self::V) -> Result<Self::V> {
         self.unary(x, Unary::Sqrt)
+    }
+    fn sin(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Sin)
+    }
+    fn cos(&mut self, x: &Self::V) -> Result<Self::V> {
+        self.unary(x, Unary::Cos)
     }
     fn add_scalar(&mut self, x: &Self::V, s: f64) -> Result<Self::V> {
         self.unary(x, Unary::AddScalar(s))

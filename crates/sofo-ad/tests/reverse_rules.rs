@@ -179,6 +179,8 @@ fn unary_ops() {
         Unary::Sigmoid,
         Unary::Square,
         Unary::Sqrt,
+        Unary::Sin,
+        Unary::Cos,
         Unary::AddScalar(0.4),
         Unary::MulScalar(-2.5),
     ]

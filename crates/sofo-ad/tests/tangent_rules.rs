@@ -452,7 +452,7 @@ fn layout_round_trips() {
 // ---------------------------------------------------------------------------
 // Elementwise ops.
 
-const UNARY_OPS: [(Unary, Dist); 12] = [
+const UNARY_OPS: [(Unary, Dist); 14] = [
     (Unary::Neg, N1),
     (Unary::Abs, Dist::AwayFromZero(0.1)),
     (Unary::Exp, N1),
@@ -463,6 +463,8 @@ const UNARY_OPS: [(Unary, Dist); 12] = [
     (Unary::Sigmoid, Dist::Normal(3.0)),
     (Unary::Square, N1),
     (Unary::Sqrt, Dist::Uniform(0.3, 3.0)),
+    (Unary::Sin, Dist::Normal(3.0)),
+    (Unary::Cos, Dist::Normal(3.0)),
     (Unary::AddScalar(0.7), N1),
     (Unary::MulScalar(-1.3), N1),
 ];

@@ -67,6 +67,7 @@ fn random_batch(t: usize, m: usize, i: usize, o: usize, seed: u64) -> Result<Bat
         targets: y,
         weights: None,
         loss_norm: (t * m * o) as f64,
+        noise_seed: 0,
     })
 }
 

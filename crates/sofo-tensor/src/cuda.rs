@@ -48,6 +48,8 @@ extern "C" __global__ void unary_fwd(const float* x, float* y, float* d, long lo
             case 8: o = sqrtf(v); g = 0.5f / o; break;
             case 9: o = v + s; g = 1.f; break;
             case 11: o = fabsf(v); g = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f); break;
+            case 12: o = sinf(v); g = cosf(v); break;
+            case 13: o = cosf(v); g = -sinf(v); break;
             default: o = v * s; g = s; break;
         }
         y[i] = o;
@@ -206,6 +208,8 @@ pub enum UnaryCode {
     AddScalar = 9,
     MulScalar = 10,
     Abs = 11,
+    Sin = 12,
+    Cos = 13,
 }
 
 struct Kernels {

@@ -48,6 +48,7 @@ pub fn tiny_rnn(m: usize, t: usize) -> (RateRnn, ParamSet<f64>, Batch<f64>) {
         targets: randn(&[t, m, 2], 7, 2),
         weights: Some(w),
         loss_norm: (t * m * 2) as f64,
+        noise_seed: 0,
     };
     (model, params, batch)
 }
@@ -237,5 +238,6 @@ pub fn memory_batch<T: Float>(m: usize, t: usize, seed: u64) -> Batch<T> {
         targets: y,
         weights: Some(w),
         loss_norm: (m * (t - 5)) as f64,
+        noise_seed: 0,
     }
 }

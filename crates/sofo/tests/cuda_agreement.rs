@@ -88,6 +88,8 @@ fn every_op_agrees_with_the_cpu() {
         Unary::Sigmoid,
         Unary::Square,
         Unary::Sqrt,
+        Unary::Sin,
+        Unary::Cos,
         Unary::AddScalar(0.3),
         Unary::MulScalar(-1.7),
     ] {
@@ -168,6 +170,7 @@ fn rnn_case(act: Activation) -> (RateRnn, ParamSet<f32>, Batch<f32>) {
         targets: randn(&[t, m, 2], 5, 2),
         weights: Some(w),
         loss_norm: (t * m * 2) as f64,
+        noise_seed: 0,
     };
     (model, params, batch)
 }
@@ -332,6 +335,7 @@ fn gpu_memory_is_flat_in_t() {
             targets: randn(&[t, m, 3], 1, 2),
             weights: None,
             loss_norm: (t * m * 3) as f64,
+            noise_seed: 0,
         };
         let s = Sofo::new(SofoConfig {
             k: 32,

@@ -27,6 +27,7 @@ fn peak_extra_bytes(t: usize) -> usize {
         targets: Tensor::zeros(&[t, m, 3]),
         weights: None,
         loss_norm: (t * m * 3) as f64,
+        noise_seed: 0,
     };
     let sofo = Sofo::new(SofoConfig {
         k: 16,

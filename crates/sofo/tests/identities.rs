@@ -172,6 +172,7 @@ fn linear_model_loss_is_the_sketched_quadratic() {
         targets: randn(&[t, m, 2], 9, 2),
         weights: None,
         loss_norm: (t * m * 2) as f64,
+        noise_seed: 0,
     };
     let p = params.trainable_count();
     let k = 5;

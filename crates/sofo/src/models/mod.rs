@@ -13,7 +13,7 @@ use crate::params::ParamSet;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use sofo_ad::{Dual, Fwd, Ops, Rev, Var};
-use sofo_tensor::{parallel, Float, Tensor};
+use sofo_tensor::{parallel, rng, Float, Tensor};
 
 /// A batch of trials for a sequence model.
 #[derive(Debug, Clone)]
@@ -32,6 +32,10 @@ pub struct Batch<T: Float> {
     pub weights: Option<Tensor<T>>,
     /// The normaliser n of the weighted MSE over the whole trial.
     pub loss_norm: f64,
+    /// Seed of the batch's process noise, for models that have any. The noise
+    /// of (step, trial) depends on this seed, the step and the trial's index
+    /// in the batch only, so it is the same however the trials are split.
+    pub noise_seed: u64,
 }
 
 impl<T: Float> Batch<T> {
@@ -116,6 +120,26 @@ impl<T: Float> Trials<'_, T> {
             None => Ok(None),
             Some(x) => Ok(Some(x.slice(0, self.start, self.len)?)),
         }
+    }
+
+    /// Seeded noise of step t for these trials, [len, width]: U(lo, hi), or
+    /// N(0, 1) when `range` is `None`. Each trial's row comes from its own
+    /// stream (see [`Batch::noise_seed`]). A constant with respect to θ.
+    pub fn noise(&self, t: usize, width: usize, range: Option<(f64, f64)>) -> Result<Tensor<T>> {
+        use rand::RngExt;
+        let mut out = Tensor::<T>::scratch(&[self.len, width]);
+        for (j, row) in out.data_mut().chunks_mut(width.max(1)).enumerate() {
+            let trial = (self.start + j) as u64;
+            let mut g = rng::generator(self.batch.noise_seed, rng::substream(t as u64, trial));
+            for v in row {
+                let x = match range {
+                    Some((lo, hi)) => lo + (hi - lo) * g.random::<f64>(),
+                    None => g.sample(rand_distr::StandardNormal),
+                };
+                *v = T::from_f64(x);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether step t carries any loss for these trials.

@@ -73,6 +73,7 @@ impl AdditionTask {
             targets: Tensor::from_f64_slice(&[t, trials, 1], &y)?,
             weights: Some(Tensor::from_f64_slice(&[t, trials], &w)?),
             loss_norm: trials as f64,
+            noise_seed: rng::substream(seed, stream),
         })
     }
 }

@@ -113,6 +113,7 @@ impl FlipFlopTask {
             targets: Tensor::from_f64_slice(&shape, &y)?,
             weights: None,
             loss_norm: (self.steps * trials * self.bits) as f64,
+            noise_seed: rng::substream(seed, stream),
         })
     }
 }

@@ -143,6 +143,7 @@ impl LorenzTask {
             targets: Tensor::from_f64_slice(&[t, m, 3], &targets)?,
             weights: Some(Tensor::from_f64_slice(&[t, m], &weights)?),
             loss_norm: (m * 3) as f64,
+            noise_seed: 0,
         })
     }
 }
