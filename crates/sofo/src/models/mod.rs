@@ -1,12 +1,16 @@
 //! Models, each written once against the op vocabulary [`Ops`].
 
+mod arm;
 mod constrained;
 mod lorenz;
 mod rate_rnn;
+mod reach_rnn;
 
+pub use arm::TwoJointArm;
 pub use constrained::{ConstrainedRnn, Constraints};
 pub use lorenz::LorenzModel;
 pub use rate_rnn::{Activation, RateRnn};
+pub use reach_rnn::ReachRnn;
 
 use crate::loss::{Observer, Sketch};
 use crate::params::ParamSet;

@@ -3,11 +3,13 @@
 mod addition;
 mod flipflop;
 mod lorenz;
+mod reach;
 pub mod sine;
 
 pub use addition::AdditionTask;
 pub use flipflop::{correct_bits, FlipFlopTask};
 pub use lorenz::{LorenzData, LorenzTask};
+pub use reach::{HoldWindow, ReachReport, ReachTask, ReachTrial};
 
 use crate::models::Batch;
 use crate::Result;

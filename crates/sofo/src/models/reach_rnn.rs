@@ -1,0 +1,185 @@
+//! A rate RNN driving the two-joint arm (tasks.md §2):
+//!
+//! ```text
+//! r_t = relu(z_t) ⊙ η_t                     η ~ U[1 − σ', 1 + σ'] clipped at 0
+//! τ_t = r_t Cᵀ + d                           joint torques [M, 2]
+//! (θ, θ̇)_{t+1} = arm(θ_t, θ̇_t, τ_t)         explicit Euler
+//! z_{t+1} = (1 − α) z_t + α (r_t Wᵀ + u_t Bᵀ + [θ, θ̇]_{t+1} Fᵀ + b)
+//! ```
+//!
+//! with α = dt/τ and σ' = `noise`·√(τ/dt). The hand's position and velocity
+//! `[M, 4]` after each arm step are the observed outputs. Tensors `W` [N,N],
+//! `B` [N,I], `F` [N,4] (proprioceptive feedback of θ1, θ2, θ̇1, θ̇2), `b` [N],
+//! `C` [2,N], `d` [2] and the learned initial state `x0` [N]. The noise is
+//! drawn from the batch's noise seed (a constant with respect to θ).
+
+use super::arm::TwoJointArm;
+use super::{Batch, Model, Trials};
+use crate::loss::Observer;
+use crate::params::{Param, ParamMode, ParamSet};
+use crate::{Error, Result};
+use sofo_ad::Ops;
+use sofo_tensor::{rng, Float, Tensor};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReachRnn {
+    pub n: usize,
+    pub inputs: usize,
+    /// α = dt/τ (§2: 2 ms / 20 ms = 0.1).
+    pub alpha: f64,
+    /// Gain g of the initial recurrent weights, W ~ N(0, g²/N).
+    pub gain: f64,
+    /// Multiplicative rate noise: σ' = noise·√(τ/dt) = noise/√α (§2: 0.2);
+    /// 0 turns it off.
+    pub noise: f64,
+    pub arm: TwoJointArm,
+}
+
+impl ReachRnn {
+    /// tasks.md §2: N = 64, α = 0.1, noise 0.2, a weak start (g = 0.5).
+    pub fn paper(inputs: usize) -> Self {
+        ReachRnn {
+            n: 64,
+            inputs,
+            alpha: 0.1,
+            gain: 0.5,
+            noise: 0.2,
+            arm: TwoJointArm::li_todorov(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.n == 0 {
+            return Err(Error::config("model.n", self.n, "at least 1"));
+        }
+        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
+            return Err(Error::config(
+                "model.alpha",
+                self.alpha,
+                "0 < alpha ≤ 1 (dt/τ)",
+            ));
+        }
+        if !(self.gain >= 0.0 && self.gain.is_finite()) {
+            return Err(Error::config("model.gain", self.gain, "a finite value ≥ 0"));
+        }
+        if !(self.noise >= 0.0 && self.noise.is_finite()) {
+            return Err(Error::config(
+                "model.noise",
+                self.noise,
+                "a finite value ≥ 0",
+            ));
+        }
+        if !(self.arm.dt > 0.0 && self.arm.dt.is_finite()) {
+            return Err(Error::config("arm.dt", self.arm.dt, "a finite value > 0"));
+        }
+        Ok(())
+    }
+
+    /// σ', the half-width of the multiplicative noise.
+    pub fn noise_width(&self) -> f64 {
+        self.noise / self.alpha.sqrt()
+    }
+}
+
+fn normal<T: Float>(shape: &[usize], std: f64, seed: u64, stream: u64) -> Tensor<T> {
+    let mut t = Tensor::<T>::scratch(shape);
+    rng::fill_normal(t.data_mut(), seed, stream);
+    t.map(|v| v * T::from_f64(std))
+}
+
+fn param<T: Float>(name: &str, value: Tensor<T>) -> Param<T> {
+    Param {
+        name: name.into(),
+        value,
+        mode: ParamMode::Free,
+    }
+}
+
+impl<T: Float> Model<T> for ReachRnn {
+    fn init(&self, seed: u64) -> Result<ParamSet<T>> {
+        self.validate()?;
+        let (n, i) = (self.n, self.inputs);
+        let inv_sqrt = |k: usize| 1.0 / (k.max(1) as f64).sqrt();
+        Ok(ParamSet::new(vec![
+            param("W", normal(&[n, n], self.gain * inv_sqrt(n), seed, 1)),
+            param("B", normal(&[n, i], inv_sqrt(i), seed, 2)),
+            // θ and θ̇ are O(1) rad and rad/s: the same scale as the inputs
+            param("F", normal(&[n, 4], inv_sqrt(4), seed, 4)),
+            param("b", Tensor::zeros(&[n])),
+            // torques of O(0.1) N·m for O(1) rates move the arm a few cm
+            // in the first 100 ms: a gentle start
+            param("C", normal(&[2, n], 0.1 * inv_sqrt(n), seed, 3)),
+            param("d", Tensor::zeros(&[2])),
+            param("x0", Tensor::zeros(&[n])),
+        ]))
+    }
+
+    /// Prepared: [Wᵀ, Bᵀ, Fᵀ, b, Cᵀ, d, x0].
+    fn prepare<E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Vec<E::V>> {
+        Ok(vec![
+            e.transpose(&p[0], 0, 1)?,
+            e.transpose(&p[1], 0, 1)?,
+            e.transpose(&p[2], 0, 1)?,
+            p[3].clone(),
+            e.transpose(&p[4], 0, 1)?,
+            p[5].clone(),
+            p[6].clone(),
+        ])
+    }
+
+    fn run<E: Ops<T>>(
+        &self,
+        e: &mut E,
+        p: &[E::V],
+        batch: &Trials<'_, T>,
+        obs: &mut dyn Observer<T, E>,
+    ) -> Result<()> {
+        let m = batch.trials();
+        let a = T::from_f64(self.alpha);
+        let (wt, bt, ft, bias, ct, d) = (&p[0], &p[1], &p[2], &p[3], &p[4], &p[5]);
+        let start = TwoJointArm::start_angles();
+        let mut theta = e.constant(Tensor::from_f64_slice(&[m, 2], &start.repeat(m))?)?;
+        let mut vel = e.constant(Tensor::zeros(&[m, 2]))?;
+        let mut z = e.broadcast_to(&p[6], &[m, self.n])?;
+        let width = self.noise_width();
+        for t in 0..batch.steps() {
+            let mut r = e.relu(&z)?;
+            if width > 0.0 {
+                let eta = batch
+                    .noise(t, self.n, Some((1.0 - width, 1.0 + width)))?
+                    .map(|v| v.max(T::zero()));
+                let eta = e.constant(eta)?;
+                r = e.mul(&r, &eta)?;
+            }
+            let tau = e.linear(None, T::one(), &[(&r, ct)], Some(d))?;
+            (theta, vel) = self.arm.step(e, &theta, &vel, &tau)?;
+            if batch.observed(t) {
+                let hand = self.arm.hand(e, &theta, &vel)?;
+                obs.observe(e, &hand, &batch.step_loss(t)?)?;
+            }
+            let fb = e.concat(&[&theta, &vel], 1)?;
+            z = match batch.input(t)? {
+                Some(u) => {
+                    let u = e.constant(u)?;
+                    e.linear(
+                        Some((&z, T::one() - a)),
+                        a,
+                        &[(&r, wt), (&u, bt), (&fb, ft)],
+                        Some(bias),
+                    )?
+                }
+                None => e.linear(
+                    Some((&z, T::one() - a)),
+                    a,
+                    &[(&r, wt), (&fb, ft)],
+                    Some(bias),
+                )?,
+            };
+        }
+        Ok(())
+    }
+
+    fn sofo_flops(&self, k: usize, batch: &Batch<T>) -> f64 {
+        4.0 * (k * batch.trials * self.n * self.n * batch.steps) as f64
+    }
+}
