@@ -3,15 +3,15 @@
 //! `--config` accepts.
 
 use serde::{Deserialize, Serialize};
-use sofo::models::{Activation, ConstrainedRnn, Constraints, RateRnn};
+use sofo::models::{Activation, ConstrainedRnn, Constraints, RateRnn, ReachRnn};
 use sofo::optim::force::ForceConfig;
 use sofo::optim::{
     AdamConfig, Damping, FgdConfig, LearningRate, Schedule, SgdConfig, SofoConfig, TangentKind,
 };
-use sofo::tasks::{AdditionTask, FlipFlopTask};
+use sofo::tasks::{AdditionTask, FlipFlopTask, ReachTask};
 use sofo::{Error, Result};
 
-pub const TASKS: &[&str] = &["lorenz", "sine", "flipflop", "addition"];
+pub const TASKS: &[&str] = &["lorenz", "sine", "flipflop", "addition", "reach1", "reach2"];
 pub const OPTIMIZERS: &[&str] = &["sofo", "adam", "sgd", "fgd", "force"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,6 +43,8 @@ pub struct RunConfig {
     pub force: ForceSection,
     pub flipflop: FlipFlopSection,
     pub addition: AdditionSection,
+    /// Reaching with the two-joint arm (reach1, reach2).
+    pub reach: ReachSection,
     /// Biological constraints of the rate RNN (flipflop, addition).
     pub constraints: ConstraintsSection,
 }
@@ -103,6 +105,36 @@ impl Default for AdditionSection {
             alpha: 0.25,
             activation: "relu".into(),
             gain: 0.9,
+        }
+    }
+}
+
+/// Reaching with the two-joint arm (tasks.md §2): the task is `reach1`
+/// (single) or `reach2` (double); the network is the §2 rate RNN.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReachSection {
+    /// steps per trial T (2 ms each): 750 for reach1, 1000 for reach2
+    pub steps: usize,
+    /// units N
+    pub n: usize,
+    /// dt/τ (2 ms / 20 ms)
+    pub alpha: f64,
+    /// initial recurrent gain g (weak: no chaos at start)
+    pub gain: f64,
+    /// multiplicative rate noise: η ~ U[1 − σ', 1 + σ'], σ' = noise·√(τ/dt); 0 = off
+    pub noise: f64,
+}
+
+impl Default for ReachSection {
+    fn default() -> Self {
+        let m = ReachRnn::paper(6);
+        ReachSection {
+            steps: ReachTask::double().steps,
+            n: m.n,
+            alpha: m.alpha,
+            gain: m.gain,
+            noise: m.noise,
         }
     }
 }
@@ -311,6 +343,7 @@ impl Default for RunConfig {
             force: ForceSection::default(),
             flipflop: FlipFlopSection::default(),
             addition: AdditionSection::default(),
+            reach: ReachSection::default(),
             constraints: ConstraintsSection::default(),
         }
     }
@@ -434,6 +467,18 @@ impl RunConfig {
                 c.batch = 64;
                 c.test_trials = 256;
             }
+            "reach1" | "reach2" => {
+                // tasks.md §2: batch 256, 5000 iterations, K 128, damping 1e-5
+                c.sofo.lr = 0.1;
+                c.batch = 256;
+                c.iterations = 5000;
+                c.eval_every = 100;
+                c.test_trials = 256;
+                c.adam.lr = 5e-4;
+                if task == "reach1" {
+                    c.reach.steps = ReachTask::single().steps;
+                }
+            }
             _ => {}
         }
         c
@@ -511,6 +556,10 @@ impl RunConfig {
         match self.task.as_str() {
             "flipflop" => self.constrained(self.flipflop()?.1).map(|_| ())?,
             "addition" => self.constrained(self.addition()?.1).map(|_| ())?,
+            "reach1" | "reach2" => {
+                self.reach()?;
+                self.only_trainability("reach")?;
+            }
             _ => {}
         }
         match self.optimizer.as_str() {
@@ -649,6 +698,80 @@ impl RunConfig {
             f.gain,
         )?;
         Ok((task, model))
+    }
+
+    /// The reach task (`reach1` single, `reach2` double) and its network.
+    pub fn reach(&self) -> Result<(ReachTask, ReachRnn)> {
+        let r = &self.reach;
+        let base = if self.task == "reach1" {
+            ReachTask::single()
+        } else {
+            ReachTask::double()
+        };
+        let task = ReachTask {
+            steps: r.steps,
+            ..base
+        };
+        task.validate()?;
+        let model = ReachRnn {
+            n: r.n,
+            alpha: r.alpha,
+            gain: r.gain,
+            noise: r.noise,
+            ..ReachRnn::paper(task.inputs())
+        };
+        model.validate().map_err(|e| match e {
+            Error::Config {
+                field,
+                value,
+                allowed,
+            } => Error::Config {
+                field: field.replace("model.", "reach."),
+                value,
+                allowed,
+            },
+            e => e,
+        })?;
+        Ok((task, model))
+    }
+
+    /// Models other than the rate RNN of flipflop/addition take `pinned` and
+    /// `bounds` from `[constraints]` but not Dale's law or masks: refuse
+    /// those rather than ignore them.
+    fn only_trainability(&self, what: &str) -> Result<()> {
+        let c = &self.constraints;
+        let d = ConstraintsSection::default();
+        let bad = [
+            ("constraints.dale", c.dale != d.dale, c.dale.to_string()),
+            (
+                "constraints.dale_readout",
+                c.dale_readout != d.dale_readout,
+                c.dale_readout.to_string(),
+            ),
+            (
+                "constraints.density",
+                c.density != d.density,
+                c.density.to_string(),
+            ),
+            (
+                "constraints.autapses",
+                c.autapses != d.autapses,
+                c.autapses.to_string(),
+            ),
+        ];
+        for (field, set, value) in bad {
+            if set {
+                return Err(Error::config(
+                    field,
+                    value,
+                    format!(
+                        "its default for task \"{}\": the {what} network takes only `pinned` and `bounds` from [constraints]",
+                        self.task
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The delayed-addition task and its network.

@@ -7,11 +7,13 @@ mod plot;
 use clap::{Args, Parser, Subcommand};
 use config::RunConfig;
 use indicatif::{ProgressBar, ProgressStyle};
-use sofo::models::{record_outputs, ConstrainedRnn, LorenzModel, Model};
+use sofo::models::{record_outputs, ConstrainedRnn, LorenzModel, Model, ReachRnn};
 use sofo::optim::Sofo;
 use sofo::optim::{Adam, Fgd, Optimizer, Sgd};
 use sofo::params::ParamSet;
-use sofo::tasks::{correct_bits, AdditionTask, FlipFlopTask, LorenzData, LorenzTask, Task};
+use sofo::tasks::{
+    correct_bits, AdditionTask, FlipFlopTask, LorenzData, LorenzTask, ReachTask, Task,
+};
 use sofo::train::{train, MetricsRow, TrainOptions};
 use sofo::{Error, Result};
 use std::path::PathBuf;
@@ -222,6 +224,14 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
             flipflop_report(&model, &task, &params, &run.out)?;
             Ok(rows)
         }
+        "reach1" | "reach2" => {
+            let (task, model) = cfg.reach()?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            cfg.apply_modes(&mut params)?;
+            let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            reach_report(&model, &task, &params, cfg.test_trials, &run.out)?;
+            Ok(rows)
+        }
         _ => {
             let l = &cfg.lorenz;
             let task = LorenzTask {
@@ -366,6 +376,60 @@ fn flipflop_report(
     Ok(())
 }
 
+/// The reach's hand errors and picture on held-out trials: the mean hand
+/// error in each hold window, the share of trials within 2 cm, and the hand
+/// paths of eight trials with their targets.
+fn reach_report(
+    model: &ReachRnn,
+    task: &ReachTask,
+    params: &ParamSet<f32>,
+    trials: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    let name = Task::<f32>::name(task);
+    let mut test = Task::<f32>::test_batch(task, trials)?;
+    let (seed, stream) = task.test_stream();
+    let layouts: Vec<_> = (0..trials).map(|j| task.trial(seed, stream, j)).collect();
+    // every step observed: the whole path, not just the hold windows
+    test.weights = None;
+    let (_, ys) = record_outputs(model, params, &test)?;
+    let hand: Vec<Vec<f64>> = ys.iter().map(|y| y.to_f64_vec()).collect();
+    let rep = task.report(&hand, 4, &layouts);
+    let centre = task.arm.central_spot();
+    let shown = trials.min(8);
+    let paths: Vec<plot::ReachPath> = (0..shown)
+        .map(|j| plot::ReachPath {
+            hand: hand.iter().map(|h| (h[j * 4], h[j * 4 + 1])).collect(),
+            targets: layouts[j]
+                .targets
+                .iter()
+                .map(|d| (centre[0] + d[0], centre[1] + d[1]))
+                .collect(),
+        })
+        .collect();
+    let errors: Vec<String> = rep
+        .window_error_cm
+        .iter()
+        .map(|(w, e)| format!("{w} {e:.2} cm"))
+        .collect();
+    plot::reach_paths(
+        &out.join("reach.png"),
+        &format!(
+            "{name}: {:.1} % of {trials} held-out trials within 2 cm",
+            100.0 * rep.within_2cm
+        ),
+        (centre[0], centre[1]),
+        &paths,
+    )?;
+    eprintln!(
+        "{name}: mean hand error {}; {:.1} % of {trials} held-out trials within 2 cm in every reach hold; wrote {}/reach.png",
+        errors.join(", "),
+        100.0 * rep.within_2cm,
+        out.display()
+    );
+    Ok(())
+}
+
 /// FORCE on the sine task: one metrics row per period of the target (the
 /// mean squared error while learning), then the test error with learning
 /// off; weights: readout `W` [N, 1], recurrent `J` [N, N], feedback `F` [1, N].
@@ -495,6 +559,15 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 task.test_seed = s;
             }
             addition_report(&model, &task, &params, &out)?;
+        }
+        "reach1" | "reach2" => {
+            let (mut task, model) = cfg.reach()?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            sofo::checkpoint::load_into(&mut params, &weights)?;
+            if let Some(s) = a.seed {
+                task.test_seed = s;
+            }
+            reach_report(&model, &task, &params, cfg.test_trials, &out)?;
         }
         _ => {
             let l = &cfg.lorenz;
@@ -756,6 +829,23 @@ fn tasks() {
         "        optimizers sofo (default), adam, sgd, fgd; defaults: T {}, N {}, {}, α {}, batch {}, K {}, lr {}, damping {:e} (a GPU job: --device cuda)",
         a.addition.steps, a.addition.n, a.addition.activation, a.addition.alpha, a.batch, a.sofo.tangents, a.sofo.lr, a.sofo.damping
     );
+    for (name, what) in [
+        (
+            "reach2",
+            "double reach with a two-joint arm in the loop, tasks.md §2",
+        ),
+        (
+            "reach1",
+            "single reach (hold, go, reach, hold) with the same arm and network",
+        ),
+    ] {
+        let r = RunConfig::defaults_for(name);
+        println!("{name}  {what} (metric: hand error per hold window, share within 2 cm; picture reach.png)");
+        println!(
+            "        optimizers sofo (default), adam, sgd, fgd; defaults: T {} (2 ms steps), N {}, relu, α {}, gain {}, rate noise {}, batch {}, K {}, lr {}, damping {:e}, {} iterations (a GPU job: --device cuda)",
+            r.reach.steps, r.reach.n, r.reach.alpha, r.reach.gain, r.reach.noise, r.batch, r.sofo.tangents, r.sofo.lr, r.sofo.damping, r.iterations
+        );
+    }
     println!("sine    FORCE sine-wave generation by a reservoir, tasks.md §6");
     println!(
         "        optimizer force; defaults: N {}, p {}, g {}, RLS every {} steps, α {}, {} training periods, {} test periods",

@@ -245,3 +245,82 @@ pub fn scatter(
     root.present().map_err(plot_err)?;
     Ok(())
 }
+
+/// One trial's hand path and its reach targets (m).
+pub struct ReachPath {
+    pub hand: Vec<(f64, f64)>,
+    pub targets: Vec<(f64, f64)>,
+}
+
+/// Writes `path`: hand paths in the plane, each with its targets in the same
+/// colour (the first a cross, the second a triangle), and the central spot as a black circle.
+pub fn reach_paths(
+    path: &Path,
+    title: &str,
+    centre: (f64, f64),
+    paths: &[ReachPath],
+) -> Result<()> {
+    let _ = register_font("sans-serif", FontStyle::Normal, FONT);
+    let all = paths
+        .iter()
+        .flat_map(|p| p.hand.iter().chain(&p.targets))
+        .chain(std::iter::once(&centre))
+        .filter(|(x, y)| x.is_finite() && y.is_finite());
+    let (x0, x1, y0, y1) = all.fold(
+        (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ),
+        |(a, b, c, d), &(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
+    );
+    // equal scales on both axes, with a margin
+    let half = 0.5 * (x1 - x0).max(y1 - y0).max(0.1) + 0.05;
+    let (cx, cy) = (0.5 * (x0 + x1), 0.5 * (y0 + y1));
+    let root = BitMapBackend::new(path, (760, 760)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(cx - half..cx + half, cy - half..cy + half)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("hand x (m)")
+        .y_desc("hand y (m)")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(plot_err)?;
+    for (i, p) in paths.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let pts: Vec<(f64, f64)> = p
+            .hand
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+            .map_err(plot_err)?;
+        // first target a cross, second a triangle
+        for (k, &t) in p.targets.iter().enumerate() {
+            if k == 0 {
+                chart
+                    .draw_series(std::iter::once(Cross::new(t, 8, c.stroke_width(3))))
+                    .map_err(plot_err)?;
+            } else {
+                chart
+                    .draw_series(std::iter::once(TriangleMarker::new(t, 9, c.filled())))
+                    .map_err(plot_err)?;
+            }
+        }
+    }
+    chart
+        .draw_series(std::iter::once(Circle::new(centre, 6, BLACK.filled())))
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}

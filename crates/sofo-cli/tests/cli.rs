@@ -494,3 +494,65 @@ fn pinned_and_bounded_tensors_from_the_config() {
         stderr(&o)
     );
 }
+
+#[test]
+fn reach_trains_reports_draws_and_reevaluates() {
+    let dir = tmp("reach");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("r.toml");
+    std::fs::write(&cfg, "task = \"reach1\"\niterations = 2\nbatch = 4\nthreads = 1\ntest_trials = 8\neval_every = 1\n[sofo]\ntangents = 8\n[reach]\nsteps = 601\nn = 8\n").unwrap();
+    let out = dir.join("run");
+    let o = sofo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("reach1: mean hand error centre hold"))
+        .unwrap_or_else(|| panic!("no reach report in {e}"));
+    assert!(
+        line.contains("target 1 hold") && line.contains("within 2 cm"),
+        "{line}"
+    );
+    assert_eq!(&std::fs::read(out.join("reach.png")).unwrap()[1..4], b"PNG");
+    let m = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let during: Vec<f64> = m
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(6).filter(|v| !v.is_empty())?.parse().ok())
+        .collect();
+    assert!(
+        !during.is_empty() && during.iter().all(|v| (0.0..=1.0).contains(v)),
+        "{m}"
+    );
+    // eval on the saved weights reproduces the report of the run's end
+    let o = sofo(&["eval", "--run", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = stderr(&o);
+    let numbers = line.split("; wrote").next().unwrap();
+    assert!(
+        again.lines().any(|l| l.starts_with(numbers)),
+        "{again}\nvs\n{line}"
+    );
+    assert!(out.join("eval").join("reach.png").exists());
+    // bad settings name the field
+    std::fs::write(&cfg, "task = \"reach2\"\n[reach]\nsteps = 600\n").unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("reach.steps") && stderr(&o).contains("600"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&cfg, "task = \"reach2\"\n[constraints]\ndale = true\n").unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(stderr(&o).contains("constraints.dale"), "{}", stderr(&o));
+    std::fs::write(&cfg, "task = \"reach2\"\n[reach]\nnoise = -1.0\n").unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(stderr(&o).contains("reach.noise"), "{}", stderr(&o));
+}
