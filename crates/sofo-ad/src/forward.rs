@@ -159,15 +159,27 @@ pub fn linear_shapes(
     Ok((out_shape, rows, n))
 }
 
-/// out[p, k, l] = d[p, l] · t[p, k, l]
+/// out[p, k, l] = d[p, l] · t[p, k, l]. One task per primal row p (its K·L
+/// tangent entries): with L = 1 (the columns of a plant) a row of L alone
+/// would cost a closure call per element.
 fn scale_rows<T: Float>(d: &[T], t: &Tensor<T>, k: usize, l: usize) -> Tensor<T> {
     let mut out = Tensor::scratch(t.shape());
     let src = t.data();
-    Cpu.for_rows(out.data_mut(), l, |i, row| {
-        let dr = &d[(i / k) * l..(i / k + 1) * l];
-        let sr = &src[i * l..(i + 1) * l];
-        for j in 0..l {
-            row[j] = dr[j] * sr[j];
+    let kl = k * l;
+    Cpu.for_rows(out.data_mut(), kl, |p, block| {
+        let dr = &d[p * l..(p + 1) * l];
+        let sr = &src[p * kl..(p + 1) * kl];
+        if l == 1 {
+            let s = dr[0];
+            for (o, &x) in block.iter_mut().zip(sr) {
+                *o = s * x;
+            }
+        } else {
+            for (o, x) in block.chunks_exact_mut(l).zip(sr.chunks_exact(l)) {
+                for j in 0..l {
+                    o[j] = dr[j] * x[j];
+                }
+            }
         }
     });
     out

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use sofo::models::{gradient_pass, record_outputs, Model, ReachRnn, TwoJointArm};
+use sofo::models::{gradient_pass, record_outputs, ArmState, Model, ReachRnn, TwoJointArm};
 use sofo::optim::{Damping, Sofo, SofoConfig};
 use sofo::tasks::{ReachTask, Task};
 use sofo::{Dual, Fwd, Ops, Tensor};
@@ -15,10 +15,19 @@ use sofo_ad::Rev;
 /// One Euler step of the arm through the op vocabulary, primal only.
 fn euler(arm: &TwoJointArm, th: [f64; 2], v: [f64; 2], tau: [f64; 2]) -> ([f64; 2], [f64; 2]) {
     let mut e = Fwd::primal();
-    let c = |x: [f64; 2]| Dual::constant(Tensor::from_f64_slice(&[1, 2], &x).unwrap());
-    let (th, v) = arm.step::<f64, _>(&mut e, &c(th), &c(v), &c(tau)).unwrap();
-    let g = |d: Dual<f64>| [d.primal.data()[0], d.primal.data()[1]];
-    (g(th), g(v))
+    let c = |x: f64| Dual::constant(Tensor::from_f64_slice(&[1, 1], &[x]).unwrap());
+    let s = ArmState {
+        theta: [c(th[0]), c(th[1])],
+        vel: [c(v[0]), c(v[1])],
+    };
+    let n = arm
+        .step::<f64, _>(&mut e, &s, [&c(tau[0]), &c(tau[1])])
+        .unwrap();
+    let g = |d: &Dual<f64>| d.primal.data()[0];
+    (
+        [g(&n.theta[0]), g(&n.theta[1])],
+        [g(&n.vel[0]), g(&n.vel[1])],
+    )
 }
 
 /// The equations of motion written independently of the model code:
@@ -197,14 +206,13 @@ fn hand_velocity_is_the_derivative_of_hand_position() {
     let th = randn(&[m, 2], 1, 1).map(|v| v + 1.0);
     let v = randn(&[m, 2], 1, 2).scale(2.0);
     let mut e = Fwd::primal();
-    let hand = arm
-        .hand::<f64, _>(
-            &mut e,
-            &Dual::constant(th.clone()),
-            &Dual::constant(v.clone()),
-        )
-        .unwrap()
-        .primal;
+    let s = ArmState::from_pairs::<f64, _>(
+        &mut e,
+        &Dual::constant(th.clone()),
+        &Dual::constant(v.clone()),
+    )
+    .unwrap();
+    let hand = arm.hand::<f64, _>(&mut e, &s).unwrap().primal;
     let h = 1e-6;
     for j in 0..m {
         let at = |s: f64| {
@@ -232,12 +240,15 @@ fn hand_velocity_is_the_derivative_of_hand_position() {
 /// Runs `steps` arm steps from (θ, θ̇) under per-step torques and returns the
 /// hand states concatenated: a function of (θ0, θ̇0, torques) to differentiate.
 fn arm_rollout<E: Ops<f64>>(e: &mut E, arm: &TwoJointArm, x: &[E::V]) -> E::V {
-    let (mut th, mut v) = (x[0].clone(), x[1].clone());
+    let mut s = ArmState::from_pairs(e, &x[0], &x[1]).unwrap();
     let mut hands = vec![];
     for tau in &x[2..] {
-        (th, v) = arm.step(e, &th, &v, tau).unwrap();
-        hands.push(arm.hand(e, &th, &v).unwrap());
+        let t1 = e.slice(tau, 1, 0, 1).unwrap();
+        let t2 = e.slice(tau, 1, 1, 1).unwrap();
+        s = arm.step(e, &s, [&t1, &t2]).unwrap();
+        hands.push(arm.hand(e, &s).unwrap());
     }
+    hands.push(s.joined(e).unwrap());
     let refs: Vec<&E::V> = hands.iter().collect();
     e.concat(&refs, 1).unwrap()
 }
@@ -270,7 +281,7 @@ fn the_plant_differentiates_alike_in_forward_reverse_and_finite_differences() {
         })
         .collect();
     let y = arm_rollout(&mut f, &arm, &duals);
-    let width = 4 * steps;
+    let width = 4 * steps + 4;
     let ydot = y.tangent.unwrap();
     // finite differences along each direction
     let h = 1e-6;

@@ -17,7 +17,7 @@
 
 use crate::Result;
 use sofo_ad::Ops;
-use sofo_tensor::{Float, Tensor};
+use sofo_tensor::Float;
 
 /// Arm parameters (SI units).
 #[derive(Debug, Clone, PartialEq)]
@@ -91,18 +91,16 @@ impl TwoJointArm {
         0.5 * (m11 * vel[0] * vel[0] + 2.0 * m12 * vel[0] * vel[1] + m22 * vel[1] * vel[1])
     }
 
-    /// Joint accelerations θ̈ `[M, 2]` under torques `tau` `[M, 2]`.
+    /// Joint accelerations (θ̈1, θ̈2), each `[M, 1]`, under torques (τ1, τ2).
     pub fn acceleration<T: Float, E: Ops<T>>(
         &self,
         e: &mut E,
-        theta: &E::V,
-        vel: &E::V,
-        tau: &E::V,
-    ) -> Result<E::V> {
+        s: &ArmState<E::V>,
+        tau: [&E::V; 2],
+    ) -> Result<[E::V; 2]> {
         let (a1, a2, a3) = self.inertia_constants();
-        let th2 = e.slice(theta, 1, 1, 1)?;
-        let (c2, s2) = (e.cos(&th2)?, e.sin(&th2)?);
-        let (v1, v2) = (e.slice(vel, 1, 0, 1)?, e.slice(vel, 1, 1, 1)?);
+        let (c2, s2) = (e.cos(&s.theta[1])?, e.sin(&s.theta[1])?);
+        let [v1, v2] = &s.vel;
 
         // the mass matrix: m11 = A1 + 2 A2 c2, m12 = A3 + A2 c2, m22 = A3
         let m11 = e.mul_scalar(&c2, 2.0 * a2)?;
@@ -113,23 +111,26 @@ impl TwoJointArm {
         let det = e.mul_scalar(&m11, a3)?;
         let det = e.sub(&det, &m12sq)?;
 
-        // Coriolis/centripetal: A2 s2 · [−v2 (2 v1 + v2), v1²]
+        // rhs = τ − c − B θ̇ with c = A2 s2 · [−v2 (2 v1 + v2), v1²]
         let a2s2 = e.mul_scalar(&s2, a2)?;
-        let two_v1 = e.mul_scalar(&v1, 2.0)?;
-        let sum = e.add(&two_v1, &v2)?;
-        let cor1 = e.mul(&v2, &sum)?;
+        let two_v1 = e.mul_scalar(v1, 2.0)?;
+        let sum = e.add(&two_v1, v2)?;
+        let cor1 = e.mul(v2, &sum)?;
         let cor1 = e.mul(&cor1, &a2s2)?;
-        let cor1 = e.neg(&cor1)?;
-        let v1sq = e.square(&v1)?;
+        let v1sq = e.square(v1)?;
         let cor2 = e.mul(&v1sq, &a2s2)?;
-        let cor = e.concat(&[&cor1, &cor2], 1)?;
-
-        // rhs = τ − c − B θ̇ (B symmetric, so θ̇ B in row form)
-        let b = e.constant(Tensor::from_f64_slice(&[2, 2], &self.viscosity)?)?;
-        let visc = e.matmul(vel, &b)?;
-        let rhs = e.sub(tau, &cor)?;
-        let rhs = e.sub(&rhs, &visc)?;
-        let (r1, r2) = (e.slice(&rhs, 1, 0, 1)?, e.slice(&rhs, 1, 1, 1)?);
+        let b = self.viscosity;
+        let visc = |e: &mut E, x: f64, y: f64| -> Result<E::V> {
+            let p = e.mul_scalar(v1, x)?;
+            let q = e.mul_scalar(v2, y)?;
+            Ok(e.add(&p, &q)?)
+        };
+        let visc1 = visc(e, b[0], b[1])?;
+        let visc2 = visc(e, b[2], b[3])?;
+        let r1 = e.add(tau[0], &cor1)?; // −c1 = +A2 s2 v2 (2 v1 + v2)
+        let r1 = e.sub(&r1, &visc1)?;
+        let r2 = e.sub(tau[1], &cor2)?;
+        let r2 = e.sub(&r2, &visc2)?;
 
         // M⁻¹ rhs by cofactors: [A3 r1 − m12 r2, m11 r2 − m12 r1] / det
         let t1 = e.mul_scalar(&r1, a3)?;
@@ -138,37 +139,39 @@ impl TwoJointArm {
         let t3 = e.mul(&m11, &r2)?;
         let t4 = e.mul(&m12, &r1)?;
         let n2 = e.sub(&t3, &t4)?;
-        let num = e.concat(&[&n1, &n2], 1)?;
-        Ok(e.div(&num, &det)?)
+        Ok([e.div(&n1, &det)?, e.div(&n2, &det)?])
     }
 
-    /// One explicit Euler step: the new (θ, θ̇).
+    /// One explicit Euler step: the new state.
     pub fn step<T: Float, E: Ops<T>>(
         &self,
         e: &mut E,
-        theta: &E::V,
-        vel: &E::V,
-        tau: &E::V,
-    ) -> Result<(E::V, E::V)> {
-        let acc = self.acceleration(e, theta, vel, tau)?;
-        let dtheta = e.mul_scalar(vel, self.dt)?;
-        let theta_next = e.add(theta, &dtheta)?;
-        let dvel = e.mul_scalar(&acc, self.dt)?;
-        let vel_next = e.add(vel, &dvel)?;
-        Ok((theta_next, vel_next))
+        s: &ArmState<E::V>,
+        tau: [&E::V; 2],
+    ) -> Result<ArmState<E::V>> {
+        let acc = self.acceleration(e, s, tau)?;
+        let euler = |e: &mut E, x: &E::V, dx: &E::V| -> Result<E::V> {
+            let d = e.mul_scalar(dx, self.dt)?;
+            Ok(e.add(x, &d)?)
+        };
+        Ok(ArmState {
+            theta: [
+                euler(e, &s.theta[0], &s.vel[0])?,
+                euler(e, &s.theta[1], &s.vel[1])?,
+            ],
+            vel: [euler(e, &s.vel[0], &acc[0])?, euler(e, &s.vel[1], &acc[1])?],
+        })
     }
 
     /// Hand position and velocity `[M, 4]` = (x, y, ẋ, ẏ); the velocity is
     /// the Jacobian of the position times θ̇.
-    pub fn hand<T: Float, E: Ops<T>>(&self, e: &mut E, theta: &E::V, vel: &E::V) -> Result<E::V> {
-        let th1 = e.slice(theta, 1, 0, 1)?;
-        let th2 = e.slice(theta, 1, 1, 1)?;
-        let th12 = e.add(&th1, &th2)?;
-        let (c1, s1) = (e.cos(&th1)?, e.sin(&th1)?);
+    pub fn hand<T: Float, E: Ops<T>>(&self, e: &mut E, s: &ArmState<E::V>) -> Result<E::V> {
+        let [th1, th2] = &s.theta;
+        let [v1, v2] = &s.vel;
+        let th12 = e.add(th1, th2)?;
+        let (c1, s1) = (e.cos(th1)?, e.sin(th1)?);
         let (c12, s12) = (e.cos(&th12)?, e.sin(&th12)?);
-        let v1 = e.slice(vel, 1, 0, 1)?;
-        let v2 = e.slice(vel, 1, 1, 1)?;
-        let v12 = e.add(&v1, &v2)?;
+        let v12 = e.add(v1, v2)?;
 
         let lin = |e: &mut E, a: &E::V, ca: f64, b: &E::V, cb: f64| -> Result<E::V> {
             let a = e.mul_scalar(a, ca)?;
@@ -178,12 +181,38 @@ impl TwoJointArm {
         let x = lin(e, &c1, self.l1, &c12, self.l2)?;
         let y = lin(e, &s1, self.l1, &s12, self.l2)?;
         // ẋ = −L1 s1 θ̇1 − L2 s12 (θ̇1 + θ̇2);  ẏ = L1 c1 θ̇1 + L2 c12 (θ̇1 + θ̇2)
-        let s1v = e.mul(&s1, &v1)?;
+        let s1v = e.mul(&s1, v1)?;
         let s12v = e.mul(&s12, &v12)?;
         let vx = lin(e, &s1v, -self.l1, &s12v, -self.l2)?;
-        let c1v = e.mul(&c1, &v1)?;
+        let c1v = e.mul(&c1, v1)?;
         let c12v = e.mul(&c12, &v12)?;
         let vy = lin(e, &c1v, self.l1, &c12v, self.l2)?;
         Ok(e.concat(&[&x, &y, &vx, &vy], 1)?)
+    }
+}
+
+/// The arm's state as four `[M, 1]` columns (θ1, θ2) and (θ̇1, θ̇2): kept
+/// apart so that a step needs no slicing or concatenation.
+#[derive(Debug, Clone)]
+pub struct ArmState<V> {
+    pub theta: [V; 2],
+    pub vel: [V; 2],
+}
+
+impl<V: Clone> ArmState<V> {
+    /// From θ and θ̇ `[M, 2]`.
+    pub fn from_pairs<T: Float, E: Ops<T, V = V>>(e: &mut E, theta: &V, vel: &V) -> Result<Self> {
+        Ok(ArmState {
+            theta: [e.slice(theta, 1, 0, 1)?, e.slice(theta, 1, 1, 1)?],
+            vel: [e.slice(vel, 1, 0, 1)?, e.slice(vel, 1, 1, 1)?],
+        })
+    }
+
+    /// (θ1, θ2, θ̇1, θ̇2) as one `[M, 4]` value.
+    pub fn joined<T: Float, E: Ops<T, V = V>>(&self, e: &mut E) -> Result<V> {
+        Ok(e.concat(
+            &[&self.theta[0], &self.theta[1], &self.vel[0], &self.vel[1]],
+            1,
+        )?)
     }
 }

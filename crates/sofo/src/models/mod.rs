@@ -6,7 +6,7 @@ mod lorenz;
 mod rate_rnn;
 mod reach_rnn;
 
-pub use arm::TwoJointArm;
+pub use arm::{ArmState, TwoJointArm};
 pub use constrained::{ConstrainedRnn, Constraints};
 pub use lorenz::LorenzModel;
 pub use rate_rnn::{Activation, RateRnn};

@@ -13,7 +13,7 @@
 //! `C` [2,N], `d` [2] and the learned initial state `x0` [N]. The noise is
 //! drawn from the batch's noise seed (a constant with respect to θ).
 
-use super::arm::TwoJointArm;
+use super::arm::{ArmState, TwoJointArm};
 use super::{Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::{Param, ParamMode, ParamSet};
@@ -114,17 +114,29 @@ impl<T: Float> Model<T> for ReachRnn {
         ]))
     }
 
-    /// Prepared: [Wᵀ, Bᵀ, Fᵀ, b, Cᵀ, d, x0].
+    /// Prepared: [Wᵀ, Bᵀ, b, x0, F1..F4 (rows of Fᵀ, [1,N] each), C1, C2
+    /// (columns of Cᵀ, [N,1] each), d1, d2] — the arm's four state columns
+    /// and two torques each get their own weights, so the time loop needs
+    /// no slicing or concatenation.
     fn prepare<E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Vec<E::V>> {
-        Ok(vec![
+        let ft = e.transpose(&p[2], 0, 1)?;
+        let ct = e.transpose(&p[4], 0, 1)?;
+        let mut out = vec![
             e.transpose(&p[0], 0, 1)?,
             e.transpose(&p[1], 0, 1)?,
-            e.transpose(&p[2], 0, 1)?,
             p[3].clone(),
-            e.transpose(&p[4], 0, 1)?,
-            p[5].clone(),
             p[6].clone(),
-        ])
+        ];
+        for i in 0..4 {
+            out.push(e.slice(&ft, 0, i, 1)?);
+        }
+        for i in 0..2 {
+            out.push(e.slice(&ct, 1, i, 1)?);
+        }
+        for i in 0..2 {
+            out.push(e.slice(&p[5], 0, i, 1)?);
+        }
+        Ok(out)
     }
 
     fn run<E: Ops<T>>(
@@ -136,11 +148,18 @@ impl<T: Float> Model<T> for ReachRnn {
     ) -> Result<()> {
         let m = batch.trials();
         let a = T::from_f64(self.alpha);
-        let (wt, bt, ft, bias, ct, d) = (&p[0], &p[1], &p[2], &p[3], &p[4], &p[5]);
+        let (wt, bt, bias) = (&p[0], &p[1], &p[2]);
+        let f = &p[4..8];
+        let (c, d) = (&p[8..10], &p[10..12]);
         let start = TwoJointArm::start_angles();
-        let mut theta = e.constant(Tensor::from_f64_slice(&[m, 2], &start.repeat(m))?)?;
-        let mut vel = e.constant(Tensor::zeros(&[m, 2]))?;
-        let mut z = e.broadcast_to(&p[6], &[m, self.n])?;
+        let column = |e: &mut E, v: f64| -> Result<E::V> {
+            Ok(e.constant(Tensor::full(&[m, 1], T::from_f64(v)))?)
+        };
+        let mut arm = ArmState {
+            theta: [column(e, start[0])?, column(e, start[1])?],
+            vel: [column(e, 0.0)?, column(e, 0.0)?],
+        };
+        let mut z = e.broadcast_to(&p[3], &[m, self.n])?;
         let width = self.noise_width();
         for t in 0..batch.steps() {
             let mut r = e.relu(&z)?;
@@ -151,30 +170,25 @@ impl<T: Float> Model<T> for ReachRnn {
                 let eta = e.constant(eta)?;
                 r = e.mul(&r, &eta)?;
             }
-            let tau = e.linear(None, T::one(), &[(&r, ct)], Some(d))?;
-            (theta, vel) = self.arm.step(e, &theta, &vel, &tau)?;
+            let tau1 = e.linear(None, T::one(), &[(&r, &c[0])], Some(&d[0]))?;
+            let tau2 = e.linear(None, T::one(), &[(&r, &c[1])], Some(&d[1]))?;
+            arm = self.arm.step(e, &arm, [&tau1, &tau2])?;
             if batch.observed(t) {
-                let hand = self.arm.hand(e, &theta, &vel)?;
+                let hand = self.arm.hand(e, &arm)?;
                 obs.observe(e, &hand, &batch.step_loss(t)?)?;
             }
-            let fb = e.concat(&[&theta, &vel], 1)?;
-            z = match batch.input(t)? {
-                Some(u) => {
-                    let u = e.constant(u)?;
-                    e.linear(
-                        Some((&z, T::one() - a)),
-                        a,
-                        &[(&r, wt), (&u, bt), (&fb, ft)],
-                        Some(bias),
-                    )?
-                }
-                None => e.linear(
-                    Some((&z, T::one() - a)),
-                    a,
-                    &[(&r, wt), (&fb, ft)],
-                    Some(bias),
-                )?,
-            };
+            let u = batch.input(t)?.map(|u| e.constant(u)).transpose()?;
+            let mut terms = vec![
+                (&r, wt),
+                (&arm.theta[0], &f[0]),
+                (&arm.theta[1], &f[1]),
+                (&arm.vel[0], &f[2]),
+                (&arm.vel[1], &f[3]),
+            ];
+            if let Some(u) = &u {
+                terms.push((u, bt));
+            }
+            z = e.linear(Some((&z, T::one() - a)), a, &terms, Some(bias))?;
         }
         Ok(())
     }
