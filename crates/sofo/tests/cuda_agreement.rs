@@ -3,10 +3,10 @@
 //! no GPU every test prints a notice and passes without checking anything.
 #![cfg(feature = "cuda")]
 
-use sofo::models::{Activation, Batch, LorenzModel, Model, RateRnn};
+use sofo::models::{Activation, Batch, LorenzModel, Model, RateRnn, ReachRnn, TwoJointArm};
 use sofo::optim::{Damping, Sofo, SofoConfig};
 use sofo::params::ParamSet;
-use sofo::tasks::{LorenzData, LorenzTask, Task};
+use sofo::tasks::{LorenzData, LorenzTask, ReachTask, Task};
 use sofo::{Device, Dual, Fwd, Ops, Tensor};
 use sofo_ad::cuda::{device_or_skip, CudaDual, CudaFwd};
 use sofo_ad::layout::tangent_shape;
@@ -261,6 +261,34 @@ fn lorenz_sketch_and_step_agree() {
     let params = Model::<f32>::init(&model, 0).unwrap();
     let batch = Task::<f32>::train_batch(&task, 0, 0, 32).unwrap();
     check_sketch_and_step(Device::Cuda(dev), &model, &params, &batch, "lorenz");
+}
+
+#[test]
+fn reach_network_with_the_arm_agrees() {
+    let Some(dev) = device_or_skip("reach_network_with_the_arm_agrees") else {
+        return;
+    };
+    // the plant's columns, sin/cos, divisions and the seeded rate noise
+    let task = ReachTask {
+        steps: 120,
+        dt: 0.01,
+        go_min: 0.1,
+        go_jitter: 0.1,
+        arm: TwoJointArm {
+            dt: 0.01,
+            ..TwoJointArm::li_todorov()
+        },
+        ..ReachTask::single()
+    };
+    let model = ReachRnn {
+        n: 32,
+        alpha: 0.2,
+        arm: task.arm.clone(),
+        ..ReachRnn::paper(task.inputs())
+    };
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&task, 0, 0, 16).unwrap();
+    check_sketch_and_step(Device::Cuda(dev), &model, &params, &batch, "reach");
 }
 
 #[test]
