@@ -7,12 +7,12 @@ mod plot;
 use clap::{Args, Parser, Subcommand};
 use config::RunConfig;
 use indicatif::{ProgressBar, ProgressStyle};
-use sofo::models::{record_outputs, ConstrainedRnn, LorenzModel, Model, ReachRnn};
+use sofo::models::{record_outputs, ConstrainedRnn, LeakyRnn, LorenzModel, Model, ReachRnn};
 use sofo::optim::Sofo;
 use sofo::optim::{Adam, Fgd, Optimizer, Sgd};
 use sofo::params::ParamSet;
 use sofo::tasks::{
-    correct_bits, AdditionTask, FlipFlopTask, LorenzData, LorenzTask, ReachTask, Task,
+    correct_bits, AdditionTask, FlipFlopTask, KalmanTask, LorenzData, LorenzTask, ReachTask, Task,
 };
 use sofo::train::{train, MetricsRow, TrainOptions};
 use sofo::{Error, Result};
@@ -232,6 +232,14 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
             reach_report(&model, &task, &params, cfg.test_trials, &run.out)?;
             Ok(rows)
         }
+        "kalman" | "kalman-long" => {
+            let (task, model) = cfg.kalman()?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            cfg.apply_modes(&mut params)?;
+            let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            kalman_report(&model, &task, &params, cfg.test_trials, &run.out)?;
+            Ok(rows)
+        }
         _ => {
             let l = &cfg.lorenz;
             let task = LorenzTask {
@@ -358,6 +366,7 @@ fn flipflop_report(
                 ("target".into(), channel(&targets, c)),
                 ("output".into(), channel(&outputs, c)),
             ],
+            marks: vec![],
         })
         .collect();
     plot::traces(
@@ -425,6 +434,56 @@ fn reach_report(
         "{name}: mean hand error {}; {:.1} % of {trials} held-out trials within 2 cm in every reach hold; wrote {}/reach.png",
         errors.join(", "),
         100.0 * rep.within_2cm,
+        out.display()
+    );
+    Ok(())
+}
+
+/// The Kalman network's per-step MSE on held-out trials beside the two
+/// reference filters on the same trials, and a picture of two trials:
+/// truth, observations, the network's estimate and the oracle's, with the
+/// switch times marked.
+fn kalman_report(
+    model: &LeakyRnn,
+    task: &KalmanTask,
+    params: &ParamSet<f32>,
+    trials: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    use sofo::tasks::kalman::oracle_estimates;
+    let tr = task.test_trials(trials)?;
+    let batch = tr.batch::<f32>()?;
+    let (_, ys) = record_outputs(model, params, &batch)?;
+    let est: Vec<f64> = ys.iter().flat_map(|y| y.to_f64_vec()).collect();
+    let mse = tr.mse(&est);
+    let refs = tr.references();
+    let oracle = oracle_estimates(&tr);
+    let panels: Vec<plot::Trace> = (0..trials.min(2))
+        .map(|j| plot::Trace {
+            label: format!("held-out trial {}", j + 1),
+            lines: vec![
+                ("observation y".into(), tr.series(&tr.y, j)),
+                ("truth x".into(), tr.series(&tr.x, j)),
+                ("network".into(), tr.series(&est, j)),
+                ("oracle filter".into(), tr.series(&oracle, j)),
+            ],
+            marks: tr.segments[j].iter().skip(1).map(|s| s.start).collect(),
+        })
+        .collect();
+    plot::traces(
+        &out.join("kalman.png"),
+        &format!(
+            "{}, T = {}: per-step MSE {mse:.3} (oracle {:.3}, prior-mean filter {:.3}); dashed: switches",
+            task.name, task.steps, refs.oracle, refs.prior_mean
+        ),
+        &panels,
+    )?;
+    eprintln!(
+        "{}: per-step MSE {mse:.4} on {trials} held-out trials; on the same trials the oracle Kalman filter (true parameters and switch times) {:.4}, the prior-mean Kalman filter {:.4}, the raw observation {:.4}; wrote {}/kalman.png",
+        task.name,
+        refs.oracle,
+        refs.prior_mean,
+        refs.observation,
         out.display()
     );
     Ok(())
@@ -568,6 +627,15 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 task.test_seed = s;
             }
             reach_report(&model, &task, &params, cfg.test_trials, &out)?;
+        }
+        "kalman" | "kalman-long" => {
+            let (mut task, model) = cfg.kalman()?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            sofo::checkpoint::load_into(&mut params, &weights)?;
+            if let Some(s) = a.seed {
+                task.test_seed = s;
+            }
+            kalman_report(&model, &task, &params, cfg.test_trials, &out)?;
         }
         _ => {
             let l = &cfg.lorenz;
@@ -844,6 +912,23 @@ fn tasks() {
         println!(
             "        optimizers sofo (default), adam, sgd, fgd; defaults: T {} (2 ms steps), N {}, relu, α {}, gain {}, rate noise {}, batch {}, K {}, lr {}, damping {:e}, {} iterations (a GPU job: --device cuda)",
             r.reach.steps, r.reach.n, r.reach.alpha, r.reach.gain, r.reach.noise, r.batch, r.sofo.tangents, r.sofo.lr, r.sofo.damping, r.iterations
+        );
+    }
+    for (name, what) in [
+        (
+            "kalman",
+            "adaptive Kalman filtering, parameters redrawn at random switch times, tasks.md §3",
+        ),
+        (
+            "kalman-long",
+            "the same over the long horizon, where BPTT memory becomes the limit",
+        ),
+    ] {
+        let k = RunConfig::defaults_for(name);
+        println!("{name}  {what} (metric: per-step MSE beside the oracle and prior-mean Kalman filters; picture kalman.png)");
+        println!(
+            "        optimizers sofo (default), adam, sgd, fgd; defaults: T {}, N {}, leaky relu α {}, gain {}, batch {}, K {}, lr {}, damping {:e}, {} iterations",
+            k.kalman.steps, k.kalman.n, k.kalman.alpha, k.kalman.gain, k.batch, k.sofo.tangents, k.sofo.lr, k.sofo.damping, k.iterations
         );
     }
     println!("sine    FORCE sine-wave generation by a reservoir, tasks.md §6");

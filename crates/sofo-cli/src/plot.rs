@@ -131,10 +131,12 @@ pub fn loss_curves(path: &Path, title: &str, runs: &[(String, Vec<MetricsRow>)])
     Ok(())
 }
 
-/// One panel of time series: a label and named lines over steps.
+/// One panel of time series: a label, named lines over steps, and steps to
+/// mark with a vertical line (e.g. switch times).
 pub struct Trace {
     pub label: String,
     pub lines: Vec<(String, Vec<f64>)>,
+    pub marks: Vec<usize>,
 }
 
 /// Writes `path`: one panel per trace, stacked, lines against time step.
@@ -169,6 +171,16 @@ pub fn traces(path: &Path, title: &str, panels: &[Trace]) -> Result<()> {
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(plot_err)?;
+        for &m in &p.marks {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(m as f64, lo), (m as f64, hi)],
+                    6,
+                    4,
+                    BLACK.mix(0.5).stroke_width(1),
+                ))
+                .map_err(plot_err)?;
+        }
         for (i, (name, v)) in p.lines.iter().enumerate() {
             let c = COLORS[i % COLORS.len()];
             let pts: Vec<(f64, f64)> = v.iter().enumerate().map(|(t, &y)| (t as f64, y)).collect();

@@ -556,3 +556,53 @@ fn reach_trains_reports_draws_and_reevaluates() {
     let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(stderr(&o).contains("reach.noise"), "{}", stderr(&o));
 }
+
+#[test]
+fn kalman_trains_and_reports_beside_the_reference_filters() {
+    let dir = tmp("kalman");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("k.toml");
+    std::fs::write(&cfg, "task = \"kalman-long\"\niterations = 2\nbatch = 4\nthreads = 1\ntest_trials = 8\n[sofo]\ntangents = 8\n[kalman]\nsteps = 150\nn = 8\n").unwrap();
+    let out = dir.join("run");
+    let o = sofo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("kalman-long: per-step MSE"))
+        .unwrap_or_else(|| panic!("no Kalman report in {e}"));
+    let oracle: f64 = line
+        .split("switch times) ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no oracle level in {line}"));
+    assert!(oracle > 0.0 && oracle < 1.0, "{line}");
+    assert_eq!(
+        &std::fs::read(out.join("kalman.png")).unwrap()[1..4],
+        b"PNG"
+    );
+    // the long horizon's own learning rate, with the file's T
+    let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("lr = 0.05\n") && resolved.contains("steps = 150\n"),
+        "{resolved}"
+    );
+    let o = sofo(&["eval", "--run", out.to_str().unwrap(), "--seed", "9"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("kalman-long: per-step MSE"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&cfg, "task = \"kalman\"\n[kalman]\nalpha = 0.0\n").unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(stderr(&o).contains("kalman.alpha"), "{}", stderr(&o));
+}

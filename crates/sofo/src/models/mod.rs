@@ -2,12 +2,14 @@
 
 mod arm;
 mod constrained;
+mod leaky_rnn;
 mod lorenz;
 mod rate_rnn;
 mod reach_rnn;
 
 pub use arm::{ArmState, TwoJointArm};
 pub use constrained::{ConstrainedRnn, Constraints};
+pub use leaky_rnn::LeakyRnn;
 pub use lorenz::LorenzModel;
 pub use rate_rnn::{Activation, RateRnn};
 pub use reach_rnn::ReachRnn;

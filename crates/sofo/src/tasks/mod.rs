@@ -2,12 +2,14 @@
 
 mod addition;
 mod flipflop;
+pub mod kalman;
 mod lorenz;
 mod reach;
 pub mod sine;
 
 pub use addition::AdditionTask;
 pub use flipflop::{correct_bits, FlipFlopTask};
+pub use kalman::{KalmanTask, KalmanTrials};
 pub use lorenz::{LorenzData, LorenzTask};
 pub use reach::{HoldWindow, ReachReport, ReachTask, ReachTrial};
 
