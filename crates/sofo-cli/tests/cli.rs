@@ -542,6 +542,23 @@ fn reach_trains_reports_draws_and_reevaluates() {
     );
     assert!(out.join("eval").join("reach.png").exists());
     // bad settings name the field
+    // the double reach: its shortest trial, a smoke run
+    std::fs::write(&cfg, "task = \"reach2\"\niterations = 1\nbatch = 2\nthreads = 1\ntest_trials = 4\n[sofo]\ntangents = 4\n[reach]\nsteps = 951\nn = 4\n").unwrap();
+    let o = sofo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        dir.join("run2").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("reach2: mean hand error centre hold")
+            && stderr(&o).contains("target 2 hold"),
+        "{}",
+        stderr(&o)
+    );
     std::fs::write(&cfg, "task = \"reach2\"\n[reach]\nsteps = 600\n").unwrap();
     let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(
