@@ -2,6 +2,7 @@
 //! wall-clock seconds (PNG, with a font shipped in the binary so that no
 //! system fonts are needed).
 
+use plotters::coord::ranged1d::Ranged;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use sofo::train::MetricsRow;
@@ -22,6 +23,34 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(255, 127, 14),
     RGBColor(23, 190, 207),
 ];
+
+/// Named lines in the palette's colours, and their legend.
+fn draw_lines<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    lines: Vec<(String, Vec<(f64, f64)>)>,
+    font: u32,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (name, pts)) in lines.into_iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", font))
+        .draw()
+        .map_err(plot_err)
+}
 
 /// Writes `path`: two panels, loss (log scale) against iteration and
 /// against seconds, one line per run. Non-finite losses are left out.
@@ -53,51 +82,30 @@ pub fn loss_curves(path: &Path, title: &str, runs: &[(String, Vec<MetricsRow>)])
     root.fill(&WHITE).map_err(plot_err)?;
     let root = root.titled(title, ("sans-serif", 22)).map_err(plot_err)?;
     let panels = root.split_evenly((1, 2));
-    // the same drawing on two coordinate systems (linear and log x)
-    macro_rules! panel {
-        ($chart:expr, $by_time:expr, $x_desc:expr) => {{
-            let mut chart = $chart;
-            chart
-                .configure_mesh()
-                .x_desc($x_desc)
-                .y_desc("training loss")
-                .label_style(("sans-serif", 14))
-                .draw()
-                .map_err(plot_err)?;
-            for (i, (name, rows)) in runs.iter().enumerate() {
-                let c = COLORS[i % COLORS.len()];
-                chart
-                    .draw_series(LineSeries::new(pts(rows, $by_time), c.stroke_width(2)))
-                    .map_err(plot_err)?
-                    .label(name.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                    });
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 14))
-                .draw()
-                .map_err(plot_err)?;
-        }};
-    }
+    let lines = |by_time: bool| -> Vec<(String, Vec<(f64, f64)>)> {
+        runs.iter()
+            .map(|(name, rows)| (name.clone(), pts(rows, by_time)))
+            .collect()
+    };
     let iters = runs
         .iter()
         .flat_map(|(_, r)| pts(r, false))
         .map(|p| p.0)
         .fold(1.0f64, f64::max);
-    panel!(
-        ChartBuilder::on(&panels[0])
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..iters, (lo..hi).log_scale())
-            .map_err(plot_err)?,
-        false,
-        "iteration"
-    );
+    let mut chart = ChartBuilder::on(&panels[0])
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..iters, (lo..hi).log_scale())
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("iteration")
+        .y_desc("training loss")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    draw_lines(&mut chart, lines(false), 14)?;
     // optimisers' costs per iteration differ by orders of magnitude: log time
     let times: Vec<f64> = runs
         .iter()
@@ -117,16 +125,20 @@ pub fn loss_curves(path: &Path, title: &str, runs: &[(String, Vec<MetricsRow>)])
         .fold(0.0f64, f64::max)
         .max(t_lo * 10.0)
         * 1.25;
-    panel!(
-        ChartBuilder::on(&panels[1])
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d((t_lo..t_hi).log_scale(), (lo..hi).log_scale())
-            .map_err(plot_err)?,
-        true,
-        "wall-clock seconds (log)"
-    );
+    let mut chart = ChartBuilder::on(&panels[1])
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((t_lo..t_hi).log_scale(), (lo..hi).log_scale())
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("wall-clock seconds (log)")
+        .y_desc("training loss")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    draw_lines(&mut chart, lines(true), 14)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -181,24 +193,15 @@ pub fn traces(path: &Path, title: &str, panels: &[Trace]) -> Result<()> {
                 ))
                 .map_err(plot_err)?;
         }
-        for (i, (name, v)) in p.lines.iter().enumerate() {
-            let c = COLORS[i % COLORS.len()];
-            let pts: Vec<(f64, f64)> = v.iter().enumerate().map(|(t, &y)| (t as f64, y)).collect();
-            chart
-                .draw_series(LineSeries::new(pts, c.stroke_width(2)))
-                .map_err(plot_err)?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(plot_err)?;
+        let lines = p
+            .lines
+            .iter()
+            .map(|(name, v)| {
+                let pts = v.iter().enumerate().map(|(t, &y)| (t as f64, y)).collect();
+                (name.clone(), pts)
+            })
+            .collect();
+        draw_lines(&mut chart, lines, 13)?;
     }
     root.present().map_err(plot_err)?;
     Ok(())
