@@ -1,9 +1,9 @@
 //! Forward-K on the GPU (feature `cuda`): the same op vocabulary, the same
 //! tangent layout (see [`crate::layout`]), values in device memory.
 //!
-//! The ops of the rate-network hot path (elementwise unary, the fused
-//! `linear`, rank-2 transpose, row broadcast) run as cuBLAS GEMMs and NVRTC
-//! kernels. The others (broadcasting binary ops, general matmul, sums,
+//! The ops of the hot paths (elementwise unary, binary ops on equal shapes,
+//! the fused `linear`, rank-2 transpose, row broadcast) run as cuBLAS GEMMs
+//! and NVRTC kernels. The others (broadcasting binary ops, general matmul, sums,
 //! concat, slice, reshape, softmax) are computed on the host by the CPU
 //! engine and copied back: correct, but slow, and used by the models only
 //! once per pass (in `prepare`), never inside the time loop.
@@ -15,7 +15,7 @@ use crate::forward::linear_shapes;
 use crate::layout::{split3, tangent_shape};
 use crate::ops::{Binary, Ops, Unary};
 use crate::{Dual, Fwd};
-use sofo_tensor::cuda::{CudaDevice, DevTensor, UnaryCode};
+use sofo_tensor::cuda::{BinaryCode, CudaDevice, DevTensor, UnaryCode};
 use sofo_tensor::{Float, Result, Tensor};
 use std::sync::Arc;
 
@@ -129,8 +129,31 @@ impl<T: Float> Ops<T> for CudaFwd {
         Ok(CudaDual { primal: y, tangent })
     }
 
+    /// Equal shapes (the plants' columns, noise masks, leaks) run on the
+    /// device; broadcasting ones go through the host.
     fn binary(&mut self, a: &CudaDual, b: &CudaDual, op: Binary) -> Result<CudaDual> {
-        self.on_host(&[a, b], |e, v| e.binary(&v[0], &v[1], op))
+        if a.primal.shape() != b.primal.shape() {
+            return self.on_host(&[a, b], |e, v| e.binary(&v[0], &v[1], op));
+        }
+        let c = match op {
+            Binary::Add => BinaryCode::Add,
+            Binary::Sub => BinaryCode::Sub,
+            Binary::Mul => BinaryCode::Mul,
+            Binary::Div => BinaryCode::Div,
+        };
+        let primal = self.dev.binary(&a.primal, &b.primal, c)?;
+        let tangent = if a.tangent.is_some() || b.tangent.is_some() {
+            Some(self.dev.binary_tangent(
+                &a.primal,
+                &b.primal,
+                a.tangent.as_ref(),
+                b.tangent.as_ref(),
+                c,
+            )?)
+        } else {
+            None
+        };
+        Ok(CudaDual { primal, tangent })
     }
 
     fn matmul(&mut self, a: &CudaDual, b: &CudaDual) -> Result<CudaDual> {

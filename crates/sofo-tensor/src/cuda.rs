@@ -65,6 +65,40 @@ extern "C" __global__ void scale_rows(const float* d, const float* t, float* out
     }
 }
 
+// y = a op b, elementwise on equal shapes; op: 0 add, 1 sub, 2 mul, 3 div
+__device__ float binary_op_(float a, float b, int op) {
+    switch (op) {
+        case 0: return a + b;
+        case 1: return a - b;
+        case 2: return a * b;
+        default: return a / b;
+    }
+}
+extern "C" __global__ void binary_fwd(const float* a, const float* b, float* y, long long n, int op) {
+    GRID_LOOP(i, n) { y[i] = binary_op_(a[i], b[i], op); }
+}
+
+// out[p, k, l] = ∂y/∂a[p, l] · ta[p, k, l] + ∂y/∂b[p, l] · tb[p, k, l] for
+// y = a op b on equal shapes [P, L]; a tangent absent when has_* = 0
+extern "C" __global__ void binary_tangent(const float* a, const float* b, const float* ta, const float* tb,
+                                          float* out, long long total, int k, int l, int op,
+                                          int has_a, int has_b) {
+    GRID_LOOP(i, total) {
+        long long p = (i / ((long long)k * l)) * l + i % l;
+        float av = a[p], bv = b[p], da, db;
+        switch (op) {
+            case 0: da = 1.f; db = 1.f; break;
+            case 1: da = 1.f; db = -1.f; break;
+            case 2: da = bv; db = av; break;
+            default: da = 1.f / bv; db = -av / (bv * bv); break;
+        }
+        float v = 0.f;
+        if (has_a) v += da * ta[i];
+        if (has_b) v += db * tb[i];
+        out[i] = v;
+    }
+}
+
 // y[r, j] = scale * b[j] + c * x[r, j]  (terms absent when has_* = 0)
 extern "C" __global__ void linear_init_primal(float* y, const float* b, const float* x, float c, float scale,
                                               long long total, int n, int has_b, int has_x) {
@@ -193,6 +227,15 @@ impl Drop for Uncount {
     }
 }
 
+/// Op codes of the `binary_fwd` and `binary_tangent` kernels.
+#[derive(Debug, Clone, Copy)]
+pub enum BinaryCode {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+}
+
 /// Unary op codes of the `unary_fwd` kernel.
 #[derive(Debug, Clone, Copy)]
 pub enum UnaryCode {
@@ -214,6 +257,8 @@ pub enum UnaryCode {
 
 struct Kernels {
     unary_fwd: CudaFunction,
+    binary_fwd: CudaFunction,
+    binary_tangent: CudaFunction,
     scale_rows: CudaFunction,
     linear_init_primal: CudaFunction,
     linear_init_tangent: CudaFunction,
@@ -415,6 +460,8 @@ impl CudaDevice {
         };
         let k = Kernels {
             unary_fwd: f("unary_fwd")?,
+            binary_fwd: f("binary_fwd")?,
+            binary_tangent: f("binary_tangent")?,
             scale_rows: f("scale_rows")?,
             linear_init_primal: f("linear_init_primal")?,
             linear_init_tangent: f("linear_init_tangent")?,
@@ -524,6 +571,78 @@ impl CudaDevice {
         // SAFETY: argument types match the kernel; n bounds every access.
         unsafe { b.launch(grid(x.numel())) }.map_err(|e| dev_err("unary", e))?;
         Ok((y, d))
+    }
+
+    /// y = a op b elementwise on equal shapes (op codes of `binary_fwd`).
+    pub fn binary(&self, a: &DevTensor, b: &DevTensor, op: BinaryCode) -> Result<DevTensor> {
+        if a.shape != b.shape {
+            return Err(TensorError::shape(
+                "device binary",
+                format!("{:?}", a.shape),
+                format!("{:?}", b.shape),
+            ));
+        }
+        let mut y = self.scratch(&a.shape)?;
+        let (n, opc) = (a.numel() as i64, op as i32);
+        let mut l = self.stream.launch_builder(&self.k.binary_fwd);
+        l.arg(&a.data)
+            .arg(&b.data)
+            .arg(&mut y.data)
+            .arg(&n)
+            .arg(&opc);
+        // SAFETY: a, b and y hold n elements each.
+        unsafe { l.launch(grid(a.numel())) }.map_err(|e| dev_err("binary", e))?;
+        Ok(y)
+    }
+
+    /// Tangents of y = a op b on equal primal shapes [P, L]: `ta`, `tb`
+    /// [P, K, L] (either may be absent; K from their size).
+    pub fn binary_tangent(
+        &self,
+        a: &DevTensor,
+        b: &DevTensor,
+        ta: Option<&DevTensor>,
+        tb: Option<&DevTensor>,
+        op: BinaryCode,
+    ) -> Result<DevTensor> {
+        let l = a.shape.last().copied().unwrap_or(1).max(1);
+        let shape = match (ta, tb) {
+            (Some(t), _) | (None, Some(t)) => t.shape.clone(),
+            (None, None) => {
+                return Err(TensorError::shape(
+                    "device binary tangent",
+                    "at least one tangent",
+                    "none",
+                ))
+            }
+        };
+        let mut out = self.scratch(&shape)?;
+        let n = out.numel();
+        let k = n / a.numel().max(1);
+        let total = n as i64;
+        let (k32, l32, opc) = (k as i32, l as i32, op as i32);
+        let (has_a, has_b) = (ta.is_some() as i32, tb.is_some() as i32);
+        let mut g = self.stream.launch_builder(&self.k.binary_tangent);
+        g.arg(&a.data).arg(&b.data);
+        match ta {
+            Some(t) => g.arg(&t.data),
+            None => g.arg(&self.dummy),
+        };
+        match tb {
+            Some(t) => g.arg(&t.data),
+            None => g.arg(&self.dummy),
+        };
+        g.arg(&mut out.data)
+            .arg(&total)
+            .arg(&k32)
+            .arg(&l32)
+            .arg(&opc)
+            .arg(&has_a)
+            .arg(&has_b);
+        // SAFETY: a and b hold total / k elements, the tangents and out total;
+        // an absent tangent is never read.
+        unsafe { g.launch(grid(n)) }.map_err(|e| dev_err("binary_tangent", e))?;
+        Ok(out)
     }
 
     /// out[p, k, l] = d[p, l] · t[p, k, l]
@@ -835,6 +954,8 @@ mod tests {
         let text = ptx.to_src();
         for name in [
             "unary_fwd",
+            "binary_fwd",
+            "binary_tangent",
             "scale_rows",
             "linear_init_tangent",
             "mse_grad_sketch",

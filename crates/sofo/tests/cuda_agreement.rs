@@ -10,7 +10,7 @@ use sofo::tasks::{LorenzData, LorenzTask, ReachTask, Task};
 use sofo::{Device, Dual, Fwd, Ops, Tensor};
 use sofo_ad::cuda::{device_or_skip, CudaDual, CudaFwd};
 use sofo_ad::layout::tangent_shape;
-use sofo_ad::Unary;
+use sofo_ad::{Binary, Unary};
 use sofo_tensor::rng;
 
 /// The GPU tests run one at a time: the device-memory counters are global.
@@ -124,6 +124,34 @@ fn every_op_agrees_with_the_cpu() {
             )
         });
         same(&cpu, &gpu, &format!("linear, tangent mask {mask:05b}"));
+    }
+    // binary ops: equal shapes on the device with either tangent absent, and
+    // a broadcasting one through the host
+    for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
+        for mask in 1..4u32 {
+            let a = dual(&[5, 3], k, 30, mask & 1 != 0);
+            let b0 = dual(&[5, 3], k, 31, mask & 2 != 0);
+            // keep divisors away from zero
+            let b = Dual {
+                primal: b0.primal.map(|v| v.abs() + 0.5),
+                tangent: b0.tangent,
+            };
+            let cpu = c.binary(&a, &b, op).unwrap();
+            let gpu = on_gpu(&mut g, &[&a, &b], |g, v| {
+                Ops::<f32>::binary(g, &v[0], &v[1], op)
+            });
+            same(&cpu, &gpu, &format!("{op:?}, tangent mask {mask:02b}"));
+        }
+        let col = dual(&[5, 1], k, 32, true);
+        let row = Dual {
+            primal: dual(&[3], k, 33, false).primal.map(|v| v.abs() + 0.5),
+            tangent: None,
+        };
+        let cpu = c.binary(&col, &row, op).unwrap();
+        let gpu = on_gpu(&mut g, &[&col, &row], |g, v| {
+            Ops::<f32>::binary(g, &v[0], &v[1], op)
+        });
+        same(&cpu, &gpu, &format!("{op:?} broadcasting"));
     }
     // rank-2 transpose, row broadcast, and ops computed on the host
     let w = dual(&[5, 8], k, 20, true);
