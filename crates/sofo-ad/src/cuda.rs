@@ -256,7 +256,38 @@ impl<T: Float> Ops<T> for CudaFwd {
         self.on_host(&[x], |e, v| e.sum(&v[0], axes))
     }
 
+    /// Along the last axis (an output assembled from columns) on the
+    /// device; other axes through the host.
     fn concat(&mut self, xs: &[&CudaDual], axis: usize) -> Result<CudaDual> {
+        let first = xs.first().map(|x| x.primal.shape().to_vec());
+        if let Some(lead) = first.filter(|s| !s.is_empty() && axis == s.len() - 1) {
+            let lead = &lead[..axis];
+            if xs
+                .iter()
+                .all(|x| x.primal.shape().len() == axis + 1 && &x.primal.shape()[..axis] == lead)
+            {
+                let width: usize = xs.iter().map(|x| x.primal.shape()[axis]).sum();
+                let mut shape = lead.to_vec();
+                shape.push(width);
+                let mut primal = self.dev.scratch(&shape)?;
+                let any_tangent = xs.iter().any(|x| x.tangent.is_some());
+                let mut tangent = if any_tangent {
+                    // zeros where a piece has no tangent
+                    Some(self.dev.zeros(&tangent_shape(&shape, self.k))?)
+                } else {
+                    None
+                };
+                let mut offset = 0;
+                for x in xs {
+                    self.dev.copy_columns(&x.primal, &mut primal, offset)?;
+                    if let (Some(t), Some(dst)) = (&x.tangent, tangent.as_mut()) {
+                        self.dev.copy_columns(t, dst, offset)?;
+                    }
+                    offset += x.primal.shape()[axis];
+                }
+                return Ok(CudaDual { primal, tangent });
+            }
+        }
         self.on_host(xs, |e, v| {
             let refs: Vec<&Dual<f32>> = v.iter().collect();
             e.concat(&refs, axis)

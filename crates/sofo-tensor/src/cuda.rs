@@ -99,6 +99,15 @@ extern "C" __global__ void binary_tangent(const float* a, const float* b, const 
     }
 }
 
+// dst[r, offset + j] = src[r, j] for src [rows, w], dst [rows, dst_w]
+extern "C" __global__ void copy_columns(const float* src, float* dst, long long rows, int w, int dst_w, int offset) {
+    long long total = rows * w;
+    GRID_LOOP(i, total) {
+        long long r = i / w; int j = (int)(i % w);
+        dst[r * dst_w + offset + j] = src[i];
+    }
+}
+
 // y[r, j] = scale * b[j] + c * x[r, j]  (terms absent when has_* = 0)
 extern "C" __global__ void linear_init_primal(float* y, const float* b, const float* x, float c, float scale,
                                               long long total, int n, int has_b, int has_x) {
@@ -259,6 +268,7 @@ struct Kernels {
     unary_fwd: CudaFunction,
     binary_fwd: CudaFunction,
     binary_tangent: CudaFunction,
+    copy_columns: CudaFunction,
     scale_rows: CudaFunction,
     linear_init_primal: CudaFunction,
     linear_init_tangent: CudaFunction,
@@ -462,6 +472,7 @@ impl CudaDevice {
             unary_fwd: f("unary_fwd")?,
             binary_fwd: f("binary_fwd")?,
             binary_tangent: f("binary_tangent")?,
+            copy_columns: f("copy_columns")?,
             scale_rows: f("scale_rows")?,
             linear_init_primal: f("linear_init_primal")?,
             linear_init_tangent: f("linear_init_tangent")?,
@@ -643,6 +654,32 @@ impl CudaDevice {
         // an absent tangent is never read.
         unsafe { g.launch(grid(n)) }.map_err(|e| dev_err("binary_tangent", e))?;
         Ok(out)
+    }
+
+    /// Writes `src` [rows, w] into columns [offset, offset + w) of `dst`
+    /// [rows, dst_w] (both row-major; rows from the sizes).
+    pub fn copy_columns(&self, src: &DevTensor, dst: &mut DevTensor, offset: usize) -> Result<()> {
+        let w = src.shape.last().copied().unwrap_or(1).max(1);
+        let dst_w = dst.shape.last().copied().unwrap_or(1).max(1);
+        let rows = src.numel() / w;
+        if offset + w > dst_w || rows * dst_w != dst.numel() {
+            return Err(TensorError::shape(
+                "device copy_columns",
+                format!("{rows} rows of at most {dst_w} columns from {offset}"),
+                format!("{:?} into {:?}", src.shape, dst.shape),
+            ));
+        }
+        let (r64, w32, dw32, o32) = (rows as i64, w as i32, dst_w as i32, offset as i32);
+        let mut b = self.stream.launch_builder(&self.k.copy_columns);
+        b.arg(&src.data)
+            .arg(&mut dst.data)
+            .arg(&r64)
+            .arg(&w32)
+            .arg(&dw32)
+            .arg(&o32);
+        // SAFETY: src holds rows·w elements; dst rows·dst_w, checked above.
+        unsafe { b.launch(grid(rows * w)) }.map_err(|e| dev_err("copy_columns", e))?;
+        Ok(())
     }
 
     /// out[p, k, l] = d[p, l] · t[p, k, l]
@@ -956,6 +993,7 @@ mod tests {
             "unary_fwd",
             "binary_fwd",
             "binary_tangent",
+            "copy_columns",
             "scale_rows",
             "linear_init_tangent",
             "mse_grad_sketch",

@@ -153,6 +153,29 @@ fn every_op_agrees_with_the_cpu() {
         });
         same(&cpu, &gpu, &format!("{op:?} broadcasting"));
     }
+    // concat along the last axis on the device (a piece without tangents
+    // among them), along the first through the host
+    for mask in 0..8u32 {
+        let p1 = dual(&[4, 2], k, 40, mask & 1 != 0);
+        let p2 = dual(&[4, 1], k, 41, mask & 2 != 0);
+        let p3 = dual(&[4, 3], k, 42, mask & 4 != 0);
+        let cpu = c.concat(&[&p1, &p2, &p3], 1).unwrap();
+        let gpu = on_gpu(&mut g, &[&p1, &p2, &p3], |g, v| {
+            Ops::<f32>::concat(g, &[&v[0], &v[1], &v[2]], 1)
+        });
+        same(
+            &cpu,
+            &gpu,
+            &format!("concat last axis, tangent mask {mask:03b}"),
+        );
+    }
+    let p1 = dual(&[2, 3], k, 43, true);
+    let p2 = dual(&[4, 3], k, 44, false);
+    let cpu = c.concat(&[&p1, &p2], 0).unwrap();
+    let gpu = on_gpu(&mut g, &[&p1, &p2], |g, v| {
+        Ops::<f32>::concat(g, &[&v[0], &v[1]], 0)
+    });
+    same(&cpu, &gpu, "concat first axis");
     // rank-2 transpose, row broadcast, and ops computed on the host
     let w = dual(&[5, 8], k, 20, true);
     let v = dual(&[8], k, 21, true);
