@@ -185,6 +185,44 @@ fn scale_rows<T: Float>(d: &[T], t: &Tensor<T>, k: usize, l: usize) -> Tensor<T>
     out
 }
 
+/// Tangents of y = a op b on equal shapes in one pass, each batch row's
+/// partials applied to its K tangent rows (no broadcast copies).
+fn same_shape_tangent<T: Float>(op: Binary, a: &Dual<T>, b: &Dual<T>, k: usize) -> Tensor<T> {
+    let (_, _, l) = split3(a.primal.shape(), k);
+    let shape = tangent_shape(a.primal.shape(), k);
+    let mut out = Tensor::scratch(&shape);
+    let (ap, bp) = (a.primal.data(), b.primal.data());
+    let (ta, tb) = (
+        a.tangent.as_ref().map(|t| t.data()),
+        b.tangent.as_ref().map(|t| t.data()),
+    );
+    let kl = k * l;
+    Cpu.for_rows(out.data_mut(), kl, |r, block| {
+        let (ar, br) = (&ap[r * l..(r + 1) * l], &bp[r * l..(r + 1) * l]);
+        let ta = ta.map(|t| &t[r * kl..(r + 1) * kl]);
+        let tb = tb.map(|t| &t[r * kl..(r + 1) * kl]);
+        for (i, o) in block.iter_mut().enumerate() {
+            let j = i % l;
+            let (av, bv) = (ar[j], br[j]);
+            let (da, db) = match op {
+                Binary::Add => (T::one(), T::one()),
+                Binary::Sub => (T::one(), -T::one()),
+                Binary::Mul => (bv, av),
+                Binary::Div => (T::one() / bv, -av / (bv * bv)),
+            };
+            let mut v = T::zero();
+            if let Some(t) = ta {
+                v += da * t[i];
+            }
+            if let Some(t) = tb {
+                v += db * t[i];
+            }
+            *o = v;
+        }
+    });
+    out
+}
+
 impl<T: Float> Ops<T> for Fwd {
     type V = Dual<T>;
 
@@ -235,6 +273,12 @@ impl<T: Float> Ops<T> for Fwd {
             .broadcast_zip(&b.primal, name, |u, v| op.apply(u, v))?;
         if a.tangent.is_none() && b.tangent.is_none() {
             return Ok(Dual::constant(y));
+        }
+        if a.primal.shape() == b.primal.shape() {
+            return Ok(Dual {
+                tangent: Some(same_shape_tangent(op, a, b, self.k)),
+                primal: y,
+            });
         }
         // Partials ∂y/∂a and ∂y/∂b at the output's shape.
         let shape = y.shape().to_vec();
@@ -392,28 +436,27 @@ impl<T: Float> Ops<T> for Fwd {
         {
             let bias_t = bias.and_then(|b| b.tangent.as_ref()).map(|t| t.data());
             let x_t = leak.and_then(|(x, c)| x.tangent.as_ref().map(|t| (t.data(), c)));
-            // row i of the tangent is (batch row i / k, tangent i % k)
-            Cpu.for_rows(t.data_mut(), n, |i, row| {
-                let kk = i % k;
-                match (bias_t, x_t) {
-                    (None, None) => row.fill(T::zero()),
+            // one task per batch row r: its K tangent rows (r, kk) at
+            // offset kk·n of the block (narrow outputs would otherwise cost
+            // a closure call per element)
+            let kn = k * n;
+            Cpu.for_rows(t.data_mut(), kn, |r, block| {
+                let xb = x_t.map(|(x, c)| (&x[r * kn..(r + 1) * kn], c));
+                match (bias_t, xb) {
+                    (None, None) => block.fill(T::zero()),
                     (Some(b), None) => {
-                        let br = &b[kk * n..(kk + 1) * n];
-                        for j in 0..n {
-                            row[j] = scale * br[j];
+                        for (o, &bv) in block.iter_mut().zip(&b[..kn]) {
+                            *o = scale * bv;
                         }
                     }
                     (None, Some((x, c))) => {
-                        let xr = &x[i * n..(i + 1) * n];
-                        for j in 0..n {
-                            row[j] = c * xr[j];
+                        for (o, &xv) in block.iter_mut().zip(x) {
+                            *o = c * xv;
                         }
                     }
                     (Some(b), Some((x, c))) => {
-                        let br = &b[kk * n..(kk + 1) * n];
-                        let xr = &x[i * n..(i + 1) * n];
-                        for j in 0..n {
-                            row[j] = c * xr[j] + scale * br[j];
+                        for ((o, &xv), &bv) in block.iter_mut().zip(x).zip(&b[..kn]) {
+                            *o = c * xv + scale * bv;
                         }
                     }
                 }

@@ -2,10 +2,10 @@
 //! same ones the JAX anchor times (../shared/anchors).
 
 use clap::Args;
-use sofo::models::{Activation, Batch, LorenzModel, Model, RateRnn};
+use sofo::models::{Activation, Batch, LeakyRnn, LorenzModel, Model, RateRnn, ReachRnn};
 use sofo::optim::{Adam, AdamConfig, Damping, Optimizer, Sofo, SofoConfig, TangentKind};
 use sofo::params::ParamSet;
-use sofo::tasks::{LorenzData, LorenzTask, Task};
+use sofo::tasks::{KalmanTask, LorenzData, LorenzTask, ReachTask, Task};
 use sofo::{Device, Result};
 use sofo_tensor::{rng, Tensor};
 use std::time::Instant;
@@ -25,7 +25,7 @@ pub struct BenchArgs {
     #[arg(long)]
     only: Option<String>,
     /// Where the passes run: cpu, cuda or cuda:N. On a GPU the long
-    /// configurations (rnn-reach, rnn-kalman) run too.
+    /// configurations (rnn-reach, rnn-kalman, reach2, kalman-long) run too.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Time the chosen configurations at these trial lengths instead of
@@ -297,6 +297,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let model = LorenzModel { hidden: 400 };
         let batch = Task::<f32>::train_batch(&task, 0, 0, 128)?;
         let r = time_sofo(&device, &model, &batch, 128, iters, "lorenz", 400)?;
+        emit(&a, &r, threads, &device);
+    }
+    // the paper's long tasks with their own models and batches: the arm in
+    // the loop (reach2) and the leaky network over T = 5000 (kalman-long);
+    // GPU work, timed on the CPU only when named with --only
+    let long_ok = on_gpu || a.only.is_some();
+    if want("reach2") && a.method != "adam" && long_ok {
+        let task = ReachTask::double();
+        let model = ReachRnn::paper(task.inputs());
+        let batch = Task::<f32>::train_batch(&task, 0, 0, 256)?;
+        let r = time_sofo(&device, &model, &batch, 128, iters, "reach2", model.n)?;
+        emit(&a, &r, threads, &device);
+    }
+    if want("kalman-long") && a.method != "adam" && long_ok {
+        let task = KalmanTask::long();
+        let model = LeakyRnn::kalman(100);
+        let batch = Task::<f32>::train_batch(&task, 0, 0, 256)?;
+        let r = time_sofo(&device, &model, &batch, 128, iters, "kalman-long", model.n)?;
         emit(&a, &r, threads, &device);
     }
     Ok(())
