@@ -23,7 +23,7 @@ echo "== backend agreement tests"
 timeout 120 $G/cuda_agreement --test-threads 1 --nocapture 2>&1 | tee "$OUT/agreement.txt"
 
 echo "== sofo bench --device cuda"
-timeout 180 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
+timeout 300 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
 
 echo "== memory against T (rate RNN N=128 M=64 K=64)"
 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 2 --only rnn-n128 --steps 32,256,1024,4096,16384 2>&1 | tee "$OUT/sofo_memory.jsonl"
