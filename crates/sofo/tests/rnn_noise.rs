@@ -6,14 +6,13 @@
 mod common;
 
 use common::*;
-use sofo::loss::Sketch;
 use sofo::models::{
     gradient_pass, record_outputs, Activation, Batch, ConstrainedRnn, Constraints, Model, Noise,
     RateRnn,
 };
 use sofo::optim::{Damping, Sofo, SofoConfig, TangentKind};
 use sofo::params::ParamSet;
-use sofo::{Dual, Fwd, Tensor};
+use sofo::Tensor;
 
 const N: usize = 8;
 
@@ -256,38 +255,6 @@ fn gradients_with_noise_agree_forward_reverse_and_finite_differences() {
             sk.c[k]
         );
     }
-}
-
-/// The sketch of `batch` run as `parts` groups of trials, summed.
-fn grouped_sketch(
-    m: &ConstrainedRnn,
-    params: &ParamSet<f64>,
-    batch: &Batch<f64>,
-    parts: usize,
-) -> Sketch {
-    let s = Sofo::new(SofoConfig {
-        k: 4,
-        ..SofoConfig::default()
-    })
-    .unwrap();
-    let tg = s.sample_tangents(params, 3, 0).unwrap();
-    let duals: Vec<Dual<f64>> = params
-        .iter()
-        .zip(&tg.per_param)
-        .map(|(q, t)| Dual {
-            primal: q.value.clone(),
-            tangent: t.clone(),
-        })
-        .collect();
-    let mut e = Fwd::new(4);
-    let prepared = m.prepare(&mut e, &duals).unwrap();
-    let mut total = Sketch::new(4);
-    for g in batch.split(parts).unwrap() {
-        let mut sk = Sketch::new(4);
-        m.run(&mut e, &prepared, &g, &mut sk).unwrap();
-        total.add(&sk);
-    }
-    total.finish().unwrap()
 }
 
 #[test]
