@@ -3,7 +3,10 @@
 //! `--config` accepts.
 
 use serde::{Deserialize, Serialize};
-use sofo::models::{Activation, ConstrainedRnn, Constraints, LeakyRnn, RateRnn, ReachRnn};
+use sofo::models::{
+    read_mask, Activation, ConstrainedRnn, Constraints, DaleTransform, LeakyRnn, LowRank, Noise,
+    RateRnn, ReachRnn, Regularizers, TimeConstants,
+};
 use sofo::optim::force::ForceConfig;
 use sofo::optim::{
     AdamConfig, Damping, FgdConfig, LearningRate, Schedule, SgdConfig, SofoConfig, TangentKind,
@@ -58,6 +61,75 @@ pub struct RunConfig {
     pub kalman: KalmanSection,
     /// Biological constraints of the rate RNN (flipflop, addition).
     pub constraints: ConstraintsSection,
+    /// Process and input noise of the rate RNN (flipflop, addition).
+    pub noise: NoiseSection,
+    /// Regularisers of the rate RNN, observed as little losses (flipflop, addition).
+    pub regularizers: RegularizersSection,
+    /// Time constants of the rate RNN (flipflop, addition).
+    pub time_constants: TimeConstantsSection,
+    /// Low-rank recurrence of the rate RNN (flipflop, addition).
+    pub low_rank: LowRankSection,
+}
+
+/// σ of each noise, in units of the state (the stationary std it alone
+/// gives an isolated unit); 0 = off. Drawn per (step, trial) from the
+/// batch's seed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoiseSection {
+    /// additive state noise: x += σ·√(2α)·ξ each step
+    pub state: f64,
+    /// multiplicative rate noise: r ⊙= 1 + σ·√(2/α)·ξ
+    pub rates: f64,
+    /// input noise: u += σ·√(2/α)·ξ
+    pub input: f64,
+}
+
+/// Weights λ of the regularisers (0 = off).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegularizersSection {
+    /// λ‖W‖² on the effective recurrent weights
+    pub weights_l2: f64,
+    /// λ · mean of r² over steps, trials and units
+    pub rates_l2: f64,
+    /// λ · mean over trials and units of (the unit's mean rate in the trial − rate_target)²
+    pub rate_target_weight: f64,
+    /// the target mean rate
+    pub rate_target: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeConstantsSection {
+    /// scalar (the task's alpha) | per-unit | learned
+    pub kind: String,
+    /// per-unit: α = dt/τ of each unit (N values) ...
+    pub alpha: Vec<f64>,
+    /// ... or, when `alpha` is empty, α log-spaced from spread[0] to spread[1]
+    pub spread: [f64; 2],
+    /// learned: τ/dt = tau_min + softplus(τ̃) (≥ 1), started at the task's alpha
+    pub tau_min: f64,
+}
+
+impl Default for TimeConstantsSection {
+    fn default() -> Self {
+        TimeConstantsSection {
+            kind: "scalar".into(),
+            alpha: vec![],
+            spread: [0.05, 0.5],
+            tau_min: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LowRankSection {
+    /// rank r of W = m nᵀ/N (0 = full rank W)
+    pub rank: usize,
+    /// add a fixed random W0 ~ N(0, g²/N) (pinned)
+    pub fixed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -77,6 +149,18 @@ pub struct ConstraintsSection {
     pub pinned: Vec<String>,
     /// parameter tensors kept in [lower, upper] after every update, e.g. { b = [-1.0, 1.0] }
     pub bounds: std::collections::BTreeMap<String, [f64; 2]>,
+    /// abs | softplus: how Dale's law makes W̃ non-negative
+    pub dale_transform: String,
+    /// connection probability of the input weights B (a fixed random mask)
+    pub density_in: f64,
+    /// connection probability of the readout C (a fixed random mask)
+    pub density_out: f64,
+    /// fixed 0/1 masks from files, e.g. { W = "w.csv", C = "masks.safetensors" }
+    /// (CSV rows, or a safetensors tensor of the same name)
+    pub masks: std::collections::BTreeMap<String, String>,
+    /// per-element trainability from 0/1 files (1 = trained, 0 = never moves),
+    /// e.g. { W = "w_trainable.csv" }; any parameter tensor
+    pub trainable: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ConstraintsSection {
@@ -89,6 +173,11 @@ impl Default for ConstraintsSection {
             autapses: true,
             pinned: vec![],
             bounds: Default::default(),
+            dale_transform: "abs".into(),
+            density_in: 1.0,
+            density_out: 1.0,
+            masks: Default::default(),
+            trainable: Default::default(),
         }
     }
 }
@@ -384,6 +473,10 @@ impl Default for RunConfig {
             reach: ReachSection::default(),
             kalman: KalmanSection::default(),
             constraints: ConstraintsSection::default(),
+            noise: NoiseSection::default(),
+            regularizers: RegularizersSection::default(),
+            time_constants: TimeConstantsSection::default(),
+            low_rank: LowRankSection::default(),
         }
     }
 }
@@ -714,6 +807,21 @@ impl RunConfig {
                     )
                 })?;
         }
+        for (name, file) in &self.constraints.trainable {
+            let field = format!("constraints.trainable.{name}");
+            let p = params.get(name).ok_or_else(|| {
+                let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+                Error::config(&field, format!("\"{name}\""), format!("one of {names:?}"))
+            })?;
+            let shape = p.value.shape();
+            let (rows, cols) = match shape.len() {
+                1 => (1, shape[0]),
+                _ => (shape[0], shape[1..].iter().product()),
+            };
+            let m = read_mask(std::path::Path::new(file), name, [rows, cols], &field)?;
+            let t: Vec<bool> = m.iter().map(|&v| v != 0.0).collect();
+            params.set_trainable_entries(name, &t)?;
+        }
         if params.trainable_count() == 0 {
             return Err(Error::config(
                 "constraints.pinned",
@@ -724,19 +832,144 @@ impl RunConfig {
         Ok(())
     }
 
-    /// The rate RNN under the configured constraints.
+    /// The rate RNN under the configured constraints, noise, regularisers,
+    /// time constants and rank.
     pub fn constrained(&self, rnn: RateRnn) -> Result<ConstrainedRnn> {
         let c = &self.constraints;
-        let n = rnn.n;
-        let cons = Constraints::generate(
+        let (n, i, o) = (rnn.n, rnn.inputs, rnn.outputs);
+        let mut cons = Constraints::generate(
             n,
             c.dale.then_some(c.excitatory),
             c.dale_readout,
             c.density,
             c.autapses,
             self.seed,
+        )?
+        .with_io_masks(n, i, o, c.density_in, c.density_out, self.seed)?;
+        cons.dale_transform = DaleTransform::parse(&c.dale_transform)?;
+        for (name, file) in &c.masks {
+            let field = format!("constraints.masks.{name}");
+            let (shape, density, density_field) = match name.as_str() {
+                "W" => ([n, n], c.density, "constraints.density"),
+                "B" => ([n, i], c.density_in, "constraints.density_in"),
+                "C" => ([o, n], c.density_out, "constraints.density_out"),
+                _ => {
+                    return Err(Error::config(
+                        "constraints.masks",
+                        format!("\"{name}\""),
+                        "masks for W, B or C",
+                    ))
+                }
+            };
+            if density < 1.0 {
+                return Err(Error::config(
+                    density_field,
+                    density,
+                    format!("1 when {field} gives the mask from a file"),
+                ));
+            }
+            let mut m = read_mask(std::path::Path::new(file), name, shape, &field)?;
+            match name.as_str() {
+                "W" => {
+                    if !c.autapses {
+                        (0..n).for_each(|k| m[k * n + k] = 0.0);
+                    }
+                    cons.mask_w = Some(m);
+                }
+                "B" => cons.mask_b = Some(m),
+                _ => cons.mask_c = Some(m),
+            }
+        }
+        let nz = &self.noise;
+        let r = &self.regularizers;
+        let t = &self.time_constants;
+        one_of(
+            "time_constants.kind",
+            &t.kind,
+            &["scalar", "per-unit", "learned"],
         )?;
-        ConstrainedRnn::new(rnn, cons)
+        let time = match t.kind.as_str() {
+            "per-unit" if t.alpha.is_empty() => {
+                let [lo, hi] = t.spread;
+                if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+                    return Err(Error::config(
+                        "time_constants.spread",
+                        format!("[{lo}, {hi}]"),
+                        "0 < lo ≤ hi ≤ 1 (α = dt/τ log-spaced over the units)",
+                    ));
+                }
+                TimeConstants::PerUnit(
+                    (0..n)
+                        .map(|k| lo * (hi / lo).powf(k as f64 / (n.max(2) - 1) as f64))
+                        .collect(),
+                )
+            }
+            "per-unit" => TimeConstants::PerUnit(t.alpha.clone()),
+            "learned" => TimeConstants::Learned { tau_min: t.tau_min },
+            _ => TimeConstants::Scalar,
+        };
+        let low_rank = (self.low_rank.rank > 0).then_some(LowRank {
+            rank: self.low_rank.rank,
+            fixed: self.low_rank.fixed,
+        });
+        ConstrainedRnn::new(rnn, cons)?
+            .with_noise(Noise {
+                state: nz.state,
+                rates: nz.rates,
+                input: nz.input,
+            })?
+            .with_regularizers(Regularizers {
+                weights_l2: r.weights_l2,
+                rates_l2: r.rates_l2,
+                rate_target_weight: r.rate_target_weight,
+                rate_target: r.rate_target,
+            })?
+            .with_time_constants(time)?
+            .with_low_rank(low_rank)
+    }
+
+    /// `KEY=VALUE` overrides (`--set noise.state=0.1`): VALUE is read as a
+    /// TOML value (a bare word as a string) and put at the dotted KEY.
+    pub fn set(&mut self, assignments: &[String]) -> Result<()> {
+        if assignments.is_empty() {
+            return Ok(());
+        }
+        let mut table = toml::Table::try_from(&*self).expect("config serialises");
+        for a in assignments {
+            let Some((key, value)) = a.split_once('=') else {
+                return Err(Error::config("--set", a, "KEY=VALUE, e.g. noise.state=0.1"));
+            };
+            let key = key.trim();
+            let value = value.trim();
+            let parsed: toml::Value = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            let mut node = &mut table;
+            let parts: Vec<&str> = key.split('.').collect();
+            for part in &parts[..parts.len() - 1] {
+                node = match node.get_mut(*part) {
+                    Some(toml::Value::Table(t)) => t,
+                    _ => {
+                        return Err(Error::config(
+                            "--set",
+                            key,
+                            "a KEY of the config (section.field, as in config.toml)",
+                        ))
+                    }
+                };
+            }
+            node.insert(parts[parts.len() - 1].to_string(), parsed);
+        }
+        *self = table.try_into().map_err(|e: toml::de::Error| {
+            Error::config(
+                "--set",
+                assignments.join(" "),
+                format!("KEY=VALUE pairs of the config: {}", e.message()),
+            )
+        })?;
+        Ok(())
     }
 
     /// The flip-flop task and its network.
@@ -852,6 +1085,46 @@ impl RunConfig {
                 c.autapses != d.autapses,
                 c.autapses.to_string(),
             ),
+            (
+                "constraints.dale_transform",
+                c.dale_transform != d.dale_transform,
+                c.dale_transform.clone(),
+            ),
+            (
+                "constraints.density_in",
+                c.density_in != d.density_in,
+                c.density_in.to_string(),
+            ),
+            (
+                "constraints.density_out",
+                c.density_out != d.density_out,
+                c.density_out.to_string(),
+            ),
+            (
+                "constraints.masks",
+                !c.masks.is_empty(),
+                format!("{:?}", c.masks),
+            ),
+            (
+                "noise",
+                self.noise != NoiseSection::default(),
+                format!("{:?}", self.noise),
+            ),
+            (
+                "regularizers",
+                self.regularizers != RegularizersSection::default(),
+                format!("{:?}", self.regularizers),
+            ),
+            (
+                "time_constants",
+                self.time_constants != TimeConstantsSection::default(),
+                format!("{:?}", self.time_constants),
+            ),
+            (
+                "low_rank",
+                self.low_rank != LowRankSection::default(),
+                format!("{:?}", self.low_rank),
+            ),
         ];
         for (field, set, value) in bad {
             if set {
@@ -859,7 +1132,7 @@ impl RunConfig {
                     field,
                     value,
                     format!(
-                        "its default for task \"{}\": the {what} network takes only `pinned` and `bounds` from [constraints]",
+                        "its default for task \"{}\": the {what} network takes only `pinned`, `bounds` and `trainable` from [constraints]",
                         self.task
                     ),
                 ));

@@ -85,6 +85,10 @@ struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Any config field, e.g. --set noise.state=0.1 --set constraints.dale=true
+    /// (VALUE in TOML syntax; applied over --config, under the flags above).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Args)]
@@ -134,6 +138,7 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
         }
         None => RunConfig::defaults_for(a.run.task.as_deref().unwrap_or("lorenz")),
     };
+    c.set(&a.run.set)?;
     if let Some(v) = &a.run.task {
         c.task = v.clone();
     }
@@ -276,8 +281,7 @@ fn save_effective(
     params: &ParamSet<f32>,
     out: &std::path::Path,
 ) -> Result<()> {
-    let c = &model.constraints;
-    if c.dale.is_none() && c.mask_w.is_none() && c.mask_b.is_none() && c.mask_c.is_none() {
+    if !model.reparameterised() {
         return Ok(());
     }
     let eff = model.effective_weights(params)?;

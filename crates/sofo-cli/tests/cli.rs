@@ -623,3 +623,266 @@ fn kalman_trains_and_reports_beside_the_reference_filters() {
     let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(stderr(&o).contains("kalman.alpha"), "{}", stderr(&o));
 }
+
+/// A tiny flip-flop run of the rate RNN (N = 12, 2 bits) with `extra`
+/// config lines; returns (status, stderr, run directory).
+fn tiny_flipflop(
+    name: &str,
+    extra: &str,
+    iters: usize,
+    flags: &[&str],
+) -> (bool, String, std::path::PathBuf) {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("task = \"flipflop\"\niterations = {iters}\nbatch = 8\nthreads = 1\neval_every = 0\n[sofo]\ntangents = 16\n[flipflop]\nn = 12\nsteps = 30\nbits = 2\n{extra}"),
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(flags);
+    let o = sofo(&args);
+    (o.status.success(), stderr(&o), out)
+}
+
+fn tensor(dir: &Path, file: &str, name: &str) -> Vec<f32> {
+    let w = sofo::checkpoint::load::<f32>(&dir.join(file)).unwrap();
+    w.iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name} in {file}"))
+        .1
+        .data()
+        .to_vec()
+}
+
+#[test]
+fn noise_and_regularisers_from_the_config_and_set_flags() {
+    let extra = "[noise]\nstate = 0.1\nrates = 0.05\n[regularizers]\nrates_l2 = 0.01\n";
+    let flags = [
+        "--set",
+        "noise.input=0.05",
+        "--set",
+        "regularizers.weights_l2=1e-3",
+        "--set",
+        "regularizers.rate_target_weight = 0.1",
+        "--set",
+        "regularizers.rate_target=0.2",
+    ];
+    let (ok, e, out) = tiny_flipflop("noise", extra, 3, &flags);
+    assert!(ok, "{e}");
+    let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    for want in [
+        "[noise]\nstate = 0.1\nrates = 0.05\ninput = 0.05\n",
+        "[regularizers]\nweights_l2 = 0.001\nrates_l2 = 0.01\nrate_target_weight = 0.1\nrate_target = 0.2\n",
+    ] {
+        assert!(resolved.contains(want), "{want} not in {resolved}");
+    }
+    // the resolved config replays the noisy, regularised run bit for bit
+    let again = out.parent().unwrap().join("again");
+    let o = sofo(&[
+        "train",
+        "--config",
+        out.join("config.toml").to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        tensor(&out, "weights.safetensors", "W"),
+        tensor(&again, "weights.safetensors", "W")
+    );
+    // bad values name the field
+    for (flag, want) in [
+        ("noise.state=-1", "noise.state"),
+        ("regularizers.rates_l2=nan", "regularizers.rates_l2"),
+        ("noise.sate=1", "sate"),
+        ("nosuch.x=1", "--set"),
+        ("noise.state", "KEY=VALUE"),
+    ] {
+        let (ok, e, _) = tiny_flipflop("noise-bad", "", 1, &["--set", flag]);
+        assert!(!ok && e.contains(want), "--set {flag}: {e}");
+    }
+    // the reach network has its own noise: refused, not ignored
+    let o = sofo(&["train", "--task", "reach2", "--set", "noise.state=0.1"]);
+    assert!(stderr(&o).contains("`noise`"), "{}", stderr(&o));
+}
+
+#[test]
+fn masks_dale_transform_and_trainable_entries_from_files() {
+    let dir = tmp("maskfiles");
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = 12;
+    // W: a band of connections; C (2 × 12): the first 6 columns frozen
+    let w: String = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| if (i + 2 * j) % 3 == 0 { "1" } else { "0" })
+                .collect::<Vec<_>>()
+                .join(",")
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("w.csv"), &w).unwrap();
+    let c: String = (0..2)
+        .map(|_| {
+            (0..n)
+                .map(|j| if j < 6 { "0" } else { "1" })
+                .collect::<Vec<_>>()
+                .join(" ")
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("c.csv"), &c).unwrap();
+    let extra = format!(
+        "[constraints]\ndale = true\nexcitatory = 0.75\ndale_transform = \"softplus\"\ndensity_in = 0.5\ndensity_out = 0.7\nmasks = {{ W = \"{}\" }}\ntrainable = {{ C = \"{}\" }}\n",
+        dir.join("w.csv").display(),
+        dir.join("c.csv").display()
+    );
+    let mut runs = vec![];
+    for iters in [1, 4] {
+        let (ok, e, out) = tiny_flipflop(&format!("maskfiles{iters}"), &extra, iters, &[]);
+        assert!(ok, "{e}");
+        runs.push(out);
+    }
+    let weff = tensor(&runs[1], "weights_effective.safetensors", "W");
+    let file: Vec<f32> = w
+        .split([',', '\n'])
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    for (k, (&v, &m)) in weff.iter().zip(&file).enumerate() {
+        // softplus > 0: zero exactly where the file says so
+        assert_eq!(v == 0.0, m == 0.0, "W[{k}] = {v}, mask {m}");
+        assert!(
+            if k % n < 9 { v >= 0.0 } else { v <= 0.0 },
+            "Dale: W[{k}] = {v}"
+        );
+    }
+    let zeros = |v: &[f32]| v.iter().filter(|&&x| x == 0.0).count();
+    let b = tensor(&runs[1], "weights_effective.safetensors", "B");
+    let ce = tensor(&runs[1], "weights_effective.safetensors", "C");
+    assert!(zeros(&b) > 0 && zeros(&b) < b.len(), "B {b:?}");
+    assert!(zeros(&ce) > 0 && zeros(&ce) < ce.len(), "C {ce:?}");
+    // frozen entries of C never move; the others do
+    let (c1, c4) = (
+        tensor(&runs[0], "weights.safetensors", "C"),
+        tensor(&runs[1], "weights.safetensors", "C"),
+    );
+    for k in 0..2 * n {
+        if k % n < 6 {
+            assert_eq!(c1[k].to_bits(), c4[k].to_bits(), "frozen C[{k}] moved");
+        }
+    }
+    assert!((0..2 * n).any(|k| k % n >= 6 && c1[k] != c4[k]));
+    let resolved = std::fs::read_to_string(runs[1].join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("dale_transform = \"softplus\""),
+        "{resolved}"
+    );
+    assert!(resolved.contains("w.csv"), "{resolved}");
+    // errors name the field, the file and the problem
+    std::fs::write(dir.join("bad.csv"), "1,0\n0,1\n").unwrap();
+    let bad = dir.join("bad.csv").display().to_string();
+    for (extra, want) in [
+        (
+            format!("[constraints]\nmasks = {{ W = \"{bad}\" }}\n"),
+            vec!["constraints.masks.W", "bad.csv", "2 values", "12 values"],
+        ),
+        (
+            format!("[constraints]\ntrainable = {{ Q = \"{bad}\" }}\n"),
+            vec!["constraints.trainable.Q"],
+        ),
+        (
+            "[constraints]\ndale = true\ndale_transform = \"exp\"\n".to_string(),
+            vec!["constraints.dale_transform", "exp"],
+        ),
+        (
+            "[constraints]\ndensity_out = 1.5\n".to_string(),
+            vec!["constraints.density_out", "1.5"],
+        ),
+        (
+            format!("[constraints]\ndensity = 0.5\nmasks = {{ W = \"{bad}\" }}\n"),
+            vec!["constraints.density", "constraints.masks.W"],
+        ),
+    ] {
+        let (ok, e, _) = tiny_flipflop("maskfiles-bad", &extra, 1, &[]);
+        assert!(!ok && want.iter().all(|w| e.contains(w)), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn time_constants_and_low_rank_from_the_config() {
+    let (ok, e, out) = tiny_flipflop(
+        "tau-learned",
+        "[time_constants]\nkind = \"learned\"\ntau_min = 2.0\n",
+        3,
+        &[],
+    );
+    assert!(ok, "{e}");
+    assert_eq!(tensor(&out, "weights.safetensors", "tau").len(), 12);
+    let alpha = tensor(&out, "weights_effective.safetensors", "alpha");
+    assert!(alpha.iter().all(|&a| a > 0.0 && a <= 0.5), "{alpha:?}");
+    let (ok, e, out) = tiny_flipflop(
+        "tau-spread",
+        "",
+        1,
+        &[
+            "--set",
+            "time_constants.kind=\"per-unit\"",
+            "--set",
+            "time_constants.spread=[0.05, 0.5]",
+        ],
+    );
+    assert!(ok, "{e}");
+    let alpha = tensor(&out, "weights_effective.safetensors", "alpha");
+    assert!(
+        (alpha[0] - 0.05).abs() < 1e-7 && (alpha[11] - 0.5).abs() < 1e-7,
+        "{alpha:?}"
+    );
+    let (ok, e, out) = tiny_flipflop("lowrank", "[low_rank]\nrank = 2\nfixed = true\n", 2, &[]);
+    assert!(ok, "{e}");
+    assert_eq!(tensor(&out, "weights.safetensors", "m").len(), 24);
+    assert_eq!(tensor(&out, "weights.safetensors", "W0").len(), 144);
+    assert_eq!(
+        tensor(&out, "weights_effective.safetensors", "W").len(),
+        144
+    );
+    let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("[low_rank]\nrank = 2\nfixed = true\n"),
+        "{resolved}"
+    );
+    for (extra, want) in [
+        ("[time_constants]\nkind = \"fast\"\n", "time_constants.kind"),
+        (
+            "[time_constants]\nkind = \"learned\"\ntau_min = 0.5\n",
+            "time_constants.tau_min",
+        ),
+        (
+            "[time_constants]\nkind = \"per-unit\"\nalpha = [0.1, 0.2]\n",
+            "time_constants.alpha",
+        ),
+        (
+            "[time_constants]\nkind = \"per-unit\"\nspread = [0.5, 0.1]\n",
+            "time_constants.spread",
+        ),
+        ("[low_rank]\nrank = 13\n", "low_rank.rank"),
+        (
+            "[low_rank]\nrank = 2\n[constraints]\ndale = true\n",
+            "constraints.dale",
+        ),
+    ] {
+        let (ok, e, _) = tiny_flipflop("tau-bad", extra, 1, &[]);
+        assert!(!ok && e.contains(want), "{extra}: {e}");
+    }
+}

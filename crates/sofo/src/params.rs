@@ -31,11 +31,62 @@ pub struct Param<T: Float> {
 #[derive(Debug, Clone)]
 pub struct ParamSet<T: Float> {
     params: Vec<Param<T>>,
+    /// Per tensor, the entries no optimiser may move (`true` = frozen).
+    frozen: Vec<Option<Vec<bool>>>,
 }
 
 impl<T: Float> ParamSet<T> {
     pub fn new(params: Vec<Param<T>>) -> Self {
-        ParamSet { params }
+        let frozen = vec![None; params.len()];
+        ParamSet { params, frozen }
+    }
+    /// Per-element trainability of the tensor `name`: entries where
+    /// `trainable` is false are frozen. SOFO and FGD draw no tangent
+    /// component along them, and [`ParamSet::apply_updates`] leaves them
+    /// bit-identical whatever the optimiser proposes.
+    pub fn set_trainable_entries(&mut self, name: &str, trainable: &[bool]) -> Result<()> {
+        let names: Vec<String> = self.params.iter().map(|p| p.name.clone()).collect();
+        let i = self
+            .params
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| Error::config("parameter", name, format!("one of {names:?}")))?;
+        let numel = self.params[i].value.numel();
+        if trainable.len() != numel {
+            return Err(Error::config(
+                format!("trainable entries of {name}"),
+                format!("{} entries", trainable.len()),
+                format!("{numel} (shape {:?})", self.params[i].value.shape()),
+            ));
+        }
+        self.frozen[i] = Some(trainable.iter().map(|&t| !t).collect());
+        Ok(())
+    }
+    /// The frozen entries of the tensor `name`, if any were set.
+    pub fn frozen_entries(&self, name: &str) -> Option<&[bool]> {
+        let i = self.params.iter().position(|p| p.name == name)?;
+        self.frozen[i].as_deref()
+    }
+    /// Zeroes, in K directions `flat` [K, P] over the trainable scalars,
+    /// the components along frozen entries.
+    pub fn zero_frozen<F: Float>(&self, flat: &mut [F], k: usize) {
+        let p = self.trainable_count();
+        let mut off = 0;
+        for (prm, fr) in self.params.iter().zip(&self.frozen) {
+            if !prm.mode.trainable() {
+                continue;
+            }
+            if let Some(fr) = fr {
+                for row in 0..k {
+                    for (j, &f) in fr.iter().enumerate() {
+                        if f {
+                            flat[row * p + off + j] = F::zero();
+                        }
+                    }
+                }
+            }
+            off += prm.value.numel();
+        }
     }
     pub fn iter(&self) -> impl Iterator<Item = &Param<T>> {
         self.params.iter()
@@ -99,11 +150,12 @@ impl<T: Float> ParamSet<T> {
         Ok(())
     }
     /// θ ← θ − scale · u for every tensor with an update (`None`: left as
-    /// is), bounded tensors projected back; all or nothing: if any new value
+    /// is), bounded tensors projected back, frozen entries left as they
+    /// are (bit for bit); all or nothing: if any new value
     /// would be non-finite, nothing changes and the error names the tensor.
     pub fn apply_updates(&mut self, updates: &[Option<Tensor<T>>], scale: T) -> Result<()> {
         let mut new = Vec::with_capacity(updates.len());
-        for (p, u) in self.params.iter().zip(updates) {
+        for ((p, u), fr) in self.params.iter().zip(updates).zip(&self.frozen) {
             let Some(u) = u else {
                 new.push(None);
                 continue;
@@ -113,6 +165,13 @@ impl<T: Float> ParamSet<T> {
             if let ParamMode::Bounded { lower, upper } = p.mode {
                 let (lo, hi) = (T::from_f64(lower), T::from_f64(upper));
                 v.data_mut().iter_mut().for_each(|x| *x = x.max(lo).min(hi));
+            }
+            if let Some(fr) = fr {
+                for ((x, &old), &f) in v.data_mut().iter_mut().zip(p.value.data()).zip(fr) {
+                    if f {
+                        *x = old;
+                    }
+                }
             }
             if !v.is_finite() {
                 return Err(Error::NonFinite(format!("updated parameter `{}`", p.name)));

@@ -241,3 +241,37 @@ pub fn memory_batch<T: Float>(m: usize, t: usize, seed: u64) -> Batch<T> {
         noise_seed: 0,
     }
 }
+
+/// The SOFO sketch (K = 4 seeded tangents) of `batch` run as `parts`
+/// groups of trials, summed: what `observe_pass` does on `parts` threads.
+pub fn grouped_sketch<M: Model<f64>>(
+    m: &M,
+    params: &ParamSet<f64>,
+    batch: &Batch<f64>,
+    parts: usize,
+) -> sofo::loss::Sketch {
+    use sofo::loss::Sketch;
+    let s = sofo::optim::Sofo::new(sofo::optim::SofoConfig {
+        k: 4,
+        ..sofo::optim::SofoConfig::default()
+    })
+    .unwrap();
+    let tg = s.sample_tangents(params, 3, 0).unwrap();
+    let duals: Vec<Dual<f64>> = params
+        .iter()
+        .zip(&tg.per_param)
+        .map(|(q, t)| Dual {
+            primal: q.value.clone(),
+            tangent: t.clone(),
+        })
+        .collect();
+    let mut e = Fwd::new(4);
+    let prepared = m.prepare(&mut e, &duals).unwrap();
+    let mut total = Sketch::new(4);
+    for g in batch.split(parts).unwrap() {
+        let mut sk = Sketch::new(4);
+        m.run(&mut e, &prepared, &g, &mut sk).unwrap();
+        total.add(&sk);
+    }
+    total.finish().unwrap()
+}

@@ -1,21 +1,69 @@
-//! Biological constraints on a rate RNN, as parameterisations inside the
-//! model (never clamping after a step): every optimiser sees the same
-//! constrained problem, and SOFO's tangents live in the raw parameters.
+//! Biological constraints and options of a rate RNN, as parameterisations
+//! inside the model (never clamping after a step): every optimiser sees the
+//! same constrained problem, and SOFO's tangents live in the raw parameters.
 //!
 //! - Dale's law: each presynaptic unit j is excitatory or inhibitory; the
-//!   effective weights are W = |W̃| · diag(s) (s_j = ±1), and optionally the
-//!   same for the readout C. Signs cannot flip, whatever the step.
-//! - Connectivity masks: fixed zero patterns on W, B and C; the effective
-//!   weights are the raw ones times the mask, so masked entries are exactly
-//!   zero after any training.
+//!   effective weights are W = f(W̃) · diag(s) (s_j = ±1, f = |·| or
+//!   softplus), and optionally the same for the readout C. Signs cannot
+//!   flip, whatever the step.
+//! - Connectivity masks: fixed zero patterns on W, B and C (random with a
+//!   density, or read from a file, see [`read_mask`]); the effective weights
+//!   are the raw ones times the mask, so masked entries are exactly zero
+//!   after any training.
+//! - Noise ([`Noise`]): additive state noise, multiplicative rate noise and
+//!   input noise, drawn per (step, trial) from the batch's noise seed
+//!   ([`Trials::noise`]), so constants with respect to θ and the same
+//!   however the trials are split.
+//! - Time constants ([`TimeConstants`]): one α = dt/τ, one per unit, or
+//!   learned per unit (positive by parameterisation).
+//! - Low rank ([`LowRank`]): W = m nᵀ/N (+ a fixed random part).
+//! - Regularisers ([`Regularizers`]): observed as little losses, so SOFO's
+//!   G̃ holds their curvature.
 
 use super::{Batch, Model, RateRnn, Trials};
-use crate::loss::Observer;
-use crate::params::ParamSet;
+use crate::loss::{Observer, WeightedMse};
+use crate::params::{Param, ParamMode, ParamSet};
 use crate::{Error, Result};
 use rand::RngExt;
-use sofo_ad::{Dual, Fwd, Ops};
+use sofo_ad::{Dual, Fwd, Ops, Unary};
 use sofo_tensor::{rng, Float, Tensor};
+use std::path::Path;
+
+/// How Dale's law makes the raw weights non-negative before the signs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DaleTransform {
+    /// |W̃|: a weight can reach exactly zero.
+    #[default]
+    Abs,
+    /// softplus(W̃) = log(1 + e^W̃): smooth, strictly positive.
+    Softplus,
+}
+
+impl DaleTransform {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "abs" => Ok(DaleTransform::Abs),
+            "softplus" => Ok(DaleTransform::Softplus),
+            _ => Err(Error::config(
+                "constraints.dale_transform",
+                format!("\"{s}\""),
+                "abs or softplus",
+            )),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DaleTransform::Abs => "abs",
+            DaleTransform::Softplus => "softplus",
+        }
+    }
+    fn op(self) -> Unary {
+        match self {
+            DaleTransform::Abs => Unary::Abs,
+            DaleTransform::Softplus => Unary::Softplus,
+        }
+    }
+}
 
 /// Which constraints, with their fixed patterns.
 #[derive(Debug, Clone, Default)]
@@ -24,10 +72,32 @@ pub struct Constraints {
     pub dale: Option<Vec<f64>>,
     /// Apply Dale's law to the readout C too.
     pub dale_readout: bool,
+    /// |·| or softplus under Dale's law.
+    pub dale_transform: DaleTransform,
     /// 1 where a connection exists, 0 where not: W [N, N], B [N, I], C [O, N].
     pub mask_w: Option<Vec<f64>>,
     pub mask_b: Option<Vec<f64>>,
     pub mask_c: Option<Vec<f64>>,
+}
+
+fn random_mask(len: usize, density: f64, seed: u64, stream: u64) -> Vec<f64> {
+    let mut g = rng::generator(seed, stream);
+    (0..len)
+        .map(|_| {
+            if density >= 1.0 || g.random::<f64>() < density {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+fn check_density(field: &str, density: f64) -> Result<()> {
+    if !(density > 0.0 && density <= 1.0) {
+        return Err(Error::config(field, density, "0 < density ≤ 1"));
+    }
+    Ok(())
 }
 
 impl Constraints {
@@ -51,13 +121,7 @@ impl Constraints {
                 ));
             }
         }
-        if !(density > 0.0 && density <= 1.0) {
-            return Err(Error::config(
-                "constraints.density",
-                density,
-                "0 < density ≤ 1",
-            ));
-        }
+        check_density("constraints.density", density)?;
         let dale = excitatory.map(|f| {
             let ne = (f * n as f64).round() as usize;
             (0..n).map(|j| if j < ne { 1.0 } else { -1.0 }).collect()
@@ -82,25 +146,288 @@ impl Constraints {
         Ok(Constraints {
             dale,
             dale_readout: dale_readout && excitatory.is_some(),
+            dale_transform: DaleTransform::Abs,
             mask_w,
             mask_b: None,
             mask_c: None,
         })
     }
+
+    /// Seeded random masks on the input weights B [N, I] (each kept with
+    /// probability `density_in`) and the readout C [O, N] (`density_out`);
+    /// a density of 1 leaves the tensor dense.
+    pub fn with_io_masks(
+        mut self,
+        n: usize,
+        inputs: usize,
+        outputs: usize,
+        density_in: f64,
+        density_out: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        check_density("constraints.density_in", density_in)?;
+        check_density("constraints.density_out", density_out)?;
+        if density_in < 1.0 {
+            self.mask_b = Some(random_mask(n * inputs, density_in, seed, 0xD41F));
+        }
+        if density_out < 1.0 {
+            self.mask_c = Some(random_mask(outputs * n, density_out, seed, 0xD420));
+        }
+        Ok(self)
+    }
 }
 
-/// A rate RNN under [`Constraints`]. The checkpoint holds the raw
-/// parameters (`W` is W̃); [`ConstrainedRnn::effective`] gives the weights
-/// the network uses.
+/// A 0/1 pattern of shape `[rows, cols]` from a file: a CSV (or
+/// whitespace-separated) text file with `rows` lines of `cols` numbers, or
+/// a `.safetensors` file holding a tensor named `name`. Errors name `field`,
+/// the file and what is wrong (shape, a value other than 0 or 1).
+pub fn read_mask(path: &Path, name: &str, shape: [usize; 2], field: &str) -> Result<Vec<f64>> {
+    let [rows, cols] = shape;
+    let file = path.display();
+    let values: Vec<f64> = if path.extension().is_some_and(|e| e == "safetensors") {
+        let tensors = crate::checkpoint::load::<f64>(path).map_err(|e| {
+            Error::config(
+                field,
+                format!("\"{file}\""),
+                format!("a readable file ({e})"),
+            )
+        })?;
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        let (_, t) = tensors.iter().find(|(n, _)| n == name).ok_or_else(|| {
+            Error::config(
+                field,
+                format!("\"{file}\" (tensors {names:?})"),
+                format!("a safetensors file with a tensor named `{name}`"),
+            )
+        })?;
+        if t.shape() != [rows, cols] {
+            return Err(Error::config(
+                field,
+                format!("\"{file}\": `{name}` of shape {:?}", t.shape()),
+                format!("shape [{rows}, {cols}]"),
+            ));
+        }
+        t.data().to_vec()
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(
+                field,
+                format!("\"{file}\""),
+                format!("a readable file ({e})"),
+            )
+        })?;
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.len() != rows {
+            return Err(Error::config(
+                field,
+                format!("\"{file}\" with {} rows", lines.len()),
+                format!("{rows} rows of {cols} values (shape [{rows}, {cols}])"),
+            ));
+        }
+        let mut v = Vec::with_capacity(rows * cols);
+        for (i, l) in lines.iter().enumerate() {
+            let row: Vec<&str> = l
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty())
+                .collect();
+            if row.len() != cols {
+                return Err(Error::config(
+                    field,
+                    format!("\"{file}\" with {} values on row {}", row.len(), i + 1),
+                    format!("{cols} values per row (shape [{rows}, {cols}])"),
+                ));
+            }
+            for s in row {
+                v.push(s.parse::<f64>().map_err(|_| {
+                    Error::config(
+                        field,
+                        format!("\"{file}\": `{s}` on row {}", i + 1),
+                        "0 or 1",
+                    )
+                })?);
+            }
+        }
+        v
+    };
+    if let Some((k, x)) = values
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x != 0.0 && x != 1.0)
+    {
+        return Err(Error::config(
+            field,
+            format!("\"{file}\": {x} at [{}, {}]", k / cols, k % cols),
+            "0 or 1",
+        ));
+    }
+    Ok(values)
+}
+
+/// Process and input noise, each a white noise discretised for the step
+/// dt = α·τ (Euler–Maruyama). The σ's are in units of the state: σ is the
+/// stationary standard deviation the noise alone gives an isolated unit
+/// (exactly σ·√(2/(2 − α)) at step α). All off (0) by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Noise {
+    /// Additive state noise: x ← x + σ·√(2α_i)·ξ (α_i the unit's dt/τ_i).
+    pub state: f64,
+    /// Multiplicative rate noise: r ← r ⊙ (1 + σ·√(2/α)·ξ), the rates the
+    /// network transmits (recurrence and readout).
+    pub rates: f64,
+    /// Input noise: u ← u + σ·√(2/α)·ξ.
+    pub input: f64,
+}
+
+impl Noise {
+    pub fn any(&self) -> bool {
+        self.state > 0.0 || self.rates > 0.0 || self.input > 0.0
+    }
+    pub fn validate(&self) -> Result<()> {
+        for (f, v) in [
+            ("noise.state", self.state),
+            ("noise.rates", self.rates),
+            ("noise.input", self.input),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(Error::config(f, v, "a finite σ ≥ 0 (0 = off)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Regularisers, each observed as a little loss (a weighted MSE against a
+/// constant), so its gradient and curvature enter SOFO's C and G̃ like the
+/// task loss's. All off (0) by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Regularizers {
+    /// λ‖W‖² on the effective recurrent weights.
+    pub weights_l2: f64,
+    /// λ · mean over steps, trials and units of r².
+    pub rates_l2: f64,
+    /// λ · mean over trials and units of (r̄ − target)², r̄ a unit's mean
+    /// rate over the trial.
+    pub rate_target_weight: f64,
+    /// The target mean rate.
+    pub rate_target: f64,
+}
+
+impl Regularizers {
+    pub fn any(&self) -> bool {
+        self.weights_l2 > 0.0 || self.rates_l2 > 0.0 || self.rate_target_weight > 0.0
+    }
+    pub fn validate(&self) -> Result<()> {
+        for (f, v) in [
+            ("regularizers.weights_l2", self.weights_l2),
+            ("regularizers.rates_l2", self.rates_l2),
+            ("regularizers.rate_target_weight", self.rate_target_weight),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(Error::config(f, v, "a finite λ ≥ 0 (0 = off)"));
+            }
+        }
+        if !self.rate_target.is_finite() {
+            return Err(Error::config(
+                "regularizers.rate_target",
+                self.rate_target,
+                "a finite rate",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The units' time constants, as α = dt/τ.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum TimeConstants {
+    /// The model's α for every unit.
+    #[default]
+    Scalar,
+    /// A fixed α_i per unit, 0 < α_i ≤ 1.
+    PerUnit(Vec<f64>),
+    /// Learned per unit: τ_i/dt = tau_min + softplus(τ̃_i), the tensor `tau`
+    /// holding τ̃ (started at the model's α); tau_min ≥ 1 keeps α_i ≤ 1.
+    Learned { tau_min: f64 },
+}
+
+/// A low-rank recurrence W = m nᵀ/N with m, n [N, rank] trained, plus a
+/// fixed random part W0 ~ N(0, g²/N) (the model's gain, a pinned tensor)
+/// when `fixed` is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LowRank {
+    pub rank: usize,
+    pub fixed: bool,
+}
+
+/// A rate RNN under [`Constraints`] with the options above. The checkpoint
+/// holds the raw parameters (`W` is W̃; under [`LowRank`] `m`, `n` and
+/// `W0`; learned time constants `tau`); [`ConstrainedRnn::effective_weights`]
+/// gives the weights the network uses.
 #[derive(Debug, Clone)]
 pub struct ConstrainedRnn {
     pub rnn: RateRnn,
     pub constraints: Constraints,
+    pub noise: Noise,
+    pub regularizers: Regularizers,
+    pub time_constants: TimeConstants,
+    pub low_rank: Option<LowRank>,
+}
+
+fn inv_softplus(y: f64) -> f64 {
+    // log(e^y − 1), stable for large y; y > 0
+    let y = y.max(1e-12);
+    if y > 30.0 {
+        y
+    } else {
+        y.exp_m1().ln()
+    }
 }
 
 impl ConstrainedRnn {
     pub fn new(rnn: RateRnn, constraints: Constraints) -> Result<Self> {
+        let m = ConstrainedRnn {
+            rnn,
+            constraints,
+            noise: Noise::default(),
+            regularizers: Regularizers::default(),
+            time_constants: TimeConstants::default(),
+            low_rank: None,
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    pub fn with_noise(mut self, noise: Noise) -> Result<Self> {
+        self.noise = noise;
+        self.validate()?;
+        Ok(self)
+    }
+
+    pub fn with_regularizers(mut self, r: Regularizers) -> Result<Self> {
+        self.regularizers = r;
+        self.validate()?;
+        Ok(self)
+    }
+
+    pub fn with_time_constants(mut self, t: TimeConstants) -> Result<Self> {
+        self.time_constants = t;
+        self.validate()?;
+        Ok(self)
+    }
+
+    pub fn with_low_rank(mut self, l: Option<LowRank>) -> Result<Self> {
+        self.low_rank = l;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks every option against the network's sizes; errors name the
+    /// config field.
+    pub fn validate(&self) -> Result<()> {
+        let rnn = &self.rnn;
+        rnn.validate()?;
         let (n, i, o) = (rnn.n, rnn.inputs, rnn.outputs);
+        let constraints = &self.constraints;
         let check = |name: &str, v: &Option<Vec<f64>>, len: usize| -> Result<()> {
             match v {
                 Some(v) if v.len() != len => Err(Error::config(
@@ -115,10 +442,87 @@ impl ConstrainedRnn {
         check("constraints.mask_w", &constraints.mask_w, n * n)?;
         check("constraints.mask_b", &constraints.mask_b, n * i)?;
         check("constraints.mask_c", &constraints.mask_c, o * n)?;
-        Ok(ConstrainedRnn { rnn, constraints })
+        self.noise.validate()?;
+        self.regularizers.validate()?;
+        match &self.time_constants {
+            TimeConstants::Scalar => {}
+            TimeConstants::PerUnit(a) => {
+                if a.len() != n {
+                    return Err(Error::config(
+                        "time_constants.alpha",
+                        format!("{} values", a.len()),
+                        format!("one α = dt/τ per unit ({n})"),
+                    ));
+                }
+                if let Some(v) = a.iter().find(|&&v| !(v > 0.0 && v <= 1.0)) {
+                    return Err(Error::config(
+                        "time_constants.alpha",
+                        v,
+                        "0 < α ≤ 1 for every unit",
+                    ));
+                }
+            }
+            TimeConstants::Learned { tau_min } => {
+                if !(*tau_min >= 1.0 && tau_min.is_finite()) {
+                    return Err(Error::config(
+                        "time_constants.tau_min",
+                        tau_min,
+                        "τ_min/dt ≥ 1 (so that α ≤ 1)",
+                    ));
+                }
+                if 1.0 / rnn.alpha <= *tau_min {
+                    return Err(Error::config(
+                        "time_constants.tau_min",
+                        tau_min,
+                        format!(
+                            "below the starting τ/dt = 1/α = {} (τ = τ_min + softplus(τ̃) > τ_min)",
+                            1.0 / rnn.alpha
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(l) = &self.low_rank {
+            if l.rank == 0 || l.rank > n {
+                return Err(Error::config(
+                    "low_rank.rank",
+                    l.rank,
+                    format!("1 to N = {n} (0 = full rank: leave low_rank off)"),
+                ));
+            }
+            if constraints.dale.is_some() {
+                return Err(Error::config(
+                    "constraints.dale",
+                    "true with a low-rank W",
+                    "false: Dale's law is not defined for W = m nᵀ/N",
+                ));
+            }
+        }
+        Ok(())
     }
 
-    /// The factor the raw tensor is multiplied by (after |·| under Dale):
+    fn learned_tau(&self) -> bool {
+        matches!(self.time_constants, TimeConstants::Learned { .. })
+    }
+
+    /// Names of the raw parameters, in order.
+    pub fn param_names(&self) -> Vec<&'static str> {
+        let mut v = match self.low_rank {
+            Some(l) if l.fixed => vec!["m", "n", "W0"],
+            Some(_) => vec!["m", "n"],
+            None => vec!["W"],
+        };
+        v.extend(["B", "b", "C", "d"]);
+        if self.rnn.learn_x0 {
+            v.push("x0");
+        }
+        if self.learned_tau() {
+            v.push("tau");
+        }
+        v
+    }
+
+    /// The factor the raw tensor is multiplied by (after f under Dale):
     /// sign of the presynaptic unit (column) times the mask.
     fn factor(
         &self,
@@ -154,7 +558,7 @@ impl ConstrainedRnn {
             return Ok(raw.clone());
         };
         let base = if signs.is_some() {
-            e.abs(raw)?
+            e.unary(raw, self.constraints.dale_transform.op())?
         } else {
             raw.clone()
         };
@@ -162,19 +566,45 @@ impl ConstrainedRnn {
         Ok(e.mul(&base, &f)?)
     }
 
-    /// The effective [W, B, C] from the raw parameters (in the op
+    /// The effective [W, B, b, C, d, (x0)] from the raw parameters, and the
+    /// per-unit α [N] unless it is the model's scalar (in the op
     /// vocabulary, so every engine differentiates through them).
-    fn effective<T: Float, E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Vec<E::V>> {
+    fn effective<T: Float, E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Effective<E::V>> {
         let (n, i, o) = (self.rnn.n, self.rnn.inputs, self.rnn.outputs);
         let c = &self.constraints;
-        let w = self.effective_one(e, &p[0], [n, n], &c.mask_w, c.dale.is_some())?;
-        let b = self.effective_one(e, &p[1], [n, i], &c.mask_b, false)?;
-        let cc = self.effective_one(e, &p[3], [o, n], &c.mask_c, c.dale_readout)?;
-        let mut out = p.to_vec();
-        out[0] = w;
-        out[1] = b;
-        out[3] = cc;
-        Ok(out)
+        let (w, rest) = match self.low_rank {
+            Some(l) => {
+                let nt = e.transpose(&p[1], 0, 1)?;
+                let mn = e.matmul(&p[0], &nt)?;
+                let mut w = e.mul_scalar(&mn, 1.0 / n as f64)?;
+                if l.fixed {
+                    w = e.add(&w, &p[2])?;
+                }
+                (w, if l.fixed { 3 } else { 2 })
+            }
+            None => (p[0].clone(), 1),
+        };
+        let w = self.effective_one(e, &w, [n, n], &c.mask_w, c.dale.is_some())?;
+        let b = self.effective_one(e, &p[rest], [n, i], &c.mask_b, false)?;
+        let cc = self.effective_one(e, &p[rest + 2], [o, n], &c.mask_c, c.dale_readout)?;
+        let mut out = vec![w, b, p[rest + 1].clone(), cc, p[rest + 3].clone()];
+        let mut next = rest + 4;
+        if self.rnn.learn_x0 {
+            out.push(p[next].clone());
+            next += 1;
+        }
+        let alpha = match &self.time_constants {
+            TimeConstants::Scalar => None,
+            TimeConstants::PerUnit(a) => Some(e.constant(Tensor::from_f64_slice(&[n], a)?)?),
+            TimeConstants::Learned { tau_min } => {
+                // α = 1 / (τ_min + softplus(τ̃))
+                let sp = e.softplus(&p[next])?;
+                let tau = e.add_scalar(&sp, *tau_min)?;
+                let one = e.constant(Tensor::full(&[n], T::one()))?;
+                Some(e.div(&one, &tau)?)
+            }
+        };
+        Ok((out, alpha))
     }
 
     /// The spectral radius of the effective recurrent weights: about the
@@ -189,7 +619,8 @@ impl ConstrainedRnn {
         )?)
     }
 
-    /// The weights the network uses, named as the raw ones (W, B, b, C, d).
+    /// The weights the network uses: W, B, b, C, d, (x0), and `alpha` [N]
+    /// when the time constants are per unit or learned.
     pub fn effective_weights<T: Float>(
         &self,
         params: &ParamSet<T>,
@@ -199,13 +630,56 @@ impl ConstrainedRnn {
             .iter()
             .map(|p| Dual::constant(p.value.clone()))
             .collect();
-        let eff = self.effective(&mut e, &duals)?;
-        Ok(params
-            .iter()
+        let (eff, alpha) = self.effective(&mut e, &duals)?;
+        let mut names = vec!["W", "B", "b", "C", "d"];
+        if self.rnn.learn_x0 {
+            names.push("x0");
+        }
+        let mut out: Vec<(String, Tensor<T>)> = names
+            .into_iter()
             .zip(eff)
-            .map(|(p, d)| (p.name.clone(), d.primal))
-            .collect())
+            .map(|(n, d)| (n.to_string(), d.primal))
+            .collect();
+        if let Some(a) = alpha {
+            out.push(("alpha".into(), a.primal));
+        }
+        Ok(out)
     }
+
+    /// Whether the effective weights differ from the raw parameters.
+    pub fn reparameterised(&self) -> bool {
+        let c = &self.constraints;
+        c.dale.is_some()
+            || c.mask_w.is_some()
+            || c.mask_b.is_some()
+            || c.mask_c.is_some()
+            || self.low_rank.is_some()
+            || self.time_constants != TimeConstants::Scalar
+    }
+}
+
+/// The effective [W, B, b, C, d, (x0)] and the per-unit α, if any.
+type Effective<V> = (Vec<V>, Option<V>);
+
+/// Columns [start, start + len) of a [m, width] host tensor, column j
+/// scaled by `scale(j)` and shifted by `shift`.
+fn columns<T: Float>(
+    x: &Tensor<T>,
+    start: usize,
+    len: usize,
+    shift: f64,
+    scale: impl Fn(usize) -> f64,
+) -> Result<Tensor<T>> {
+    let width = x.shape()[1];
+    let m = x.shape()[0];
+    let s: Vec<T> = (0..len).map(|j| T::from_f64(scale(j))).collect();
+    let mut out = Tensor::<T>::scratch(&[m, len]);
+    for (r, row) in out.data_mut().chunks_mut(len.max(1)).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = T::from_f64(shift) + s[j] * x.data()[r * width + start + j];
+        }
+    }
+    Ok(out)
 }
 
 impl<T: Float> Model<T> for ConstrainedRnn {
@@ -214,46 +688,243 @@ impl<T: Float> Model<T> for ConstrainedRnn {
     /// sums to zero in expectation (no outlier in the spectrum at start);
     /// then, under Dale's law or a mask, W̃ is rescaled so that the spectral
     /// radius of the effective W is the gain g (|·| and masks change the
-    /// variance that g sets for a dense Gaussian W).
+    /// variance that g sets for a dense Gaussian W). Under the softplus
+    /// transform W̃ = softplus⁻¹(|W|) gives the same effective start.
     fn init(&self, seed: u64) -> Result<ParamSet<T>> {
+        self.validate()?;
         let mut ps = Model::<T>::init(&self.rnn, seed)?;
-        let constrained = self.constraints.dale.is_some() || self.constraints.mask_w.is_some();
-        if let Some(s) = &self.constraints.dale {
-            let ne = s.iter().filter(|&&v| v > 0.0).count() as f64;
-            let ni = s.len() as f64 - ne;
-            if ne > 0.0 && ni > 0.0 {
-                let n = self.rnn.n;
-                let w = &mut ps.get_mut("W").expect("the rate RNN has W").value;
-                for (k, v) in w.data_mut().iter_mut().enumerate() {
-                    if s[k % n] < 0.0 {
-                        *v *= T::from_f64(ne / ni);
+        let n = self.rnn.n;
+        let c = &self.constraints;
+        if let Some(l) = self.low_rank {
+            // m, n ~ N(0, 1): W = m nᵀ/N has entries of variance rank/N²
+            let normal = |stream: u64| {
+                let mut t = Tensor::<T>::scratch(&[n, l.rank]);
+                rng::fill_normal(t.data_mut(), seed, stream);
+                t
+            };
+            let w0 = ps.get("W").expect("the rate RNN has W").value.clone();
+            let mut out = vec![
+                Param {
+                    name: "m".into(),
+                    value: normal(0x10A),
+                    mode: ParamMode::Free,
+                },
+                Param {
+                    name: "n".into(),
+                    value: normal(0x10B),
+                    mode: ParamMode::Free,
+                },
+            ];
+            if l.fixed {
+                out.push(Param {
+                    name: "W0".into(),
+                    value: w0,
+                    mode: ParamMode::Pinned,
+                });
+            }
+            out.extend(ps.iter().skip(1).cloned());
+            ps = ParamSet::new(out);
+        } else {
+            let constrained = c.dale.is_some() || c.mask_w.is_some();
+            if let Some(s) = &c.dale {
+                let ne = s.iter().filter(|&&v| v > 0.0).count() as f64;
+                let ni = s.len() as f64 - ne;
+                if ne > 0.0 && ni > 0.0 {
+                    let w = &mut ps.get_mut("W").expect("the rate RNN has W").value;
+                    for (k, v) in w.data_mut().iter_mut().enumerate() {
+                        if s[k % n] < 0.0 {
+                            *v *= T::from_f64(ne / ni);
+                        }
                     }
                 }
             }
-        }
-        if constrained && self.rnn.gain > 0.0 {
-            let r = self.spectral_radius(&ps)?;
-            if r > 0.0 {
-                let w = &mut ps.get_mut("W").expect("the rate RNN has W").value;
-                *w = w.scale(T::from_f64(self.rnn.gain / r));
+            if constrained && self.rnn.gain > 0.0 {
+                // the radius under |·| (what softplus reproduces below)
+                let abs = ConstrainedRnn {
+                    constraints: Constraints {
+                        dale_transform: DaleTransform::Abs,
+                        ..c.clone()
+                    },
+                    ..self.clone()
+                };
+                let r = abs.spectral_radius(&ps)?;
+                if r > 0.0 {
+                    let w = &mut ps.get_mut("W").expect("the rate RNN has W").value;
+                    *w = w.scale(T::from_f64(self.rnn.gain / r));
+                }
             }
+            if c.dale.is_some() && c.dale_transform == DaleTransform::Softplus {
+                let mut names = vec!["W"];
+                if c.dale_readout {
+                    names.push("C");
+                }
+                for name in names {
+                    let w = &mut ps.get_mut(name).expect("the rate RNN has W and C").value;
+                    *w = w.map(|v| T::from_f64(inv_softplus(v.to_f64().abs())));
+                }
+            }
+        }
+        if self.learned_tau() {
+            let TimeConstants::Learned { tau_min } = self.time_constants else {
+                unreachable!()
+            };
+            let raw = inv_softplus(1.0 / self.rnn.alpha - tau_min);
+            let mut v: Vec<Param<T>> = ps.iter().cloned().collect();
+            v.push(Param {
+                name: "tau".into(),
+                value: Tensor::full(&[n], T::from_f64(raw)),
+                mode: ParamMode::Free,
+            });
+            ps = ParamSet::new(v);
         }
         Ok(ps)
     }
 
+    /// Prepared: the rate RNN's [Wᵀ, Bᵀ, b, Cᵀ, d, (x0)] of the effective
+    /// weights, then α [N] when it is per unit.
     fn prepare<E: Ops<T>>(&self, e: &mut E, params: &[E::V]) -> Result<Vec<E::V>> {
-        let eff = self.effective(e, params)?;
-        self.rnn.prepare(e, &eff)
+        let (eff, alpha) = self.effective(e, params)?;
+        let mut out = self.rnn.prepare(e, &eff)?;
+        out.extend(alpha);
+        Ok(out)
     }
 
     fn run<E: Ops<T>>(
         &self,
         e: &mut E,
-        prepared: &[E::V],
-        trials: &Trials<'_, T>,
+        p: &[E::V],
+        batch: &Trials<'_, T>,
         obs: &mut dyn Observer<T, E>,
     ) -> Result<()> {
-        self.rnn.run(e, prepared, trials, obs)
+        let noise = &self.noise;
+        let reg = &self.regularizers;
+        if !noise.any() && !reg.any() && self.time_constants == TimeConstants::Scalar {
+            return self.rnn.run(e, p, batch, obs);
+        }
+        let (m, n) = (batch.trials(), self.rnn.n);
+        let total = batch.batch.trials as f64;
+        let steps = batch.steps();
+        let alpha = self.rnn.alpha;
+        let a = T::from_f64(alpha);
+        let (wt, bt, bias, ct, d) = (&p[0], &p[1], &p[2], &p[3], &p[4]);
+        let av = p.get(5 + usize::from(self.rnn.learn_x0));
+        if reg.weights_l2 > 0.0 {
+            // this group's share of λ‖W‖², so that the groups add up to it once
+            let share = m as f64 / total;
+            let target = Tensor::zeros(e.shape(wt));
+            obs.observe(
+                e,
+                wt,
+                &WeightedMse {
+                    target,
+                    weights: None,
+                    n: 1.0 / (reg.weights_l2 * share),
+                },
+            )?;
+        }
+        let mut x = if self.rnn.learn_x0 {
+            e.broadcast_to(&p[5], &[m, n])?
+        } else {
+            e.constant(Tensor::zeros(&[m, n]))?
+        };
+        let phi = self.rnn.activation.op();
+        let mut r = e.unary(&x, phi)?;
+        let inputs = self.rnn.inputs;
+        // one draw per (step, trial) for every kind of noise: state [0, N),
+        // rates [N, 2N), inputs [2N, 2N + I)
+        let width = 2 * n + inputs;
+        let in_scale = noise.input * (2.0 / alpha).sqrt();
+        let rate_scale = noise.rates * (2.0 / alpha).sqrt();
+        let mut rsum: Option<E::V> = None;
+        for t in 0..steps {
+            let xi = if noise.any() {
+                Some(batch.noise(t, width, None)?)
+            } else {
+                None
+            };
+            let u = match batch.input(t)? {
+                Some(mut u) => {
+                    if let (Some(xi), true) = (&xi, noise.input > 0.0) {
+                        u.axpy(T::one(), &columns(xi, 2 * n, inputs, 0.0, |_| in_scale)?)?;
+                    }
+                    Some(e.constant(u)?)
+                }
+                None => None,
+            };
+            let mut terms = vec![(&r, wt)];
+            if let Some(u) = &u {
+                terms.push((u, bt));
+            }
+            x = match av {
+                None => e.linear(Some((&x, T::one() - a)), a, &terms, Some(bias))?,
+                Some(av) => {
+                    // x + α ⊙ (−x + W r + B u + b)
+                    let pre = e.linear(None, T::one(), &terms, Some(bias))?;
+                    let diff = e.sub(&pre, &x)?;
+                    let step = e.mul(&diff, av)?;
+                    e.add(&x, &step)?
+                }
+            };
+            if let (Some(xi), true) = (&xi, noise.state > 0.0) {
+                let s = noise.state;
+                let inc = match &self.time_constants {
+                    TimeConstants::Scalar => {
+                        e.constant(columns(xi, 0, n, 0.0, |_| s * (2.0 * alpha).sqrt())?)?
+                    }
+                    TimeConstants::PerUnit(al) => {
+                        e.constant(columns(xi, 0, n, 0.0, |j| s * (2.0 * al[j]).sqrt())?)?
+                    }
+                    TimeConstants::Learned { .. } => {
+                        // σ·√(2α(θ))·ξ: ξ is constant, the scale depends on θ
+                        let av = av.expect("learned α is prepared");
+                        let sq = e.sqrt(av)?;
+                        let sq = e.mul_scalar(&sq, s * 2f64.sqrt())?;
+                        let z = e.constant(columns(xi, 0, n, 0.0, |_| 1.0)?)?;
+                        e.mul(&z, &sq)?
+                    }
+                };
+                x = e.add(&x, &inc)?;
+            }
+            r = e.unary(&x, phi)?;
+            if let (Some(xi), true) = (&xi, noise.rates > 0.0) {
+                let eta = e.constant(columns(xi, n, n, 1.0, |_| rate_scale)?)?;
+                r = e.mul(&r, &eta)?;
+            }
+            if reg.rates_l2 > 0.0 {
+                obs.observe(
+                    e,
+                    &r,
+                    &WeightedMse {
+                        target: Tensor::zeros(&[m, n]),
+                        weights: None,
+                        n: steps as f64 * total * n as f64 / reg.rates_l2,
+                    },
+                )?;
+            }
+            if reg.rate_target_weight > 0.0 {
+                rsum = Some(match rsum {
+                    None => r.clone(),
+                    Some(s) => e.add(&s, &r)?,
+                });
+            }
+            if batch.observed(t) {
+                let y = e.linear(None, T::one(), &[(&r, ct)], Some(d))?;
+                obs.observe(e, &y, &batch.step_loss(t)?)?;
+            }
+        }
+        if let Some(s) = rsum {
+            let mean = e.mul_scalar(&s, 1.0 / steps as f64)?;
+            obs.observe(
+                e,
+                &mean,
+                &WeightedMse {
+                    target: Tensor::full(&[m, n], T::from_f64(reg.rate_target)),
+                    weights: None,
+                    n: total * n as f64 / reg.rate_target_weight,
+                },
+            )?;
+        }
+        Ok(())
     }
 
     fn sofo_flops(&self, k: usize, batch: &Batch<T>) -> f64 {

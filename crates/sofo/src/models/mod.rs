@@ -8,7 +8,10 @@ mod rate_rnn;
 mod reach_rnn;
 
 pub use arm::{ArmState, TwoJointArm};
-pub use constrained::{ConstrainedRnn, Constraints};
+pub use constrained::{
+    read_mask, ConstrainedRnn, Constraints, DaleTransform, LowRank, Noise, Regularizers,
+    TimeConstants,
+};
 pub use leaky_rnn::LeakyRnn;
 pub use lorenz::LorenzModel;
 pub use rate_rnn::{Activation, RateRnn};

@@ -33,7 +33,7 @@ impl Activation {
             Activation::Softplus => "softplus",
         }
     }
-    fn op(self) -> Unary {
+    pub(crate) fn op(self) -> Unary {
         match self {
             Activation::Tanh => Unary::Tanh,
             Activation::Relu => Unary::Relu,

@@ -169,6 +169,8 @@ impl Sofo {
         let p = params.trainable_count();
         let mut flat = Tensor::<T>::scratch(&[k, p]);
         rng::fill_normal(flat.data_mut(), seed, rng::substream(0x7A46, iteration));
+        // directions live in the trainable entries only
+        params.zero_frozen(flat.data_mut(), k);
         match self.config.tangents {
             TangentKind::Raw => {}
             TangentKind::UnitNorm => {
