@@ -18,6 +18,7 @@ pub const TASKS: &[&str] = &[
     "lorenz",
     "sine",
     "flipflop",
+    "flipflop-reservoir",
     "addition",
     "reach1",
     "reach2",
@@ -612,6 +613,20 @@ impl RunConfig {
                     c.reach.steps = ReachTask::single().steps;
                 }
             }
+            "flipflop-reservoir" => {
+                // tasks.md §4: the N = 1000 reservoir at g = 0.5 (dense J,
+                // RLS every step for FORCE), batch 32, K 128, damping 1e-5;
+                // SOFO lr 0.03: §4's lr 1 (and 0.1 at N = 1000) overshoots on
+                // the first step from W = 0 (README)
+                c.force.p = 1.0;
+                c.force.g = 0.5;
+                c.force.rls_every = 1;
+                c.batch = 32;
+                c.iterations = 100;
+                c.eval_every = 10;
+                c.test_trials = 128;
+                c.sofo.lr = 0.03;
+            }
             "kalman" | "kalman-long" => {
                 // tasks.md §3: batch 256, K 128, damping 1e-3, Adam lr 1e-3;
                 // SOFO lr 0.1 at T = 500 and 0.05 at T = 5000
@@ -693,12 +708,14 @@ impl RunConfig {
         if self.out.is_empty() {
             return Err(Error::config("out", "\"\"", "a directory path"));
         }
-        // FORCE trains reservoirs: the sine task and FORCE go together
-        if (self.task == "sine") != (self.optimizer == "force") {
+        // FORCE trains reservoirs: the sine task and FORCE go together; the
+        // flip-flop reservoir takes FORCE or any of the others
+        let reservoir = self.task == "flipflop-reservoir";
+        if (self.task == "sine") != (self.optimizer == "force") && !reservoir {
             return Err(Error::config(
                 "optimizer",
                 format!("\"{}\" with task \"{}\"", self.optimizer, self.task),
-                "force for the sine task (a reservoir), and sofo, adam, sgd or fgd for the others",
+                "force for the sine task (a reservoir), force, sofo, adam, sgd or fgd for flipflop-reservoir, and sofo, adam, sgd or fgd for the others",
             ));
         }
         match self.task.as_str() {
@@ -711,6 +728,10 @@ impl RunConfig {
             "kalman" | "kalman-long" => {
                 self.kalman()?;
                 self.only_trainability("Kalman")?;
+            }
+            "flipflop-reservoir" => {
+                self.flipflop_reservoir()?;
+                self.only_trainability("reservoir")?;
             }
             _ => {}
         }
@@ -1150,7 +1171,29 @@ impl RunConfig {
         Ok((task, model))
     }
 
+    /// The flip-flop task and the reservoir network of tasks.md §4 (the
+    /// `[force]` section's N, p, g, α and RLS interval over
+    /// `ForceConfig::flip_flop`: τ = 10 steps, x0 ~ 0.1·N(0, 1)).
+    pub fn flipflop_reservoir(&self) -> Result<(FlipFlopTask, ForceConfig)> {
+        let (task, _) = self.flipflop()?;
+        let f = &self.force;
+        let c = ForceConfig {
+            n: f.n,
+            p: f.p,
+            g: f.g,
+            alpha: f.alpha,
+            rls_every: f.rls_every,
+            seed: self.seed,
+            ..ForceConfig::flip_flop(f.g, task.bits)
+        };
+        c.validate()?;
+        Ok((task, c))
+    }
+
     pub fn force_config(&self) -> Result<ForceConfig> {
+        if self.task == "flipflop-reservoir" {
+            return Ok(self.flipflop_reservoir()?.1);
+        }
         let f = &self.force;
         let c = ForceConfig {
             n: f.n,

@@ -196,7 +196,11 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
     std::fs::create_dir_all(&out)?;
     sofo::checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     if cfg.optimizer == "force" {
-        return run_force(cfg, &out, quiet);
+        return if cfg.task == "flipflop-reservoir" {
+            run_force_flipflop(cfg, &out, quiet)
+        } else {
+            run_force(cfg, &out, quiet)
+        };
     }
 
     let device = sofo::Device::open(&cfg.device)?;
@@ -226,7 +230,7 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
             report_start(&model, &params)?;
             let (rows, params) = run.with_optimizer(&model, &task, params)?;
             save_effective(&model, &params, &run.out)?;
-            flipflop_report(&model, &task, &params, &run.out)?;
+            flipflop_report(&model, &task, &params, 256, &run.out)?;
             Ok(rows)
         }
         "reach1" | "reach2" => {
@@ -235,6 +239,19 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
             cfg.apply_modes(&mut params)?;
             let (rows, params) = run.with_optimizer(&model, &task, params)?;
             reach_report(&model, &task, &params, cfg.test_trials, &run.out)?;
+            Ok(rows)
+        }
+        "flipflop-reservoir" => {
+            let (task, fc) = cfg.flipflop_reservoir()?;
+            let model = sofo::optim::reservoir::reservoir_of(&fc)?;
+            eprintln!(
+                "reservoir: N = {}, g = {}, J, F and B fixed, only the readout W [N, {}] trained",
+                fc.n, fc.g, task.bits
+            );
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            cfg.apply_modes(&mut params)?;
+            let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            flipflop_report(&model, &task, &params, cfg.test_trials, &run.out)?;
             Ok(rows)
         }
         "kalman" | "kalman-long" => {
@@ -341,19 +358,31 @@ fn addition_report(
     Ok(())
 }
 
-/// The flip-flop's metric and picture on fresh held-out trials: the share
-/// of correct bits, and outputs against targets for one trial.
-fn flipflop_report(
-    model: &ConstrainedRnn,
+/// The flip-flop's metric and picture on held-out trials: the share of
+/// correct bits of `model`, and outputs against targets for one trial.
+fn flipflop_report<M: Model<f32>>(
+    model: &M,
     task: &FlipFlopTask,
     params: &ParamSet<f32>,
+    trials: usize,
     out: &std::path::Path,
 ) -> Result<()> {
-    let test = Task::<f32>::test_batch(task, 256)?;
+    let test = Task::<f32>::test_batch(task, trials)?;
     let (_, ys) = record_outputs(model, params, &test)?;
     let outputs: Vec<f64> = ys.iter().flat_map(|y| y.to_f64_vec()).collect();
+    flipflop_picture(task, &test, &outputs, out)
+}
+
+/// Prints the share of correct bits of `outputs` ([T, M, b]) on `test` and
+/// draws flipflop.png.
+fn flipflop_picture<T: sofo::Float>(
+    task: &FlipFlopTask,
+    test: &sofo::models::Batch<T>,
+    outputs: &[f64],
+    out: &std::path::Path,
+) -> Result<()> {
     let targets = test.targets.to_f64_vec();
-    let share = correct_bits(&outputs, &targets);
+    let share = correct_bits(outputs, &targets);
     let (m, b) = (test.trials, task.bits);
     let channel =
         |v: &[f64], c: usize| -> Vec<f64> { (0..task.steps).map(|t| v[(t * m) * b + c]).collect() };
@@ -362,13 +391,14 @@ fn flipflop_report(
         .as_ref()
         .map(|u| u.to_f64_vec())
         .unwrap_or_default();
-    let traces: Vec<plot::Trace> = (0..b)
+    // the first three bits of trial 1 (ten stacked panels would be unreadable)
+    let traces: Vec<plot::Trace> = (0..b.min(3))
         .map(|c| plot::Trace {
             label: format!("bit {}", c + 1),
             lines: vec![
                 ("input".into(), channel(&inputs, c)),
                 ("target".into(), channel(&targets, c)),
-                ("output".into(), channel(&outputs, c)),
+                ("output".into(), channel(outputs, c)),
             ],
             marks: vec![],
         })
@@ -376,13 +406,13 @@ fn flipflop_report(
     plot::traces(
         &out.join("flipflop.png"),
         &format!(
-            "flip-flop, held-out trial 1: {:.1} % of bits correct over 256 trials",
+            "flip-flop, held-out trial 1: {:.1} % of bits correct over {m} trials",
             100.0 * share
         ),
         &traces,
     )?;
     eprintln!(
-        "flip-flop: {:.2} % of bits correct on 256 held-out trials; wrote {}/flipflop.png",
+        "flip-flop: {:.2} % of bits correct on {m} held-out trials; wrote {}/flipflop.png",
         100.0 * share,
         out.display()
     );
@@ -491,6 +521,87 @@ fn kalman_report(
         out.display()
     );
     Ok(())
+}
+
+/// FORCE on the flip-flop reservoir: RLS on the readout over the task's
+/// training batches (the same trials and initial states SOFO gets under the
+/// same seed), one metrics row per batch (the MSE while learning), the
+/// held-out MSE and share of correct bits with learning off at the
+/// evaluation points; weights: readout `W` [N, b].
+fn run_force_flipflop(
+    cfg: &RunConfig,
+    out: &std::path::Path,
+    quiet: bool,
+) -> Result<Vec<MetricsRow>> {
+    use sofo::optim::force::Force;
+    use sofo::optim::reservoir::{force_iteration, force_outputs, reservoir_model};
+    use sofo::params::{Param, ParamMode};
+    let (task, fc) = cfg.flipflop_reservoir()?;
+    let mut net = Force::new(fc.clone(), cfg.batch)?;
+    let model = reservoir_model(&net)?;
+    let test: sofo::models::Batch<f64> = task.test_batch(cfg.test_trials)?;
+    eprintln!(
+        "sofo: task flipflop-reservoir | optimizer force | N = {} | g = {} | M = {} | {} iterations | run dir {}",
+        fc.n,
+        fc.g,
+        cfg.batch,
+        cfg.iterations,
+        out.display()
+    );
+    let mut csv = std::fs::File::create(out.join("metrics.csv"))?;
+    use std::io::Write;
+    writeln!(csv, "{}", sofo::train::METRICS_HEADER)?;
+    let start = std::time::Instant::now();
+    let mut rows = Vec::new();
+    for it in 0..cfg.iterations {
+        let loss = force_iteration(&mut net, &model, &task, cfg.seed, it as u64)?;
+        let last = it + 1 == cfg.iterations;
+        let eval = last || (cfg.eval_every > 0 && (it + 1) % cfg.eval_every == 0);
+        let (test_loss, metric) = if eval {
+            let y = force_outputs(&fc, net.readout(), &model, &test)?;
+            let s = sofo::optim::reservoir::Score::of(y.data(), test.targets.data());
+            (Some(s.mse), Some(s.correct_bits))
+        } else {
+            (None, None)
+        };
+        let row = MetricsRow {
+            iteration: it,
+            loss,
+            wall_s: start.elapsed().as_secs_f64(),
+            test_loss,
+            max_eigenvalue: f64::NAN,
+            applied: true,
+            metric,
+        };
+        writeln!(csv, "{}", row.csv())?;
+        csv.flush()?;
+        if !quiet {
+            eprintln!(
+                "batch {:>4}: MSE while learning {:.4e}{}",
+                it + 1,
+                row.loss,
+                test_loss.map_or(String::new(), |t| format!(", held-out {t:.4e}"))
+            );
+        }
+        rows.push(row);
+    }
+    let n = fc.n;
+    let params = ParamSet::new(vec![Param {
+        name: "W".into(),
+        value: sofo::Tensor::<f64>::from_vec(&[n, task.bits], net.readout().to_vec())?
+            .convert::<f32>(),
+        mode: ParamMode::Free,
+    }]);
+    sofo::train::save_weights(&params, out)?;
+    eprintln!(
+        "done: {} batches in {:.1} s; wrote {}/config.toml, metrics.csv, weights.safetensors",
+        cfg.iterations,
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
+    let y = force_outputs(&fc, net.readout(), &model, &test)?;
+    flipflop_picture(&task, &test, y.data(), out)?;
+    Ok(rows)
 }
 
 /// FORCE on the sine task: one metrics row per period of the target (the
@@ -611,7 +722,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             if let Some(s) = a.seed {
                 task.test_seed = s;
             }
-            flipflop_report(&model, &task, &params, &out)?;
+            flipflop_report(&model, &task, &params, 256, &out)?;
         }
         "addition" => {
             let (mut task, rnn) = cfg.addition()?;
@@ -631,6 +742,16 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 task.test_seed = s;
             }
             reach_report(&model, &task, &params, cfg.test_trials, &out)?;
+        }
+        "flipflop-reservoir" => {
+            let (mut task, fc) = cfg.flipflop_reservoir()?;
+            let model = sofo::optim::reservoir::reservoir_of(&fc)?;
+            let mut params = Model::<f32>::init(&model, cfg.seed)?;
+            sofo::checkpoint::load_into(&mut params, &weights)?;
+            if let Some(s) = a.seed {
+                task.test_seed = s;
+            }
+            flipflop_report(&model, &task, &params, cfg.test_trials, &out)?;
         }
         "kalman" | "kalman-long" => {
             let (mut task, model) = cfg.kalman()?;
@@ -785,7 +906,7 @@ impl Run<'_> {
         let threads = sofo_tensor::parallel::threads();
         eprintln!(
             "sofo: task {} | optimizer {} | P = {} | M = {} | {} iterations | {threads} threads | {} | run dir {}",
-            task.name(),
+            cfg.task,
             opt.name(),
             params.trainable_count(),
             cfg.batch,
@@ -935,6 +1056,12 @@ fn tasks() {
             k.kalman.steps, k.kalman.n, k.kalman.alpha, k.kalman.gain, k.batch, k.sofo.tangents, k.sofo.lr, k.sofo.damping, k.iterations
         );
     }
+    let r = RunConfig::defaults_for("flipflop-reservoir");
+    println!("flipflop-reservoir  the flip-flop on a fixed reservoir, only the readout trained, tasks.md §4: SOFO (or adam, sgd, fgd) against FORCE on the same network (metric: share of correct bits; picture flipflop.png)");
+    println!(
+        "        optimizers sofo (default), force, adam, sgd, fgd; defaults: bits {}, T {}, N {}, g {} (set [force] g = 1.5 for FORCE's home ground), τ = 10 steps, batch {}, K {}, lr {}, damping {:e}, {} iterations; `sofo compare --task flipflop-reservoir --optimizers sofo,force`",
+        r.flipflop.bits, r.flipflop.steps, r.force.n, r.force.g, r.batch, r.sofo.tangents, r.sofo.lr, r.sofo.damping, r.iterations
+    );
     println!("sine    FORCE sine-wave generation by a reservoir, tasks.md §6");
     println!(
         "        optimizer force; defaults: N {}, p {}, g {}, RLS every {} steps, α {}, {} training periods, {} test periods",

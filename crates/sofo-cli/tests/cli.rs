@@ -886,3 +886,61 @@ fn time_constants_and_low_rank_from_the_config() {
         assert!(!ok && e.contains(want), "{extra}: {e}");
     }
 }
+
+#[test]
+fn flipflop_reservoir_compares_sofo_with_force_on_the_same_network() {
+    let dir = tmp("reservoir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("r.toml");
+    std::fs::write(&cfg, "task = \"flipflop-reservoir\"\niterations = 4\nbatch = 4\nthreads = 1\ntest_trials = 16\neval_every = 2\n[force]\nn = 60\ng = 1.5\n[flipflop]\nsteps = 60\n[sofo]\ntangents = 16\n").unwrap();
+    let out = dir.join("cmp");
+    let o = sofo(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--optimizers",
+        "sofo,force",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert_eq!(e.matches("flip-flop: ").count(), 2, "{e}");
+    assert!(
+        e.contains("task flipflop-reservoir | optimizer force | N = 60 | g = 1.5"),
+        "{e}"
+    );
+    for m in ["sofo", "force"] {
+        assert_eq!(
+            &std::fs::read(out.join(m).join("flipflop.png")).unwrap()[1..4],
+            b"PNG"
+        );
+        let rows = std::fs::read_to_string(out.join(m).join("metrics.csv")).unwrap();
+        // held-out MSE and correct bits at iterations 2 and 4
+        let evals: Vec<&str> = rows
+            .lines()
+            .skip(1)
+            .filter(|l| l.split(',').nth(3) != Some(""))
+            .collect();
+        assert_eq!(evals.len(), 2, "{m}: {rows}");
+    }
+    // both trained the same readout shape on the same network; eval reloads it
+    let o = sofo(&["eval", "--run", out.join("force").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // FORCE's held-out score at the end equals eval's on the same trials
+    let last = |s: &str| -> String {
+        s.lines()
+            .rev()
+            .find(|l| l.starts_with("flip-flop: "))
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(last(&stderr(&o)), last(&e), "eval vs train");
+    std::fs::write(&cfg, "task = \"flipflop-reservoir\"\n[force]\ng = -1.0\n").unwrap();
+    let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(stderr(&o).contains("force.g"), "{}", stderr(&o));
+}

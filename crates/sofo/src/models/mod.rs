@@ -6,6 +6,7 @@ mod leaky_rnn;
 mod lorenz;
 mod rate_rnn;
 mod reach_rnn;
+mod reservoir;
 
 pub use arm::{ArmState, TwoJointArm};
 pub use constrained::{
@@ -16,6 +17,7 @@ pub use leaky_rnn::LeakyRnn;
 pub use lorenz::LorenzModel;
 pub use rate_rnn::{Activation, RateRnn};
 pub use reach_rnn::ReachRnn;
+pub use reservoir::ReservoirRnn;
 
 use crate::loss::{Observer, Sketch};
 use crate::params::ParamSet;

@@ -2,6 +2,7 @@
 
 mod first_order;
 pub mod force;
+pub mod reservoir;
 mod sofo;
 
 pub use first_order::{Adam, AdamConfig, Fgd, FgdConfig, LearningRate, Schedule, Sgd, SgdConfig};
