@@ -733,7 +733,21 @@ impl RunConfig {
                 self.flipflop_reservoir()?;
                 self.only_trainability("reservoir")?;
             }
-            _ => {}
+            "sine" => {
+                self.only_trainability("FORCE sine")?;
+                let c = &self.constraints;
+                if !(c.pinned.is_empty() && c.bounds.is_empty() && c.trainable.is_empty()) {
+                    return Err(Error::config(
+                        "constraints",
+                        format!(
+                            "pinned {:?}, bounds {:?}, trainable {:?}",
+                            c.pinned, c.bounds, c.trainable
+                        ),
+                        "none for task \"sine\": FORCE trains the whole readout",
+                    ));
+                }
+            }
+            _ => self.only_trainability("Lorenz")?,
         }
         match self.optimizer.as_str() {
             "force" => self.force_config().map(|_| ())?,
@@ -850,6 +864,13 @@ impl RunConfig {
                 "at least one tensor left to train",
             ));
         }
+        if params.free_count() == 0 {
+            return Err(Error::config(
+                "constraints.trainable",
+                format!("{:?}", self.constraints.trainable),
+                "at least one entry left to train",
+            ));
+        }
         Ok(())
     }
 
@@ -962,6 +983,10 @@ impl RunConfig {
             };
             let key = key.trim();
             let value = value.trim();
+            if key == "task" {
+                // the task picks the defaults everything else starts from
+                return Err(Error::config("--set", a, "any KEY but task: use --task"));
+            }
             let parsed: toml::Value = format!("v = {value}")
                 .parse::<toml::Table>()
                 .ok()
@@ -982,13 +1007,17 @@ impl RunConfig {
                 };
             }
             node.insert(parts[parts.len() - 1].to_string(), parsed);
+            // checked one assignment at a time, so the error names its key
+            let _: RunConfig = table.clone().try_into().map_err(|e: toml::de::Error| {
+                Error::config(
+                    format!("--set {key}"),
+                    value,
+                    format!("a value of that config field: {}", e.message()),
+                )
+            })?;
         }
         *self = table.try_into().map_err(|e: toml::de::Error| {
-            Error::config(
-                "--set",
-                assignments.join(" "),
-                format!("KEY=VALUE pairs of the config: {}", e.message()),
-            )
+            Error::config("--set", assignments.join(" "), e.message().to_string())
         })?;
         Ok(())
     }

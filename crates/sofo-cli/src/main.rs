@@ -274,7 +274,8 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
                 )?,
             };
             let model = LorenzModel { hidden: l.hidden };
-            let params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
+            let mut params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
+            cfg.apply_modes(&mut params)?;
             Ok(run.with_optimizer(&model, &task, params)?.0)
         }
     }
@@ -875,7 +876,7 @@ impl Run<'_> {
         params: ParamSet<f32>,
     ) -> Result<(Vec<MetricsRow>, ParamSet<f32>)> {
         let cfg = self.cfg;
-        let p = params.trainable_count();
+        let p = params.free_count();
         let k = match cfg.optimizer.as_str() {
             "sofo" => Some(("sofo.tangents", cfg.sofo.tangents)),
             "fgd" => Some(("fgd.tangents", cfg.fgd.tangents)),

@@ -142,6 +142,15 @@ pub fn sofo_step<T: Float, M: Model<T>>(
 ) -> Result<StepReport> {
     let k = sofo.config.k;
     let p = params.trainable_count();
+    if params.has_frozen_entries() {
+        // the device draw does not zero frozen entries yet: refuse rather
+        // than take a step that is not the subspace solution
+        return Err(Error::config(
+            "constraints.trainable",
+            "per-element trainability",
+            "the CPU device for now (--device cpu)",
+        ));
+    }
     // 1. V [K, P]
     let mut v = dev.normal(&[k, p], seed, rng::substream(0x7A46, iteration))?;
     if sofo.config.tangents != TangentKind::Raw {

@@ -107,6 +107,23 @@ impl<T: Float> ParamSet<T> {
         self.params.iter_mut().find(|p| p.name == name)
     }
     /// P: the number of trainable scalars.
+    /// Trainable scalars that may move: [`ParamSet::trainable_count`] less
+    /// the frozen entries (the dimension SOFO's and FGD's directions span).
+    pub fn free_count(&self) -> usize {
+        self.params
+            .iter()
+            .zip(&self.frozen)
+            .filter(|(p, _)| p.mode.trainable())
+            .map(|(p, fr)| match fr {
+                Some(fr) => fr.iter().filter(|&&f| !f).count(),
+                None => p.value.numel(),
+            })
+            .sum()
+    }
+    /// Whether any entry of a trainable tensor is frozen.
+    pub fn has_frozen_entries(&self) -> bool {
+        self.free_count() != self.trainable_count()
+    }
     pub fn trainable_count(&self) -> usize {
         self.params
             .iter()

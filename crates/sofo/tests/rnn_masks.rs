@@ -230,6 +230,21 @@ fn frozen_entries_are_bit_identical_after_every_optimizer() {
             assert!(moved > 0, "{name}: no trainable entry of {t} moved");
         }
     }
+    // the directions span the free entries only: their count, and K beyond it refused
+    let all = p0.trainable_count();
+    let frozen = tw.iter().filter(|&&t| !t).count() + tc.iter().filter(|&&t| !t).count();
+    assert_eq!(p0.free_count(), all - frozen);
+    let too_many = Sofo::new(SofoConfig {
+        k: p0.free_count() + 1,
+        ..SofoConfig::default()
+    })
+    .unwrap();
+    let e = too_many
+        .sample_tangents(&p0, 0, 0)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sofo.tangents"), "{e}");
     let e = p0
         .set_trainable_entries("W", &[true; 3])
         .unwrap_err()

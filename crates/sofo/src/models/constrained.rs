@@ -264,15 +264,17 @@ pub fn read_mask(path: &Path, name: &str, shape: [usize; 2], field: &str) -> Res
 }
 
 /// Process and input noise, each a white noise discretised for the step
-/// dt = α·τ (Euler–Maruyama). The σ's are in units of the state: σ is the
-/// stationary standard deviation the noise alone gives an isolated unit
-/// (exactly σ·√(2/(2 − α)) at step α). All off (0) by default.
+/// dt = α·τ (Euler–Maruyama). For state noise σ is the stationary standard
+/// deviation the noise alone gives an isolated unit (exactly σ·√(2/(2 − α))
+/// at step α); for rate noise it is relative (a fraction of the rate), for
+/// input noise in units of the input. All off (0) by default.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Noise {
     /// Additive state noise: x ← x + σ·√(2α_i)·ξ (α_i the unit's dt/τ_i).
     pub state: f64,
-    /// Multiplicative rate noise: r ← r ⊙ (1 + σ·√(2/α)·ξ), the rates the
-    /// network transmits (recurrence and readout).
+    /// Multiplicative rate noise: r ← r ⊙ max(0, 1 + σ·√(2/α)·ξ), the rates
+    /// the network transmits (recurrence and readout); the clip keeps a
+    /// unit's sign.
     pub rates: f64,
     /// Input noise: u ← u + σ·√(2/α)·ξ.
     pub input: f64,
@@ -887,7 +889,10 @@ impl<T: Float> Model<T> for ConstrainedRnn {
             }
             r = e.unary(&x, phi)?;
             if let (Some(xi), true) = (&xi, noise.rates > 0.0) {
-                let eta = e.constant(columns(xi, n, n, 1.0, |_| rate_scale)?)?;
+                // clipped at 0: a negative factor would flip the sign a
+                // unit transmits (and Dale's law with it)
+                let eta = columns(xi, n, n, 1.0, |_| rate_scale)?.map(|v| v.max(T::zero()));
+                let eta = e.constant(eta)?;
                 r = e.mul(&r, &eta)?;
             }
             if reg.rates_l2 > 0.0 {

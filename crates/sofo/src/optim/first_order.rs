@@ -380,7 +380,9 @@ impl<T: Float> Optimizer<T> for Fgd {
             Err(Error::NonFinite(_)) => return skipped(f64::NAN),
             Err(e) => return Err(e),
         };
-        let p = params.trainable_count() as f64;
+        // E[V VᵀP/K] = I over the entries the directions span (frozen ones
+        // excluded)
+        let p = params.free_count() as f64;
         let scale = p / tg.k as f64 * self.config.lr.at(iteration as usize);
         let coeff: Vec<f64> = sketch.c.iter().map(|c| c * scale).collect();
         let step = self.sampler.expand(params, &tg, coeff)?;

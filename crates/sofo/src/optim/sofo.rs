@@ -167,6 +167,14 @@ impl Sofo {
     ) -> Result<Tangents<T>> {
         let k = self.config.k;
         let p = params.trainable_count();
+        let free = params.free_count();
+        if self.config.tangents != TangentKind::Raw && k > free {
+            return Err(Error::config(
+                "sofo.tangents",
+                k,
+                format!("K ≤ {free}, the trainable entries that are not frozen"),
+            ));
+        }
         let mut flat = Tensor::<T>::scratch(&[k, p]);
         rng::fill_normal(flat.data_mut(), seed, rng::substream(0x7A46, iteration));
         // directions live in the trainable entries only
