@@ -242,3 +242,77 @@ fn regularised_gradients_and_curvature_satisfy_the_identities() {
         .to_string();
     assert!(e.contains("regularizers.rates_l2"), "{e}");
 }
+
+/// The regularisers' values against a hand computation: with W = 0, B = 0
+/// and x0 = 0 every trial's state is x_t = b (1 − (1 − α)^{t+1}), so the
+/// rates r_t = tanh(x_t) are known in closed form.
+#[test]
+fn regulariser_values_match_their_definitions() {
+    let (n, t_len, m, alpha) = (3, 6, 4, 0.3);
+    let rnn = RateRnn {
+        n,
+        inputs: 1,
+        outputs: 1,
+        alpha,
+        activation: Activation::Tanh,
+        learn_x0: false,
+        gain: 0.0,
+    };
+    let mut params: ParamSet<f64> = Model::<f64>::init(&rnn, 0).unwrap();
+    let b = [0.4, -0.9, 1.3];
+    params.get_mut("W").unwrap().value = Tensor::zeros(&[n, n]);
+    params.get_mut("B").unwrap().value = Tensor::zeros(&[n, 1]);
+    params.get_mut("b").unwrap().value = Tensor::from_vec(&[n], b.to_vec()).unwrap();
+    let batch = Batch {
+        steps: t_len,
+        trials: m,
+        inputs: Some(randn(&[t_len, m, 1], 1, 1)),
+        initial: None,
+        targets: randn(&[t_len, m, 1], 1, 2),
+        weights: None,
+        loss_norm: (t_len * m) as f64,
+        noise_seed: 0,
+    };
+    let rate = |t: usize, j: usize| (b[j] * (1.0 - (1.0 - alpha).powi(t as i32 + 1))).tanh();
+    let base = loss_at(&with(Regularizers::default(), rnn.clone()), &params, &batch);
+    let (l2, target, weight) = (0.3, 0.25, 0.8);
+    // λ · mean of r² over steps, trials and units (trials are identical)
+    let mut sq = 0.0;
+    for t in 0..t_len {
+        for j in 0..n {
+            sq += rate(t, j) * rate(t, j);
+        }
+    }
+    let want = l2 * sq / (t_len * n) as f64;
+    let reg = Regularizers {
+        rates_l2: l2,
+        ..Regularizers::default()
+    };
+    let got = loss_at(&with(reg, rnn.clone()), &params, &batch) - base;
+    assert!((got - want).abs() < 1e-12, "rates_l2: {got} vs {want}");
+    // λ · mean over trials and units of (mean rate over the trial − target)²
+    let mut dev = 0.0;
+    for j in 0..n {
+        let mean = (0..t_len).map(|t| rate(t, j)).sum::<f64>() / t_len as f64;
+        dev += (mean - target) * (mean - target);
+    }
+    let want = weight * dev / n as f64;
+    let reg = Regularizers {
+        rate_target_weight: weight,
+        rate_target: target,
+        ..Regularizers::default()
+    };
+    let got = loss_at(&with(reg, rnn.clone()), &params, &batch) - base;
+    assert!((got - want).abs() < 1e-12, "rate target: {got} vs {want}");
+    // λ‖W‖² on a nonzero W
+    let w = randn(&[n, n], 5, 0);
+    params.get_mut("W").unwrap().value = w.clone();
+    let base = loss_at(&with(Regularizers::default(), rnn.clone()), &params, &batch);
+    let reg = Regularizers {
+        weights_l2: 0.6,
+        ..Regularizers::default()
+    };
+    let got = loss_at(&with(reg, rnn), &params, &batch) - base;
+    let want = 0.6 * w.data().iter().map(|v| v * v).sum::<f64>();
+    assert!((got - want).abs() < 1e-12, "weights_l2: {got} vs {want}");
+}
