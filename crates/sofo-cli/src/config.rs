@@ -84,6 +84,10 @@ pub struct NoiseSection {
     pub rates: f64,
     /// input noise: u += σ·√(2/α)·ξ
     pub input: f64,
+    /// multiplicative state noise: x ⊙= 1 + σ·√(2α)·ξ each step
+    pub state_multiplicative: f64,
+    /// additive rate noise: r += σ·√(2/α)·ξ
+    pub rates_additive: f64,
 }
 
 /// Weights λ of the regularisers (0 = off).
@@ -959,6 +963,8 @@ impl RunConfig {
                 state: nz.state,
                 rates: nz.rates,
                 input: nz.input,
+                state_multiplicative: nz.state_multiplicative,
+                rates_additive: nz.rates_additive,
             })?
             .with_regularizers(Regularizers {
                 weights_l2: r.weights_l2,

@@ -218,6 +218,8 @@ fn noisy(seed: u64) -> (ConstrainedRnn, ParamSet<f64>, Batch<f64>) {
             state: 0.3,
             rates: 0.1,
             input: 0.2,
+            state_multiplicative: 0.05,
+            rates_additive: 0.05,
         })
         .unwrap();
     (m, params, batch)
@@ -287,4 +289,84 @@ fn noise_is_fixed_by_the_batch_seed_and_independent_of_the_split() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("noise.rates"), "{e}");
+}
+
+/// Multiplicative state noise x_t = ((1 − α) x_{t−1} + α b)(1 + s ξ_t),
+/// s = σ√(2α), from x_0 = b = 5: the mean stays 5 and the variance follows
+/// V_t = (1 − α)²(1 + s²) V_{t−1} + 25 s², V_0 = 0. Additive rate noise
+/// r_t = x_t + σ√(2/α) ξ_t leaves x alone (W = 0): the output is 5 plus
+/// noise of variance 2σ²/α.
+#[test]
+fn multiplicative_state_and_additive_rate_noise_have_their_moments() {
+    let (alpha, sigma) = (0.2, 0.1);
+    let (m, p) = probe(
+        alpha,
+        Noise {
+            state_multiplicative: sigma,
+            ..Noise::default()
+        },
+        1.0,
+    );
+    let t = 30;
+    let (_, ys) = record_outputs(&m, &p, &quiet_batch(t, TRIALS, 21)).unwrap();
+    let n = (TRIALS * N) as f64;
+    let s = sigma * (2.0 * alpha).sqrt();
+    // vs[k]: the variance after k + 1 steps (the output of step k)
+    let mut vs = vec![25.0 * s * s];
+    for k in 1..t {
+        vs.push((1.0 - alpha).powi(2) * (1.0 + s * s) * vs[k - 1] + 25.0 * s * s);
+    }
+    for step in [1, t - 1] {
+        let (mean, var, _) = moments(&ys, step);
+        let want = vs[step];
+        let what = format!("multiplicative state, step {step}");
+        check(&format!("{what}: mean"), mean, 5.0, (want / n).sqrt());
+        check(
+            &format!("{what}: variance"),
+            var,
+            want,
+            want * (2.0 / (n - 1.0)).sqrt(),
+        );
+    }
+    let (m, p) = probe(
+        alpha,
+        Noise {
+            rates_additive: sigma,
+            ..Noise::default()
+        },
+        1.0,
+    );
+    let (_, ys) = record_outputs(&m, &p, &quiet_batch(5, TRIALS, 22)).unwrap();
+    let want = 2.0 * sigma * sigma / alpha;
+    let (mean, var, cov) = moments(&ys, 4);
+    check("additive rates: mean", mean, 5.0, (want / n).sqrt());
+    check(
+        "additive rates: variance",
+        var,
+        want,
+        want * (2.0 / (n - 1.0)).sqrt(),
+    );
+    // fresh noise each step, not fed back (W = 0): no correlation in time
+    check(
+        "additive rates: lag-1 covariance",
+        cov,
+        0.0,
+        want / n.sqrt() * 1.5,
+    );
+    // both differentiate alike forward and reverse with the noise on
+    let (rnn, params, batch) = tiny_rnn(3, 6);
+    let m = ConstrainedRnn::new(rnn, Constraints::default())
+        .unwrap()
+        .with_noise(Noise {
+            state_multiplicative: 0.2,
+            rates_additive: 0.1,
+            ..Noise::default()
+        })
+        .unwrap();
+    let mut batch = batch;
+    batch.noise_seed = 5;
+    let (_, grads) = gradient_pass(&m, &params, &batch).unwrap();
+    let g: Vec<f64> = grads.iter().flat_map(|t| t.data().to_vec()).collect();
+    let (_, jtg) = ggn_and_gradient(&m, &params, &batch);
+    assert!(max_rel_diff(&g, &jtg) < 1e-12);
 }

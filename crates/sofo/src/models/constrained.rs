@@ -10,8 +10,8 @@
 //!   density, or read from a file, see [`read_mask`]); the effective weights
 //!   are the raw ones times the mask, so masked entries are exactly zero
 //!   after any training.
-//! - Noise ([`Noise`]): additive state noise, multiplicative rate noise and
-//!   input noise, drawn per (step, trial) from the batch's noise seed
+//! - Noise ([`Noise`]): additive and multiplicative state noise, additive
+//!   and multiplicative rate noise, and input noise, drawn per (step, trial) from the batch's noise seed
 //!   ([`Trials::noise`]), so constants with respect to θ and the same
 //!   however the trials are split.
 //! - Time constants ([`TimeConstants`]): one α = dt/τ, one per unit, or
@@ -278,17 +278,28 @@ pub struct Noise {
     pub rates: f64,
     /// Input noise: u ← u + σ·√(2/α)·ξ.
     pub input: f64,
+    /// Multiplicative state noise: x ← x ⊙ (1 + σ·√(2α_i)·ξ) after the
+    /// update (a geometric perturbation of each unit's state).
+    pub state_multiplicative: f64,
+    /// Additive rate noise: r ← r + σ·√(2/α)·ξ on the transmitted rates.
+    pub rates_additive: f64,
 }
 
 impl Noise {
     pub fn any(&self) -> bool {
-        self.state > 0.0 || self.rates > 0.0 || self.input > 0.0
+        self.state > 0.0
+            || self.rates > 0.0
+            || self.input > 0.0
+            || self.state_multiplicative > 0.0
+            || self.rates_additive > 0.0
     }
     pub fn validate(&self) -> Result<()> {
         for (f, v) in [
             ("noise.state", self.state),
             ("noise.rates", self.rates),
             ("noise.input", self.input),
+            ("noise.state_multiplicative", self.state_multiplicative),
+            ("noise.rates_additive", self.rates_additive),
         ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(Error::config(f, v, "a finite σ ≥ 0 (0 = off)"));
@@ -833,8 +844,10 @@ impl<T: Float> Model<T> for ConstrainedRnn {
         let mut r = e.unary(&x, phi)?;
         let inputs = self.rnn.inputs;
         // one draw per (step, trial) for every kind of noise: state [0, N),
-        // rates [N, 2N), inputs [2N, 2N + I)
-        let width = 2 * n + inputs;
+        // rates [N, 2N), inputs [2N, 2N + I), multiplicative state
+        // [2N + I, 3N + I), additive rates [3N + I, 4N + I)
+        let width = 4 * n + inputs;
+        let (mult_at, radd_at) = (2 * n + inputs, 3 * n + inputs);
         let in_scale = noise.input * (2.0 / alpha).sqrt();
         let rate_scale = noise.rates * (2.0 / alpha).sqrt();
         let mut rsum: Option<E::V> = None;
@@ -887,6 +900,27 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                 };
                 x = e.add(&x, &inc)?;
             }
+            if let (Some(xi), true) = (&xi, noise.state_multiplicative > 0.0) {
+                let s = noise.state_multiplicative;
+                let factor = match &self.time_constants {
+                    TimeConstants::Scalar => {
+                        e.constant(columns(xi, mult_at, n, 1.0, |_| s * (2.0 * alpha).sqrt())?)?
+                    }
+                    TimeConstants::PerUnit(al) => {
+                        e.constant(columns(xi, mult_at, n, 1.0, |j| s * (2.0 * al[j]).sqrt())?)?
+                    }
+                    TimeConstants::Learned { .. } => {
+                        // 1 + σ·√(2α(θ))·ξ
+                        let av = av.expect("learned α is prepared");
+                        let sq = e.sqrt(av)?;
+                        let sq = e.mul_scalar(&sq, s * 2f64.sqrt())?;
+                        let z = e.constant(columns(xi, mult_at, n, 0.0, |_| 1.0)?)?;
+                        let z = e.mul(&z, &sq)?;
+                        e.add_scalar(&z, 1.0)?
+                    }
+                };
+                x = e.mul(&x, &factor)?;
+            }
             r = e.unary(&x, phi)?;
             if let (Some(xi), true) = (&xi, noise.rates > 0.0) {
                 // clipped at 0: a negative factor would flip the sign a
@@ -894,6 +928,11 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                 let eta = columns(xi, n, n, 1.0, |_| rate_scale)?.map(|v| v.max(T::zero()));
                 let eta = e.constant(eta)?;
                 r = e.mul(&r, &eta)?;
+            }
+            if let (Some(xi), true) = (&xi, noise.rates_additive > 0.0) {
+                let s = noise.rates_additive * (2.0 / alpha).sqrt();
+                let z = e.constant(columns(xi, radd_at, n, 0.0, |_| s)?)?;
+                r = e.add(&r, &z)?;
             }
             if reg.rates_l2 > 0.0 {
                 obs.observe(
