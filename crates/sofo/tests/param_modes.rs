@@ -112,3 +112,54 @@ fn every_activation_learns_a_memory_under_sofo() {
         assert!(after < 0.1, "{}: loss {before:.3} → {after:.3}", act.name());
     }
 }
+
+/// Gradient clipping measures the norm of what can move: with W pinned,
+/// clipped SGD moves the other tensors by exactly lr·clip along their own
+/// gradient (W's gradient left out of the norm).
+#[test]
+fn clipping_ignores_pinned_tensors() {
+    use sofo::models::gradient_pass;
+    use sofo::optim::{LearningRate, Optimizer, Sgd, SgdConfig};
+    let (model, mut params, batch) = tiny_rnn(3, 5);
+    params.set_mode("W", ParamMode::Pinned).unwrap();
+    let (_, grads) = gradient_pass(&model, &params, &batch).unwrap();
+    let free: Vec<f64> = params
+        .iter()
+        .zip(&grads)
+        .filter(|(p, _)| p.name != "W")
+        .flat_map(|(_, g)| g.data().to_vec())
+        .collect();
+    let norm = free.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let w_norm = grads[0].data().iter().map(|v| v * v).sum::<f64>().sqrt();
+    assert!(w_norm > 1e-3, "W's gradient must matter for the check");
+    let clip = 0.5 * norm;
+    let lr = 0.1;
+    let mut sgd = Sgd::<f64>::new(SgdConfig {
+        lr: LearningRate::constant(lr),
+        momentum: 0.0,
+        clip: Some(clip),
+    })
+    .unwrap();
+    let before: Vec<f64> = params
+        .iter()
+        .filter(|p| p.name != "W")
+        .flat_map(|p| p.value.data().to_vec())
+        .collect();
+    sgd.step(&model, &mut params, &batch, 0, 0).unwrap();
+    let after: Vec<f64> = params
+        .iter()
+        .filter(|p| p.name != "W")
+        .flat_map(|p| p.value.data().to_vec())
+        .collect();
+    let moved = before
+        .iter()
+        .zip(&after)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        (moved - lr * clip).abs() < 1e-12,
+        "step {moved}, want lr·clip = {}",
+        lr * clip
+    );
+}

@@ -296,6 +296,19 @@ fn masks_are_read_from_csv_and_safetensors_with_clear_errors() {
     assert!(e.contains("named `W`") && e.contains("[\"C\"]"), "{e}");
     let e = read_mask(&st, "C", [3, 1], "f").unwrap_err().to_string();
     assert!(e.contains("[1, 3]") && e.contains("[3, 1]"), "{e}");
+    // a vector stands for one row (the trainable entries of b, d, x0, tau)
+    let vs = dir.join("v.safetensors");
+    let set = ParamSet::new(vec![sofo::params::Param {
+        name: "b".into(),
+        value: sofo::Tensor::<f32>::from_vec(&[3], vec![0.0, 1.0, 1.0]).unwrap(),
+        mode: sofo::params::ParamMode::Pinned,
+    }]);
+    sofo::checkpoint::save(&set, &vs).unwrap();
+    assert_eq!(
+        read_mask(&vs, "b", [1, 3], "f").unwrap(),
+        vec![0.0, 1.0, 1.0]
+    );
+    assert!(read_mask(&vs, "b", [3, 1], "f").is_err());
     let e = read_mask(&dir.join("none.csv"), "W", [1, 1], "constraints.masks.W")
         .unwrap_err()
         .to_string();

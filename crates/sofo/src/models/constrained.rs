@@ -200,7 +200,8 @@ pub fn read_mask(path: &Path, name: &str, shape: [usize; 2], field: &str) -> Res
                 format!("a safetensors file with a tensor named `{name}`"),
             )
         })?;
-        if t.shape() != [rows, cols] {
+        // a vector [cols] stands for one row (b, d, x0, tau)
+        if t.shape() != [rows, cols] && !(rows == 1 && t.shape() == [cols]) {
             return Err(Error::config(
                 field,
                 format!("\"{file}\": `{name}` of shape {:?}", t.shape()),

@@ -119,6 +119,19 @@ fn bptt_gradient<T: Float, M: Model<T>>(
     if !loss.is_finite() || grads.iter().any(|g| !g.is_finite()) {
         return Ok(Err(loss));
     }
+    // what cannot move does not count towards the clipping norm (nor
+    // towards Adam's moments)
+    for (g, p) in grads.iter_mut().zip(params.iter()) {
+        if !p.mode.trainable() {
+            g.data_mut().iter_mut().for_each(|v| *v = T::zero());
+        } else if let Some(frozen) = params.frozen_entries(&p.name) {
+            for (v, &f) in g.data_mut().iter_mut().zip(frozen) {
+                if f {
+                    *v = T::zero();
+                }
+            }
+        }
+    }
     clip(&mut grads, max_norm);
     Ok(Ok((loss, grads)))
 }
