@@ -4,12 +4,13 @@
 //! nonlinearity, no bias). Tensors `W` [N,N], `B` [N,I], `b` [N], `C` [O,N]
 //! and, when learned, `x0` [N] (the state z_0; else z_0 = 0).
 
+use super::init::{check_rnn, normal, param};
 use super::{Batch, Model, Trials};
 use crate::loss::Observer;
-use crate::params::{Param, ParamMode, ParamSet};
+use crate::params::ParamSet;
 use crate::{Error, Result};
 use sofo_ad::Ops;
-use sofo_tensor::{rng, Float, Tensor};
+use sofo_tensor::{Float, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct LeakyRnn {
@@ -38,34 +39,12 @@ impl LeakyRnn {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.n == 0 {
-            return Err(Error::config("model.n", self.n, "at least 1"));
-        }
+        // α > 0 also makes α·relu(a) = relu(α·a), which `run` relies on
+        check_rnn(self.n, self.alpha, self.gain)?;
         if self.outputs == 0 {
             return Err(Error::config("model.outputs", self.outputs, "at least 1"));
         }
-        // α > 0 also makes α·relu(a) = relu(α·a), which `run` relies on
-        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            return Err(Error::config("model.alpha", self.alpha, "0 < alpha ≤ 1"));
-        }
-        if !(self.gain >= 0.0 && self.gain.is_finite()) {
-            return Err(Error::config("model.gain", self.gain, "a finite value ≥ 0"));
-        }
         Ok(())
-    }
-}
-
-fn normal<T: Float>(shape: &[usize], std: f64, seed: u64, stream: u64) -> Tensor<T> {
-    let mut t = Tensor::<T>::scratch(shape);
-    rng::fill_normal(t.data_mut(), seed, stream);
-    t.map(|v| v * T::from_f64(std))
-}
-
-fn param<T: Float>(name: &str, value: Tensor<T>) -> Param<T> {
-    Param {
-        name: name.into(),
-        value,
-        mode: ParamMode::Free,
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod arm;
 mod constrained;
+mod init;
 mod leaky_rnn;
 mod lorenz;
 mod rate_rnn;

@@ -3,12 +3,13 @@
 //! with α = dt/τ. Tensors `W` [N,N], `B` [N,I], `b` [N], `C` [O,N], `d` [O]
 //! and, when learned, `x0` [N].
 
+use super::init::{check_rnn, normal, param};
 use super::{Batch, Model, Trials};
 use crate::loss::Observer;
-use crate::params::{Param, ParamMode, ParamSet};
+use crate::params::ParamSet;
 use crate::{Error, Result};
 use sofo_ad::{Ops, Unary};
-use sofo_tensor::{rng, Float, Tensor};
+use sofo_tensor::{Float, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -58,37 +59,11 @@ pub struct RateRnn {
 
 impl RateRnn {
     pub fn validate(&self) -> Result<()> {
-        if self.n == 0 {
-            return Err(Error::config("model.n", self.n, "at least 1"));
-        }
+        check_rnn(self.n, self.alpha, self.gain)?;
         if self.outputs == 0 {
             return Err(Error::config("model.outputs", self.outputs, "at least 1"));
         }
-        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            return Err(Error::config(
-                "model.alpha",
-                self.alpha,
-                "0 < alpha ≤ 1 (dt/τ)",
-            ));
-        }
-        if !(self.gain >= 0.0 && self.gain.is_finite()) {
-            return Err(Error::config("model.gain", self.gain, "a finite value ≥ 0"));
-        }
         Ok(())
-    }
-}
-
-fn normal<T: Float>(shape: &[usize], std: f64, seed: u64, stream: u64) -> Tensor<T> {
-    let mut t = Tensor::<T>::scratch(shape);
-    rng::fill_normal(t.data_mut(), seed, stream);
-    t.map(|v| v * T::from_f64(std))
-}
-
-fn param<T: Float>(name: &str, value: Tensor<T>) -> Param<T> {
-    Param {
-        name: name.into(),
-        value,
-        mode: ParamMode::Free,
     }
 }
 

@@ -14,12 +14,13 @@
 //! drawn from the batch's noise seed (a constant with respect to θ).
 
 use super::arm::{ArmState, TwoJointArm};
+use super::init::{check_rnn, normal, param};
 use super::{Batch, Model, Trials};
 use crate::loss::Observer;
-use crate::params::{Param, ParamMode, ParamSet};
+use crate::params::ParamSet;
 use crate::{Error, Result};
 use sofo_ad::Ops;
-use sofo_tensor::{rng, Float, Tensor};
+use sofo_tensor::{Float, Tensor};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReachRnn {
@@ -49,19 +50,7 @@ impl ReachRnn {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.n == 0 {
-            return Err(Error::config("model.n", self.n, "at least 1"));
-        }
-        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            return Err(Error::config(
-                "model.alpha",
-                self.alpha,
-                "0 < alpha ≤ 1 (dt/τ)",
-            ));
-        }
-        if !(self.gain >= 0.0 && self.gain.is_finite()) {
-            return Err(Error::config("model.gain", self.gain, "a finite value ≥ 0"));
-        }
+        check_rnn(self.n, self.alpha, self.gain)?;
         if !(self.noise >= 0.0 && self.noise.is_finite()) {
             return Err(Error::config(
                 "model.noise",
@@ -78,20 +67,6 @@ impl ReachRnn {
     /// σ', the half-width of the multiplicative noise.
     pub fn noise_width(&self) -> f64 {
         self.noise / self.alpha.sqrt()
-    }
-}
-
-fn normal<T: Float>(shape: &[usize], std: f64, seed: u64, stream: u64) -> Tensor<T> {
-    let mut t = Tensor::<T>::scratch(shape);
-    rng::fill_normal(t.data_mut(), seed, stream);
-    t.map(|v| v * T::from_f64(std))
-}
-
-fn param<T: Float>(name: &str, value: Tensor<T>) -> Param<T> {
-    Param {
-        name: name.into(),
-        value,
-        mode: ParamMode::Free,
     }
 }
 
