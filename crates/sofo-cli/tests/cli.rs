@@ -16,6 +16,20 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `sofo train --config CFG --out OUT --quiet EXTRA…`
+fn train(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    sofo(&args)
+}
+
 fn tmp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("sofo-cli-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -117,16 +131,7 @@ fn a_run_writes_config_metrics_and_weights_and_replays_from_its_config() {
     let dir = tmp("run");
     let cfg = write_small(&dir);
     let out1 = dir.join("a");
-    let o = sofo(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out1.to_str().unwrap(),
-        "--quiet",
-        "--seed",
-        "3",
-    ]);
+    let o = train(&cfg, &out1, &["--seed", "3"]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     let metrics = std::fs::read_to_string(out1.join("metrics.csv")).unwrap();
@@ -152,14 +157,7 @@ fn a_run_writes_config_metrics_and_weights_and_replays_from_its_config() {
 
     // ... and replays the run exactly from another directory
     let out2 = dir.join("b");
-    let o = sofo(&[
-        "train",
-        "--config",
-        out1.join("config.toml").to_str().unwrap(),
-        "--out",
-        out2.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&out1.join("config.toml"), &out2, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let m2 = std::fs::read_to_string(out2.join("metrics.csv")).unwrap();
     let losses = |m: &str| -> Vec<String> {
@@ -264,14 +262,7 @@ fn force_trains_the_sine_reservoir() {
     // the defaults of tasks.md §6 (N = 1000, 12 periods): about 2 s
     std::fs::write(&cfg, "task = \"sine\"\noptimizer = \"force\"\n").unwrap();
     let out = dir.join("run");
-    let o = sofo(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let m = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     let last = m.lines().last().unwrap();
@@ -326,14 +317,7 @@ fn flipflop_trains_reports_and_draws() {
     // a config naming the task starts from that task's defaults (lr 0.1 here)
     std::fs::write(&cfg, "task = \"flipflop\"\niterations = 30\nbatch = 16\nthreads = 1\n[sofo]\ntangents = 32\n[flipflop]\nn = 32\nsteps = 60\nbits = 2\n").unwrap();
     let out = dir.join("run");
-    let o = sofo(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(resolved.contains("lr = 0.1\n"), "{resolved}");
@@ -382,14 +366,7 @@ fn addition_trains_reports_and_draws() {
     let cfg = dir.join("a.toml");
     std::fs::write(&cfg, "task = \"addition\"\niterations = 5\nbatch = 16\nthreads = 1\ntest_trials = 32\n[sofo]\ntangents = 16\n[addition]\nsteps = 30\nn = 16\n").unwrap();
     let out = dir.join("run");
-    let o = sofo(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("addition: MSE"), "{}", stderr(&o));
     assert_eq!(
@@ -417,14 +394,7 @@ fn constrained_flipflop_writes_effective_weights_that_obey_dale_and_the_mask() {
     )
     .unwrap();
     let out = dir.join("run");
-    let o = sofo(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let eff = sofo::checkpoint::load::<f32>(&out.join("weights_effective.safetensors")).unwrap();
     let w = &eff.iter().find(|(n, _)| n == "W").unwrap().1;
@@ -464,14 +434,7 @@ fn pinned_and_bounded_tensors_from_the_config() {
     for iters in [2, 6] {
         std::fs::write(&cfg, body(iters)).unwrap();
         let out = dir.join(format!("run{iters}"));
-        let o = sofo(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet",
-        ]);
+        let o = train(&cfg, &out, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
         weights.push(sofo::checkpoint::load::<f32>(&out.join("weights.safetensors")).unwrap());
     }
@@ -502,14 +465,7 @@ fn reach_trains_reports_draws_and_reevaluates() {
     let cfg = dir.join("r.toml");
     std::fs::write(&cfg, "task = \"reach1\"\niterations = 2\nbatch = 4\nthreads = 1\ntest_trials = 8\neval_every = 1\n[sofo]\ntangents = 8\n[reach]\nsteps = 601\nn = 8\n").unwrap();
     let out = dir.join("run");
-    let o = sofo(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
     let line = e
@@ -544,14 +500,7 @@ fn reach_trains_reports_draws_and_reevaluates() {
     // bad settings name the field
     // the double reach: its shortest trial, a smoke run
     std::fs::write(&cfg, "task = \"reach2\"\niterations = 1\nbatch = 2\nthreads = 1\ntest_trials = 4\n[sofo]\ntangents = 4\n[reach]\nsteps = 951\nn = 4\n").unwrap();
-    let o = sofo(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        dir.join("run2").to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&cfg, &dir.join("run2"), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("reach2: mean hand error centre hold")
@@ -581,14 +530,7 @@ fn kalman_trains_and_reports_beside_the_reference_filters() {
     let cfg = dir.join("k.toml");
     std::fs::write(&cfg, "task = \"kalman-long\"\niterations = 2\nbatch = 4\nthreads = 1\ntest_trials = 8\n[sofo]\ntangents = 8\n[kalman]\nsteps = 150\nn = 8\n").unwrap();
     let out = dir.join("run");
-    let o = sofo(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
     let line = e
@@ -688,14 +630,7 @@ fn noise_and_regularisers_from_the_config_and_set_flags() {
     }
     // the resolved config replays the noisy, regularised run bit for bit
     let again = out.parent().unwrap().join("again");
-    let o = sofo(&[
-        "train",
-        "--config",
-        out.join("config.toml").to_str().unwrap(),
-        "--out",
-        again.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = train(&out.join("config.toml"), &again, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         tensor(&out, "weights.safetensors", "W"),
