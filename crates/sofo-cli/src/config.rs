@@ -934,6 +934,61 @@ impl RunConfig {
             &t.kind,
             &["scalar", "per-unit", "learned"],
         )?;
+        // a setting the chosen option would not read is refused, not dropped
+        let d = TimeConstantsSection::default();
+        let unused = [
+            (
+                "time_constants.alpha",
+                t.kind != "per-unit" && !t.alpha.is_empty(),
+                format!("{:?}", t.alpha),
+                "kind = \"per-unit\"",
+            ),
+            (
+                "time_constants.spread",
+                t.kind != "per-unit" && t.spread != d.spread,
+                format!("{:?}", t.spread),
+                "kind = \"per-unit\"",
+            ),
+            (
+                "time_constants.tau_min",
+                t.kind != "learned" && t.tau_min != d.tau_min,
+                t.tau_min.to_string(),
+                "kind = \"learned\"",
+            ),
+            (
+                "low_rank.fixed",
+                self.low_rank.rank == 0 && self.low_rank.fixed,
+                "true".into(),
+                "low_rank.rank ≥ 1",
+            ),
+            (
+                "regularizers.rate_target",
+                r.rate_target_weight == 0.0 && r.rate_target != 0.0,
+                r.rate_target.to_string(),
+                "regularizers.rate_target_weight > 0",
+            ),
+            (
+                "constraints.dale_transform",
+                !self.constraints.dale && self.constraints.dale_transform != "abs",
+                format!("\"{}\"", self.constraints.dale_transform),
+                "constraints.dale = true",
+            ),
+            (
+                "constraints.dale_readout",
+                !self.constraints.dale && self.constraints.dale_readout,
+                "true".into(),
+                "constraints.dale = true",
+            ),
+        ];
+        for (field, set, value, with) in unused {
+            if set {
+                return Err(Error::config(
+                    field,
+                    value,
+                    format!("its default unless {with}: otherwise nothing reads it"),
+                ));
+            }
+        }
         let time = match t.kind.as_str() {
             "per-unit" if t.alpha.is_empty() => {
                 let [lo, hi] = t.spread;

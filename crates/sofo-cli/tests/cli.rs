@@ -879,3 +879,25 @@ fn flipflop_reservoir_compares_sofo_with_force_on_the_same_network() {
     let o = sofo(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(stderr(&o).contains("force.g"), "{}", stderr(&o));
 }
+
+#[test]
+fn settings_the_chosen_option_would_not_read_are_refused() {
+    for (set, field) in [
+        ("time_constants.tau_min=2.0", "time_constants.tau_min"),
+        ("time_constants.alpha=[0.1]", "time_constants.alpha"),
+        ("low_rank.fixed=true", "low_rank.fixed"),
+        ("regularizers.rate_target=0.5", "regularizers.rate_target"),
+        (
+            "constraints.dale_transform=\"softplus\"",
+            "constraints.dale_transform",
+        ),
+    ] {
+        let o = sofo(&["train", "--task", "flipflop", "--set", set]);
+        assert!(!o.status.success(), "{set} accepted");
+        assert!(
+            stderr(&o).contains(field) && stderr(&o).contains("nothing reads it"),
+            "{set}: {}",
+            stderr(&o)
+        );
+    }
+}
