@@ -1014,7 +1014,7 @@ fn tasks() {
     let f = RunConfig::defaults_for("flipflop");
     println!("flipflop  b-bit flip-flop with a fully trained rate RNN, tasks.md §4 (metric: share of correct bits; picture flipflop.png)");
     println!(
-        "        optimizers sofo (default), adam, sgd, fgd; defaults: bits {}, T {}, N {}, {}, α {}, batch {}, K {}, lr {}, damping {:e}",
+        "        optimizers sofo (default), adam, sgd, fgd; defaults: bits {} (`--set flipflop.bits=10`: the hard version), T {}, N {}, {}, α {}, batch {}, K {}, lr {}, damping {:e}",
         f.flipflop.bits, f.flipflop.steps, f.flipflop.n, f.flipflop.activation, f.flipflop.alpha, f.batch, f.sofo.tangents, f.sofo.lr, f.sofo.damping
     );
     let a = RunConfig::defaults_for("addition");
