@@ -108,6 +108,8 @@ fn per_unit_time_constants_differentiate_consistently() {
             state: 0.3,
             rates: 0.1,
             input: 0.1,
+            state_multiplicative: 0.1,
+            rates_additive: 0.1,
         },
     );
     check_gradients(&m, &params, &batch, "per-unit α with noise");
@@ -131,6 +133,7 @@ fn learned_time_constants_differentiate_consistently_and_stay_positive() {
         learned.clone(),
         Noise {
             state: 0.3,
+            state_multiplicative: 0.2,
             ..Noise::default()
         },
     );
