@@ -270,10 +270,12 @@ impl<T: Float> Ops<T> for CudaFwd {
                 let mut shape = lead.to_vec();
                 shape.push(width);
                 let mut primal = self.dev.scratch(&shape)?;
-                let any_tangent = xs.iter().any(|x| x.tangent.is_some());
-                let mut tangent = if any_tangent {
+                let tshape = tangent_shape(&shape, self.k);
+                let mut tangent = if xs.iter().all(|x| x.tangent.is_some()) {
+                    Some(self.dev.scratch(&tshape)?)
+                } else if xs.iter().any(|x| x.tangent.is_some()) {
                     // zeros where a piece has no tangent
-                    Some(self.dev.zeros(&tangent_shape(&shape, self.k))?)
+                    Some(self.dev.zeros(&tshape)?)
                 } else {
                     None
                 };

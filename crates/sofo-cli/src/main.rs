@@ -422,7 +422,7 @@ fn flipflop_picture<T: sofo::Float>(
 
 /// The reach's hand errors and picture on held-out trials: the mean hand
 /// error in each hold window, the share of trials within 2 cm, and the hand
-/// paths of eight trials with their targets.
+/// paths of six trials with their targets.
 fn reach_report(
     model: &ReachRnn,
     task: &ReachTask,
@@ -440,14 +440,17 @@ fn reach_report(
     let hand: Vec<Vec<f64>> = ys.iter().map(|y| y.to_f64_vec()).collect();
     let rep = task.report(&hand, 4, &layouts);
     let centre = task.arm.central_spot();
-    let shown = trials.min(8);
+    // as many as the palette has colours: a repeated colour would pair a
+    // path with another trial's targets
+    let shown = trials.min(plot::COLOR_COUNT);
     let paths: Vec<plot::ReachPath> = (0..shown)
         .map(|j| plot::ReachPath {
             hand: hand.iter().map(|h| (h[j * 4], h[j * 4 + 1])).collect(),
-            targets: layouts[j]
-                .targets
-                .iter()
-                .map(|d| (centre[0] + d[0], centre[1] + d[1]))
+            targets: (1..=layouts[j].targets.len())
+                .map(|i| {
+                    let [x, y] = task.goal(&layouts[j], i);
+                    (x, y)
+                })
                 .collect(),
         })
         .collect();
@@ -491,8 +494,13 @@ fn kalman_report(
     let (_, ys) = record_outputs(model, params, &batch)?;
     let est: Vec<f64> = ys.iter().flat_map(|y| y.to_f64_vec()).collect();
     let mse = tr.mse(&est);
-    let refs = tr.references();
     let oracle = oracle_estimates(&tr);
+    // the oracle's estimates serve the picture and its level
+    let refs = sofo::tasks::kalman::KalmanReferences {
+        oracle: tr.mse(&oracle),
+        prior_mean: tr.prior_mean_mse(),
+        observation: tr.observation_mse(),
+    };
     let panels: Vec<plot::Trace> = (0..trials.min(2))
         .map(|j| plot::Trace {
             label: format!("held-out trial {}", j + 1),

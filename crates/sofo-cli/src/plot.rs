@@ -15,7 +15,10 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::Io(std::io::Error::other(format!("plot: {e}")))
 }
 
-const COLORS: [RGBColor; 6] = [
+/// Distinct line colours.
+pub const COLOR_COUNT: usize = 6;
+
+const COLORS: [RGBColor; COLOR_COUNT] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),

@@ -627,9 +627,19 @@ impl CudaDevice {
                 ))
             }
         };
-        let mut out = self.scratch(&shape)?;
-        let n = out.numel();
+        let n = shape.iter().product::<usize>();
         let k = n / a.numel().max(1);
+        // both tangents (where present) are [P, K, L] over a's P·L entries
+        for t in [ta, tb].into_iter().flatten() {
+            if t.numel() != n || n != k * a.numel() {
+                return Err(TensorError::shape(
+                    "device binary tangent",
+                    format!("{k} tangents of {:?} each", a.shape),
+                    format!("{:?}", t.shape),
+                ));
+            }
+        }
+        let mut out = self.scratch(&shape)?;
         let total = n as i64;
         let (k32, l32, opc) = (k as i32, l as i32, op as i32);
         let (has_a, has_b) = (ta.is_some() as i32, tb.is_some() as i32);

@@ -158,8 +158,8 @@ fn energy_is_conserved_to_the_order_of_euler_without_torque_or_viscosity() {
             "drift ratio for halved dt {ratio} ({a} vs {b}), want ≈ 2"
         );
     }
-    // and the energy is conserved, not just drifting slowly: with viscosity
-    // it decays by far more than the Euler drift
+    // and viscosity is what removes energy: with it, far more goes than the
+    // Euler drift adds
     let arm = TwoJointArm::li_todorov();
     let (mut th, mut v) = ([0.4, 1.2], [2.0, -3.0]);
     let e0 = arm.kinetic_energy(th, v);

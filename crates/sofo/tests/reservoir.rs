@@ -104,8 +104,22 @@ fn same_network_and_dynamics_as_force() {
         let (_, ys2) = record_outputs(&model, &params, &given).unwrap();
         let got2: Vec<f64> = ys2.iter().flat_map(|y| y.data().to_vec()).collect();
         assert_eq!(got, got2);
-        // the drawn states do not depend on how the trials are split (the
-        // pass splits them across threads), and the loss is the MSE
+        // the drawn states do not depend on how the trials are split: each
+        // part of an explicit split draws its trials' rows of the whole
+        let whole = model.initial_states(&batch).unwrap();
+        let mut row = 0;
+        for part in batch.split(2).unwrap() {
+            let drawn = part.noise(usize::MAX, n, None).unwrap();
+            let want = &whole.data()[row * n..(row + part.trials()) * n];
+            let got: Vec<f64> = drawn.data().iter().map(|v| v * model.x0_scale()).collect();
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
+                assert!((a - b).abs() <= 1e-15 * b.abs().max(1.0));
+            }
+            row += part.trials();
+        }
+        // the pass (trials split across the worker threads) gives the single
+        // pass's loss, which is the MSE
         let split_loss = loss_at(&model, &params, &batch);
         assert!((split_loss - loss).abs() <= 1e-13 * loss);
         let mse = got

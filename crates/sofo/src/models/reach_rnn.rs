@@ -139,9 +139,11 @@ impl<T: Float> Model<T> for ReachRnn {
         for t in 0..batch.steps() {
             let mut r = e.relu(&z)?;
             if width > 0.0 {
-                let eta = batch
-                    .noise(t, self.n, Some((1.0 - width, 1.0 + width)))?
-                    .map(|v| v.max(T::zero()));
+                let mut eta = batch.noise(t, self.n, Some((1.0 - width, 1.0 + width)))?;
+                if width > 1.0 {
+                    // the clip at 0 only bites when the range reaches below it
+                    eta = eta.map(|v| v.max(T::zero()));
+                }
                 let eta = e.constant(eta)?;
                 r = e.mul(&r, &eta)?;
             }

@@ -168,6 +168,19 @@ impl ReachTask {
         ReachTrial { targets, cues }
     }
 
+    /// Where the hand should be in hold window `target` of `trial` (0: the
+    /// central spot; i ≥ 1: reach i's target), absolute (m).
+    pub fn goal(&self, trial: &ReachTrial, target: usize) -> [f64; 2] {
+        let [cx, cy] = self.arm.central_spot();
+        match target {
+            0 => [cx, cy],
+            i => {
+                let d = trial.targets[i - 1];
+                [cx + d[0], cy + d[1]]
+            }
+        }
+    }
+
     /// The hold windows of a trial, in time order.
     pub fn windows(&self, trial: &ReachTrial) -> Vec<HoldWindow> {
         let mut w = vec![HoldWindow {
@@ -199,7 +212,6 @@ impl ReachTask {
             return Err(Error::config("batch", trials, "at least 1"));
         }
         let (t_len, ni) = (self.steps, self.inputs());
-        let centre = self.arm.central_spot();
         let mut u = vec![0.0; t_len * trials * ni];
         let mut y = vec![0.0; t_len * trials * 4];
         let mut w = vec![0.0; t_len * trials];
@@ -221,12 +233,8 @@ impl ReachTask {
                 }
             }
             for win in self.windows(tr) {
-                let (pos, weight) = if win.target == 0 {
-                    (centre, 1.0)
-                } else {
-                    let d = tr.targets[win.target - 1];
-                    ([centre[0] + d[0], centre[1] + d[1]], HOLD_WEIGHT)
-                };
+                let pos = self.goal(tr, win.target);
+                let weight = if win.target == 0 { 1.0 } else { HOLD_WEIGHT };
                 for t in win.start..win.end {
                     let i = (t * trials + j) * 4;
                     y[i..i + 2].copy_from_slice(&pos);
@@ -271,19 +279,13 @@ impl ReachTask {
     /// recorded with all steps observed) of the trials `layouts`.
     pub fn report(&self, hand: &[Vec<f64>], width: usize, layouts: &[ReachTrial]) -> ReachReport {
         let m = layouts.len();
-        let centre = self.arm.central_spot();
         let kinds = self.reaches + 1;
         let mut sums = vec![0.0; kinds];
         let mut within = 0usize;
         for (j, tr) in layouts.iter().enumerate() {
             let mut ok = true;
             for win in self.windows(tr) {
-                let goal = if win.target == 0 {
-                    centre
-                } else {
-                    let d = tr.targets[win.target - 1];
-                    [centre[0] + d[0], centre[1] + d[1]]
-                };
+                let goal = self.goal(tr, win.target);
                 let len = (win.end - win.start).max(1);
                 let err: f64 = (win.start..win.end)
                     .map(|t| {
