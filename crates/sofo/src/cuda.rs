@@ -142,17 +142,24 @@ pub fn sofo_step<T: Float, M: Model<T>>(
 ) -> Result<StepReport> {
     let k = sofo.config.k;
     let p = params.trainable_count();
-    if params.has_frozen_entries() {
-        // the device draw does not zero frozen entries yet: refuse rather
-        // than take a step that is not the subspace solution
-        return Err(Error::config(
-            "constraints.trainable",
-            "per-element trainability",
-            "the CPU device for now (--device cpu)",
-        ));
-    }
     // 1. V [K, P]
     let mut v = dev.normal(&[k, p], seed, rng::substream(0x7A46, iteration))?;
+    if params.has_frozen_entries() {
+        // the directions live in the free entries only (as on the CPU):
+        // V's frozen columns zeroed before it is normalised
+        let free = params.free_count();
+        if sofo.config.tangents != TangentKind::Raw && k > free {
+            return Err(Error::config(
+                "sofo.tangents",
+                k,
+                format!("K ≤ {free}, the trainable entries that are not frozen"),
+            ));
+        }
+        let mut mask = vec![1f32; p];
+        params.zero_frozen(&mut mask, 1);
+        let mask = dev.upload(&Tensor::from_vec(&[p], mask)?)?;
+        v = dev.scale_rows(&mask, &v, k, p)?;
+    }
     if sofo.config.tangents != TangentKind::Raw {
         let g = dev.download(&dev.gram_rows(&v, k, p)?)?.to_f64_vec();
         let m: Vec<f64> = if sofo.config.tangents == TangentKind::UnitNorm {
