@@ -21,6 +21,24 @@ pub(crate) fn param<T: Float>(name: &str, value: Tensor<T>) -> Param<T> {
     }
 }
 
+/// The weights every rate network starts from: `W` [N,N] ~ N(0, g²/N),
+/// `B` [N,I] ~ N(0, 1/I), `b` = 0 [N], readout `C` [O,N] ~ N(0, 1/N).
+pub(crate) fn rnn_weights<T: Float>(
+    n: usize,
+    inputs: usize,
+    outputs: usize,
+    gain: f64,
+    seed: u64,
+) -> Vec<Param<T>> {
+    let sqrt = |k: usize| (k.max(1) as f64).sqrt();
+    vec![
+        param("W", normal(&[n, n], gain / sqrt(n), seed, 1)),
+        param("B", normal(&[n, inputs], 1.0 / sqrt(inputs), seed, 2)),
+        param("b", Tensor::zeros(&[n])),
+        param("C", normal(&[outputs, n], 1.0 / sqrt(n), seed, 3)),
+    ]
+}
+
 /// Units N ≥ 1, leak 0 < α ≤ 1 and a finite gain g ≥ 0; errors name
 /// `model.n`, `model.alpha`, `model.gain` (callers rename the section).
 pub(crate) fn check_rnn(n: usize, alpha: f64, gain: f64) -> Result<()> {

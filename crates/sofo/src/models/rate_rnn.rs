@@ -3,7 +3,7 @@
 //! with α = dt/τ. Tensors `W` [N,N], `B` [N,I], `b` [N], `C` [O,N], `d` [O]
 //! and, when learned, `x0` [N].
 
-use super::init::{check_rnn, normal, param};
+use super::init::{check_rnn, param, rnn_weights};
 use super::{Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::ParamSet;
@@ -71,16 +71,8 @@ impl<T: Float> Model<T> for RateRnn {
     fn init(&self, seed: u64) -> Result<ParamSet<T>> {
         self.validate()?;
         let (n, i, o) = (self.n, self.inputs, self.outputs);
-        let mut ps = vec![
-            param("W", normal(&[n, n], self.gain / (n as f64).sqrt(), seed, 1)),
-            param(
-                "B",
-                normal(&[n, i], 1.0 / (i.max(1) as f64).sqrt(), seed, 2),
-            ),
-            param("b", Tensor::zeros(&[n])),
-            param("C", normal(&[o, n], 1.0 / (n as f64).sqrt(), seed, 3)),
-            param("d", Tensor::zeros(&[o])),
-        ];
+        let mut ps = rnn_weights(n, i, o, self.gain, seed);
+        ps.push(param("d", Tensor::zeros(&[o])));
         if self.learn_x0 {
             ps.push(param("x0", Tensor::zeros(&[n])));
         }
