@@ -235,9 +235,7 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
         }
         "reach1" | "reach2" => {
             let (task, model) = cfg.reach()?;
-            let mut params = Model::<f32>::init(&model, cfg.seed)?;
-            cfg.apply_modes(&mut params)?;
-            let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            let (rows, params) = run.train(&model, &task)?;
             reach_report(&model, &task, &params, cfg.test_trials, &run.out)?;
             Ok(rows)
         }
@@ -248,17 +246,13 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
                 "reservoir: N = {}, g = {}, J, F and B fixed, only the readout W [N, {}] trained",
                 fc.n, fc.g, task.bits
             );
-            let mut params = Model::<f32>::init(&model, cfg.seed)?;
-            cfg.apply_modes(&mut params)?;
-            let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            let (rows, params) = run.train(&model, &task)?;
             flipflop_report(&model, &task, &params, cfg.test_trials, &run.out)?;
             Ok(rows)
         }
         "kalman" | "kalman-long" => {
             let (task, model) = cfg.kalman()?;
-            let mut params = Model::<f32>::init(&model, cfg.seed)?;
-            cfg.apply_modes(&mut params)?;
-            let (rows, params) = run.with_optimizer(&model, &task, params)?;
+            let (rows, params) = run.train(&model, &task)?;
             kalman_report(&model, &task, &params, cfg.test_trials, &run.out)?;
             Ok(rows)
         }
@@ -274,9 +268,7 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
                 )?,
             };
             let model = LorenzModel { hidden: l.hidden };
-            let mut params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
-            cfg.apply_modes(&mut params)?;
-            Ok(run.with_optimizer(&model, &task, params)?.0)
+            Ok(run.train(&model, &task)?.0)
         }
     }
 }
@@ -688,6 +680,14 @@ fn run_force(cfg: &RunConfig, out: &std::path::Path, quiet: bool) -> Result<Vec<
     Ok(rows)
 }
 
+/// The model's parameters as a run saved them (`init` gives their names
+/// and shapes).
+fn saved<M: Model<f32>>(model: &M, seed: u64, weights: &std::path::Path) -> Result<ParamSet<f32>> {
+    let mut params = model.init(seed)?;
+    sofo::checkpoint::load_into(&mut params, weights)?;
+    Ok(params)
+}
+
 fn run_eval(a: EvalArgs) -> Result<()> {
     let cfg_path = a.run.join("config.toml");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
@@ -726,8 +726,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         "flipflop" => {
             let (mut task, rnn) = cfg.flipflop()?;
             let model = cfg.constrained(rnn)?;
-            let mut params = Model::<f32>::init(&model, cfg.seed)?;
-            sofo::checkpoint::load_into(&mut params, &weights)?;
+            let params = saved(&model, cfg.seed, &weights)?;
             if let Some(s) = a.seed {
                 task.test_seed = s;
             }
@@ -736,8 +735,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         "addition" => {
             let (mut task, rnn) = cfg.addition()?;
             let model = cfg.constrained(rnn)?;
-            let mut params = Model::<f32>::init(&model, cfg.seed)?;
-            sofo::checkpoint::load_into(&mut params, &weights)?;
+            let params = saved(&model, cfg.seed, &weights)?;
             if let Some(s) = a.seed {
                 task.test_seed = s;
             }
@@ -745,8 +743,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         }
         "reach1" | "reach2" => {
             let (mut task, model) = cfg.reach()?;
-            let mut params = Model::<f32>::init(&model, cfg.seed)?;
-            sofo::checkpoint::load_into(&mut params, &weights)?;
+            let params = saved(&model, cfg.seed, &weights)?;
             if let Some(s) = a.seed {
                 task.test_seed = s;
             }
@@ -755,8 +752,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         "flipflop-reservoir" => {
             let (mut task, fc) = cfg.flipflop_reservoir()?;
             let model = sofo::optim::reservoir::reservoir_of(&fc)?;
-            let mut params = Model::<f32>::init(&model, cfg.seed)?;
-            sofo::checkpoint::load_into(&mut params, &weights)?;
+            let params = saved(&model, cfg.seed, &weights)?;
             if let Some(s) = a.seed {
                 task.test_seed = s;
             }
@@ -764,8 +760,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         }
         "kalman" | "kalman-long" => {
             let (mut task, model) = cfg.kalman()?;
-            let mut params = Model::<f32>::init(&model, cfg.seed)?;
-            sofo::checkpoint::load_into(&mut params, &weights)?;
+            let params = saved(&model, cfg.seed, &weights)?;
             if let Some(s) = a.seed {
                 task.test_seed = s;
             }
@@ -783,8 +778,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 )?,
             };
             let model = LorenzModel { hidden: l.hidden };
-            let mut params = <LorenzModel as Model<f32>>::init(&model, cfg.seed)?;
-            sofo::checkpoint::load_into(&mut params, &weights)?;
+            let params = saved(&model, cfg.seed, &weights)?;
             let test = Task::<f32>::test_batch(&task, cfg.test_trials)?;
             let loss = sofo::train::evaluate(&model, &params, &test)?;
             println!(
@@ -876,6 +870,18 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Fresh parameters under the config's seed and trainability, trained
+    /// with the optimiser the config names.
+    fn train<M: Model<f32>, K: Task<f32>>(
+        &self,
+        model: &M,
+        task: &K,
+    ) -> Result<(Vec<MetricsRow>, ParamSet<f32>)> {
+        let mut params = model.init(self.cfg.seed)?;
+        self.cfg.apply_modes(&mut params)?;
+        self.with_optimizer(model, task, params)
+    }
+
     /// Trains with the optimiser the config names.
     fn with_optimizer<M: Model<f32>, K: Task<f32>>(
         &self,
