@@ -4,14 +4,14 @@
 
 use serde::{Deserialize, Serialize};
 use sofo::models::{
-    read_mask, Activation, ConstrainedRnn, Constraints, DaleTransform, LeakyRnn, LowRank, Noise,
-    RateRnn, ReachRnn, Regularizers, TimeConstants,
+    read_mask, Activation, ConstrainedRnn, Constraints, DaleTransform, LeakyRnn, LorenzModel,
+    LowRank, Noise, RateRnn, ReachRnn, Regularizers, TimeConstants,
 };
 use sofo::optim::force::ForceConfig;
 use sofo::optim::{
     AdamConfig, Damping, FgdConfig, LearningRate, Schedule, SgdConfig, SofoConfig, TangentKind,
 };
-use sofo::tasks::{AdditionTask, FlipFlopTask, KalmanTask, ReachTask};
+use sofo::tasks::{AdditionTask, FlipFlopTask, KalmanTask, LorenzData, LorenzTask, ReachTask};
 use sofo::{Error, Result};
 
 pub const TASKS: &[&str] = &[
@@ -1103,6 +1103,15 @@ impl RunConfig {
         Ok((task, model))
     }
 
+    /// The Lorenz task of the `[lorenz]` section and its model.
+    pub fn lorenz(&self) -> Result<(LorenzTask, LorenzModel)> {
+        let l = &self.lorenz;
+        let task = LorenzTask {
+            data: LorenzData::generate(l.data_seed, l.train_bouts, l.test_bouts, l.bout_len, l.dt)?,
+        };
+        Ok((task, LorenzModel { hidden: l.hidden }))
+    }
+
     /// The reach task (`reach1` single, `reach2` double) and its network.
     pub fn reach(&self) -> Result<(ReachTask, ReachRnn)> {
         let r = &self.reach;
@@ -1173,80 +1182,52 @@ impl RunConfig {
         Ok((task, model))
     }
 
-    /// Models other than the rate RNN of flipflop/addition take `pinned` and
-    /// `bounds` from `[constraints]` but not Dale's law or masks: refuse
-    /// those rather than ignore them.
+    /// Models other than the rate RNN of flipflop/addition take `pinned`,
+    /// `bounds` and `trainable` from `[constraints]` and nothing else of the
+    /// rate-RNN sections: any other field off its default is refused rather
+    /// than ignored. The sections are compared field by field through their
+    /// serialised form, so a field added later is covered too.
     fn only_trainability(&self, what: &str) -> Result<()> {
-        let c = &self.constraints;
-        let d = ConstraintsSection::default();
-        let bad = [
-            ("constraints.dale", c.dale != d.dale, c.dale.to_string()),
+        fn table<S: Serialize>(s: &S) -> toml::Table {
+            toml::Table::try_from(s).expect("config sections serialise")
+        }
+        let sections = [
             (
-                "constraints.dale_readout",
-                c.dale_readout != d.dale_readout,
-                c.dale_readout.to_string(),
+                "constraints",
+                table(&self.constraints),
+                table(&ConstraintsSection::default()),
             ),
-            (
-                "constraints.density",
-                c.density != d.density,
-                c.density.to_string(),
-            ),
-            (
-                "constraints.autapses",
-                c.autapses != d.autapses,
-                c.autapses.to_string(),
-            ),
-            (
-                "constraints.dale_transform",
-                c.dale_transform != d.dale_transform,
-                c.dale_transform.clone(),
-            ),
-            (
-                "constraints.density_in",
-                c.density_in != d.density_in,
-                c.density_in.to_string(),
-            ),
-            (
-                "constraints.density_out",
-                c.density_out != d.density_out,
-                c.density_out.to_string(),
-            ),
-            (
-                "constraints.masks",
-                !c.masks.is_empty(),
-                format!("{:?}", c.masks),
-            ),
-            (
-                "noise",
-                self.noise != NoiseSection::default(),
-                format!("{:?}", self.noise),
-            ),
+            ("noise", table(&self.noise), table(&NoiseSection::default())),
             (
                 "regularizers",
-                self.regularizers != RegularizersSection::default(),
-                format!("{:?}", self.regularizers),
+                table(&self.regularizers),
+                table(&RegularizersSection::default()),
             ),
             (
                 "time_constants",
-                self.time_constants != TimeConstantsSection::default(),
-                format!("{:?}", self.time_constants),
+                table(&self.time_constants),
+                table(&TimeConstantsSection::default()),
             ),
             (
                 "low_rank",
-                self.low_rank != LowRankSection::default(),
-                format!("{:?}", self.low_rank),
+                table(&self.low_rank),
+                table(&LowRankSection::default()),
             ),
         ];
-        for (field, set, value) in bad {
-            if set {
-                return Err(Error::config(
-                    field,
-                    value,
-                    format!(
-                        "its default for task \"{}\": the {what} network takes only `pinned`, `bounds` and `trainable` from [constraints]",
-                        self.task
-                    ),
-                ));
+        for (section, now, default) in sections {
+            for (key, value) in &now {
+                let trainability = section == "constraints"
+                    && ["pinned", "bounds", "trainable"].contains(&key.as_str());
+                if !trainability && default.get(key) != Some(value) {
+                    return Err(Error::config(
+                        format!("{section}.{key}"),
+                        value,
+                        format!(
+                            "its default for task \"{}\": the {what} network takes only `pinned`, `bounds` and `trainable` from [constraints]",
+                            self.task
+                        ),
+                    ));
+                }
             }
         }
         Ok(())

@@ -7,13 +7,11 @@ mod plot;
 use clap::{Args, Parser, Subcommand};
 use config::RunConfig;
 use indicatif::{ProgressBar, ProgressStyle};
-use sofo::models::{record_outputs, ConstrainedRnn, LeakyRnn, LorenzModel, Model, ReachRnn};
+use sofo::models::{record_outputs, ConstrainedRnn, LeakyRnn, Model, ReachRnn};
 use sofo::optim::Sofo;
 use sofo::optim::{Adam, Fgd, Optimizer, Sgd};
 use sofo::params::ParamSet;
-use sofo::tasks::{
-    correct_bits, AdditionTask, FlipFlopTask, KalmanTask, LorenzData, LorenzTask, ReachTask, Task,
-};
+use sofo::tasks::{correct_bits, AdditionTask, FlipFlopTask, KalmanTask, ReachTask, Task};
 use sofo::train::{train, MetricsRow, TrainOptions};
 use sofo::{Error, Result};
 use std::path::PathBuf;
@@ -257,17 +255,7 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
             Ok(rows)
         }
         _ => {
-            let l = &cfg.lorenz;
-            let task = LorenzTask {
-                data: LorenzData::generate(
-                    l.data_seed,
-                    l.train_bouts,
-                    l.test_bouts,
-                    l.bout_len,
-                    l.dt,
-                )?,
-            };
-            let model = LorenzModel { hidden: l.hidden };
+            let (task, model) = cfg.lorenz()?;
             Ok(run.train(&model, &task)?.0)
         }
     }
@@ -767,17 +755,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             kalman_report(&model, &task, &params, cfg.test_trials, &out)?;
         }
         _ => {
-            let l = &cfg.lorenz;
-            let task = LorenzTask {
-                data: LorenzData::generate(
-                    l.data_seed,
-                    l.train_bouts,
-                    l.test_bouts,
-                    l.bout_len,
-                    l.dt,
-                )?,
-            };
-            let model = LorenzModel { hidden: l.hidden };
+            let (task, model) = cfg.lorenz()?;
             let params = saved(&model, cfg.seed, &weights)?;
             let test = Task::<f32>::test_batch(&task, cfg.test_trials)?;
             let loss = sofo::train::evaluate(&model, &params, &test)?;

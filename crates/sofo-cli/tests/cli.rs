@@ -649,7 +649,7 @@ fn noise_and_regularisers_from_the_config_and_set_flags() {
     }
     // the reach network has its own noise: refused, not ignored
     let o = sofo(&["train", "--task", "reach2", "--set", "noise.state=0.1"]);
-    assert!(stderr(&o).contains("`noise`"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("`noise.state`"), "{}", stderr(&o));
 }
 
 #[test]
