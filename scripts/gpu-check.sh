@@ -60,25 +60,30 @@ for l in open(os.path.join(out, "anchors.jsonl")):
         anch[(r["framework"], r["method"], r["N"], r["B"], r["T"])] = r
     except Exception:
         pass
-print("| config | sofo SOFO | JAX SOFO | torch Adam-BPTT | sofo/Adam | sofo/JAX |")
-print("|---|---|---|---|---|---|")
+print("| config | sofo SOFO | sofo Adam-BPTT | JAX SOFO | torch Adam-BPTT | sofo SOFO / torch Adam | sofo SOFO / JAX SOFO |")
+print("|---|---|---|---|---|---|---|")
+own_adam = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in sofo if r.get("method") == "adam"}
 for r in sofo:
+    if r.get("method") == "adam":
+        continue
     n, m, t, s = r["n"], r["m"], r["t"], r["seconds_per_iter"]
     rnn = r["name"].startswith("rnn")
     j = anch.get(("jax", "sofo", n, m, t), {}).get("median_s") if rnn else None
     a = anch.get(("torch", "adam", n, m, t), {}).get("median_s") if rnn else None
+    oa = own_adam.get((r["name"], n, m, t))
     f = lambda v: f"{v:.4g}" if v else "—"
     ra = f"{s / a:.2f}" if a else "—"
     rj = f"{s / j:.2f}" if j else "—"
-    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(j)} | {f(a)} | {ra} | {rj} |")
+    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(oa)} | {f(j)} | {f(a)} | {ra} | {rj} |")
 print()
-print("| T | sofo peak device MiB | s/iter |")
-print("|---|---|---|")
+print("| method | T | sofo peak device MiB | s/iter |")
+print("|---|---|---|---|")
 try:
     for l in open(os.path.join(out, "sofo_memory.jsonl")):
         r = json.loads(l)
         b = r.get("peak_device_bytes")
-        print(f"| {r['t']} | {b / 2**20:.2f} | {r['seconds_per_iter']:.4g} |" if b is not None else f"| {r['t']} | — | |")
+        mb = f"{b / 2**20:.2f}" if b is not None else "—"
+        print(f"| {r.get('method', 'sofo')} | {r['t']} | {mb} | {r['seconds_per_iter']:.4g} |")
 except Exception as e:
     print("memory sweep:", e)
 PY

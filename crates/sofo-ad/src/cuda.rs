@@ -33,7 +33,7 @@ pub struct CudaFwd {
     k: usize,
 }
 
-fn code(op: Unary) -> (UnaryCode, f32) {
+pub(crate) fn code(op: Unary) -> (UnaryCode, f32) {
     match op {
         Unary::Neg => (UnaryCode::Neg, 0.0),
         Unary::Abs => (UnaryCode::Abs, 0.0),

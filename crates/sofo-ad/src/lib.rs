@@ -5,6 +5,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_rev;
 mod forward;
 pub mod layout;
 mod ops;

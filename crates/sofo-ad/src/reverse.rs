@@ -15,8 +15,8 @@ use sofo_tensor::{Float, Result, Tensor, TensorError};
 /// A value on the tape: its node and shape.
 #[derive(Clone, Debug)]
 pub struct Var {
-    id: usize,
-    shape: Vec<usize>,
+    pub(crate) id: usize,
+    pub(crate) shape: Vec<usize>,
 }
 
 impl Var {
@@ -26,7 +26,7 @@ impl Var {
 }
 
 #[derive(Debug)]
-enum Op<T: Float> {
+pub(crate) enum Op<T: Float> {
     Leaf,
     Unary(usize, Unary),
     Binary(usize, usize, Binary),

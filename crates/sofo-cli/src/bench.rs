@@ -260,17 +260,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         let model = rnn(n);
         let batch = random_batch(t, m, 3, 3, 0)?;
-        // Adam through BPTT on the same model and batch (CPU tape only)
-        if a.method != "sofo" && !on_gpu && !long {
+        // Adam through BPTT on the same model and batch (on the CPU, the
+        // long configurations only when named with --only)
+        if a.method != "sofo" && (on_gpu || !long || a.only.is_some()) {
             let mut params = model.init(0)?;
-            let mut adam = Adam::<f32>::new(AdamConfig::default())?;
-            let (median, min, _) =
+            let mut adam = Adam::<f32>::new(AdamConfig::default())?.on(device.clone());
+            let (median, min, peak_device_bytes) =
                 time_steps(&device, &mut adam, &model, &mut params, &batch, iters)?;
             emit(
                 &a,
                 &Record {
                     method: "adam",
-                    peak_device_bytes: None,
+                    peak_device_bytes,
                     name,
                     n,
                     m,

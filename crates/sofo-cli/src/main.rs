@@ -882,8 +882,18 @@ impl Run<'_> {
         let d = self.device.clone();
         match cfg.optimizer.as_str() {
             "sofo" => self.go(model, task, params, Sofo::new(cfg.sofo_config()?)?.on(d)),
-            "adam" => self.go(model, task, params, Adam::<f32>::new(cfg.adam_config()?)?),
-            "sgd" => self.go(model, task, params, Sgd::<f32>::new(cfg.sgd_config()?)?),
+            "adam" => self.go(
+                model,
+                task,
+                params,
+                Adam::<f32>::new(cfg.adam_config()?)?.on(d),
+            ),
+            "sgd" => self.go(
+                model,
+                task,
+                params,
+                Sgd::<f32>::new(cfg.sgd_config()?)?.on(d),
+            ),
             _ => self.go(model, task, params, Fgd::new(cfg.fgd_config()?)?.on(d)),
         }
     }

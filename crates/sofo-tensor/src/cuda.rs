@@ -108,6 +108,15 @@ extern "C" __global__ void copy_columns(const float* src, float* dst, long long 
     }
 }
 
+// dst[r, j] = src[r, offset + j] for src [rows, src_w], dst [rows, w]
+extern "C" __global__ void take_columns(const float* src, float* dst, long long rows, int w, int src_w, int offset) {
+    long long total = rows * w;
+    GRID_LOOP(i, total) {
+        long long r = i / w; int j = (int)(i % w);
+        dst[i] = src[r * src_w + offset + j];
+    }
+}
+
 // y[r, j] = scale * b[j] + c * x[r, j]  (terms absent when has_* = 0)
 extern "C" __global__ void linear_init_primal(float* y, const float* b, const float* x, float c, float scale,
                                               long long total, int n, int has_b, int has_x) {
@@ -215,6 +224,15 @@ extern "C" __global__ void mse_grad_sketch(const float* y, const float* tgt, con
     if (threadIdx.x == 0) c[kk] += s;
 }
 
+// The seed of backpropagation for the weighted MSE: g[r, j] = 2 w_r (y - t)[r, j] / n
+extern "C" __global__ void mse_seed(const float* y, const float* tgt, const float* w, int has_w,
+                                    float* g, long long rows, int l, double inv_n) {
+    GRID_LOOP(i, rows * l) {
+        double e = (double)y[i] - (double)tgt[i];
+        g[i] = (float)(2.0 * (has_w ? (double)w[i / l] : 1.0) * e * inv_n);
+    }
+}
+
 // a[kk, r*l + j] = sqrt(2 w_r / n) * yd[r, kk, j], so that G += a a^T
 extern "C" __global__ void mse_scaled(const float* yd, const float* w, int has_w, double* a,
                                       long long rows, int k, int l, double inv_n) {
@@ -269,6 +287,8 @@ struct Kernels {
     binary_fwd: CudaFunction,
     binary_tangent: CudaFunction,
     copy_columns: CudaFunction,
+    take_columns: CudaFunction,
+    mse_seed: CudaFunction,
     scale_rows: CudaFunction,
     linear_init_primal: CudaFunction,
     linear_init_tangent: CudaFunction,
@@ -473,6 +493,8 @@ impl CudaDevice {
             binary_fwd: f("binary_fwd")?,
             binary_tangent: f("binary_tangent")?,
             copy_columns: f("copy_columns")?,
+            take_columns: f("take_columns")?,
+            mse_seed: f("mse_seed")?,
             scale_rows: f("scale_rows")?,
             linear_init_primal: f("linear_init_primal")?,
             linear_init_tangent: f("linear_init_tangent")?,
@@ -690,6 +712,86 @@ impl CudaDevice {
         // SAFETY: src holds rows·w elements; dst rows·dst_w, checked above.
         unsafe { b.launch(grid(rows * w)) }.map_err(|e| dev_err("copy_columns", e))?;
         Ok(())
+    }
+
+    /// Columns [offset, offset + w) of `src` [rows, src_w], as [.., w]
+    /// (`shape`: the result's shape, rows·w elements).
+    pub fn take_columns(
+        &self,
+        src: &DevTensor,
+        offset: usize,
+        shape: &[usize],
+    ) -> Result<DevTensor> {
+        let w = shape.last().copied().unwrap_or(1).max(1);
+        let src_w = src.shape.last().copied().unwrap_or(1).max(1);
+        let rows = src.numel() / src_w;
+        if offset + w > src_w || rows * w != shape.iter().product::<usize>() {
+            return Err(TensorError::shape(
+                "device take_columns",
+                format!("{rows} rows of {w} columns from {offset} within {src_w}"),
+                format!("{:?} from {:?}", shape, src.shape),
+            ));
+        }
+        let mut dst = self.scratch(shape)?;
+        let (r64, w32, sw32, o32) = (rows as i64, w as i32, src_w as i32, offset as i32);
+        let mut b = self.stream.launch_builder(&self.k.take_columns);
+        b.arg(&src.data)
+            .arg(&mut dst.data)
+            .arg(&r64)
+            .arg(&w32)
+            .arg(&sw32)
+            .arg(&o32);
+        // SAFETY: src holds rows·src_w elements, dst rows·w; checked above.
+        unsafe { b.launch(grid(rows * w)) }.map_err(|e| dev_err("take_columns", e))?;
+        Ok(dst)
+    }
+
+    /// Adds (1/n) Σ w (y − t)² to `loss` and returns its gradient
+    /// 2 w (y − t) / n, for y [rows, l] with one weight per row (or none).
+    pub fn mse_seed(
+        &self,
+        y: &DevTensor,
+        target: &DevTensor,
+        w: Option<&DevTensor>,
+        n_norm: f64,
+        loss: &mut CudaSlice<f64>,
+    ) -> Result<DevTensor> {
+        let l = *y.shape.last().unwrap_or(&1);
+        let rows = (y.numel() / l.max(1)) as i64;
+        if target.numel() != y.numel() || w.is_some_and(|w| w.numel() != rows as usize) {
+            return Err(TensorError::shape(
+                "device mse seed",
+                format!("target {:?} and one weight per row ({rows})", y.shape),
+                format!("{:?} and {:?}", target.shape, w.map(|w| w.shape.clone())),
+            ));
+        }
+        let (l32, inv_n) = (l as i32, 1.0 / n_norm);
+        let wd = w.map_or(&self.dummy, |w| &w.data);
+        let hw = w.is_some() as i32;
+        let mut b = self.stream.launch_builder(&self.k.mse_value);
+        b.arg(&y.data)
+            .arg(&target.data)
+            .arg(wd)
+            .arg(&hw)
+            .arg(&rows)
+            .arg(&l32)
+            .arg(&inv_n)
+            .arg(&mut *loss);
+        // SAFETY: y and target hold rows·l elements, w rows (checked).
+        unsafe { b.launch(one_block()) }.map_err(|e| dev_err("mse", e))?;
+        let mut g = self.scratch(&y.shape)?;
+        let mut b = self.stream.launch_builder(&self.k.mse_seed);
+        b.arg(&y.data)
+            .arg(&target.data)
+            .arg(wd)
+            .arg(&hw)
+            .arg(&mut g.data)
+            .arg(&rows)
+            .arg(&l32)
+            .arg(&inv_n);
+        // SAFETY: as above; g holds rows·l elements.
+        unsafe { b.launch(grid(y.numel())) }.map_err(|e| dev_err("mse_seed", e))?;
+        Ok(g)
     }
 
     /// out[p, k, l] = d[p, l] · t[p, k, l]
@@ -1004,6 +1106,8 @@ mod tests {
             "binary_fwd",
             "binary_tangent",
             "copy_columns",
+            "take_columns",
+            "mse_seed",
             "scale_rows",
             "linear_init_tangent",
             "mse_grad_sketch",

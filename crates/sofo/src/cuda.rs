@@ -1,6 +1,7 @@
-//! SOFO passes on a GPU (feature `cuda`): the model runs under the device
+//! Passes on a GPU (feature `cuda`). SOFO: the model runs under the device
 //! forward-K engine and its little losses are sketched on the device in f64;
-//! only the final (loss, C, G̃) comes back to the host.
+//! only the final (loss, C, G̃) comes back to the host. BPTT: the model runs
+//! on the device tape and only the gradients come back.
 
 use crate::loss::{LittleLoss, Observer, Sketch};
 use crate::models::{Batch, Model};
@@ -9,9 +10,10 @@ use crate::params::ParamSet;
 use crate::{Error, Result};
 use cudarc::driver::CudaSlice;
 use sofo_ad::cuda::{CudaDual, CudaFwd};
+use sofo_ad::cuda_rev::CudaRev;
 use sofo_ad::layout::{split3, tangent_shape};
-use sofo_ad::Dual;
-use sofo_tensor::cuda::CudaDevice;
+use sofo_ad::{Dual, Var};
+use sofo_tensor::cuda::{CudaDevice, DevTensor};
 use sofo_tensor::rng;
 use sofo_tensor::{Float, Tensor};
 use std::sync::Arc;
@@ -231,4 +233,78 @@ pub fn sofo_step<T: Float, M: Model<T>>(
         let flat = dev.download(&d)?.convert::<T>();
         split_flat(params, flat.data())
     })
+}
+
+/// Under reverse mode on the GPU, an observation adds the loss (on the
+/// device for the weighted-MSE family, on the host for the others) and
+/// records the seed ∂ℓ/∂y.
+struct CudaSeeds {
+    dev: Arc<CudaDevice>,
+    device_loss: CudaSlice<f64>,
+    host_loss: f64,
+    seeds: Vec<(Var, DevTensor)>,
+}
+
+impl<T: Float> Observer<T, CudaRev> for CudaSeeds {
+    fn observe(&mut self, e: &mut CudaRev, y: &Var, loss: &dyn LittleLoss<T>) -> Result<()> {
+        let yv = e.value_of(y);
+        let rows = yv.numel() / yv.shape().last().copied().unwrap_or(1).max(1);
+        let on_device = loss.as_weighted_mse().filter(|m| {
+            m.target.shape() == yv.shape() && m.weights.as_ref().is_none_or(|w| w.numel() == rows)
+        });
+        let seed = match on_device {
+            Some(mse) => {
+                let target = self.dev.upload(&mse.target.convert::<f32>())?;
+                let w = match &mse.weights {
+                    Some(w) => Some(self.dev.upload(&w.convert::<f32>().reshape(&[rows])?)?),
+                    None => None,
+                };
+                self.dev
+                    .mse_seed(yv, &target, w.as_ref(), mse.n, &mut self.device_loss)?
+            }
+            None => {
+                // any other little loss: its value and gradient on the host
+                let host = self.dev.download(yv)?.convert::<T>();
+                self.host_loss += loss.value(&host)?;
+                self.dev.upload(&loss.gradient(&host)?.convert::<f32>())?
+            }
+        };
+        self.seeds.push((y.clone(), seed));
+        Ok(())
+    }
+}
+
+/// [`crate::models::gradient_pass`] on a GPU: the loss and its BPTT
+/// gradient, the whole batch on one device tape.
+pub fn gradient_pass_cuda<T: Float, M: Model<T>>(
+    dev: &Arc<CudaDevice>,
+    model: &M,
+    params: &ParamSet<T>,
+    batch: &Batch<T>,
+) -> Result<(f64, Vec<Tensor<T>>)> {
+    let mut r = CudaRev::new(dev.clone());
+    let leaves: Vec<Var> = params
+        .iter()
+        .map(|p| Ok(r.leaf(dev.upload(&p.value.convert::<f32>())?)))
+        .collect::<Result<_>>()?;
+    let prepared = model.prepare(&mut r, &leaves)?;
+    let mut seeds = CudaSeeds {
+        dev: dev.clone(),
+        device_loss: dev.zeros_f64(1)?,
+        host_loss: 0.0,
+        seeds: vec![],
+    };
+    model.run(&mut r, &prepared, &batch.all(), &mut seeds)?;
+    drop(prepared);
+    let g = r.backward(std::mem::take(&mut seeds.seeds))?;
+    let loss = seeds.host_loss + dev.download_f64(&seeds.device_loss)?[0];
+    let grads = leaves
+        .iter()
+        .zip(params.iter())
+        .map(|(l, p)| match &g[l.id()] {
+            Some(d) => Ok(dev.download(d)?.convert::<T>().reshape(p.value.shape())?),
+            None => Ok(Tensor::zeros(p.value.shape())),
+        })
+        .collect::<Result<_>>()?;
+    Ok((loss, grads))
 }

@@ -1,10 +1,11 @@
 //! Where a pass runs: the CPU, or a GPU with the `cuda` feature.
 
 use crate::loss::Sketch;
-use crate::models::{observe_pass, Batch, Model};
+use crate::models::{gradient_pass, observe_pass, Batch, Model};
+use crate::params::ParamSet;
 use crate::{Error, Result};
 use sofo_ad::Dual;
-use sofo_tensor::Float;
+use sofo_tensor::{Float, Tensor};
 
 #[derive(Clone, Default)]
 pub enum Device {
@@ -74,6 +75,22 @@ impl Device {
             Device::Cpu => observe_pass(model, k, params, batch),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => crate::cuda::observe_pass_cuda(d, model, k, params, batch),
+        }
+    }
+
+    /// The loss and its gradient by backpropagation through time, on this
+    /// device (the CPU splits the trials over its threads; a GPU runs them
+    /// on one tape).
+    pub fn gradient<T: Float, M: Model<T>>(
+        &self,
+        model: &M,
+        params: &ParamSet<T>,
+        batch: &Batch<T>,
+    ) -> Result<(f64, Vec<Tensor<T>>)> {
+        match self {
+            Device::Cpu => gradient_pass(model, params, batch),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => crate::cuda::gradient_pass_cuda(d, model, params, batch),
         }
     }
 }

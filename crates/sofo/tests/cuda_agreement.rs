@@ -3,14 +3,18 @@
 //! no GPU every test prints a notice and passes without checking anything.
 #![cfg(feature = "cuda")]
 
-use sofo::models::{Activation, Batch, LorenzModel, Model, RateRnn, ReachRnn, TwoJointArm};
-use sofo::optim::{Damping, Sofo, SofoConfig};
+use sofo::models::{
+    Activation, Batch, LeakyRnn, LorenzModel, Model, RateRnn, ReachRnn, TwoJointArm,
+};
+use sofo::optim::{Adam, AdamConfig, Damping, Optimizer, Sofo, SofoConfig};
 use sofo::params::ParamSet;
-use sofo::tasks::{LorenzData, LorenzTask, ReachTask, Task};
+use sofo::tasks::{KalmanTask, LorenzData, LorenzTask, ReachTask, Task};
 use sofo::{Device, Dual, Fwd, Ops, Tensor};
 use sofo_ad::cuda::{device_or_skip, CudaDual, CudaFwd};
+use sofo_ad::cuda_rev::CudaRev;
 use sofo_ad::layout::tangent_shape;
 use sofo_ad::{Binary, Unary};
+use sofo_ad::{Rev, Var};
 use sofo_tensor::rng;
 
 /// The GPU tests run one at a time: the device-memory counters are global.
@@ -507,4 +511,188 @@ fn frozen_entries_give_the_restricted_step_on_both_devices() {
     // another step altogether
     let d = max_diff(&a, &g);
     assert!(d < 1e-2, "device step differs from the CPU's by {d:e}");
+}
+
+/// Every op of the vocabulary, in a program that also reuses values, so
+/// that gradients add up from several paths.
+fn reverse_program<E: Ops<f32>>(e: &mut E, l: &[E::V]) -> sofo_tensor::Result<Vec<E::V>> {
+    let (a, w, b, v) = (&l[0], &l[1], &l[2], &l[3]);
+    // device rules: linear with leak and bias, unary, equal-shape binary,
+    // last-axis concat, rank-2 transpose, reshape, row broadcast
+    let h = e.linear(Some((v, 0.3)), 0.7, &[(a, w)], Some(b))?;
+    let t = e.tanh(&h)?;
+    let s = e.sin(&t)?;
+    let c = e.mul(&s, v)?;
+    let ev = e.exp(v)?;
+    let d = e.div(&c, &ev)?;
+    let d = e.sub(&d, &t)?;
+    let cat = e.concat(&[&d, &t, &h], 1)?;
+    let tr = e.transpose(&cat, 0, 1)?;
+    let flat = e.reshape(&tr, &[60])?;
+    let bb = e.broadcast_to(b, &[4, 5])?;
+    let bd = e.add(&bb, &d)?;
+    let sq = e.relu(&bd)?;
+    // host rules: sums, slices, softmax, general matmul, broadcasting binary
+    let sum = e.sum(&cat, &[0])?;
+    let sl = e.slice(&cat, 1, 2, 6)?;
+    let sm = e.softmax(&sl)?;
+    let lsm = e.log_softmax(&h)?;
+    let mm = e.matmul(a, w)?;
+    let bc = e.mul(&mm, b)?;
+    Ok(vec![flat, sq, sum, sm, lsm, bc])
+}
+
+#[test]
+fn every_reverse_rule_agrees_with_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("every_reverse_rule_agrees_with_the_cpu") else {
+        return;
+    };
+    let shapes: [&[usize]; 4] = [&[4, 6], &[6, 5], &[5], &[4, 5]];
+    let values: Vec<Tensor<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| randn(s, 11, i as u64).scale(0.7))
+        .collect();
+    let mut cpu = Rev::<f32>::new();
+    let leaves: Vec<Var> = values.iter().map(|x| cpu.leaf(x.clone())).collect();
+    let outs = reverse_program(&mut cpu, &leaves).unwrap();
+    let seeds: Vec<Tensor<f32>> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| randn(Ops::<f32>::shape(&cpu, o), 12, i as u64))
+        .collect();
+    let ga = cpu
+        .backward(outs.iter().cloned().zip(seeds.iter().cloned()).collect())
+        .unwrap();
+    let mut gpu = CudaRev::new(dev.clone());
+    let gleaves: Vec<Var> = values
+        .iter()
+        .map(|x| gpu.leaf(dev.upload(x).unwrap()))
+        .collect();
+    let gouts = reverse_program(&mut gpu, &gleaves).unwrap();
+    for (o, go) in outs.iter().zip(&gouts) {
+        let want = cpu.value_of(o);
+        let got = dev.download(gpu.value_of(go)).unwrap();
+        let d = rel(want.data(), got.data());
+        assert!(d < 1e-5, "forward value differs by {d:e}");
+    }
+    let gseeds = gouts
+        .iter()
+        .cloned()
+        .zip(seeds.iter().map(|s| dev.upload(s).unwrap()))
+        .collect();
+    let gb = gpu.backward(gseeds).unwrap();
+    for (name, (l, gl)) in ["a", "W", "b", "v"].iter().zip(leaves.iter().zip(&gleaves)) {
+        let want = ga[l.id()].as_ref().expect("a gradient on the CPU");
+        let got = dev
+            .download(gb[gl.id()].as_ref().expect("a gradient on the GPU"))
+            .unwrap();
+        assert_eq!(want.shape(), got.shape(), "∂/∂{name}: shape");
+        let d = rel(want.data(), got.data());
+        assert!(d < 1e-5, "∂/∂{name} differs by {d:e}");
+        eprintln!("reverse rules: ∂/∂{name} agrees to {d:.1e}");
+    }
+}
+
+/// One BPTT gradient on both devices: the loss to f32 accumulation
+/// tolerance, every parameter's gradient to 1e-4 of its largest entry.
+fn check_gradient<M: Model<f32>>(
+    dev: Device,
+    model: &M,
+    params: &ParamSet<f32>,
+    batch: &Batch<f32>,
+    what: &str,
+) {
+    let (la, ga) = Device::Cpu.gradient(model, params, batch).unwrap();
+    let (lb, gb) = dev.gradient(model, params, batch).unwrap();
+    assert!(
+        (la - lb).abs() <= 1e-5 * la.abs(),
+        "{what}: BPTT loss {la} vs {lb}"
+    );
+    let mut worst = 0.0f64;
+    for ((p, a), b) in params.iter().zip(&ga).zip(&gb) {
+        assert_eq!(a.shape(), b.shape(), "{what}: ∂/∂{} shape", p.name);
+        let d = rel(a.data(), b.data());
+        assert!(d < 1e-4, "{what}: ∂/∂{} differs by {d:e}", p.name);
+        worst = worst.max(d);
+    }
+    eprintln!("{what}: BPTT loss {la:e}, gradients agree to {worst:.1e}");
+}
+
+#[test]
+fn bptt_gradient_agrees() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("bptt_gradient_agrees") else {
+        return;
+    };
+    for act in [Activation::Tanh, Activation::Relu, Activation::Softplus] {
+        let (model, params, batch) = rnn_case(act);
+        check_gradient(
+            Device::Cuda(dev.clone()),
+            &model,
+            &params,
+            &batch,
+            act.name(),
+        );
+    }
+    let task = LorenzTask {
+        data: LorenzData::generate(1, 100, 20, 32, 0.01).unwrap(),
+    };
+    let model = LorenzModel { hidden: 64 };
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&task, 0, 0, 32).unwrap();
+    check_gradient(Device::Cuda(dev.clone()), &model, &params, &batch, "lorenz");
+    let task = KalmanTask::new(200);
+    let model = LeakyRnn::kalman(24);
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&task, 0, 0, 16).unwrap();
+    check_gradient(Device::Cuda(dev.clone()), &model, &params, &batch, "kalman");
+    let task = ReachTask {
+        steps: 120,
+        dt: 0.01,
+        go_min: 0.1,
+        go_jitter: 0.1,
+        arm: TwoJointArm {
+            dt: 0.01,
+            ..TwoJointArm::li_todorov()
+        },
+        ..ReachTask::single()
+    };
+    let model = ReachRnn {
+        n: 32,
+        alpha: 0.2,
+        arm: task.arm.clone(),
+        ..ReachRnn::paper(task.inputs())
+    };
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&task, 0, 0, 16).unwrap();
+    check_gradient(Device::Cuda(dev), &model, &params, &batch, "reach");
+}
+
+/// Adam on the device tape trains as Adam on the CPU does: same losses to
+/// f32 tolerance over a few iterations.
+#[test]
+fn adam_on_the_gpu_follows_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("adam_on_the_gpu_follows_the_cpu") else {
+        return;
+    };
+    let (model, params, batch) = rnn_case(Activation::Tanh);
+    let run = |device: Device| -> Vec<f64> {
+        let mut p = params.clone();
+        let mut adam = Adam::<f32>::new(AdamConfig::default()).unwrap().on(device);
+        (0..5)
+            .map(|it| adam.step(&model, &mut p, &batch, 0, it).unwrap().loss)
+            .collect()
+    };
+    let a = run(Device::Cpu);
+    let b = run(Device::Cuda(dev));
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs(),
+            "Adam losses {a:?} vs {b:?}"
+        );
+    }
+    assert!(a[4] < a[0], "Adam did not lower the loss: {a:?}");
 }

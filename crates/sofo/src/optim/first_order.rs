@@ -5,7 +5,7 @@
 
 use super::sofo::{Sofo, SofoConfig, StepReport, TangentKind};
 use super::Optimizer;
-use crate::models::{gradient_pass, Batch, Model};
+use crate::models::{Batch, Model};
 use crate::params::ParamSet;
 use crate::{Error, Result};
 use sofo_tensor::{Float, Tensor};
@@ -110,12 +110,13 @@ fn clip<T: Float>(grads: &mut [Tensor<T>], max_norm: Option<f64>) -> f64 {
 /// finite (the step is then skipped).
 #[allow(clippy::type_complexity)]
 fn bptt_gradient<T: Float, M: Model<T>>(
+    device: &crate::Device,
     model: &M,
     params: &ParamSet<T>,
     batch: &Batch<T>,
     max_norm: Option<f64>,
 ) -> Result<std::result::Result<(f64, Vec<Tensor<T>>), f64>> {
-    let (loss, mut grads) = gradient_pass(model, params, batch)?;
+    let (loss, mut grads) = device.gradient(model, params, batch)?;
     if !loss.is_finite() || grads.iter().any(|g| !g.is_finite()) {
         return Ok(Err(loss));
     }
@@ -184,6 +185,7 @@ impl Default for AdamConfig {
 /// Adam on the BPTT gradient, with standard bias correction.
 pub struct Adam<T: Float> {
     pub config: AdamConfig,
+    device: crate::Device,
     m: Vec<Tensor<T>>,
     v: Vec<Tensor<T>>,
     t: i32,
@@ -206,10 +208,20 @@ impl<T: Float> Adam<T> {
         }
         Ok(Adam {
             config,
+            device: crate::Device::Cpu,
             m: vec![],
             v: vec![],
             t: 0,
         })
+    }
+}
+
+impl<T: Float> Adam<T> {
+    /// Backpropagates on `device` (the update itself is a few vector ops
+    /// on the host).
+    pub fn on(mut self, device: crate::Device) -> Self {
+        self.device = device;
+        self
     }
 }
 
@@ -226,10 +238,11 @@ impl<T: Float> Optimizer<T> for Adam<T> {
         _seed: u64,
         iteration: u64,
     ) -> Result<StepReport> {
-        let (loss, grads) = match bptt_gradient(model, params, batch, self.config.clip)? {
-            Ok(g) => g,
-            Err(loss) => return skipped(loss),
-        };
+        let (loss, grads) =
+            match bptt_gradient(&self.device, model, params, batch, self.config.clip)? {
+                Ok(g) => g,
+                Err(loss) => return skipped(loss),
+            };
         if self.m.is_empty() {
             self.m = zeros_like(params);
             self.v = zeros_like(params);
@@ -281,6 +294,7 @@ pub struct SgdConfig {
 /// SGD with momentum on the BPTT gradient.
 pub struct Sgd<T: Float> {
     pub config: SgdConfig,
+    device: crate::Device,
     buf: Vec<Tensor<T>>,
 }
 
@@ -299,8 +313,17 @@ impl<T: Float> Sgd<T> {
         }
         Ok(Sgd {
             config,
+            device: crate::Device::Cpu,
             buf: vec![],
         })
+    }
+}
+
+impl<T: Float> Sgd<T> {
+    /// Backpropagates on `device`.
+    pub fn on(mut self, device: crate::Device) -> Self {
+        self.device = device;
+        self
     }
 }
 
@@ -317,10 +340,11 @@ impl<T: Float> Optimizer<T> for Sgd<T> {
         _seed: u64,
         iteration: u64,
     ) -> Result<StepReport> {
-        let (loss, grads) = match bptt_gradient(model, params, batch, self.config.clip)? {
-            Ok(g) => g,
-            Err(loss) => return skipped(loss),
-        };
+        let (loss, grads) =
+            match bptt_gradient(&self.device, model, params, batch, self.config.clip)? {
+                Ok(g) => g,
+                Err(loss) => return skipped(loss),
+            };
         if self.buf.is_empty() {
             self.buf = zeros_like(params);
         }
