@@ -12,7 +12,7 @@
 //! are converted where they cross to and from the host.
 
 use crate::forward::linear_shapes;
-use crate::layout::{split3, tangent_shape};
+use crate::layout::tangent_shape;
 use crate::ops::{Binary, Ops, Unary};
 use crate::{Dual, Fwd};
 use sofo_tensor::cuda::{BinaryCode, CudaDevice, DevTensor, UnaryCode};
@@ -33,7 +33,8 @@ pub struct CudaFwd {
     k: usize,
 }
 
-pub(crate) fn code(op: Unary) -> (UnaryCode, f32) {
+/// The `unary_fwd` kernel's op code and scalar for an op.
+pub fn code(op: Unary) -> (UnaryCode, f32) {
     match op {
         Unary::Neg => (UnaryCode::Neg, 0.0),
         Unary::Abs => (UnaryCode::Abs, 0.0),
@@ -118,15 +119,23 @@ impl<T: Float> Ops<T> for CudaFwd {
 
     fn unary(&mut self, x: &CudaDual, op: Unary) -> Result<CudaDual> {
         let (c, s) = code(op);
-        let (y, d) = self.dev.unary(&x.primal, c, s, x.tangent.is_some())?;
-        let tangent = match (&x.tangent, d) {
-            (Some(t), Some(d)) => {
-                let (_, k, l) = split3(x.primal.shape(), self.k);
-                Some(self.dev.scale_rows(&d, t, k, l)?)
+        match &x.tangent {
+            // f and f′ ⊙ ẋ in one pass
+            Some(t) if self.k > 0 => {
+                let (y, out) = self.dev.unary_tangent(&x.primal, t, c, s)?;
+                Ok(CudaDual {
+                    primal: y,
+                    tangent: Some(out),
+                })
             }
-            _ => None,
-        };
-        Ok(CudaDual { primal: y, tangent })
+            _ => {
+                let (y, _) = self.dev.unary(&x.primal, c, s, false)?;
+                Ok(CudaDual {
+                    primal: y,
+                    tangent: None,
+                })
+            }
+        }
     }
 
     /// Equal shapes (the plants' columns, noise masks, leaks) run on the
@@ -179,10 +188,18 @@ impl<T: Float> Ops<T> for CudaFwd {
             leak.map(|(x, _)| x.primal.shape()),
         )?;
         let dev = self.dev.clone();
-        let mut y = dev.linear_init_primal(
+        let any_tangent = terms
+            .iter()
+            .any(|(a, w)| a.tangent.is_some() || w.tangent.is_some())
+            || bias.is_some_and(|b| b.tangent.is_some())
+            || leak.is_some_and(|(x, _)| x.tangent.is_some());
+        let k = self.k;
+        // bias and leak (primal and tangents) in one launch, then the GEMMs
+        let (mut y, t) = dev.linear_init(
             &out_shape,
-            bias.map(|b| &b.primal),
-            leak.map(|(x, c)| (&x.primal, c)),
+            (any_tangent && k > 0).then_some(k),
+            bias.map(|b| (&b.primal, b.tangent.as_ref())),
+            leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c)),
             scale,
         )?;
         for (a, w) in terms {
@@ -198,25 +215,12 @@ impl<T: Float> Ops<T> for CudaFwd {
                 1.0,
             )?;
         }
-        let any_tangent = terms
-            .iter()
-            .any(|(a, w)| a.tangent.is_some() || w.tangent.is_some())
-            || bias.is_some_and(|b| b.tangent.is_some())
-            || leak.is_some_and(|(x, _)| x.tangent.is_some());
-        if !any_tangent {
+        let Some(mut t) = t else {
             return Ok(CudaDual {
                 primal: y,
                 tangent: None,
             });
-        }
-        let k = self.k;
-        let mut t = dev.linear_init_tangent(
-            &tangent_shape(&out_shape, k),
-            k,
-            bias.and_then(|b| b.tangent.as_ref()),
-            leak.and_then(|(x, c)| x.tangent.as_ref().map(|t| (t, c))),
-            scale,
-        )?;
+        };
         for (a, w) in terms {
             let kd = w.primal.shape()[0];
             if let Some(at) = &a.tangent {

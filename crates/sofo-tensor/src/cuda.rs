@@ -24,6 +24,12 @@ fn dev_err(op: &'static str, e: impl std::fmt::Debug) -> TensorError {
     }
 }
 
+/// The CUDA C source of every kernel (compiled by NVRTC when a device is
+/// opened; the kernel-emulation tests compile it for the host).
+pub fn kernel_source() -> &'static str {
+    KERNELS
+}
+
 const KERNELS: &str = r#"
 #define GRID_LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
 
@@ -32,28 +38,49 @@ __device__ float sigmoidf_(float x) {
     float e = expf(x); return e / (1.f + e);
 }
 
-// y = f(x) and, if want_d, d = f'(x); op codes as in UnaryCode
+// o = f(v), g = f'(v); op codes as in UnaryCode
+__device__ void unary_eval_(float v, int op, float s, float* o_, float* g_) {
+    float o, g;
+    switch (op) {
+        case 0: o = -v; g = -1.f; break;
+        case 1: o = expf(v); g = o; break;
+        case 2: o = logf(v); g = 1.f / v; break;
+        case 3: o = tanhf(v); g = 1.f - o * o; break;
+        case 4: o = v > 0.f ? v : 0.f; g = v > 0.f ? 1.f : 0.f; break;
+        case 5: o = fmaxf(v, 0.f) + log1pf(expf(-fabsf(v))); g = sigmoidf_(v); break;
+        case 6: o = sigmoidf_(v); g = o * (1.f - o); break;
+        case 7: o = v * v; g = 2.f * v; break;
+        case 8: o = sqrtf(v); g = 0.5f / o; break;
+        case 9: o = v + s; g = 1.f; break;
+        case 11: o = fabsf(v); g = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f); break;
+        case 12: o = sinf(v); g = cosf(v); break;
+        case 13: o = cosf(v); g = -sinf(v); break;
+        default: o = v * s; g = s; break;
+    }
+    *o_ = o; *g_ = g;
+}
+
+// y = f(x) and, if want_d, d = f'(x)
 extern "C" __global__ void unary_fwd(const float* x, float* y, float* d, long long n, int op, float s, int want_d) {
     GRID_LOOP(i, n) {
-        float v = x[i], o, g;
-        switch (op) {
-            case 0: o = -v; g = -1.f; break;
-            case 1: o = expf(v); g = o; break;
-            case 2: o = logf(v); g = 1.f / v; break;
-            case 3: o = tanhf(v); g = 1.f - o * o; break;
-            case 4: o = v > 0.f ? v : 0.f; g = v > 0.f ? 1.f : 0.f; break;
-            case 5: o = fmaxf(v, 0.f) + log1pf(expf(-fabsf(v))); g = sigmoidf_(v); break;
-            case 6: o = sigmoidf_(v); g = o * (1.f - o); break;
-            case 7: o = v * v; g = 2.f * v; break;
-            case 8: o = sqrtf(v); g = 0.5f / o; break;
-            case 9: o = v + s; g = 1.f; break;
-            case 11: o = fabsf(v); g = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f); break;
-            case 12: o = sinf(v); g = cosf(v); break;
-            case 13: o = cosf(v); g = -sinf(v); break;
-            default: o = v * s; g = s; break;
-        }
+        float o, g;
+        unary_eval_(x[i], op, s, &o, &g);
         y[i] = o;
         if (want_d) d[i] = g;
+    }
+}
+
+// y = f(x) [P, L] and out[p, k, l] = f'(x[p, l]) t[p, k, l] in one pass
+// (the primal written by the threads of tangent 0)
+extern "C" __global__ void unary_tangent(const float* x, const float* t, float* y, float* out,
+                                         long long total, int k, int l, int op, float s) {
+    GRID_LOOP(i, total) {
+        long long row = i / l; int j = (int)(i % l);
+        long long p = (row / k) * l + j;
+        float o, g;
+        unary_eval_(x[p], op, s, &o, &g);
+        out[i] = g * t[i];
+        if (row % k == 0) y[p] = o;
     }
 }
 
@@ -117,23 +144,25 @@ extern "C" __global__ void take_columns(const float* src, float* dst, long long 
     }
 }
 
-// y[r, j] = scale * b[j] + c * x[r, j]  (terms absent when has_* = 0)
-extern "C" __global__ void linear_init_primal(float* y, const float* b, const float* x, float c, float scale,
-                                              long long total, int n, int has_b, int has_x) {
+// The terms of a linear op before its GEMMs, primal and tangents in one pass:
+// y[r, j] = scale * b[j] + c * x[r, j] for i < rows*n, then
+// t[r, k, j] = scale * bt[k, j] + c * xt[r, k, j] (want_t); absent terms are 0
+extern "C" __global__ void linear_init(float* y, float* t, const float* b, const float* bt,
+                                       const float* x, const float* xt, float c, float scale,
+                                       long long rows, int k, int n,
+                                       int has_b, int has_bt, int has_x, int has_xt, int want_t) {
+    long long np = rows * n, total = np + (want_t ? np * k : 0);
     GRID_LOOP(i, total) {
-        float v = has_b ? scale * b[i % n] : 0.f;
-        if (has_x) v += c * x[i];
-        y[i] = v;
-    }
-}
-
-// t[r, k, j] = scale * bt[k, j] + c * xt[r, k, j]
-extern "C" __global__ void linear_init_tangent(float* t, const float* bt, const float* xt, float c, float scale,
-                                               long long total, int k, int n, int has_b, int has_x) {
-    GRID_LOOP(i, total) {
-        float v = has_b ? scale * bt[((i / n) % k) * n + i % n] : 0.f;
-        if (has_x) v += c * xt[i];
-        t[i] = v;
+        if (i < np) {
+            float v = has_b ? scale * b[i % n] : 0.f;
+            if (has_x) v += c * x[i];
+            y[i] = v;
+        } else {
+            long long q = i - np;
+            float v = has_bt ? scale * bt[((q / n) % k) * n + q % n] : 0.f;
+            if (has_xt) v += c * xt[q];
+            t[q] = v;
+        }
     }
 }
 
@@ -210,20 +239,6 @@ extern "C" __global__ void mse_value(const float* y, const float* tgt, const flo
     if (threadIdx.x == 0) *loss += s * inv_n;
 }
 
-// C[k] += sum_{r, j} (2 w_r (y - t) / n)[r, j] * yd[r, k, j]; block kk handles tangent kk.
-extern "C" __global__ void mse_grad_sketch(const float* y, const float* tgt, const float* w, int has_w,
-                                           const float* yd, long long rows, int k, int l, double inv_n, double* c) {
-    int kk = blockIdx.x;
-    double s = 0.0;
-    for (long long i = threadIdx.x; i < rows * l; i += blockDim.x) {
-        long long r = i / l; int j = (int)(i % l);
-        double g = 2.0 * (has_w ? (double)w[r] : 1.0) * ((double)y[i] - (double)tgt[i]) * inv_n;
-        s += g * (double)yd[(r * k + kk) * l + j];
-    }
-    s = block_sum(s);
-    if (threadIdx.x == 0) c[kk] += s;
-}
-
 // The seed of backpropagation for the weighted MSE: g[r, j] = 2 w_r (y - t)[r, j] / n
 extern "C" __global__ void mse_seed(const float* y, const float* tgt, const float* w, int has_w,
                                     float* g, long long rows, int l, double inv_n) {
@@ -233,26 +248,24 @@ extern "C" __global__ void mse_seed(const float* y, const float* tgt, const floa
     }
 }
 
-// a[kk, r*l + j] = sqrt(2 w_r / n) * yd[r, kk, j], so that G += a a^T
-extern "C" __global__ void mse_scaled(const float* yd, const float* w, int has_w, double* a,
-                                      long long rows, int k, int l, double inv_n) {
+// The weighted MSE of one step as k + 1 rows of columns [col0, col0 + rows*l)
+// of a [k + 1, ld]: a[kk, .] = sqrt(2 w_r / n) yd[r, kk, j] and, in row k,
+// sqrt(2 w_r / n) (y - t)[r, j]; then a a^T holds G (rows and columns < k),
+// C (row k) and twice the loss (the corner).
+// Without tangents (has_yd = 0) rows below k are zero.
+extern "C" __global__ void mse_augmented(const float* y, const float* tgt, const float* w, int has_w,
+                                         const float* yd, int has_yd, double* a, long long rows, int k,
+                                         int l, double inv_n, long long ld, long long col0) {
     long long cols = rows * l;
-    GRID_LOOP(i, (long long)k * cols) {
+    GRID_LOOP(i, (long long)(k + 1) * cols) {
         long long kk = i / cols, col = i % cols, r = col / l; int j = (int)(col % l);
         double sc = sqrt(2.0 * (has_w ? (double)w[r] : 1.0) * inv_n);
-        a[i] = sc * (double)yd[(r * k + kk) * l + j];
+        double v = kk < k ? (has_yd ? (double)yd[(r * k + kk) * l + j] : 0.0)
+                          : (double)y[col] - (double)tgt[col];
+        a[kk * ld + col0 + col] = sc * v;
     }
 }
 "#;
-
-/// Uncounts a temporary buffer when it goes out of scope.
-struct Uncount(usize);
-
-impl Drop for Uncount {
-    fn drop(&mut self) {
-        count_free(self.0);
-    }
-}
 
 /// Op codes of the `binary_fwd` and `binary_tangent` kernels.
 #[derive(Debug, Clone, Copy)]
@@ -290,15 +303,39 @@ struct Kernels {
     take_columns: CudaFunction,
     mse_seed: CudaFunction,
     scale_rows: CudaFunction,
-    linear_init_primal: CudaFunction,
-    linear_init_tangent: CudaFunction,
+    linear_init: CudaFunction,
+    unary_tangent: CudaFunction,
     permute_210: CudaFunction,
     broadcast_rows: CudaFunction,
     mse_value: CudaFunction,
-    mse_grad_sketch: CudaFunction,
-    mse_scaled: CudaFunction,
+    mse_augmented: CudaFunction,
     normal_fill: CudaFunction,
     gather_param: CudaFunction,
+}
+
+/// A SOFO sketch of weighted-MSE little losses, accumulated on the device
+/// in f64. Each observed output adds k + 1 rows of columns to a buffer A:
+/// √(2w/n)·ẏ_k for the K tangents and √(2w/n)·(y − t) last, so that A Aᵀ
+/// holds G̃ (the K×K block), C (the last row) and twice the loss (the
+/// corner) at once. The buffer is multiplied out into the Gram matrix with
+/// one GEMM whenever it is full (its size is fixed: memory stays flat in T).
+pub struct MseSketch {
+    k: usize,
+    gram: CudaSlice<f64>,
+    buf: CudaSlice<f64>,
+    cap: usize,
+    used: usize,
+}
+
+impl MseSketch {
+    /// Bytes of the column buffer (at least one output wide).
+    pub const BUFFER_BYTES: usize = 4 << 20;
+}
+
+impl Drop for MseSketch {
+    fn drop(&mut self) {
+        count_free((self.k + 1) * self.cap * 8);
+    }
 }
 
 /// An open GPU: context, stream, cuBLAS handle and compiled kernels.
@@ -496,13 +533,12 @@ impl CudaDevice {
             take_columns: f("take_columns")?,
             mse_seed: f("mse_seed")?,
             scale_rows: f("scale_rows")?,
-            linear_init_primal: f("linear_init_primal")?,
-            linear_init_tangent: f("linear_init_tangent")?,
+            linear_init: f("linear_init")?,
+            unary_tangent: f("unary_tangent")?,
             permute_210: f("permute_210")?,
             broadcast_rows: f("broadcast_rows")?,
             mse_value: f("mse_value")?,
-            mse_grad_sketch: f("mse_grad_sketch")?,
-            mse_scaled: f("mse_scaled")?,
+            mse_augmented: f("mse_augmented")?,
             normal_fill: f("normal_fill")?,
             gather_param: f("gather_param")?,
         };
@@ -607,6 +643,41 @@ impl CudaDevice {
     }
 
     /// y = a op b elementwise on equal shapes (op codes of `binary_fwd`).
+    /// y = f(x) [P, L] and its tangents f′(x) ⊙ ẋ [P, K, L] in one launch.
+    pub fn unary_tangent(
+        &self,
+        x: &DevTensor,
+        t: &DevTensor,
+        op: UnaryCode,
+        s: f32,
+    ) -> Result<(DevTensor, DevTensor)> {
+        let l = x.shape.last().copied().unwrap_or(1).max(1);
+        let k = t.numel() / x.numel().max(1);
+        if k == 0 || t.numel() != k * x.numel() {
+            return Err(TensorError::shape(
+                "device unary tangents",
+                format!("K ≥ 1 tangents of {:?}", x.shape),
+                format!("{:?}", t.shape),
+            ));
+        }
+        let mut y = self.scratch(&x.shape)?;
+        let mut out = self.scratch(&t.shape)?;
+        let (total, k32, l32, opc) = (t.numel() as i64, k as i32, l as i32, op as i32);
+        let mut b = self.stream.launch_builder(&self.k.unary_tangent);
+        b.arg(&x.data)
+            .arg(&t.data)
+            .arg(&mut y.data)
+            .arg(&mut out.data)
+            .arg(&total)
+            .arg(&k32)
+            .arg(&l32)
+            .arg(&opc)
+            .arg(&s);
+        // SAFETY: t and out hold k·numel(x) elements, x and y numel(x).
+        unsafe { b.launch(grid(t.numel())) }.map_err(|e| dev_err("unary_tangent", e))?;
+        Ok((y, out))
+    }
+
     pub fn binary(&self, a: &DevTensor, b: &DevTensor, op: BinaryCode) -> Result<DevTensor> {
         if a.shape != b.shape {
             return Err(TensorError::shape(
@@ -816,64 +887,92 @@ impl CudaDevice {
         Ok(out)
     }
 
-    /// y[r, j] = scale · b[j] + c · x[r, j] over `shape` [.., n].
-    pub fn linear_init_primal(
+    /// The terms of a linear op before its GEMMs, in one launch: the primal
+    /// y[r, j] = scale · b[j] + c · x[r, j] over `shape` [.., n] and, with
+    /// `k_tangents = Some(k)`, the tangents t[r, k, j] = scale · ḃ[k, j] +
+    /// c · ẋ[r, k, j]. `bias` and `leak` carry a value and its tangents (if
+    /// any); absent terms count as zero.
+    pub fn linear_init(
         &self,
         shape: &[usize],
-        bias: Option<&DevTensor>,
-        leak: Option<(&DevTensor, f32)>,
+        k_tangents: Option<usize>,
+        bias: Option<(&DevTensor, Option<&DevTensor>)>,
+        leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
         scale: f32,
-    ) -> Result<DevTensor> {
+    ) -> Result<(DevTensor, Option<DevTensor>)> {
         let mut y = self.scratch(shape)?;
-        let n = *shape.last().unwrap_or(&1) as i32;
-        let total = y.numel() as i64;
-        let bd = bias.map_or(&self.dummy, |b| &b.data);
-        let (xd, c) = leak.map_or((&self.dummy, 0.0), |(x, c)| (&x.data, c));
-        let (hb, hx) = (bias.is_some() as i32, leak.is_some() as i32);
-        let mut b = self.stream.launch_builder(&self.k.linear_init_primal);
-        b.arg(&mut y.data)
-            .arg(bd)
+        let n = shape.last().copied().unwrap_or(1).max(1);
+        let rows = y.numel() / n;
+        let k = k_tangents.unwrap_or(0);
+        let mut t = match k_tangents {
+            Some(k) => {
+                let mut ts = shape.to_vec();
+                ts.insert(shape.len().saturating_sub(1), k);
+                Some(self.scratch(&ts)?)
+            }
+            None => None,
+        };
+        let (bd, btd) = match bias {
+            Some((b, bt)) => (&b.data, bt.map_or(&self.dummy, |t| &t.data)),
+            None => (&self.dummy, &self.dummy),
+        };
+        let (xd, xtd, c) = match leak {
+            Some((x, xt, c)) => (&x.data, xt.map_or(&self.dummy, |t| &t.data), c),
+            None => (&self.dummy, &self.dummy, 0.0),
+        };
+        let flags = [
+            bias.is_some() as i32,
+            bias.is_some_and(|(_, t)| t.is_some()) as i32,
+            leak.is_some() as i32,
+            leak.is_some_and(|(_, t, _)| t.is_some()) as i32,
+            t.is_some() as i32,
+        ];
+        for (v, len, what) in [
+            (bias.map(|(b, _)| b.numel()), n, "bias"),
+            (
+                bias.and_then(|(_, t)| t.map(DevTensor::numel)),
+                k * n,
+                "bias tangents",
+            ),
+            (leak.map(|(x, _, _)| x.numel()), rows * n, "leak"),
+            (
+                leak.and_then(|(_, t, _)| t.map(DevTensor::numel)),
+                rows * k * n,
+                "leak tangents",
+            ),
+        ] {
+            if v.is_some_and(|v| v != len) {
+                return Err(TensorError::shape(
+                    "device linear",
+                    format!("{what} of {len} elements"),
+                    format!("{}", v.unwrap_or(0)),
+                ));
+            }
+        }
+        let (r64, k32, n32) = (rows as i64, k as i32, n as i32);
+        let total = rows * n * (1 + k_tangents.map_or(0, |k| k));
+        let mut b = self.stream.launch_builder(&self.k.linear_init);
+        b.arg(&mut y.data);
+        match t.as_mut() {
+            Some(t) => b.arg(&mut t.data),
+            None => b.arg(&self.dummy),
+        };
+        b.arg(bd)
+            .arg(btd)
             .arg(xd)
+            .arg(xtd)
             .arg(&c)
             .arg(&scale)
-            .arg(&total)
-            .arg(&n)
-            .arg(&hb)
-            .arg(&hx);
-        // SAFETY: shapes checked by the caller.
-        unsafe { b.launch(grid(total as usize)) }.map_err(|e| dev_err("linear", e))?;
-        Ok(y)
-    }
-
-    /// t[r, k, j] = scale · ḃ[k, j] + c · ẋ[r, k, j] over the tangent shape.
-    pub fn linear_init_tangent(
-        &self,
-        tshape: &[usize],
-        k: usize,
-        bias_t: Option<&DevTensor>,
-        leak_t: Option<(&DevTensor, f32)>,
-        scale: f32,
-    ) -> Result<DevTensor> {
-        let mut t = self.scratch(tshape)?;
-        let n = *tshape.last().unwrap_or(&1) as i32;
-        let total = t.numel() as i64;
-        let bd = bias_t.map_or(&self.dummy, |b| &b.data);
-        let (xd, c) = leak_t.map_or((&self.dummy, 0.0), |(x, c)| (&x.data, c));
-        let (hb, hx, k32) = (bias_t.is_some() as i32, leak_t.is_some() as i32, k as i32);
-        let mut b = self.stream.launch_builder(&self.k.linear_init_tangent);
-        b.arg(&mut t.data)
-            .arg(bd)
-            .arg(xd)
-            .arg(&c)
-            .arg(&scale)
-            .arg(&total)
+            .arg(&r64)
             .arg(&k32)
-            .arg(&n)
-            .arg(&hb)
-            .arg(&hx);
-        // SAFETY: shapes checked by the caller.
-        unsafe { b.launch(grid(total as usize)) }.map_err(|e| dev_err("linear", e))?;
-        Ok(t)
+            .arg(&n32);
+        for f in &flags {
+            b.arg(f);
+        }
+        // SAFETY: sizes checked above; absent operands are never read and
+        // t is written only when present.
+        unsafe { b.launch(grid(total)) }.map_err(|e| dev_err("linear", e))?;
+        Ok((y, t))
     }
 
     /// [a, b, c] → [c, b, a]
@@ -1005,88 +1104,127 @@ impl CudaDevice {
         unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| dev_err("gemm", e))
     }
 
-    /// Adds the little loss (1/n) Σ w (y − t)² of one step to the device
-    /// sketch: loss, C (tangent of the loss) and G̃ += Ẏᵀ H Ẏ, in f64.
-    /// `w` is one weight per row of y (or none).
+    /// An empty device sketch for `k` tangents (see [`MseSketch`]).
+    pub fn mse_sketch_new(&self, k: usize) -> Result<MseSketch> {
+        let cap = (MseSketch::BUFFER_BYTES / (8 * (k + 1))).max(1);
+        let buf = self.zeros_f64((k + 1) * cap)?;
+        count_alloc((k + 1) * cap * 8);
+        Ok(MseSketch {
+            k,
+            gram: self.zeros_f64((k + 1) * (k + 1))?,
+            buf,
+            cap,
+            used: 0,
+        })
+    }
+
+    /// Adds the little loss (1/n) Σ w (y − t)² of one output y [rows, l] to
+    /// the sketch: its k + 1 scaled rows go into the buffer, which is
+    /// multiplied out into the Gram matrix when full. `target` holds rows·l
+    /// values, `w` one weight per row (or none), `yd` the K tangents of y.
     #[allow(clippy::too_many_arguments)]
-    pub fn mse_sketch(
+    pub fn mse_sketch_add(
         &self,
+        sk: &mut MseSketch,
         y: &DevTensor,
         yd: Option<&DevTensor>,
-        target: &DevTensor,
-        w: Option<&DevTensor>,
+        target: &CudaView<'_, f32>,
+        w: Option<&CudaView<'_, f32>>,
         n_norm: f64,
-        k: usize,
-        loss: &mut CudaSlice<f64>,
-        c: &mut CudaSlice<f64>,
-        g: &mut CudaSlice<f64>,
     ) -> Result<()> {
-        let l = *y.shape.last().unwrap_or(&1);
-        let rows = (y.numel() / l.max(1)) as i64;
-        let (l32, k32, inv_n) = (l as i32, k as i32, 1.0 / n_norm);
-        let wd = w.map_or(&self.dummy, |w| &w.data);
-        let hw = w.is_some() as i32;
-        let mut b = self.stream.launch_builder(&self.k.mse_value);
-        b.arg(&y.data)
-            .arg(&target.data)
-            .arg(wd)
-            .arg(&hw)
-            .arg(&rows)
-            .arg(&l32)
-            .arg(&inv_n)
-            .arg(&mut *loss);
-        // SAFETY: y and target hold rows·l elements, w rows.
-        unsafe { b.launch(one_block()) }.map_err(|e| dev_err("mse", e))?;
-        let Some(yd) = yd else { return Ok(()) };
-        let mut b = self.stream.launch_builder(&self.k.mse_grad_sketch);
-        b.arg(&y.data)
-            .arg(&target.data)
-            .arg(wd)
-            .arg(&hw)
-            .arg(&yd.data)
-            .arg(&rows)
-            .arg(&k32)
-            .arg(&l32)
-            .arg(&inv_n)
-            .arg(&mut *c);
-        let cfg = LaunchConfig {
-            grid_dim: (k as u32, 1, 1),
-            ..one_block()
+        let l = y.shape.last().copied().unwrap_or(1).max(1);
+        let rows = y.numel() / l;
+        let cols = rows * l;
+        if target.len() != cols
+            || w.is_some_and(|w| w.len() != rows)
+            || yd.is_some_and(|t| t.numel() != sk.k * cols)
+        {
+            return Err(TensorError::shape(
+                "device mse sketch",
+                format!(
+                    "a target of {cols} values, {rows} weights and {} tangent values",
+                    sk.k * cols
+                ),
+                format!(
+                    "{}, {:?} and {:?}",
+                    target.len(),
+                    w.map(|w| w.len()),
+                    yd.map(DevTensor::numel)
+                ),
+            ));
+        }
+        if sk.used + cols > sk.cap {
+            self.mse_sketch_flush(sk)?;
+        }
+        if cols > sk.cap {
+            // one output wider than the buffer: grow it
+            count_free((sk.k + 1) * sk.cap * 8);
+            sk.cap = cols;
+            sk.buf = self.zeros_f64((sk.k + 1) * cols)?;
+            count_alloc((sk.k + 1) * cols * 8);
+        }
+        let (r64, k32, l32, inv_n) = (rows as i64, sk.k as i32, l as i32, 1.0 / n_norm);
+        let (ld, col0) = (sk.cap as i64, sk.used as i64);
+        let (hw, hyd) = (w.is_some() as i32, yd.is_some() as i32);
+        let dummy = self.dummy.slice(..);
+        let mut b = self.stream.launch_builder(&self.k.mse_augmented);
+        b.arg(&y.data).arg(target).arg(w.unwrap_or(&dummy)).arg(&hw);
+        match yd {
+            Some(t) => b.arg(&t.data),
+            None => b.arg(&self.dummy),
         };
-        // SAFETY: yd holds rows·k·l elements, c k.
-        unsafe { b.launch(cfg) }.map_err(|e| dev_err("mse", e))?;
-        let cols = rows as usize * l;
-        // SAFETY: mse_scaled writes every element.
-        let mut a =
-            unsafe { self.stream.alloc::<f64>(k * cols) }.map_err(|e| dev_err("alloc", e))?;
-        count_alloc(k * cols * 8);
-        let _counted = Uncount(k * cols * 8);
-        let mut b = self.stream.launch_builder(&self.k.mse_scaled);
-        b.arg(&yd.data)
-            .arg(wd)
-            .arg(&hw)
-            .arg(&mut a)
-            .arg(&rows)
+        b.arg(&hyd)
+            .arg(&mut sk.buf)
+            .arg(&r64)
             .arg(&k32)
             .arg(&l32)
-            .arg(&inv_n);
-        // SAFETY: a holds k·rows·l elements.
-        unsafe { b.launch(grid(k * cols)) }.map_err(|e| dev_err("mse", e))?;
-        // G (row-major = column-major, symmetric) += A Aᵀ with A row-major [k, cols]
+            .arg(&inv_n)
+            .arg(&ld)
+            .arg(&col0);
+        // SAFETY: sizes checked above; the buffer holds (k + 1)·cap values
+        // and used + cols ≤ cap.
+        unsafe { b.launch(grid((sk.k + 1) * cols)) }.map_err(|e| dev_err("mse", e))?;
+        sk.used += cols;
+        Ok(())
+    }
+
+    /// Multiplies the buffered columns out: Gram += A Aᵀ over them.
+    pub fn mse_sketch_flush(&self, sk: &mut MseSketch) -> Result<()> {
+        if sk.used == 0 {
+            return Ok(());
+        }
+        let k1 = (sk.k + 1) as i32;
+        // row-major A [k+1, cap] is column-major X [cap, k+1]; Gram = Xᵀ X
+        // over its first `used` rows
         let cfg = GemmConfig {
             transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
             transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
-            m: k as i32,
-            n: k as i32,
-            k: cols as i32,
+            m: k1,
+            n: k1,
+            k: sk.used as i32,
             alpha: 1.0f64,
-            lda: cols as i32,
-            ldb: cols as i32,
+            lda: sk.cap as i32,
+            ldb: sk.cap as i32,
             beta: 1.0f64,
-            ldc: k as i32,
+            ldc: k1,
         };
-        // SAFETY: a is [k, cols], g [k, k].
-        unsafe { self.blas.gemm(cfg, &a, &a, g) }.map_err(|e| dev_err("gemm", e))
+        // SAFETY: buf is [k+1, cap] with used ≤ cap, gram [k+1, k+1].
+        unsafe { self.blas.gemm(cfg, &sk.buf, &sk.buf, &mut sk.gram) }
+            .map_err(|e| dev_err("gemm", e))?;
+        sk.used = 0;
+        Ok(())
+    }
+
+    /// The sketch so far: (loss, C [k], G̃ [k·k] row-major), in f64.
+    pub fn mse_sketch_read(&self, sk: &mut MseSketch) -> Result<(f64, Vec<f64>, Vec<f64>)> {
+        self.mse_sketch_flush(sk)?;
+        let k = sk.k;
+        let gram = self.download_f64(&sk.gram)?;
+        let k1 = k + 1;
+        let loss = 0.5 * gram[k * k1 + k];
+        let c = (0..k).map(|j| gram[k * k1 + j]).collect();
+        let g = (0..k * k).map(|i| gram[(i / k) * k1 + i % k]).collect();
+        Ok((loss, c, g))
     }
 }
 
@@ -1109,9 +1247,9 @@ mod tests {
             "take_columns",
             "mse_seed",
             "scale_rows",
-            "linear_init_tangent",
-            "mse_grad_sketch",
-            "mse_scaled",
+            "linear_init",
+            "unary_tangent",
+            "mse_augmented",
         ] {
             assert!(text.contains(name), "{name} missing from the PTX");
         }

@@ -13,39 +13,35 @@ use sofo_ad::cuda::{CudaDual, CudaFwd};
 use sofo_ad::cuda_rev::CudaRev;
 use sofo_ad::layout::{split3, tangent_shape};
 use sofo_ad::{Dual, Var};
-use sofo_tensor::cuda::{CudaDevice, DevTensor};
+use sofo_tensor::cuda::{CudaDevice, DevTensor, MseSketch};
 use sofo_tensor::rng;
 use sofo_tensor::{Float, Tensor};
 use std::sync::Arc;
 
-/// The sketch, accumulated in device memory.
+/// The sketch, accumulated in device memory (see
+/// [`sofo_tensor::cuda::MseSketch`]).
 pub struct CudaSketch {
     dev: Arc<CudaDevice>,
     k: usize,
-    loss: CudaSlice<f64>,
-    c: CudaSlice<f64>,
-    g: CudaSlice<f64>,
+    acc: MseSketch,
 }
 
 impl CudaSketch {
     pub fn new(dev: Arc<CudaDevice>, k: usize) -> Result<Self> {
         Ok(CudaSketch {
-            loss: dev.zeros_f64(1)?,
-            c: dev.zeros_f64(k)?,
-            g: dev.zeros_f64(k * k)?,
+            acc: dev.mse_sketch_new(k)?,
             dev,
             k,
         })
     }
 
     /// Copies the sketch back (the one wait for the device in a pass).
-    pub fn download(&self) -> Result<Sketch> {
+    pub fn download(&mut self) -> Result<Sketch> {
+        let (loss, c, g) = self.dev.mse_sketch_read(&mut self.acc)?;
         let mut s = Sketch::new(self.k);
-        s.loss = self.dev.download_f64(&self.loss)?[0];
-        if self.k > 0 {
-            s.c = self.dev.download_f64(&self.c)?[..self.k].to_vec();
-            s.g = self.dev.download_f64(&self.g)?[..self.k * self.k].to_vec();
-        }
+        s.loss = loss;
+        s.c = c;
+        s.g = g;
         s.finish()
     }
 }
@@ -71,13 +67,20 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
         let rows = shape[..shape.len().saturating_sub(1)]
             .iter()
             .product::<usize>();
-        let target = self.dev.upload(&mse.target.convert::<f32>())?;
-        let w = match &mse.weights {
-            None => None,
+        let cols = mse.target.numel();
+        // target and weights in one upload
+        let mut host: Vec<f32> = mse
+            .target
+            .data()
+            .iter()
+            .map(|v| v.to_f64() as f32)
+            .collect();
+        match &mse.weights {
+            None => {}
             Some(w)
                 if w.numel() == rows && (w.rank() == 0 || w.shape()[0] == rows || rows == 1) =>
             {
-                Some(self.dev.upload(&w.convert::<f32>().reshape(&[rows])?)?)
+                host.extend(w.data().iter().map(|v| v.to_f64() as f32));
             }
             Some(w) => {
                 return Err(Error::config(
@@ -89,17 +92,18 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
                     ),
                 ))
             }
-        };
-        self.dev.mse_sketch(
+        }
+        let len = host.len();
+        let up = self.dev.upload(&Tensor::from_vec(&[len], host)?)?;
+        let target = up.slice().slice(..cols);
+        let w = (len > cols).then(|| up.slice().slice(cols..));
+        self.dev.mse_sketch_add(
+            &mut self.acc,
             &y.primal,
             y.tangent.as_ref(),
             &target,
             w.as_ref(),
             mse.n,
-            self.k,
-            &mut self.loss,
-            &mut self.c,
-            &mut self.g,
         )?;
         Ok(())
     }

@@ -1,0 +1,731 @@
+//! The GPU kernels' arithmetic, checked without a GPU (feature `cuda`).
+//!
+//! The NVRTC source of `sofo_tensor::cuda` is compiled for the host by the
+//! system C++ compiler with a small shim (`blockIdx`, `threadIdx`, … as
+//! variables set before each call; `__syncthreads` a no-op), and each kernel
+//! is called once per emulated thread, one thread after the other. Every
+//! grid-stride kernel then computes exactly what it computes on a device, so
+//! its index arithmetic and formulas are compared here with the CPU forward
+//! engine (or a direct transcription of the rule), on odd sizes, and under
+//! several launch shapes (one thread, and grids smaller than the data) to
+//! check that no element is missed or written twice. The two block-reduction
+//! kernels are emulated with a block of one thread, where the reduction is
+//! the serial sum.
+//!
+//! What this cannot see: the cudarc launch arguments of the Rust wrappers,
+//! cuBLAS calls, and device-only behaviour (those are the agreement tests of
+//! `crates/sofo/tests/cuda_agreement.rs`, which run where a GPU exists).
+//! Without a C++ compiler the tests print a notice and pass (unless
+//! SOFO_REQUIRE_CXX is set, as CI does).
+#![cfg(feature = "cuda")]
+
+use sofo_ad::cuda::code;
+use sofo_ad::layout::tangent_shape;
+use sofo_ad::{Binary, Dual, Fwd, Ops, Tensor, Unary};
+use sofo_tensor::rng;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+const SHIM: &str = r#"
+#include <math.h>
+struct EmuDim { unsigned x, y, z; };
+// per test thread: the tests run in parallel
+static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
+extern "C" void emu_set(unsigned b, unsigned t, unsigned bd, unsigned gd) {
+    blockIdx = {b, 0, 0}; threadIdx = {t, 0, 0}; blockDim = {bd, 1, 1}; gridDim = {gd, 1, 1};
+}
+#define __global__
+#define __device__
+#define __shared__ static thread_local
+#define __syncthreads() ((void)0)
+"#;
+
+struct Emu {
+    lib: libloading::Library,
+}
+
+/// The kernels compiled for the host, once per test binary (`None`: no
+/// C++ compiler here).
+fn emu() -> Option<&'static Emu> {
+    static EMU: OnceLock<Option<Emu>> = OnceLock::new();
+    EMU.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("sofo-kernel-emu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let src = dir.join("kernels.cpp");
+        let lib: PathBuf = dir.join("libkernels.so");
+        std::fs::write(
+            &src,
+            format!("{SHIM}\n{}", sofo_tensor::cuda::kernel_source()),
+        )
+        .ok()?;
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = match Command::new(&cxx)
+            .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .output()
+        {
+            Ok(o) => o,
+            Err(e) => {
+                // CI sets SOFO_REQUIRE_CXX: there the check must run
+                assert!(
+                    std::env::var_os("SOFO_REQUIRE_CXX").is_none(),
+                    "no C++ compiler `{cxx}` ({e}) and SOFO_REQUIRE_CXX is set"
+                );
+                eprintln!("skipping kernel emulation: no C++ compiler `{cxx}` ({e})");
+                return None;
+            }
+        };
+        assert!(
+            out.status.success(),
+            "the kernels do not compile for the host:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // SAFETY: a library built just now from our own source.
+        let lib = unsafe { libloading::Library::new(&lib) }.expect("load the emulated kernels");
+        Some(Emu { lib })
+    })
+    .as_ref()
+}
+
+/// Launch shapes (grid, block): one thread, grids smaller than the data,
+/// and a grid larger than it.
+const SHAPES: [(u32, u32); 4] = [(1, 1), (2, 3), (3, 64), (40, 32)];
+
+impl Emu {
+    /// Runs `call` once per thread of a (grid, block) launch.
+    fn launch(&self, grid: u32, block: u32, mut call: impl FnMut()) {
+        // SAFETY: the shim's exported setter.
+        let set: libloading::Symbol<unsafe extern "C" fn(u32, u32, u32, u32)> =
+            unsafe { self.lib.get(b"emu_set") }.expect("emu_set");
+        for b in 0..grid {
+            for t in 0..block {
+                // SAFETY: plain stores into the shim's index variables.
+                unsafe { set(b, t, block, grid) };
+                call();
+            }
+        }
+    }
+
+    /// The kernel `name` with the signature `F`.
+    fn kernel<F>(&self, name: &str) -> libloading::Symbol<'_, F> {
+        // SAFETY: callers give the kernel's C signature as F.
+        unsafe { self.lib.get(name.as_bytes()) }.unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+}
+
+fn randn(shape: &[usize], seed: u64, stream: u64) -> Tensor<f32> {
+    let mut t = Tensor::<f32>::scratch(shape);
+    rng::fill_normal(t.data_mut(), seed, stream);
+    t
+}
+
+/// max |a − b| / max(1, max |a|)
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths");
+    let scale = a.iter().fold(1.0f64, |m, v| m.max(v.abs() as f64));
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()))
+        / scale
+}
+
+fn close(want: &[f32], got: &[f32], what: &str) {
+    let d = rel(want, got);
+    assert!(d < 2e-6, "{what}: differs from the CPU by {d:e}");
+}
+
+const UNARIES: [Unary; 14] = [
+    Unary::Neg,
+    Unary::Abs,
+    Unary::Exp,
+    Unary::Log,
+    Unary::Tanh,
+    Unary::Relu,
+    Unary::Softplus,
+    Unary::Sigmoid,
+    Unary::Square,
+    Unary::Sqrt,
+    Unary::Sin,
+    Unary::Cos,
+    Unary::AddScalar(0.7),
+    Unary::MulScalar(-1.3),
+];
+
+/// Inputs where every op is defined (log, sqrt: positive).
+fn input_for(op: Unary, shape: &[usize], seed: u64) -> Tensor<f32> {
+    let x = randn(shape, seed, 1);
+    match op {
+        Unary::Log | Unary::Sqrt => x.map(|v| v.abs() + 0.1),
+        _ => x,
+    }
+}
+
+#[test]
+fn unary_kernels_match_the_cpu_rules() {
+    let Some(emu) = emu() else { return };
+    type UnaryFwd = unsafe extern "C" fn(*const f32, *mut f32, *mut f32, i64, i32, f32, i32);
+    type UnaryTangent =
+        unsafe extern "C" fn(*const f32, *const f32, *mut f32, *mut f32, i64, i32, i32, i32, f32);
+    let fwd = emu.kernel::<UnaryFwd>("unary_fwd");
+    let tan = emu.kernel::<UnaryTangent>("unary_tangent");
+    let (shape, k) = ([5usize, 7], 3usize);
+    for op in UNARIES {
+        let (c, s) = code(op);
+        let x = input_for(op, &shape, 2);
+        let t = randn(&tangent_shape(&shape, k), 3, 2);
+        let want = Fwd::new(k)
+            .unary(
+                &Dual {
+                    primal: x.clone(),
+                    tangent: Some(t.clone()),
+                },
+                op,
+            )
+            .unwrap();
+        let dwant: Vec<f32> = x
+            .data()
+            .iter()
+            .zip(want.primal.data())
+            .map(|(&v, &y)| op.derivative(v, y))
+            .collect();
+        for (grid, block) in SHAPES {
+            let n = x.numel();
+            let (mut y, mut d) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            emu.launch(grid, block, || unsafe {
+                fwd(
+                    x.data().as_ptr(),
+                    y.as_mut_ptr(),
+                    d.as_mut_ptr(),
+                    n as i64,
+                    c as i32,
+                    s,
+                    1,
+                )
+            });
+            close(want.primal.data(), &y, &format!("unary_fwd {op:?} value"));
+            close(&dwant, &d, &format!("unary_fwd {op:?} derivative"));
+            let (mut y2, mut out) = (vec![f32::NAN; n], vec![f32::NAN; t.numel()]);
+            emu.launch(grid, block, || unsafe {
+                tan(
+                    x.data().as_ptr(),
+                    t.data().as_ptr(),
+                    y2.as_mut_ptr(),
+                    out.as_mut_ptr(),
+                    t.numel() as i64,
+                    k as i32,
+                    7,
+                    c as i32,
+                    s,
+                )
+            });
+            close(
+                want.primal.data(),
+                &y2,
+                &format!("unary_tangent {op:?} value"),
+            );
+            close(
+                want.tangent.as_ref().unwrap().data(),
+                &out,
+                &format!("unary_tangent {op:?} tangents"),
+            );
+        }
+    }
+}
+
+#[test]
+fn binary_kernels_match_the_cpu_rules() {
+    let Some(emu) = emu() else { return };
+    type BinFwd = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i64, i32);
+    type BinTan = unsafe extern "C" fn(
+        *const f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *mut f32,
+        i64,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+    );
+    let fwd = emu.kernel::<BinFwd>("binary_fwd");
+    let tan = emu.kernel::<BinTan>("binary_tangent");
+    let (shape, k) = ([6usize, 5], 4usize);
+    let a = randn(&shape, 4, 1);
+    let b = randn(&shape, 4, 2).map(|v| v.abs() + 0.5);
+    let ta = randn(&tangent_shape(&shape, k), 4, 3);
+    let tb = randn(&tangent_shape(&shape, k), 4, 4);
+    for (op, opc) in [
+        (Binary::Add, 0),
+        (Binary::Sub, 1),
+        (Binary::Mul, 2),
+        (Binary::Div, 3),
+    ] {
+        for (has_a, has_b) in [(true, true), (true, false), (false, true)] {
+            let da = Dual {
+                primal: a.clone(),
+                tangent: has_a.then(|| ta.clone()),
+            };
+            let db = Dual {
+                primal: b.clone(),
+                tangent: has_b.then(|| tb.clone()),
+            };
+            let want = Fwd::new(k).binary(&da, &db, op).unwrap();
+            for (grid, block) in SHAPES {
+                let mut y = vec![f32::NAN; a.numel()];
+                emu.launch(grid, block, || unsafe {
+                    fwd(
+                        a.data().as_ptr(),
+                        b.data().as_ptr(),
+                        y.as_mut_ptr(),
+                        a.numel() as i64,
+                        opc,
+                    )
+                });
+                close(want.primal.data(), &y, &format!("binary_fwd {op:?}"));
+                let mut out = vec![f32::NAN; ta.numel()];
+                emu.launch(grid, block, || unsafe {
+                    tan(
+                        a.data().as_ptr(),
+                        b.data().as_ptr(),
+                        ta.data().as_ptr(),
+                        tb.data().as_ptr(),
+                        out.as_mut_ptr(),
+                        ta.numel() as i64,
+                        k as i32,
+                        5,
+                        opc,
+                        has_a as i32,
+                        has_b as i32,
+                    )
+                });
+                close(
+                    want.tangent.as_ref().unwrap().data(),
+                    &out,
+                    &format!("binary_tangent {op:?} ({has_a}, {has_b})"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn scale_rows_and_columns_match_the_cpu() {
+    let Some(emu) = emu() else { return };
+    type ScaleRows = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i64, i32, i32);
+    type Cols = unsafe extern "C" fn(*const f32, *mut f32, i64, i32, i32, i32);
+    let scale = emu.kernel::<ScaleRows>("scale_rows");
+    let copy = emu.kernel::<Cols>("copy_columns");
+    let take = emu.kernel::<Cols>("take_columns");
+    let (p, k, l) = (5usize, 3usize, 4usize);
+    let d = randn(&[p, l], 5, 1);
+    let t = randn(&[p, k, l], 5, 2);
+    let want: Vec<f32> = (0..p * k * l)
+        .map(|i| d.data()[(i / (k * l)) * l + i % l] * t.data()[i])
+        .collect();
+    // the concat of a [5, 2] and b [5, 3] along the last axis
+    let a = randn(&[5, 2], 5, 3);
+    let b = randn(&[5, 3], 5, 4);
+    let cat = Fwd::primal()
+        .concat(&[&Dual::constant(a.clone()), &Dual::constant(b.clone())], 1)
+        .unwrap()
+        .primal;
+    for (grid, block) in SHAPES {
+        let mut out = vec![f32::NAN; t.numel()];
+        emu.launch(grid, block, || unsafe {
+            scale(
+                d.data().as_ptr(),
+                t.data().as_ptr(),
+                out.as_mut_ptr(),
+                t.numel() as i64,
+                k as i32,
+                l as i32,
+            )
+        });
+        close(&want, &out, "scale_rows");
+        let mut dst = vec![f32::NAN; 25];
+        emu.launch(grid, block, || unsafe {
+            copy(a.data().as_ptr(), dst.as_mut_ptr(), 5, 2, 5, 0);
+            copy(b.data().as_ptr(), dst.as_mut_ptr(), 5, 3, 5, 2);
+        });
+        close(cat.data(), &dst, "copy_columns");
+        let mut back = vec![f32::NAN; 15];
+        emu.launch(grid, block, || unsafe {
+            take(cat.data().as_ptr(), back.as_mut_ptr(), 5, 3, 5, 2)
+        });
+        close(b.data(), &back, "take_columns");
+    }
+}
+
+#[test]
+fn linear_init_matches_its_rule() {
+    let Some(emu) = emu() else { return };
+    type Init = unsafe extern "C" fn(
+        *mut f32,
+        *mut f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        f32,
+        f32,
+        i64,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+    );
+    let init = emu.kernel::<Init>("linear_init");
+    let (rows, k, n) = (7usize, 3usize, 5usize);
+    let b = randn(&[n], 6, 1);
+    let bt = randn(&[k, n], 6, 2);
+    let x = randn(&[rows, n], 6, 3);
+    let xt = randn(&[rows, k, n], 6, 4);
+    let (c, s) = (0.8f32, 0.25f32);
+    for flags in 0..32u32 {
+        let f = |bit: u32| (flags >> bit & 1) as i32;
+        let (hb, hbt, hx, hxt, want_t) = (f(0), f(1) & f(0), f(2), f(3) & f(2), f(4));
+        let y_want: Vec<f32> = (0..rows * n)
+            .map(|i| {
+                let mut v = if hb == 1 { s * b.data()[i % n] } else { 0.0 };
+                if hx == 1 {
+                    v += c * x.data()[i];
+                }
+                v
+            })
+            .collect();
+        let t_want: Vec<f32> = (0..rows * k * n)
+            .map(|q| {
+                let mut v = if hbt == 1 {
+                    s * bt.data()[(q / n % k) * n + q % n]
+                } else {
+                    0.0
+                };
+                if hxt == 1 {
+                    v += c * xt.data()[q];
+                }
+                v
+            })
+            .collect();
+        for (grid, block) in SHAPES {
+            let mut y = vec![f32::NAN; rows * n];
+            let mut t = vec![f32::NAN; rows * k * n];
+            emu.launch(grid, block, || unsafe {
+                init(
+                    y.as_mut_ptr(),
+                    t.as_mut_ptr(),
+                    b.data().as_ptr(),
+                    bt.data().as_ptr(),
+                    x.data().as_ptr(),
+                    xt.data().as_ptr(),
+                    c,
+                    s,
+                    rows as i64,
+                    k as i32,
+                    n as i32,
+                    hb,
+                    hbt,
+                    hx,
+                    hxt,
+                    want_t,
+                )
+            });
+            close(
+                &y_want,
+                &y,
+                &format!("linear_init primal, flags {flags:05b}"),
+            );
+            if want_t == 1 {
+                close(
+                    &t_want,
+                    &t,
+                    &format!("linear_init tangents, flags {flags:05b}"),
+                );
+            } else {
+                assert!(t.iter().all(|v| v.is_nan()), "tangents written unasked");
+            }
+        }
+    }
+}
+
+#[test]
+fn layout_kernels_match_the_cpu() {
+    let Some(emu) = emu() else { return };
+    type Permute = unsafe extern "C" fn(*const f32, *mut f32, i32, i32, i32);
+    type Bcast = unsafe extern "C" fn(*const f32, *mut f32, i64, i64);
+    type Gather = unsafe extern "C" fn(*const f32, *mut f32, i64, i64, i32, i32, i32);
+    let permute = emu.kernel::<Permute>("permute_210");
+    let bcast = emu.kernel::<Bcast>("broadcast_rows");
+    let gather = emu.kernel::<Gather>("gather_param");
+    let x = randn(&[4, 3, 5], 7, 1);
+    let mut want = vec![0f32; 60];
+    for (i, w) in want.iter_mut().enumerate() {
+        // dst [5, 3, 4]: dst[z, y, x] = src[x, y, z]
+        let (z, y, xx) = (i / 12, (i / 4) % 3, i % 4);
+        *w = x.data()[(xx * 3 + y) * 5 + z];
+    }
+    let tr = randn(&[6, 4], 7, 2);
+    let tr_want = tr.transpose(0, 1).unwrap();
+    let v = randn(&[6], 7, 3);
+    let bc_want = v.broadcast_to(&[5, 6]).unwrap();
+    // V [K = 3, P = 20]; a parameter [A = 2, L = 4] at offset 7 → [2, 3, 4]
+    let vv = randn(&[3, 20], 7, 4);
+    let g_want: Vec<f32> = (0..24)
+        .map(|i| {
+            let (aa, kk, j) = (i / 12, (i / 4) % 3, i % 4);
+            vv.data()[kk * 20 + 7 + aa * 4 + j]
+        })
+        .collect();
+    for (grid, block) in SHAPES {
+        let mut out = vec![f32::NAN; 60];
+        emu.launch(grid, block, || unsafe {
+            permute(x.data().as_ptr(), out.as_mut_ptr(), 4, 3, 5)
+        });
+        close(&want, &out, "permute_210");
+        let mut t = vec![f32::NAN; 24];
+        emu.launch(grid, block, || unsafe {
+            permute(tr.data().as_ptr(), t.as_mut_ptr(), 6, 1, 4)
+        });
+        close(tr_want.data(), &t, "permute_210 as a transpose");
+        let mut b = vec![f32::NAN; 30];
+        emu.launch(grid, block, || unsafe {
+            bcast(v.data().as_ptr(), b.as_mut_ptr(), 30, 6)
+        });
+        close(bc_want.data(), &b, "broadcast_rows");
+        let mut g = vec![f32::NAN; 24];
+        emu.launch(grid, block, || unsafe {
+            gather(vv.data().as_ptr(), g.as_mut_ptr(), 20, 7, 2, 3, 4)
+        });
+        close(&g_want, &g, "gather_param");
+    }
+}
+
+#[test]
+fn normal_fill_is_standard_normal_and_launch_independent() {
+    let Some(emu) = emu() else { return };
+    type Fill = unsafe extern "C" fn(*mut f32, i64, u64, u64);
+    let fill = emu.kernel::<Fill>("normal_fill");
+    let n = 20_001usize;
+    let draw = |grid: u32, block: u32, seed: u64, stream: u64| {
+        let mut out = vec![f32::NAN; n];
+        emu.launch(grid, block, || unsafe {
+            fill(out.as_mut_ptr(), n as i64, seed, stream)
+        });
+        out
+    };
+    let a = draw(1, 1, 3, 9);
+    for (grid, block) in SHAPES {
+        let b = draw(grid, block, 3, 9);
+        let first = a
+            .iter()
+            .zip(&b)
+            .position(|(x, y)| x.to_bits() != y.to_bits());
+        assert!(
+            first.is_none(),
+            "normal_fill depends on the launch shape ({grid}, {block}): first at {first:?}: {:?} vs {:?}",
+            first.map(|i| a[i]),
+            first.map(|i| b[i])
+        );
+    }
+    let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+    let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+    // standard errors: 1/√n ≈ 0.007 for the mean, √(2/n) ≈ 0.01 for the variance
+    assert!(mean.abs() < 0.03, "mean {mean}");
+    assert!((var - 1.0).abs() < 0.05, "variance {var}");
+    let c = draw(1, 1, 3, 10);
+    let same = a.iter().zip(&c).filter(|(x, y)| x == y).count();
+    assert!(same < 10, "streams 9 and 10 share {same} values");
+}
+
+/// The weighted MSE of y [rows, l] with K tangents: the loss, C and G̃ by
+/// their definitions, in f64.
+fn mse_reference(
+    y: &Tensor<f32>,
+    t: &Tensor<f32>,
+    w: &[f32],
+    yd: &Tensor<f32>,
+    k: usize,
+    n: f64,
+) -> (f64, Vec<f64>, Vec<f64>) {
+    let l = *y.shape().last().unwrap();
+    let rows = y.numel() / l;
+    let (mut loss, mut c, mut g) = (0.0, vec![0.0; k], vec![0.0; k * k]);
+    for (r, &wr) in w.iter().enumerate().take(rows) {
+        let wr = wr as f64;
+        for j in 0..l {
+            let e = y.data()[r * l + j] as f64 - t.data()[r * l + j] as f64;
+            loss += wr * e * e / n;
+            for a in 0..k {
+                let ya = yd.data()[(r * k + a) * l + j] as f64;
+                c[a] += 2.0 * wr * e / n * ya;
+                for b in 0..k {
+                    g[a * k + b] += 2.0 * wr / n * ya * yd.data()[(r * k + b) * l + j] as f64;
+                }
+            }
+        }
+    }
+    (loss, c, g)
+}
+
+#[test]
+fn mse_kernels_give_the_sketch_and_the_seed() {
+    let Some(emu) = emu() else { return };
+    type Aug = unsafe extern "C" fn(
+        *const f32,
+        *const f32,
+        *const f32,
+        i32,
+        *const f32,
+        i32,
+        *mut f64,
+        i64,
+        i32,
+        i32,
+        f64,
+        i64,
+        i64,
+    );
+    type Seed =
+        unsafe extern "C" fn(*const f32, *const f32, *const f32, i32, *mut f32, i64, i32, f64);
+    type Value =
+        unsafe extern "C" fn(*const f32, *const f32, *const f32, i32, i64, i32, f64, *mut f64);
+    let aug = emu.kernel::<Aug>("mse_augmented");
+    let seed = emu.kernel::<Seed>("mse_seed");
+    let value = emu.kernel::<Value>("mse_value");
+    let (rows, l, k) = (6usize, 3usize, 4usize);
+    let y = randn(&[rows, l], 8, 1);
+    let t = randn(&[rows, l], 8, 2);
+    let yd = randn(&[rows, k, l], 8, 3);
+    let w: Vec<f32> = (0..rows).map(|r| [0.0, 1.0, 2.5][r % 3]).collect();
+    let n = 40.0;
+    let (loss, c, g) = mse_reference(&y, &t, &w, &yd, k, n);
+    // two observations side by side in one buffer of 2·rows·l columns, the
+    // second with unit weights: A Aᵀ sums both
+    let ones = vec![1f32; rows];
+    let (loss1, c1, g1) = mse_reference(&y, &t, &ones, &yd, k, n);
+    let cols = rows * l;
+    let ld = 2 * cols + 5;
+    for (grid, block) in SHAPES {
+        let mut a = vec![f64::NAN; (k + 1) * ld];
+        emu.launch(grid, block, || unsafe {
+            aug(
+                y.data().as_ptr(),
+                t.data().as_ptr(),
+                w.as_ptr(),
+                1,
+                yd.data().as_ptr(),
+                1,
+                a.as_mut_ptr(),
+                rows as i64,
+                k as i32,
+                l as i32,
+                1.0 / n,
+                ld as i64,
+                0,
+            );
+            aug(
+                y.data().as_ptr(),
+                t.data().as_ptr(),
+                w.as_ptr(),
+                0,
+                yd.data().as_ptr(),
+                1,
+                a.as_mut_ptr(),
+                rows as i64,
+                k as i32,
+                l as i32,
+                1.0 / n,
+                ld as i64,
+                cols as i64,
+            )
+        });
+        let k1 = k + 1;
+        let gram: Vec<f64> = (0..k1 * k1)
+            .map(|i| {
+                let (p, q) = (i / k1, i % k1);
+                (0..2 * cols).map(|j| a[p * ld + j] * a[q * ld + j]).sum()
+            })
+            .collect();
+        let near = |x: f64, y: f64, what: &str| {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "mse_augmented {what}: {x} vs {y}"
+            )
+        };
+        near(0.5 * gram[k * k1 + k], loss + loss1, "loss");
+        for j in 0..k {
+            near(gram[k * k1 + j], c[j] + c1[j], "C");
+            for i in 0..k {
+                near(gram[i * k1 + j], g[i * k + j] + g1[i * k + j], "G̃");
+            }
+        }
+        // without tangents the rows above the residual are zeros
+        let mut a0 = vec![f64::NAN; (k + 1) * cols];
+        emu.launch(grid, block, || unsafe {
+            aug(
+                y.data().as_ptr(),
+                t.data().as_ptr(),
+                w.as_ptr(),
+                1,
+                std::ptr::null(),
+                0,
+                a0.as_mut_ptr(),
+                rows as i64,
+                k as i32,
+                l as i32,
+                1.0 / n,
+                cols as i64,
+                0,
+            )
+        });
+        assert!(
+            a0[..k * cols].iter().all(|&v| v == 0.0),
+            "tangent rows not zero"
+        );
+        let l0: f64 = a0[k * cols..].iter().map(|v| v * v).sum::<f64>() * 0.5;
+        near(l0, loss, "loss without tangents");
+        // the seed of backpropagation, 2 w (y − t) / n
+        let mut gy = vec![f32::NAN; cols];
+        emu.launch(grid, block, || unsafe {
+            seed(
+                y.data().as_ptr(),
+                t.data().as_ptr(),
+                w.as_ptr(),
+                1,
+                gy.as_mut_ptr(),
+                rows as i64,
+                l as i32,
+                1.0 / n,
+            )
+        });
+        let gy_want: Vec<f32> = (0..cols)
+            .map(|i| (2.0 * w[i / l] as f64 * (y.data()[i] - t.data()[i]) as f64 / n) as f32)
+            .collect();
+        close(&gy_want, &gy, "mse_seed");
+    }
+    // the block reduction with a block of one thread is the serial sum
+    let mut acc = 0.25f64;
+    emu.launch(1, 1, || unsafe {
+        value(
+            y.data().as_ptr(),
+            t.data().as_ptr(),
+            w.as_ptr(),
+            1,
+            rows as i64,
+            l as i32,
+            1.0 / n,
+            &mut acc,
+        )
+    });
+    assert!(
+        (acc - 0.25 - loss).abs() < 1e-6 * loss,
+        "mse_value {acc} vs {}",
+        loss + 0.25
+    );
+}
