@@ -25,6 +25,9 @@ timeout 120 $G/cuda_agreement --test-threads 1 --nocapture 2>&1 | tee "$OUT/agre
 echo "== sofo bench --device cuda"
 timeout 300 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
 
+echo "== sofo bench --device cuda --gpu-matmul tf32 (SOFO; TF32 GEMMs as JAX's default)"
+timeout 200 $G/sofo bench --device ${DEVICE:-cuda} --gpu-matmul tf32 --method sofo --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo_tf32.jsonl"
+
 echo "== memory against T (rate RNN N=128 M=64 K=64)"
 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 2 --only rnn-n128 --steps 32,256,1024,4096,16384 2>&1 | tee "$OUT/sofo_memory.jsonl"
 
@@ -39,6 +42,9 @@ for cfg in $CONFIGS; do
   set -- $cfg
   timeout 120 $PY $G/anchors/sofo_jax.py bench --method sofo --N $1 --B $2 --K $3 --T $4 --iters $5 --warmup 1 2>/dev/null \
     | sed -n 's/^RESULT //p' >> "$OUT/anchors.jsonl"
+  # JAX again with full-f32 matmuls (its default on this hardware is TF32)
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 $PY $G/anchors/sofo_jax.py bench --method sofo --N $1 --B $2 --K $3 --T $4 --iters $5 --warmup 1 2>/dev/null \
+    | sed -n 's/^RESULT {/{"precision": "highest", /p' >> "$OUT/anchors.jsonl"
   timeout 120 $PY $G/anchor_torch_gpu.py $G/anchors bench --method adam --N $1 --B $2 --T $4 --iters $5 --warmup 1 2>/dev/null \
     | sed -n 's/^RESULT //p' >> "$OUT/anchors.jsonl"
 done
@@ -57,24 +63,36 @@ anch = {}
 for l in open(os.path.join(out, "anchors.jsonl")):
     try:
         r = json.loads(l)
-        anch[(r["framework"], r["method"], r["N"], r["B"], r["T"])] = r
+        fw = r["framework"] + ("-f32" if r.get("precision") == "highest" else "")
+        anch[(fw, r["method"], r["N"], r["B"], r["T"])] = r
     except Exception:
         pass
-print("| config | sofo SOFO | sofo Adam-BPTT | JAX SOFO | torch Adam-BPTT | sofo SOFO / torch Adam | sofo SOFO / JAX SOFO |")
-print("|---|---|---|---|---|---|---|")
+tf32 = {}
+try:
+    for l in open(os.path.join(out, "sofo_tf32.jsonl")):
+        try:
+            r = json.loads(l)
+            tf32[(r["name"], r["n"], r["m"], r["t"])] = r["seconds_per_iter"]
+        except Exception:
+            pass
+except OSError:
+    pass
+print("| config | sofo SOFO | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 own_adam = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in sofo if r.get("method") == "adam"}
 for r in sofo:
     if r.get("method") == "adam":
         continue
     n, m, t, s = r["n"], r["m"], r["t"], r["seconds_per_iter"]
+    key = (r["name"], n, m, t)
     rnn = r["name"].startswith("rnn")
     j = anch.get(("jax", "sofo", n, m, t), {}).get("median_s") if rnn else None
     a = anch.get(("torch", "adam", n, m, t), {}).get("median_s") if rnn else None
-    oa = own_adam.get((r["name"], n, m, t))
+    j32 = anch.get(("jax-f32", "sofo", n, m, t), {}).get("median_s") if rnn else None
+    oa, st = own_adam.get(key), tf32.get(key)
     f = lambda v: f"{v:.4g}" if v else "—"
-    ra = f"{s / a:.2f}" if a else "—"
-    rj = f"{s / j:.2f}" if j else "—"
-    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(oa)} | {f(j)} | {f(a)} | {ra} | {rj} |")
+    q = lambda x, y: f"{x / y:.2f}" if x and y else "—"
+    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} |")
 print()
 print("| method | T | sofo peak device MiB | s/iter |")
 print("|---|---|---|---|")

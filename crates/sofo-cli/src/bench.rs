@@ -28,11 +28,14 @@ pub struct BenchArgs {
     /// configurations (rnn-reach, rnn-kalman, reach2, kalman-long) run too.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The GPU's f32 GEMMs: f32 or tf32 (tensor cores, JAX's default).
+    #[arg(long, default_value = "f32", value_name = "f32|tf32")]
+    gpu_matmul: String,
     /// Time the chosen configurations at these trial lengths instead of
     /// their own (e.g. 32,256,1024,4096): memory and time against T.
     #[arg(long, value_delimiter = ',', value_name = "T,T,..")]
     steps: Vec<usize>,
-    /// sofo, adam (BPTT, CPU) or all.
+    /// sofo, adam (BPTT) or all.
     #[arg(long, default_value = "all")]
     method: String,
     /// Peak extra memory of one iteration against T, SOFO and Adam-BPTT.
@@ -223,7 +226,7 @@ fn memory(a: &BenchArgs, device: &Device) -> Result<()> {
 pub fn run(a: BenchArgs) -> Result<()> {
     sofo_tensor::parallel::set_threads(a.threads);
     let threads = sofo_tensor::parallel::threads();
-    let device = Device::open(&a.device)?;
+    let device = Device::open_with(&a.device, &a.gpu_matmul)?;
     let on_gpu = !matches!(device, Device::Cpu);
     if !["sofo", "adam", "all"].contains(&a.method.as_str()) {
         return Err(sofo::Error::config(

@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub threads: usize,
     /// cpu, cuda or cuda:N
     pub device: String,
+    /// Precision of the f32 GEMMs on a GPU: f32, or tf32 (tensor cores).
+    pub gpu_matmul: String,
     /// Evaluate on held-out trials every this many iterations (0 = only at the end).
     pub eval_every: usize,
     pub test_trials: usize,
@@ -463,6 +465,7 @@ impl Default for RunConfig {
             seed: 0,
             threads: 0,
             device: "cpu".into(),
+            gpu_matmul: "f32".into(),
             eval_every: 20,
             test_trials: 500,
             out: "runs/lorenz".into(),
@@ -698,6 +701,24 @@ impl RunConfig {
                 format!("\"{d}\""),
                 "cpu, cuda or cuda:N",
             ));
+        }
+        match (self.gpu_matmul.as_str(), d) {
+            ("f32", _) => {}
+            ("tf32", "cpu") => {
+                return Err(Error::config(
+                    "gpu_matmul",
+                    "\"tf32\"",
+                    "f32 on the cpu (tf32 needs device cuda)",
+                ))
+            }
+            ("tf32", _) => {}
+            (m, _) => {
+                return Err(Error::config(
+                    "gpu_matmul",
+                    format!("\"{m}\""),
+                    "f32 or tf32",
+                ))
+            }
         }
         if self.threads > 1024 {
             return Err(Error::config(

@@ -74,9 +74,12 @@ struct RunArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, value_name = "T")]
     threads: Option<usize>,
-    /// Where the passes run: cpu, cuda or cuda:N (BPTT runs on the CPU).
+    /// Where the passes run (SOFO's and BPTT's): cpu, cuda or cuda:N.
     #[arg(long, value_name = "DEV")]
     device: Option<String>,
+    /// The GPU's f32 GEMMs: f32 (default) or tf32 (tensor cores, as JAX).
+    #[arg(long, value_name = "f32|tf32")]
+    gpu_matmul: Option<String>,
     /// Settings file (TOML); flags override it.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -175,6 +178,9 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig> {
     if let Some(v) = &a.run.device {
         c.device = v.clone();
     }
+    if let Some(v) = &a.run.gpu_matmul {
+        c.gpu_matmul = v.clone();
+    }
     if let Some(v) = &a.out {
         c.out = v.display().to_string();
     }
@@ -201,7 +207,7 @@ fn run_config(cfg: &RunConfig, quiet: bool) -> Result<Vec<MetricsRow>> {
         };
     }
 
-    let device = sofo::Device::open(&cfg.device)?;
+    let device = sofo::Device::open_with(&cfg.device, &cfg.gpu_matmul)?;
     let run = Run {
         cfg,
         quiet,

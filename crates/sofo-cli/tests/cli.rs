@@ -71,6 +71,18 @@ fn bad_values_name_the_field_value_and_range() {
         (&["--optimizer", "adamw"], &["optimizer", "adamw", "sofo"]),
         (&["--iterations", "0"], &["iterations", "0", "at least 1"]),
         (&["--threads", "5000"], &["threads", "5000", "1024"]),
+        (
+            &["--device", "gpu"],
+            &["device", "gpu", "cpu, cuda or cuda:N"],
+        ),
+        (
+            &["--gpu-matmul", "tf32"],
+            &["gpu_matmul", "tf32", "needs device cuda"],
+        ),
+        (
+            &["--device", "cuda", "--gpu-matmul", "bf16"],
+            &["gpu_matmul", "bf16", "f32 or tf32"],
+        ),
     ];
     for (args, words) in cases {
         let mut a = vec!["train"];

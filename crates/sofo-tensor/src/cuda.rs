@@ -347,6 +347,8 @@ pub struct CudaDevice {
     k: Kernels,
     /// Stands in for absent optional kernel arguments (never read).
     dummy: CudaSlice<f32>,
+    /// Whether the f32 GEMMs use TF32 tensor cores.
+    tf32: std::sync::atomic::AtomicBool,
 }
 
 /// Whether the CUDA driver library can be loaded on this machine.
@@ -552,7 +554,32 @@ impl CudaDevice {
             blas,
             k,
             dummy,
+            tf32: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Lets cuBLAS run the f32 GEMMs on TF32 tensor cores (inputs rounded to
+    /// 10 mantissa bits, f32 accumulation: JAX's default for f32 matmuls on
+    /// this hardware; PyTorch's is off), or back to full f32. The sketch's
+    /// f64 accumulation is not affected.
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        let mode = if on {
+            blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is valid for the device's lifetime.
+        let status = unsafe { blas_sys::cublasSetMathMode(*self.blas.handle(), mode) };
+        if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(dev_err("cublasSetMathMode", status));
+        }
+        self.tf32.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the f32 GEMMs use TF32 (see [`CudaDevice::set_tf32`]).
+    pub fn tf32(&self) -> bool {
+        self.tf32.load(Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &str {

@@ -39,6 +39,30 @@ impl Device {
         Self::open_cuda(spec, ordinal)
     }
 
+    /// [`Device::open`] with the precision of the GPU's f32 GEMMs: `f32`
+    /// (the default) or `tf32` (TF32 tensor cores; a GPU only).
+    pub fn open_with(spec: &str, gpu_matmul: &str) -> Result<Device> {
+        let d = Self::open(spec)?;
+        match (gpu_matmul, &d) {
+            ("f32", _) => Ok(d),
+            #[cfg(feature = "cuda")]
+            ("tf32", Device::Cuda(c)) => {
+                c.set_tf32(true)?;
+                Ok(d)
+            }
+            ("tf32", _) => Err(Error::config(
+                "gpu_matmul",
+                "\"tf32\"",
+                "f32 on the cpu (tf32 needs --device cuda)",
+            )),
+            (other, _) => Err(Error::config(
+                "gpu_matmul",
+                format!("\"{other}\""),
+                "f32 or tf32",
+            )),
+        }
+    }
+
     #[cfg(feature = "cuda")]
     fn open_cuda(_spec: &str, ordinal: usize) -> Result<Device> {
         Ok(Device::Cuda(sofo_tensor::cuda::CudaDevice::open(ordinal)?))
@@ -58,7 +82,12 @@ impl Device {
         match self {
             Device::Cpu => "cpu".into(),
             #[cfg(feature = "cuda")]
-            Device::Cuda(d) => format!("cuda:{} ({})", d.ordinal(), d.name()),
+            Device::Cuda(d) => format!(
+                "cuda:{} ({}{})",
+                d.ordinal(),
+                d.name(),
+                if d.tf32() { ", TF32 GEMMs" } else { "" }
+            ),
         }
     }
 

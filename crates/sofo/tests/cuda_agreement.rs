@@ -696,3 +696,40 @@ fn adam_on_the_gpu_follows_the_cpu() {
     }
     assert!(a[4] < a[0], "Adam did not lower the loss: {a:?}");
 }
+
+/// With TF32 GEMMs the sketch stays close to the f32 CPU sketch (inputs
+/// rounded to 10 mantissa bits: agreement to about 1e-3, not 1e-5), and
+/// the device says so.
+#[test]
+fn tf32_sketch_is_close_to_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    if device_or_skip("tf32_sketch_is_close_to_the_cpu").is_none() {
+        return;
+    }
+    let dev = Device::open_with("cuda", "tf32").unwrap();
+    assert!(dev.describe().contains("TF32"), "{}", dev.describe());
+    let (model, params, batch) = rnn_case(Activation::Tanh);
+    let cfg = SofoConfig {
+        k: 16,
+        ..SofoConfig::default()
+    };
+    let cpu = Sofo::new(cfg.clone()).unwrap();
+    let gpu = Sofo::new(cfg).unwrap().on(dev);
+    let tg = cpu.sample_tangents(&params, 3, 0).unwrap();
+    let a = cpu.sketch(&model, &params, &tg, &batch).unwrap();
+    let b = gpu.sketch(&model, &params, &tg, &batch).unwrap();
+    let relv = |x: &[f64], y: &[f64]| {
+        let s = x.iter().fold(f64::MIN_POSITIVE, |m, v| m.max(v.abs()));
+        x.iter()
+            .zip(y)
+            .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
+            / s
+    };
+    let (dl, dc, dg) = (
+        (a.loss - b.loss).abs() / a.loss.abs(),
+        relv(&a.c, &b.c),
+        relv(&a.g, &b.g),
+    );
+    eprintln!("tf32: loss {dl:.1e}, C {dc:.1e}, G̃ {dg:.1e} (relative differences)");
+    assert!(dl < 1e-2 && dc < 3e-2 && dg < 3e-2, "TF32 sketch too far");
+}
