@@ -12,7 +12,7 @@ use cudarc::driver::CudaSlice;
 use sofo_ad::cuda::{CudaDual, CudaFwd};
 use sofo_ad::cuda_rev::CudaRev;
 use sofo_ad::layout::{split3, tangent_shape};
-use sofo_ad::{Dual, Var};
+use sofo_ad::{Dual, Fwd, Var};
 use sofo_tensor::cuda::{CudaDevice, DevTensor, MseSketch};
 use sofo_tensor::rng;
 use sofo_tensor::{Float, Tensor};
@@ -24,12 +24,16 @@ pub struct CudaSketch {
     dev: Arc<CudaDevice>,
     k: usize,
     acc: MseSketch,
+    /// Little losses outside the weighted-MSE family, sketched on the host
+    /// from their downloaded outputs (correct, not fast).
+    host: Sketch,
 }
 
 impl CudaSketch {
     pub fn new(dev: Arc<CudaDevice>, k: usize) -> Result<Self> {
         Ok(CudaSketch {
             acc: dev.mse_sketch_new(k)?,
+            host: Sketch::new(k),
             dev,
             k,
         })
@@ -42,57 +46,37 @@ impl CudaSketch {
         s.loss = loss;
         s.c = c;
         s.g = g;
+        s.add(&self.host);
         s.finish()
     }
 }
 
 impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
     fn observe(&mut self, _e: &mut CudaFwd, y: &CudaDual, loss: &dyn LittleLoss<T>) -> Result<()> {
-        let mse = loss.as_weighted_mse().ok_or_else(|| {
-            Error::config(
-                "device",
-                "cuda",
-                "losses of the weighted-MSE family (other losses run on the cpu)",
-            )
-        })?;
         let shape = y.primal.shape();
-        if mse.target.shape() != shape {
-            return Err(sofo_tensor::TensorError::shape(
-                "mse",
-                format!("{:?}", mse.target.shape()),
-                format!("{shape:?}"),
-            )
-            .into());
-        }
         let rows = shape[..shape.len().saturating_sub(1)]
             .iter()
             .product::<usize>();
+        // the weighted MSE with one weight per row (or none) is sketched on
+        // the device
+        let on_device = loss.as_weighted_mse().filter(|m| {
+            m.target.shape() == shape
+                && m.weights.as_ref().is_none_or(|w| {
+                    w.numel() == rows && (w.rank() == 0 || w.shape()[0] == rows || rows == 1)
+                })
+        });
+        let Some(mse) = on_device else {
+            return self.observe_on_host(y, loss);
+        };
         let cols = mse.target.numel();
         // target and weights in one upload
-        let mut host: Vec<f32> = mse
+        let host: Vec<f32> = mse
             .target
             .data()
             .iter()
+            .chain(mse.weights.iter().flat_map(|w| w.data()))
             .map(|v| v.to_f64() as f32)
             .collect();
-        match &mse.weights {
-            None => {}
-            Some(w)
-                if w.numel() == rows && (w.rank() == 0 || w.shape()[0] == rows || rows == 1) =>
-            {
-                host.extend(w.data().iter().map(|v| v.to_f64() as f32));
-            }
-            Some(w) => {
-                return Err(Error::config(
-                    "device",
-                    "cuda",
-                    format!(
-                        "one loss weight per row ({rows}); got weights of shape {:?}",
-                        w.shape()
-                    ),
-                ))
-            }
-        }
         let len = host.len();
         let up = self.dev.upload(&Tensor::from_vec(&[len], host)?)?;
         let target = up.slice().slice(..cols);
@@ -106,6 +90,21 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
             mse.n,
         )?;
         Ok(())
+    }
+}
+
+impl CudaSketch {
+    /// Any other little loss (or weights not one per row): its output and
+    /// tangents to the host, and the CPU's sketch of it.
+    fn observe_on_host<T: Float>(&mut self, y: &CudaDual, loss: &dyn LittleLoss<T>) -> Result<()> {
+        let d = Dual {
+            primal: self.dev.download(&y.primal)?.convert::<T>(),
+            tangent: match &y.tangent {
+                Some(t) => Some(self.dev.download(t)?.convert::<T>()),
+                None => None,
+            },
+        };
+        Observer::<T, Fwd>::observe(&mut self.host, &mut Fwd::new(self.k), &d, loss)
     }
 }
 

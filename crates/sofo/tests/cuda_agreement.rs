@@ -3,11 +3,13 @@
 //! no GPU every test prints a notice and passes without checking anything.
 #![cfg(feature = "cuda")]
 
+use sofo::loss::{Observer, SoftmaxCrossEntropy, WeightedMse};
+use sofo::models::Trials;
 use sofo::models::{
     Activation, Batch, LeakyRnn, LorenzModel, Model, RateRnn, ReachRnn, TwoJointArm,
 };
 use sofo::optim::{Adam, AdamConfig, Damping, Optimizer, Sofo, SofoConfig};
-use sofo::params::ParamSet;
+use sofo::params::{Param, ParamMode, ParamSet};
 use sofo::tasks::{KalmanTask, LorenzData, LorenzTask, ReachTask, Task};
 use sofo::{Device, Dual, Fwd, Ops, Tensor};
 use sofo_ad::cuda::{device_or_skip, CudaDual, CudaFwd};
@@ -732,4 +734,86 @@ fn tf32_sketch_is_close_to_the_cpu() {
     );
     eprintln!("tf32: loss {dl:.1e}, C {dc:.1e}, G̃ {dg:.1e} (relative differences)");
     assert!(dl < 1e-2 && dc < 3e-2 && dg < 3e-2, "TF32 sketch too far");
+}
+
+/// A softmax classifier of each step's inputs, observed through the losses
+/// the device does not sketch itself: softmax cross-entropy, and a weighted
+/// MSE with one weight per element (the host takes those over).
+struct Classifier;
+
+impl Model<f32> for Classifier {
+    fn init(&self, seed: u64) -> sofo::Result<ParamSet<f32>> {
+        let p = |name: &str, value| Param {
+            name: name.to_string(),
+            value,
+            mode: ParamMode::Free,
+        };
+        Ok(ParamSet::new(vec![
+            p("W", randn(&[3, 4], seed, 1).scale(0.5)),
+            p("b", randn(&[4], seed, 2).scale(0.1)),
+        ]))
+    }
+
+    fn run<E: Ops<f32>>(
+        &self,
+        e: &mut E,
+        p: &[E::V],
+        trials: &Trials<'_, f32>,
+        obs: &mut dyn Observer<f32, E>,
+    ) -> sofo::Result<()> {
+        let m = trials.trials();
+        for t in 0..trials.steps() {
+            let u = e.constant(trials.input(t)?.expect("inputs"))?;
+            let y = e.linear(None, 1.0, &[(&u, &p[0])], Some(&p[1]))?;
+            let labels: Vec<usize> = (0..m).map(|i| (i + t) % 4).collect();
+            obs.observe(e, &y, &SoftmaxCrossEntropy::from_labels(&labels, 4)?)?;
+            let weights =
+                Tensor::from_vec(&[m, 4], (0..m * 4).map(|i| (i % 3) as f32 * 0.5).collect())?;
+            obs.observe(
+                e,
+                &y,
+                &WeightedMse {
+                    target: randn(&[m, 4], 30 + t as u64, 0),
+                    weights: Some(weights),
+                    n: (m * 4) as f64,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn sofo_flops(&self, _k: usize, _batch: &Batch<f32>) -> f64 {
+        0.0
+    }
+}
+
+#[test]
+fn losses_the_device_does_not_sketch_run_on_the_host() {
+    let model = Classifier;
+    let params = model.init(5).unwrap();
+    let (t, m) = (6, 10);
+    let batch = Batch {
+        steps: t,
+        trials: m,
+        inputs: Some(randn(&[t, m, 3], 31, 0)),
+        initial: None,
+        targets: Tensor::zeros(&[t, m, 4]),
+        weights: None,
+        loss_norm: 1.0,
+        noise_seed: 0,
+    };
+    // the test model itself runs on the CPU engines
+    check_sketch_and_step(Device::Cpu, &model, &params, &batch, "softmax (cpu)");
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("losses_the_device_does_not_sketch_run_on_the_host") else {
+        return;
+    };
+    check_sketch_and_step(
+        Device::Cuda(dev.clone()),
+        &model,
+        &params,
+        &batch,
+        "softmax",
+    );
+    check_gradient(Device::Cuda(dev), &model, &params, &batch, "softmax");
 }
