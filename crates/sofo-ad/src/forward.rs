@@ -186,38 +186,66 @@ fn scale_rows<T: Float>(d: &[T], t: &Tensor<T>, k: usize, l: usize) -> Tensor<T>
 }
 
 /// Tangents of y = a op b on equal shapes in one pass, each batch row's
-/// partials applied to its K tangent rows (no broadcast copies).
+/// partials applied to its K tangent rows (no broadcast copies). The
+/// partials are computed once per primal element (not once per tangent),
+/// and the inner loops are free of branches so that they vectorise.
 fn same_shape_tangent<T: Float>(op: Binary, a: &Dual<T>, b: &Dual<T>, k: usize) -> Tensor<T> {
     let (_, _, l) = split3(a.primal.shape(), k);
     let shape = tangent_shape(a.primal.shape(), k);
     let mut out = Tensor::scratch(&shape);
     let (ap, bp) = (a.primal.data(), b.primal.data());
+    // ∂y/∂a and ∂y/∂b per primal element
+    let partials =
+        |f: fn(T, T) -> T| -> Vec<T> { ap.iter().zip(bp).map(|(&x, &y)| f(x, y)).collect() };
+    let (da, db): (Vec<T>, Vec<T>) = match op {
+        Binary::Add => (vec![T::one(); ap.len()], vec![T::one(); ap.len()]),
+        Binary::Sub => (vec![T::one(); ap.len()], vec![-T::one(); ap.len()]),
+        Binary::Mul => (bp.to_vec(), ap.to_vec()),
+        Binary::Div => (partials(|_, y| T::one() / y), partials(|x, y| -x / (y * y))),
+    };
+    let kl = k * l;
     let (ta, tb) = (
         a.tangent.as_ref().map(|t| t.data()),
         b.tangent.as_ref().map(|t| t.data()),
     );
-    let kl = k * l;
+    // o = p·u + q·v over one tangent row, with p, q per element (or, for a
+    // width-1 value such as an arm's column, one p, q for all K tangents)
+    fn both<T: Float>(o: &mut [T], p: &[T], q: &[T], u: &[T], v: &[T]) {
+        for ((((o, &p), &q), &u), &v) in o.iter_mut().zip(p).zip(q).zip(u).zip(v) {
+            *o = p * u + q * v;
+        }
+    }
+    fn one<T: Float>(o: &mut [T], p: &[T], u: &[T]) {
+        for ((o, &p), &u) in o.iter_mut().zip(p).zip(u) {
+            *o = p * u;
+        }
+    }
     Cpu.for_rows(out.data_mut(), kl, |r, block| {
-        let (ar, br) = (&ap[r * l..(r + 1) * l], &bp[r * l..(r + 1) * l]);
+        let (dr, er) = (&da[r * l..(r + 1) * l], &db[r * l..(r + 1) * l]);
         let ta = ta.map(|t| &t[r * kl..(r + 1) * kl]);
         let tb = tb.map(|t| &t[r * kl..(r + 1) * kl]);
-        for (i, o) in block.iter_mut().enumerate() {
-            let j = i % l;
-            let (av, bv) = (ar[j], br[j]);
-            let (da, db) = match op {
-                Binary::Add => (T::one(), T::one()),
-                Binary::Sub => (T::one(), -T::one()),
-                Binary::Mul => (bv, av),
-                Binary::Div => (T::one() / bv, -av / (bv * bv)),
-            };
-            let mut v = T::zero();
-            if let Some(t) = ta {
-                v += da * t[i];
+        if l == 1 {
+            let (p, q) = (dr[0], er[0]);
+            match (ta, tb) {
+                (Some(u), Some(v)) => {
+                    for ((o, &u), &v) in block.iter_mut().zip(u).zip(v) {
+                        *o = p * u + q * v;
+                    }
+                }
+                (Some(u), None) => block.iter_mut().zip(u).for_each(|(o, &u)| *o = p * u),
+                (None, Some(v)) => block.iter_mut().zip(v).for_each(|(o, &v)| *o = q * v),
+                (None, None) => block.fill(T::zero()),
             }
-            if let Some(t) = tb {
-                v += db * t[i];
+            return;
+        }
+        for (kk, o) in block.chunks_exact_mut(l).enumerate() {
+            let span = kk * l..(kk + 1) * l;
+            match (ta, tb) {
+                (Some(u), Some(v)) => both(o, dr, er, &u[span.clone()], &v[span]),
+                (Some(u), None) => one(o, dr, &u[span]),
+                (None, Some(v)) => one(o, er, &v[span]),
+                (None, None) => o.fill(T::zero()),
             }
-            *o = v;
         }
     });
     out
