@@ -2,8 +2,16 @@
 # Everything GPU-specific, in one run, on a machine with an NVIDIA GPU.
 # Prepare on a build machine with scripts/gpu-prepare.sh (fills gpu/), then
 # run from the repository root there:  bash scripts/gpu-check.sh
-# Results go to $OUT (default gpu/out); a short table is printed last.
+# Results go to $OUT (default gpu/out); a short table is printed last and
+# written to $OUT/table.md.
+#
+# PHASES (default "agree bench anchors") splits the work so that each device
+# call stays under its time limit, e.g. PHASES=agree, then PHASES="bench",
+# then PHASES=anchors; the table is printed after every call from whatever
+# $OUT holds by then.
 set -u
+PHASES=${PHASES:-agree bench anchors}
+has() { [[ " $PHASES " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu/out}
 mkdir -p "$OUT"
@@ -17,20 +25,27 @@ for lib in libcublas.so.13 libnvrtc.so.13; do
   [ -n "$d" ] && [ "$d" != "." ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+echo "built from: $(head -n 1 $G/BUILD 2>/dev/null || echo 'unknown (rerun scripts/gpu-prepare.sh)')" | tee "$OUT/build.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
+if has agree; then
 echo "== backend agreement tests"
-timeout 120 $G/cuda_agreement --test-threads 1 --nocapture 2>&1 | tee "$OUT/agreement.txt"
+timeout 180 $G/cuda_agreement --test-threads 1 --nocapture 2>&1 | tee "$OUT/agreement.txt"
+fi
 
+if has bench; then
 echo "== sofo bench --device cuda"
 timeout 300 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
 
 echo "== sofo bench --device cuda --gpu-matmul tf32 (SOFO; TF32 GEMMs as JAX's default)"
-timeout 200 $G/sofo bench --device ${DEVICE:-cuda} --gpu-matmul tf32 --method sofo --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo_tf32.jsonl"
+timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --gpu-matmul tf32 --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_tf32.jsonl"
 
 echo "== memory against T (rate RNN N=128 M=64 K=64)"
 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 2 --only rnn-n128 --steps 32,256,1024,4096,16384 2>&1 | tee "$OUT/sofo_memory.jsonl"
 
+fi
+
+if has anchors; then
 echo "== anchors: JAX SOFO and PyTorch Adam-BPTT on the same configurations"
 $PY -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 | tail -n 1
 : > "$OUT/anchors.jsonl"
@@ -49,34 +64,34 @@ for cfg in $CONFIGS; do
     | sed -n 's/^RESULT //p' >> "$OUT/anchors.jsonl"
 done
 
+fi
+
 echo "== table (seconds per iteration; the GPU above)"
-$PY - "$OUT" <<'PY'
+$PY - "$OUT" <<'PY' | tee "$OUT/table.md"
 import json, sys, os
 out = sys.argv[1]
-sofo = []
-for l in open(os.path.join(out, "sofo.jsonl")):
+def lines(name):
+    # the JSON lines of a result file (stderr lines and missing files skipped)
     try:
-        sofo.append(json.loads(l))
-    except Exception:
-        pass
+        f = open(os.path.join(out, name))
+    except OSError:
+        return []
+    rows = []
+    for l in f:
+        try:
+            rows.append(json.loads(l))
+        except Exception:
+            pass
+    return rows
+sofo = lines("sofo.jsonl")
 anch = {}
-for l in open(os.path.join(out, "anchors.jsonl")):
+for r in lines("anchors.jsonl"):
     try:
-        r = json.loads(l)
         fw = r["framework"] + ("-f32" if r.get("precision") == "highest" else "")
         anch[(fw, r["method"], r["N"], r["B"], r["T"])] = r
     except Exception:
         pass
-tf32 = {}
-try:
-    for l in open(os.path.join(out, "sofo_tf32.jsonl")):
-        try:
-            r = json.loads(l)
-            tf32[(r["name"], r["n"], r["m"], r["t"])] = r["seconds_per_iter"]
-        except Exception:
-            pass
-except OSError:
-    pass
+tf32 = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_tf32.jsonl") if "name" in r}
 print("| config | sofo SOFO | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 own_adam = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in sofo if r.get("method") == "adam"}
@@ -96,12 +111,8 @@ for r in sofo:
 print()
 print("| method | T | sofo peak device MiB | s/iter |")
 print("|---|---|---|---|")
-try:
-    for l in open(os.path.join(out, "sofo_memory.jsonl")):
-        r = json.loads(l)
-        b = r.get("peak_device_bytes")
-        mb = f"{b / 2**20:.2f}" if b is not None else "—"
-        print(f"| {r.get('method', 'sofo')} | {r['t']} | {mb} | {r['seconds_per_iter']:.4g} |")
-except Exception as e:
-    print("memory sweep:", e)
+for r in lines("sofo_memory.jsonl"):
+    b = r.get("peak_device_bytes")
+    mb = f"{b / 2**20:.2f}" if b is not None else "—"
+    print(f"| {r.get('method', 'sofo')} | {r.get('t')} | {mb} | {r.get('seconds_per_iter', 0):.4g} |")
 PY

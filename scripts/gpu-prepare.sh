@@ -20,4 +20,6 @@ cp "$ANCHORS"/*.py gpu/anchors/
 cp scripts/anchor_torch_gpu.py gpu/
 # no debug info: what travels to the GPU machine is size-limited
 strip --strip-debug gpu/sofo gpu/cuda_agreement
+# what was built, so that a GPU run names the commit it tested
+{ git rev-parse HEAD; git status --short | head -n 20; } > gpu/BUILD
 du -sh gpu

@@ -669,7 +669,6 @@ impl CudaDevice {
         Ok((y, d))
     }
 
-    /// y = a op b elementwise on equal shapes (op codes of `binary_fwd`).
     /// y = f(x) [P, L] and its tangents f′(x) ⊙ ẋ [P, K, L] in one launch.
     pub fn unary_tangent(
         &self,
@@ -705,6 +704,7 @@ impl CudaDevice {
         Ok((y, out))
     }
 
+    /// y = a op b elementwise on equal shapes (op codes of `binary_fwd`).
     pub fn binary(&self, a: &DevTensor, b: &DevTensor, op: BinaryCode) -> Result<DevTensor> {
         if a.shape != b.shape {
             return Err(TensorError::shape(
@@ -1091,9 +1091,19 @@ impl CudaDevice {
             beta: 0.0f32,
             ldc: k as i32,
         };
+        // the tangents are orthonormalised from this product: in full f32
+        // even where the model's GEMMs use TF32
+        let tf32 = self.tf32();
+        if tf32 {
+            self.set_tf32(false)?;
+        }
         // SAFETY: v holds k·p elements, g k·k.
-        unsafe { self.blas.gemm(cfg, &v.data, &v.data, &mut g.data) }
-            .map_err(|e| dev_err("gemm", e))?;
+        let done = unsafe { self.blas.gemm(cfg, &v.data, &v.data, &mut g.data) }
+            .map_err(|e| dev_err("gemm", e));
+        if tf32 {
+            self.set_tf32(true)?;
+        }
+        done?;
         Ok(g)
     }
 

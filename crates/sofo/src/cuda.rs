@@ -3,7 +3,7 @@
 //! only the final (loss, C, G̃) comes back to the host. BPTT: the model runs
 //! on the device tape and only the gradients come back.
 
-use crate::loss::{LittleLoss, Observer, Sketch};
+use crate::loss::{LittleLoss, Observer, Sketch, WeightedMse};
 use crate::models::{Batch, Model};
 use crate::optim::{orthonormal_transform, split_flat, Sofo, StepReport, TangentKind};
 use crate::params::ParamSet;
@@ -17,6 +17,18 @@ use sofo_tensor::cuda::{CudaDevice, DevTensor, MseSketch};
 use sofo_tensor::rng;
 use sofo_tensor::{Float, Tensor};
 use std::sync::Arc;
+
+/// Whether the device kernels compute this weighted MSE of an output of
+/// `shape`: the target of that shape and no weights, or weights of the same
+/// rank with one per row (size 1 on the last axis, the output's extents
+/// before it) — as numpy broadcasting reads them on the CPU.
+fn device_mse<T: Float>(m: &WeightedMse<T>, shape: &[usize]) -> bool {
+    let r = shape.len();
+    m.target.shape() == shape
+        && m.weights.as_ref().is_none_or(|w| {
+            r > 0 && w.rank() == r && w.shape()[r - 1] == 1 && w.shape()[..r - 1] == shape[..r - 1]
+        })
+}
 
 /// The sketch, accumulated in device memory (see
 /// [`sofo_tensor::cuda::MseSketch`]).
@@ -54,17 +66,9 @@ impl CudaSketch {
 impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
     fn observe(&mut self, _e: &mut CudaFwd, y: &CudaDual, loss: &dyn LittleLoss<T>) -> Result<()> {
         let shape = y.primal.shape();
-        let rows = shape[..shape.len().saturating_sub(1)]
-            .iter()
-            .product::<usize>();
         // the weighted MSE with one weight per row (or none) is sketched on
         // the device
-        let on_device = loss.as_weighted_mse().filter(|m| {
-            m.target.shape() == shape
-                && m.weights.as_ref().is_none_or(|w| {
-                    w.numel() == rows && (w.rank() == 0 || w.shape()[0] == rows || rows == 1)
-                })
-        });
+        let on_device = loss.as_weighted_mse().filter(|m| device_mse(m, shape));
         let Some(mse) = on_device else {
             return self.observe_on_host(y, loss);
         };
@@ -252,9 +256,7 @@ impl<T: Float> Observer<T, CudaRev> for CudaSeeds {
     fn observe(&mut self, e: &mut CudaRev, y: &Var, loss: &dyn LittleLoss<T>) -> Result<()> {
         let yv = e.value_of(y);
         let rows = yv.numel() / yv.shape().last().copied().unwrap_or(1).max(1);
-        let on_device = loss.as_weighted_mse().filter(|m| {
-            m.target.shape() == yv.shape() && m.weights.as_ref().is_none_or(|w| w.numel() == rows)
-        });
+        let on_device = loss.as_weighted_mse().filter(|m| device_mse(m, yv.shape()));
         let seed = match on_device {
             Some(mse) => {
                 let target = self.dev.upload(&mse.target.convert::<f32>())?;
@@ -310,4 +312,36 @@ pub fn gradient_pass_cuda<T: Float, M: Model<T>>(
         })
         .collect::<Result<_>>()?;
     Ok((loss, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_mse;
+    use crate::loss::WeightedMse;
+    use sofo_tensor::Tensor;
+
+    fn mse(target: &[usize], weights: Option<&[usize]>) -> WeightedMse<f32> {
+        WeightedMse {
+            target: Tensor::zeros(target),
+            weights: weights.map(Tensor::zeros),
+            n: 1.0,
+        }
+    }
+
+    /// The device takes the weighted MSE only where its per-row weights
+    /// mean what numpy broadcasting means on the CPU.
+    #[test]
+    fn the_device_takes_per_row_weights_only() {
+        let y = [4, 3];
+        assert!(device_mse(&mse(&y, None), &y));
+        assert!(device_mse(&mse(&y, Some(&[4, 1])), &y));
+        // [4] against [4, 3] broadcasts along the last axis on the CPU; here
+        // it would be per column (and with 3 rows, ambiguous)
+        assert!(!device_mse(&mse(&y, Some(&[4])), &y));
+        assert!(!device_mse(&mse(&y, Some(&[1, 3])), &y));
+        assert!(!device_mse(&mse(&y, Some(&[4, 3])), &y));
+        assert!(!device_mse(&mse(&[4, 2], None), &y));
+        assert!(device_mse(&mse(&[2, 4, 3], Some(&[2, 4, 1])), &[2, 4, 3]));
+        assert!(!device_mse(&mse(&[], Some(&[])), &[]));
+    }
 }
