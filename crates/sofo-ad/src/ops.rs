@@ -20,6 +20,36 @@ pub enum Unary {
 }
 
 impl Unary {
+    /// Every op of the vocabulary, the scalar ones with `add` and `mul`:
+    /// for tests that sweep them all.
+    pub fn all(add: f64, mul: f64) -> [Unary; 14] {
+        use Unary::*;
+        let all = [
+            Neg,
+            Abs,
+            Exp,
+            Log,
+            Tanh,
+            Relu,
+            Softplus,
+            Sigmoid,
+            Square,
+            Sqrt,
+            Sin,
+            Cos,
+            AddScalar(add),
+            MulScalar(mul),
+        ];
+        // a new op breaks this match: add it to the list above as well
+        for u in all {
+            match u {
+                Neg | Abs | Exp | Log | Tanh | Relu | Softplus | Sigmoid | Square | Sqrt | Sin
+                | Cos | AddScalar(_) | MulScalar(_) => {}
+            }
+        }
+        all
+    }
+
     pub fn apply<T: Float>(self, x: T) -> T {
         match self {
             Unary::Neg => -x,

@@ -136,23 +136,6 @@ fn close(want: &[f32], got: &[f32], what: &str) {
     assert!(d < 2e-6, "{what}: differs from the CPU by {d:e}");
 }
 
-const UNARIES: [Unary; 14] = [
-    Unary::Neg,
-    Unary::Abs,
-    Unary::Exp,
-    Unary::Log,
-    Unary::Tanh,
-    Unary::Relu,
-    Unary::Softplus,
-    Unary::Sigmoid,
-    Unary::Square,
-    Unary::Sqrt,
-    Unary::Sin,
-    Unary::Cos,
-    Unary::AddScalar(0.7),
-    Unary::MulScalar(-1.3),
-];
-
 /// Inputs where every op is defined (log, sqrt: positive).
 fn input_for(op: Unary, shape: &[usize], seed: u64) -> Tensor<f32> {
     let x = randn(shape, seed, 1);
@@ -171,7 +154,7 @@ fn unary_kernels_match_the_cpu_rules() {
     let fwd = emu.kernel::<UnaryFwd>("unary_fwd");
     let tan = emu.kernel::<UnaryTangent>("unary_tangent");
     let (shape, k) = ([5usize, 7], 3usize);
-    for op in UNARIES {
+    for op in Unary::all(0.7, -1.3) {
         let (c, s) = code(op);
         let x = input_for(op, &shape, 2);
         let t = randn(&tangent_shape(&shape, k), 3, 2);

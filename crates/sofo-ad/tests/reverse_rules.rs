@@ -168,25 +168,7 @@ fn check(case: Case, shapes: &[&[usize]], seed: u64) {
 
 #[test]
 fn unary_ops() {
-    for (i, u) in [
-        Unary::Neg,
-        Unary::Abs,
-        Unary::Exp,
-        Unary::Log,
-        Unary::Tanh,
-        Unary::Relu,
-        Unary::Softplus,
-        Unary::Sigmoid,
-        Unary::Square,
-        Unary::Sqrt,
-        Unary::Sin,
-        Unary::Cos,
-        Unary::AddScalar(0.4),
-        Unary::MulScalar(-2.5),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, u) in Unary::all(0.4, -2.5).into_iter().enumerate() {
         check(Case::Unary(u), &[&[3, 5]], i as u64);
         check(Case::Unary(u), &[&[2, 3, 4]], 50 + i as u64);
     }

@@ -83,22 +83,7 @@ fn every_op_agrees_with_the_cpu() {
         primal: x.primal.map(|v| v.abs() + 0.5),
         tangent: x.tangent.clone(),
     };
-    for op in [
-        Unary::Neg,
-        Unary::Abs,
-        Unary::Exp,
-        Unary::Log,
-        Unary::Tanh,
-        Unary::Relu,
-        Unary::Softplus,
-        Unary::Sigmoid,
-        Unary::Square,
-        Unary::Sqrt,
-        Unary::Sin,
-        Unary::Cos,
-        Unary::AddScalar(0.3),
-        Unary::MulScalar(-1.7),
-    ] {
+    for op in Unary::all(0.3, -1.7) {
         let input = if matches!(op, Unary::Log | Unary::Sqrt) {
             &pos
         } else {
@@ -232,6 +217,31 @@ fn rnn_case(act: Activation) -> (RateRnn, ParamSet<f32>, Batch<f32>) {
     (model, params, batch)
 }
 
+/// A short single reach (T = 120 at 10 ms) with a small network: the
+/// plant's columns, sin/cos, divisions and the seeded rate noise.
+fn reach_case() -> (ReachRnn, ParamSet<f32>, Batch<f32>) {
+    let task = ReachTask {
+        steps: 120,
+        dt: 0.01,
+        go_min: 0.1,
+        go_jitter: 0.1,
+        arm: TwoJointArm {
+            dt: 0.01,
+            ..TwoJointArm::li_todorov()
+        },
+        ..ReachTask::single()
+    };
+    let model = ReachRnn {
+        n: 32,
+        alpha: 0.2,
+        arm: task.arm.clone(),
+        ..ReachRnn::paper(task.inputs())
+    };
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&task, 0, 0, 16).unwrap();
+    (model, params, batch)
+}
+
 fn check_sketch_and_step<M: Model<f32>>(
     dev: Device,
     model: &M,
@@ -325,26 +335,7 @@ fn reach_network_with_the_arm_agrees() {
     let Some(dev) = device_or_skip("reach_network_with_the_arm_agrees") else {
         return;
     };
-    // the plant's columns, sin/cos, divisions and the seeded rate noise
-    let task = ReachTask {
-        steps: 120,
-        dt: 0.01,
-        go_min: 0.1,
-        go_jitter: 0.1,
-        arm: TwoJointArm {
-            dt: 0.01,
-            ..TwoJointArm::li_todorov()
-        },
-        ..ReachTask::single()
-    };
-    let model = ReachRnn {
-        n: 32,
-        alpha: 0.2,
-        arm: task.arm.clone(),
-        ..ReachRnn::paper(task.inputs())
-    };
-    let params = Model::<f32>::init(&model, 0).unwrap();
-    let batch = Task::<f32>::train_batch(&task, 0, 0, 16).unwrap();
+    let (model, params, batch) = reach_case();
     check_sketch_and_step(Device::Cuda(dev), &model, &params, &batch, "reach");
 }
 
@@ -650,25 +641,7 @@ fn bptt_gradient_agrees() {
     let params = Model::<f32>::init(&model, 0).unwrap();
     let batch = Task::<f32>::train_batch(&task, 0, 0, 16).unwrap();
     check_gradient(Device::Cuda(dev.clone()), &model, &params, &batch, "kalman");
-    let task = ReachTask {
-        steps: 120,
-        dt: 0.01,
-        go_min: 0.1,
-        go_jitter: 0.1,
-        arm: TwoJointArm {
-            dt: 0.01,
-            ..TwoJointArm::li_todorov()
-        },
-        ..ReachTask::single()
-    };
-    let model = ReachRnn {
-        n: 32,
-        alpha: 0.2,
-        arm: task.arm.clone(),
-        ..ReachRnn::paper(task.inputs())
-    };
-    let params = Model::<f32>::init(&model, 0).unwrap();
-    let batch = Task::<f32>::train_batch(&task, 0, 0, 16).unwrap();
+    let (model, params, batch) = reach_case();
     check_gradient(Device::Cuda(dev), &model, &params, &batch, "reach");
 }
 
