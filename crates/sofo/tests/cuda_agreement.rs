@@ -217,6 +217,17 @@ fn rnn_case(act: Activation) -> (RateRnn, ParamSet<f32>, Batch<f32>) {
     (model, params, batch)
 }
 
+/// The Lorenz model (H = 64) on 32 short Lorenz windows.
+fn lorenz_case() -> (LorenzModel, ParamSet<f32>, Batch<f32>) {
+    let task = LorenzTask {
+        data: LorenzData::generate(1, 100, 20, 32, 0.01).unwrap(),
+    };
+    let model = LorenzModel { hidden: 64 };
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&task, 0, 0, 32).unwrap();
+    (model, params, batch)
+}
+
 /// A short single reach (T = 120 at 10 ms) with a small network: the
 /// plant's columns, sin/cos, divisions and the seeded rate noise.
 fn reach_case() -> (ReachRnn, ParamSet<f32>, Batch<f32>) {
@@ -321,12 +332,7 @@ fn lorenz_sketch_and_step_agree() {
     let Some(dev) = device_or_skip("lorenz_sketch_and_step_agree") else {
         return;
     };
-    let task = LorenzTask {
-        data: LorenzData::generate(1, 100, 20, 32, 0.01).unwrap(),
-    };
-    let model = LorenzModel { hidden: 64 };
-    let params = Model::<f32>::init(&model, 0).unwrap();
-    let batch = Task::<f32>::train_batch(&task, 0, 0, 32).unwrap();
+    let (model, params, batch) = lorenz_case();
     check_sketch_and_step(Device::Cuda(dev), &model, &params, &batch, "lorenz");
 }
 
@@ -629,12 +635,7 @@ fn bptt_gradient_agrees() {
             act.name(),
         );
     }
-    let task = LorenzTask {
-        data: LorenzData::generate(1, 100, 20, 32, 0.01).unwrap(),
-    };
-    let model = LorenzModel { hidden: 64 };
-    let params = Model::<f32>::init(&model, 0).unwrap();
-    let batch = Task::<f32>::train_batch(&task, 0, 0, 32).unwrap();
+    let (model, params, batch) = lorenz_case();
     check_gradient(Device::Cuda(dev.clone()), &model, &params, &batch, "lorenz");
     let task = KalmanTask::new(200);
     let model = LeakyRnn::kalman(24);
