@@ -130,11 +130,14 @@ impl<T: Float> LittleLoss<T> for WeightedMse<T> {
     }
 }
 
-/// Softmax cross-entropy over the last axis, mean over rows: y [M, L]
-/// logits, target [M, L] probabilities (one-hot for class labels).
-/// Per row H = (1/M)(diag(p) − ppᵀ).
+/// Softmax cross-entropy over the last axis, summed over rows and divided
+/// by n: y [M, L] logits, target [M, L] probabilities (one-hot for class
+/// labels). Per row H = (1/n)(diag(p) − ppᵀ). n is the number of rows of
+/// the whole batch (as `WeightedMse::n`), so that the losses of groups of
+/// trials add up to the batch's mean whatever the split.
 pub struct SoftmaxCrossEntropy<T: Float> {
     pub target: Tensor<T>,
+    pub n: f64,
 }
 
 impl<T: Float> SoftmaxCrossEntropy<T> {
@@ -149,7 +152,17 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
         }
         Ok(SoftmaxCrossEntropy {
             target: Tensor::from_vec(&[labels.len(), classes], t)?,
+            n: labels.len() as f64,
         })
+    }
+
+    /// The same loss divided by `n` rows (the whole batch's) instead of its
+    /// own.
+    pub fn over(self, n: usize) -> Self {
+        SoftmaxCrossEntropy {
+            n: n as f64,
+            ..self
+        }
     }
 
     fn probs(&self, y: &Tensor<T>) -> Result<(usize, usize, Vec<f64>)> {
@@ -163,6 +176,9 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
                 format!("{:?}", y.shape()),
             )
             .into());
+        }
+        if !(self.n.is_finite() && self.n > 0.0) {
+            return Err(Error::config("softmax_cross_entropy.n", self.n, "> 0"));
         }
         let (m, l) = (y.shape()[0], y.shape()[1]);
         let mut p = vec![0.0; m * l];
@@ -183,7 +199,7 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
 
 impl<T: Float> LittleLoss<T> for SoftmaxCrossEntropy<T> {
     fn value(&self, y: &Tensor<T>) -> Result<f64> {
-        let (m, _, p) = self.probs(y)?;
+        let (_, _, p) = self.probs(y)?;
         let mut s = 0.0;
         for (&t, &pi) in self.target.data().iter().zip(&p) {
             let t = t.to_f64();
@@ -191,7 +207,7 @@ impl<T: Float> LittleLoss<T> for SoftmaxCrossEntropy<T> {
                 s -= t * pi.max(f64::MIN_POSITIVE).ln();
             }
         }
-        Ok(s / m as f64)
+        Ok(s / self.n)
     }
 
     fn gradient(&self, y: &Tensor<T>) -> Result<Tensor<f64>> {
@@ -201,7 +217,7 @@ impl<T: Float> LittleLoss<T> for SoftmaxCrossEntropy<T> {
                 let row_t: f64 = (0..l)
                     .map(|j| self.target.data()[(i / l) * l + j].to_f64())
                     .sum();
-                (row_t * p[i] - self.target.data()[i].to_f64()) / m as f64
+                (row_t * p[i] - self.target.data()[i].to_f64()) / self.n
             })
             .collect();
         Ok(Tensor::from_vec(y.shape(), g)?)
@@ -216,12 +232,12 @@ impl<T: Float> LittleLoss<T> for SoftmaxCrossEntropy<T> {
     ) -> Result<()> {
         let (m, l, p) = self.probs(y)?;
         let yd = ydot.data();
-        // Σ_rows (1/M)[(Ẏ⊙p)Ẏᵀ − (Ẏp)(Ẏp)ᵀ], each term weighted by the row's target mass
+        // Σ_rows (1/n)[(Ẏ⊙p)Ẏᵀ − (Ẏp)(Ẏp)ᵀ], each term weighted by the row's target mass
         let mut a1 = vec![0.0; k * m * l];
         let mut a2 = vec![0.0; k * m];
         for r in 0..m {
             let mass: f64 = (0..l).map(|j| self.target.data()[r * l + j].to_f64()).sum();
-            let s = (mass / m as f64).sqrt();
+            let s = (mass / self.n).sqrt();
             for kk in 0..k {
                 let mut dot = 0.0;
                 for j in 0..l {
@@ -247,7 +263,7 @@ impl<T: Float> LittleLoss<T> for SoftmaxCrossEntropy<T> {
                 for j in 0..l {
                     let d = if i == j { p[r * l + i] } else { 0.0 };
                     h[(r * l + i) * n + r * l + j] =
-                        mass * (d - p[r * l + i] * p[r * l + j]) / m as f64;
+                        mass * (d - p[r * l + i] * p[r * l + j]) / self.n;
                 }
             }
         }

@@ -735,21 +735,30 @@ impl Model<f32> for Classifier {
         trials: &Trials<'_, f32>,
         obs: &mut dyn Observer<f32, E>,
     ) -> sofo::Result<()> {
-        let m = trials.trials();
+        // labels, targets and weights by each trial's index in the batch,
+        // and the cross-entropy over the batch's rows: the same losses
+        // however the trials are split into groups
+        let (m, start, total) = (trials.trials(), trials.start, trials.batch.trials);
         for t in 0..trials.steps() {
             let u = e.constant(trials.input(t)?.expect("inputs"))?;
             let y = e.linear(None, 1.0, &[(&u, &p[0])], Some(&p[1]))?;
-            let labels: Vec<usize> = (0..m).map(|i| (i + t) % 4).collect();
-            obs.observe(e, &y, &SoftmaxCrossEntropy::from_labels(&labels, 4)?)?;
-            let weights =
-                Tensor::from_vec(&[m, 4], (0..m * 4).map(|i| (i % 3) as f32 * 0.5).collect())?;
+            let labels: Vec<usize> = (0..m).map(|i| (start + i + t) % 4).collect();
+            let ce = SoftmaxCrossEntropy::from_labels(&labels, 4)?.over(total);
+            obs.observe(e, &y, &ce)?;
+            let weights = Tensor::from_vec(
+                &[m, 4],
+                (0..m * 4)
+                    .map(|i| ((start * 4 + i) % 3) as f32 * 0.5)
+                    .collect(),
+            )?;
+            let target = randn(&[total, 4], 30 + t as u64, 0).slice(0, start, m)?;
             obs.observe(
                 e,
                 &y,
                 &WeightedMse {
-                    target: randn(&[m, 4], 30 + t as u64, 0),
+                    target,
                     weights: Some(weights),
-                    n: (m * 4) as f64,
+                    n: (total * 4) as f64,
                 },
             )?;
         }
@@ -790,4 +799,142 @@ fn losses_the_device_does_not_sketch_run_on_the_host() {
         "softmax",
     );
     check_gradient(Device::Cuda(dev), &model, &params, &batch, "softmax");
+}
+
+// ---------------------------------------------------------------------------
+// The same tests without a GPU: on the fake GPU of tests/fake_gpu.
+
+/// The kernels of the tensor layer, each with a wrapper that unpacks
+/// cuLaunchKernel's argument array by the kernel's own signature, and
+/// whether it synchronises its block.
+fn fake_gpu_kernels(src: &str) -> String {
+    let mut wrappers = String::new();
+    let mut table = String::new();
+    let marker = "extern \"C\" __global__ void ";
+    let mut rest = src;
+    while let Some(at) = rest.find(marker) {
+        let sig = &rest[at + marker.len()..];
+        let open = sig.find('(').expect("kernel parameters");
+        let name = sig[..open].trim();
+        let close = sig.find(')').expect("end of parameters");
+        let args: Vec<String> = sig[open + 1..close]
+            .split(',')
+            .enumerate()
+            .map(|(i, p)| {
+                let p = p.trim();
+                let ident = p
+                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .expect("a parameter name");
+                format!("*({} *)p[{i}]", p[..=ident].trim())
+            })
+            .collect();
+        // the body, by brace matching
+        let body_start = sig.find('{').expect("kernel body");
+        let mut depth = 0;
+        let mut end = body_start;
+        for (i, c) in sig[body_start..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = body_start + i;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let body = &sig[body_start..end];
+        let syncs = body.contains("__syncthreads") || body.contains("block_sum(");
+        wrappers.push_str(&format!(
+            "static void call_{name}(void** p) {{ {name}({}); }}\n",
+            args.join(", ")
+        ));
+        table.push_str(&format!("    {{\"{name}\", call_{name}, {syncs}}},\n"));
+        rest = &sig[end..];
+    }
+    format!("{src}\n{wrappers}\nstatic const Kernel KERNELS[] = {{\n{table}}};\n")
+}
+
+/// Builds the fake libcuda / libcublas / libnvrtc into a directory (`None`
+/// without a C++ compiler, unless SOFO_REQUIRE_CXX is set).
+fn build_fake_gpu() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake_gpu");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("kernels.inc"),
+        fake_gpu_kernels(sofo_tensor::cuda::kernel_source()),
+    )
+    .unwrap();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_gpu/fakecuda.cpp");
+    let lib = dir.join("libfakecuda.so");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = match std::process::Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-I"])
+        .arg(&dir)
+        .arg("-o")
+        .arg(&lib)
+        .arg(src)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            assert!(
+                std::env::var_os("SOFO_REQUIRE_CXX").is_none(),
+                "no C++ compiler `{cxx}` ({e}) and SOFO_REQUIRE_CXX is set"
+            );
+            eprintln!("skipping the fake GPU: no C++ compiler `{cxx}` ({e})");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "the fake GPU does not compile:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["libcuda.so", "libcublas.so", "libnvrtc.so"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link).unwrap();
+    }
+    Some(dir)
+}
+
+/// Without a GPU, every test of this file runs again in a child process
+/// whose libcuda, libcublas and libnvrtc are the fake GPU's: the whole
+/// device path (cudarc's loading and launches, the launch arguments against
+/// each kernel's signature, the cuBLAS calls, device memory, the kernels)
+/// is checked against the CPU, though not the hardware itself (numerics of
+/// the device's math library, timing, concurrency).
+#[test]
+fn agreement_tests_pass_on_the_fake_gpu() {
+    if std::env::var_os("SOFO_FAKE_GPU").is_some() {
+        return; // the child
+    }
+    if sofo_tensor::cuda::CudaDevice::open(0).is_ok() {
+        eprintln!("a GPU is here: the agreement tests ran on it");
+        return;
+    }
+    let Some(dir) = build_fake_gpu() else {
+        return;
+    };
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--test-threads", "1", "--nocapture"])
+        .env("LD_LIBRARY_PATH", &dir)
+        .env("SOFO_FAKE_GPU", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "on the fake GPU:\n{text}");
+    assert!(
+        !text.contains("skipping"),
+        "a test did not find the fake GPU:\n{text}"
+    );
+    assert!(text.contains("test result: ok"), "{text}");
+    eprintln!("{text}");
 }

@@ -99,7 +99,50 @@ fn softmax_cross_entropy_curvature() {
     );
     // soft targets
     let t = Tensor::from_vec(&[2, 3], vec![0.2, 0.3, 0.5, 1.0, 0.0, 0.0]).unwrap();
-    fd_check(&SoftmaxCrossEntropy { target: t }, &randn(&[2, 3], 3, 1));
+    fd_check(
+        &SoftmaxCrossEntropy { target: t, n: 5.0 },
+        &randn(&[2, 3], 3, 1),
+    );
+}
+
+/// Split into groups of trials (as the CPU's threads split a batch), the
+/// cross-entropy of each group over the batch's row count adds up to the
+/// batch's: value, gradient and curvature.
+#[test]
+fn softmax_cross_entropy_adds_up_over_groups() {
+    let labels = [0, 3, 1, 2, 2];
+    let y = randn(&[5, 4], 4, 0);
+    let k = 3;
+    let yd = randn(&[5, k, 4], 4, 1);
+    let whole = SoftmaxCrossEntropy::<f64>::from_labels(&labels, 4).unwrap();
+    let (mut g_whole, mut g_parts) = (vec![0.0; k * k], vec![0.0; k * k]);
+    whole.add_curvature(&y, &yd, k, &mut g_whole).unwrap();
+    let mut value = 0.0;
+    let mut grad = vec![];
+    for (start, len) in [(0, 2), (2, 3)] {
+        let part = SoftmaxCrossEntropy::<f64>::from_labels(&labels[start..start + len], 4)
+            .unwrap()
+            .over(5);
+        let yp = y.slice(0, start, len).unwrap();
+        value += part.value(&yp).unwrap();
+        grad.extend(part.gradient(&yp).unwrap().data().to_vec());
+        part.add_curvature(&yp, &yd.slice(0, start, len).unwrap(), k, &mut g_parts)
+            .unwrap();
+    }
+    assert!((value - whole.value(&y).unwrap()).abs() < 1e-12);
+    let gw = whole.gradient(&y).unwrap();
+    for (a, b) in gw.data().iter().zip(&grad) {
+        assert!((a - b).abs() < 1e-12, "gradient {a} vs {b}");
+    }
+    for (a, b) in g_whole.iter().zip(&g_parts) {
+        assert!((a - b).abs() < 1e-12, "curvature {a} vs {b}");
+    }
+    // the normaliser is checked
+    let bad = SoftmaxCrossEntropy::<f64>::from_labels(&labels, 4)
+        .unwrap()
+        .over(0);
+    let e = bad.value(&y).unwrap_err().to_string();
+    assert!(e.contains("softmax_cross_entropy.n"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,282 @@
+// A stand-in for libcuda, libcublas and libnvrtc that runs on the host, so
+// that the GPU code path of sofo (cudarc's dynamic loading, the launch
+// arguments, the cuBLAS calls, the device memory handling, the kernels) runs
+// in tests on a machine without a GPU. Built by tests/cuda_agreement.rs with
+// the kernels of sofo_tensor::cuda (kernels.inc, generated there) and loaded
+// in place of the real libraries through LD_LIBRARY_PATH.
+//
+// "Device" memory is host memory (a CUdeviceptr is a host address), filled
+// with NaN bytes when allocated so that reading an element nobody wrote shows
+// up. Kernels run thread by thread (grid-stride kernels), or with one OS
+// thread per CUDA thread of a block where the kernel synchronises its block.
+// The stream is the caller's thread: everything is synchronous. cuBLAS GEMMs
+// follow the reference definition (column-major, op(A)·op(B)), accumulated in
+// double. Only what sofo uses is here; anything else is missing on purpose,
+// so that cudarc names the symbol it wanted.
+#include <math.h>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct EmuDim {
+    unsigned x, y, z;
+};
+static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
+static std::barrier<>* emu_block_barrier = nullptr;
+#define __global__
+#define __device__
+#define __shared__ static
+#define __syncthreads() emu_block_barrier->arrive_and_wait()
+
+struct Kernel {
+    const char* name;
+    void (*call)(void** params);
+    bool syncs;  // uses __syncthreads: one OS thread per CUDA thread
+};
+
+// the kernels and KERNELS[] (name, unpacking wrapper, syncs), generated
+#include "kernels.inc"
+
+static void run_kernel(const Kernel& k, unsigned grid, unsigned block, void** params) {
+    if (!k.syncs) {
+        for (unsigned b = 0; b < grid; b++) {
+            for (unsigned t = 0; t < block; t++) {
+                blockIdx = {b, 0, 0};
+                threadIdx = {t, 0, 0};
+                blockDim = {block, 1, 1};
+                gridDim = {grid, 1, 1};
+                k.call(params);
+            }
+        }
+        return;
+    }
+    for (unsigned b = 0; b < grid; b++) {
+        std::barrier<> bar(block);
+        emu_block_barrier = &bar;
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < block; t++) {
+            threads.emplace_back([&, t] {
+                blockIdx = {b, 0, 0};
+                threadIdx = {t, 0, 0};
+                blockDim = {block, 1, 1};
+                gridDim = {grid, 1, 1};
+                k.call(params);
+            });
+        }
+        for (auto& th : threads) th.join();
+        emu_block_barrier = nullptr;
+    }
+}
+
+extern "C" {
+
+// ---- driver -----------------------------------------------------------------
+typedef int CUresult;
+typedef int CUdevice;
+typedef void* CUcontext;
+typedef unsigned long long CUdeviceptr;
+typedef void* CUstream;
+typedef void* CUmodule;
+typedef void* CUfunction;
+
+static int fake_context, fake_module;
+static const CUresult OK = 0, INVALID_VALUE = 1, INVALID_DEVICE = 101, NOT_FOUND = 500;
+
+CUresult cuInit(unsigned) { return OK; }
+CUresult cuDriverGetVersion(int* v) { *v = 13000; return OK; }
+CUresult cuDeviceGetCount(int* n) { *n = 1; return OK; }
+CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal != 0) return INVALID_DEVICE;
+    *d = 0;
+    return OK;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    std::strncpy(name, "fake GPU (host emulation)", len);
+    if (len > 0) name[len - 1] = 0;
+    return OK;
+}
+CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice) {
+    // 115: CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED (stream-ordered allocation)
+    *v = attrib == 115 ? 1 : 0;
+    return OK;
+}
+CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
+    *c = &fake_context;
+    return OK;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
+CUresult cuCtxSetCurrent(CUcontext) { return OK; }
+CUresult cuCtxGetCurrent(CUcontext* c) {
+    *c = &fake_context;
+    return OK;
+}
+CUresult cuCtxSynchronize() { return OK; }
+CUresult cuStreamSynchronize(CUstream) { return OK; }
+
+static CUresult alloc(CUdeviceptr* p, size_t n) {
+    void* m = std::malloc(n ? n : 1);
+    if (!m) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
+    std::memset(m, 0xFF, n);  // NaN in every float and double
+    *p = (CUdeviceptr)m;
+    return OK;
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return alloc(p, n); }
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+    std::free((void*)p);
+    return OK;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::free((void*)p);
+    return OK;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
+    std::memcpy((void*)dst, src, n);
+    return OK;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+    std::memcpy(dst, (const void*)src, n);
+    return OK;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
+    std::memmove((void*)dst, (const void*)src, n);
+    return OK;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    std::memcpy((void*)dst, src, n);
+    return OK;
+}
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    std::memcpy(dst, (const void*)src, n);
+    return OK;
+}
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
+    std::memset((void*)dst, v, n);
+    return OK;
+}
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    std::memset((void*)dst, v, n);
+    return OK;
+}
+CUresult cuModuleLoadData(CUmodule* m, const void*) {
+    *m = &fake_module;
+    return OK;
+}
+CUresult cuModuleUnload(CUmodule) { return OK; }
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+    for (const Kernel& k : KERNELS) {
+        if (std::strcmp(k.name, name) == 0) {
+            *f = (void*)&k;
+            return OK;
+        }
+    }
+    return NOT_FOUND;
+}
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned, CUstream, void** params, void** extra) {
+    if (gy != 1 || gz != 1 || by != 1 || bz != 1 || extra != nullptr || gx == 0 || bx == 0)
+        return INVALID_VALUE;
+    run_kernel(*(const Kernel*)f, gx, bx, params);
+    return OK;
+}
+CUresult cuGetErrorString(CUresult, const char** s) {
+    *s = "error of the fake GPU";
+    return OK;
+}
+CUresult cuGetErrorName(CUresult, const char** s) {
+    *s = "FAKE_GPU_ERROR";
+    return OK;
+}
+
+}  // extern "C"
+
+// C = alpha op(A) op(B) + beta C, column-major; C is not read when beta = 0
+template <typename T>
+static int gemm(int ta, int tb, int m, int n, int k, const T* alpha, const T* a, int lda,
+                           const T* b, int ldb, const T* beta, T* c, int ldc) {
+    if (m < 0 || n < 0 || k < 0 || lda < (ta ? k : m) || ldb < (tb ? n : k) || ldc < m) return 7;
+    for (int j = 0; j < n; j++) {
+        for (int i = 0; i < m; i++) {
+            double s = 0.0;
+            for (int p = 0; p < k; p++) {
+                double x = ta ? a[p + (size_t)i * lda] : a[i + (size_t)p * lda];
+                double y = tb ? b[j + (size_t)p * ldb] : b[p + (size_t)j * ldb];
+                s += x * y;
+            }
+            T* out = &c[i + (size_t)j * ldc];
+            double v = (double)*alpha * s;
+            if (*beta != T(0)) v += (double)*beta * (double)*out;
+            *out = (T)v;
+        }
+    }
+    return 0;
+}
+
+extern "C" {
+
+// ---- cuBLAS -----------------------------------------------------------------
+typedef int cublasStatus_t;
+typedef void* cublasHandle_t;
+static int fake_handle;
+
+cublasStatus_t cublasCreate_v2(cublasHandle_t* h) {
+    *h = &fake_handle;
+    return 0;
+}
+cublasStatus_t cublasDestroy_v2(cublasHandle_t) { return 0; }
+cublasStatus_t cublasSetStream_v2(cublasHandle_t, CUstream) { return 0; }
+cublasStatus_t cublasSetMathMode(cublasHandle_t, int) { return 0; }
+cublasStatus_t cublasSetPointerMode_v2(cublasHandle_t, int) { return 0; }
+cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t, void*, size_t) { return 0; }
+
+cublasStatus_t cublasSgemm_v2(cublasHandle_t, int ta, int tb, int m, int n, int k, const float* alpha,
+                              const float* a, int lda, const float* b, int ldb, const float* beta, float* c,
+                              int ldc) {
+    return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+cublasStatus_t cublasDgemm_v2(cublasHandle_t, int ta, int tb, int m, int n, int k, const double* alpha,
+                              const double* a, int lda, const double* b, int ldb, const double* beta,
+                              double* c, int ldc) {
+    return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// ---- NVRTC ------------------------------------------------------------------
+typedef int nvrtcResult;
+typedef void* nvrtcProgram;
+static const char FAKE_PTX[] = "// the fake GPU runs the kernels compiled into it\n";
+static int fake_program;
+
+nvrtcResult nvrtcVersion(int* major, int* minor) {
+    *major = 13;
+    *minor = 0;
+    return 0;
+}
+nvrtcResult nvrtcCreateProgram(nvrtcProgram* p, const char*, const char*, int, const char* const*,
+                               const char* const*) {
+    *p = &fake_program;
+    return 0;
+}
+nvrtcResult nvrtcCompileProgram(nvrtcProgram, int, const char* const*) { return 0; }
+nvrtcResult nvrtcGetPTXSize(nvrtcProgram, size_t* n) {
+    *n = sizeof(FAKE_PTX);
+    return 0;
+}
+nvrtcResult nvrtcGetPTX(nvrtcProgram, char* out) {
+    std::memcpy(out, FAKE_PTX, sizeof(FAKE_PTX));
+    return 0;
+}
+nvrtcResult nvrtcGetProgramLogSize(nvrtcProgram, size_t* n) {
+    *n = 1;
+    return 0;
+}
+nvrtcResult nvrtcGetProgramLog(nvrtcProgram, char* out) {
+    out[0] = 0;
+    return 0;
+}
+nvrtcResult nvrtcDestroyProgram(nvrtcProgram*) { return 0; }
+}
