@@ -175,6 +175,11 @@ extern "C" __global__ void permute_210(const float* src, float* dst, int a, int 
     }
 }
 
+// x[i] = NaN (reused buffers, when poisoning for tests)
+extern "C" __global__ void fill_nan(float* x, long long n) {
+    GRID_LOOP(i, n) { x[i] = nanf(""); }
+}
+
 // dst[i] = src[i % len]
 extern "C" __global__ void broadcast_rows(const float* src, float* dst, long long total, long long len) {
     GRID_LOOP(i, total) { dst[i] = src[i % len]; }
@@ -311,6 +316,7 @@ struct Kernels {
     mse_augmented: CudaFunction,
     normal_fill: CudaFunction,
     gather_param: CudaFunction,
+    fill_nan: CudaFunction,
 }
 
 /// A SOFO sketch of weighted-MSE little losses, accumulated on the device
@@ -349,6 +355,10 @@ pub struct CudaDevice {
     dummy: CudaSlice<f32>,
     /// Whether the f32 GEMMs use TF32 tensor cores.
     tf32: std::sync::atomic::AtomicBool,
+    pool: Arc<BufferPool>,
+    /// Fill reused buffers with NaN (SOFO_GPU_POISON set: tests), so that
+    /// reading an element nobody wrote shows as it does in fresh memory.
+    poison: bool,
 }
 
 /// Whether the CUDA driver library can be loaded on this machine.
@@ -382,19 +392,54 @@ pub fn reset_device_peak() {
     DEV_PEAK.store(DEV_LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
+/// Freed device buffers kept for reuse, by length: the temporaries of one
+/// time step come back at the next without a driver call. One stream
+/// orders every use of the device, so a buffer handed out again is never
+/// still in use by earlier work.
+#[derive(Default)]
+struct BufferPool {
+    free: std::sync::Mutex<std::collections::HashMap<usize, Vec<CudaSlice<f32>>>>,
+    bytes: AtomicUsize,
+}
+
+impl BufferPool {
+    /// At most this much memory waits in the pool; beyond it, freed buffers
+    /// go back to the driver.
+    const MAX_BYTES: usize = 1 << 30;
+
+    fn take(&self, n: usize) -> Option<CudaSlice<f32>> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let s = free.get_mut(&n)?.pop()?;
+        self.bytes.fetch_sub(n * 4, Ordering::Relaxed);
+        Some(s)
+    }
+
+    fn put(&self, s: CudaSlice<f32>) {
+        let bytes = s.len() * 4;
+        if self.bytes.load(Ordering::Relaxed) + bytes > Self::MAX_BYTES {
+            return; // dropped: freed on the stream
+        }
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.entry(s.len()).or_default().push(s);
+    }
+}
+
 /// An f32 tensor in device memory (row-major, contiguous), counted in
-/// [`device_memory`].
+/// [`device_memory`]; its buffer returns to its device's pool when dropped.
 pub struct DevTensor {
     shape: Vec<usize>,
-    data: CudaSlice<f32>,
+    data: std::mem::ManuallyDrop<CudaSlice<f32>>,
+    pool: Option<Arc<BufferPool>>,
 }
 
 impl DevTensor {
-    fn wrap(shape: &[usize], data: CudaSlice<f32>) -> Self {
+    fn wrap(shape: &[usize], data: CudaSlice<f32>, pool: Option<Arc<BufferPool>>) -> Self {
         count_alloc(data.len() * 4);
         DevTensor {
             shape: shape.to_vec(),
-            data,
+            data: std::mem::ManuallyDrop::new(data),
+            pool,
         }
     }
 }
@@ -402,12 +447,17 @@ impl DevTensor {
 impl Drop for DevTensor {
     fn drop(&mut self) {
         count_free(self.data.len() * 4);
+        // SAFETY: the buffer is not touched again after this.
+        let data = unsafe { std::mem::ManuallyDrop::take(&mut self.data) };
+        if let Some(pool) = &self.pool {
+            pool.put(data);
+        }
     }
 }
 
 impl Clone for DevTensor {
     fn clone(&self) -> Self {
-        DevTensor::wrap(&self.shape, self.data.clone())
+        DevTensor::wrap(&self.shape, (*self.data).clone(), self.pool.clone())
     }
 }
 
@@ -543,6 +593,7 @@ impl CudaDevice {
             mse_augmented: f("mse_augmented")?,
             normal_fill: f("normal_fill")?,
             gather_param: f("gather_param")?,
+            fill_nan: f("fill_nan")?,
         };
         let dummy = stream
             .alloc_zeros::<f32>(1)
@@ -555,6 +606,8 @@ impl CudaDevice {
             k,
             dummy,
             tf32: std::sync::atomic::AtomicBool::new(false),
+            pool: Arc::new(BufferPool::default()),
+            poison: std::env::var_os("SOFO_GPU_POISON").is_some(),
         }))
     }
 
@@ -597,17 +650,24 @@ impl CudaDevice {
     }
 
     pub fn upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
-        let data = self
-            .stream
-            .clone_htod(t.data())
+        if t.numel() == 0 {
+            let data = self
+                .stream
+                .clone_htod(t.data())
+                .map_err(|e| dev_err("upload", e))?;
+            return Ok(DevTensor::wrap(t.shape(), data, None));
+        }
+        let mut d = self.scratch(t.shape())?;
+        self.stream
+            .memcpy_htod(t.data(), &mut *d.data)
             .map_err(|e| dev_err("upload", e))?;
-        Ok(DevTensor::wrap(t.shape(), data))
+        Ok(d)
     }
 
     pub fn download(&self, t: &DevTensor) -> Result<Tensor<f32>> {
         let v = self
             .stream
-            .clone_dtoh(&t.data)
+            .clone_dtoh(&*t.data)
             .map_err(|e| dev_err("download", e))?;
         Tensor::from_vec(&t.shape, v)
     }
@@ -618,21 +678,33 @@ impl CudaDevice {
             .map_err(|e| dev_err("download", e))
     }
 
-    /// A tensor whose contents are unspecified: every element must be written.
+    /// A tensor whose contents are unspecified: every element must be
+    /// written. A buffer of that length from the pool, else a new one.
     pub fn scratch(&self, shape: &[usize]) -> Result<DevTensor> {
         let n = shape.iter().product::<usize>().max(1);
-        // SAFETY: callers write every element before reading it.
-        let data = unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?;
-        Ok(DevTensor::wrap(shape, data))
+        let data = match self.pool.take(n) {
+            Some(mut s) => {
+                if self.poison {
+                    let len = n as i64;
+                    let mut b = self.stream.launch_builder(&self.k.fill_nan);
+                    b.arg(&mut s).arg(&len);
+                    // SAFETY: s holds n elements.
+                    unsafe { b.launch(grid(n)) }.map_err(|e| dev_err("fill_nan", e))?;
+                }
+                s
+            }
+            // SAFETY: callers write every element before reading it.
+            None => unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?,
+        };
+        Ok(DevTensor::wrap(shape, data, Some(self.pool.clone())))
     }
 
     pub fn zeros(&self, shape: &[usize]) -> Result<DevTensor> {
-        let n = shape.iter().product::<usize>().max(1);
-        let data = self
-            .stream
-            .alloc_zeros::<f32>(n)
-            .map_err(|e| dev_err("alloc", e))?;
-        Ok(DevTensor::wrap(shape, data))
+        let mut t = self.scratch(shape)?;
+        self.stream
+            .memset_zeros(&mut *t.data)
+            .map_err(|e| dev_err("memset", e))?;
+        Ok(t)
     }
 
     pub fn zeros_f64(&self, n: usize) -> Result<CudaSlice<f64>> {
@@ -658,9 +730,9 @@ impl CudaDevice {
         let n = x.numel() as i64;
         let (opc, wd) = (op as i32, want_d as i32);
         let mut b = self.stream.launch_builder(&self.k.unary_fwd);
-        b.arg(&x.data).arg(&mut y.data);
+        b.arg(&*x.data).arg(&mut *y.data);
         match d.as_mut() {
-            Some(d) => b.arg(&mut d.data),
+            Some(d) => b.arg(&mut *d.data),
             None => b.arg(&self.dummy), // not written when want_d = 0
         };
         b.arg(&n).arg(&opc).arg(&s).arg(&wd);
@@ -690,10 +762,10 @@ impl CudaDevice {
         let mut out = self.scratch(&t.shape)?;
         let (total, k32, l32, opc) = (t.numel() as i64, k as i32, l as i32, op as i32);
         let mut b = self.stream.launch_builder(&self.k.unary_tangent);
-        b.arg(&x.data)
-            .arg(&t.data)
-            .arg(&mut y.data)
-            .arg(&mut out.data)
+        b.arg(&*x.data)
+            .arg(&*t.data)
+            .arg(&mut *y.data)
+            .arg(&mut *out.data)
             .arg(&total)
             .arg(&k32)
             .arg(&l32)
@@ -716,9 +788,9 @@ impl CudaDevice {
         let mut y = self.scratch(&a.shape)?;
         let (n, opc) = (a.numel() as i64, op as i32);
         let mut l = self.stream.launch_builder(&self.k.binary_fwd);
-        l.arg(&a.data)
-            .arg(&b.data)
-            .arg(&mut y.data)
+        l.arg(&*a.data)
+            .arg(&*b.data)
+            .arg(&mut *y.data)
             .arg(&n)
             .arg(&opc);
         // SAFETY: a, b and y hold n elements each.
@@ -764,16 +836,16 @@ impl CudaDevice {
         let (k32, l32, opc) = (k as i32, l as i32, op as i32);
         let (has_a, has_b) = (ta.is_some() as i32, tb.is_some() as i32);
         let mut g = self.stream.launch_builder(&self.k.binary_tangent);
-        g.arg(&a.data).arg(&b.data);
+        g.arg(&*a.data).arg(&*b.data);
         match ta {
-            Some(t) => g.arg(&t.data),
+            Some(t) => g.arg(&*t.data),
             None => g.arg(&self.dummy),
         };
         match tb {
-            Some(t) => g.arg(&t.data),
+            Some(t) => g.arg(&*t.data),
             None => g.arg(&self.dummy),
         };
-        g.arg(&mut out.data)
+        g.arg(&mut *out.data)
             .arg(&total)
             .arg(&k32)
             .arg(&l32)
@@ -801,8 +873,8 @@ impl CudaDevice {
         }
         let (r64, w32, dw32, o32) = (rows as i64, w as i32, dst_w as i32, offset as i32);
         let mut b = self.stream.launch_builder(&self.k.copy_columns);
-        b.arg(&src.data)
-            .arg(&mut dst.data)
+        b.arg(&*src.data)
+            .arg(&mut *dst.data)
             .arg(&r64)
             .arg(&w32)
             .arg(&dw32)
@@ -833,8 +905,8 @@ impl CudaDevice {
         let mut dst = self.scratch(shape)?;
         let (r64, w32, sw32, o32) = (rows as i64, w as i32, src_w as i32, offset as i32);
         let mut b = self.stream.launch_builder(&self.k.take_columns);
-        b.arg(&src.data)
-            .arg(&mut dst.data)
+        b.arg(&*src.data)
+            .arg(&mut *dst.data)
             .arg(&r64)
             .arg(&w32)
             .arg(&sw32)
@@ -864,11 +936,11 @@ impl CudaDevice {
             ));
         }
         let (l32, inv_n) = (l as i32, 1.0 / n_norm);
-        let wd = w.map_or(&self.dummy, |w| &w.data);
+        let wd = w.map_or(&self.dummy, |w| &*w.data);
         let hw = w.is_some() as i32;
         let mut b = self.stream.launch_builder(&self.k.mse_value);
-        b.arg(&y.data)
-            .arg(&target.data)
+        b.arg(&*y.data)
+            .arg(&*target.data)
             .arg(wd)
             .arg(&hw)
             .arg(&rows)
@@ -879,11 +951,11 @@ impl CudaDevice {
         unsafe { b.launch(one_block()) }.map_err(|e| dev_err("mse", e))?;
         let mut g = self.scratch(&y.shape)?;
         let mut b = self.stream.launch_builder(&self.k.mse_seed);
-        b.arg(&y.data)
-            .arg(&target.data)
+        b.arg(&*y.data)
+            .arg(&*target.data)
             .arg(wd)
             .arg(&hw)
-            .arg(&mut g.data)
+            .arg(&mut *g.data)
             .arg(&rows)
             .arg(&l32)
             .arg(&inv_n);
@@ -903,9 +975,9 @@ impl CudaDevice {
         let mut out = self.scratch(&t.shape)?;
         let (total, k32, l32) = (t.numel() as i64, k as i32, l as i32);
         let mut b = self.stream.launch_builder(&self.k.scale_rows);
-        b.arg(&d.data)
-            .arg(&t.data)
-            .arg(&mut out.data)
+        b.arg(&*d.data)
+            .arg(&*t.data)
+            .arg(&mut *out.data)
             .arg(&total)
             .arg(&k32)
             .arg(&l32);
@@ -940,11 +1012,11 @@ impl CudaDevice {
             None => None,
         };
         let (bd, btd) = match bias {
-            Some((b, bt)) => (&b.data, bt.map_or(&self.dummy, |t| &t.data)),
+            Some((b, bt)) => (&*b.data, bt.map_or(&self.dummy, |t| &*t.data)),
             None => (&self.dummy, &self.dummy),
         };
         let (xd, xtd, c) = match leak {
-            Some((x, xt, c)) => (&x.data, xt.map_or(&self.dummy, |t| &t.data), c),
+            Some((x, xt, c)) => (&*x.data, xt.map_or(&self.dummy, |t| &*t.data), c),
             None => (&self.dummy, &self.dummy, 0.0),
         };
         let flags = [
@@ -979,9 +1051,9 @@ impl CudaDevice {
         let (r64, k32, n32) = (rows as i64, k as i32, n as i32);
         let total = rows * n * (1 + k_tangents.map_or(0, |k| k));
         let mut b = self.stream.launch_builder(&self.k.linear_init);
-        b.arg(&mut y.data);
+        b.arg(&mut *y.data);
         match t.as_mut() {
-            Some(t) => b.arg(&mut t.data),
+            Some(t) => b.arg(&mut *t.data),
             None => b.arg(&self.dummy),
         };
         b.arg(bd)
@@ -1014,8 +1086,8 @@ impl CudaDevice {
         let mut dst = self.scratch(out_shape)?;
         let (a32, b32, c32) = (a as i32, b_ as i32, c as i32);
         let mut b = self.stream.launch_builder(&self.k.permute_210);
-        b.arg(&src.data)
-            .arg(&mut dst.data)
+        b.arg(&*src.data)
+            .arg(&mut *dst.data)
             .arg(&a32)
             .arg(&b32)
             .arg(&c32);
@@ -1029,7 +1101,7 @@ impl CudaDevice {
         let mut dst = self.scratch(shape)?;
         let (total, len) = (dst.numel() as i64, src.numel() as i64);
         let mut b = self.stream.launch_builder(&self.k.broadcast_rows);
-        b.arg(&src.data).arg(&mut dst.data).arg(&total).arg(&len);
+        b.arg(&*src.data).arg(&mut *dst.data).arg(&total).arg(&len);
         // SAFETY: indices stay below total and len.
         unsafe { b.launch(grid(total as usize)) }.map_err(|e| dev_err("broadcast", e))?;
         Ok(dst)
@@ -1041,7 +1113,7 @@ impl CudaDevice {
         let n = out.numel() as i64;
         let cfg = grid(out.numel().div_ceil(2));
         let mut b = self.stream.launch_builder(&self.k.normal_fill);
-        b.arg(&mut out.data).arg(&n).arg(&seed).arg(&stream);
+        b.arg(&mut *out.data).arg(&n).arg(&seed).arg(&stream);
         // SAFETY: out holds n elements.
         unsafe { b.launch(cfg) }.map_err(|e| dev_err("normal", e))?;
         Ok(out)
@@ -1063,8 +1135,8 @@ impl CudaDevice {
         let mut out = self.scratch(shape)?;
         let (p64, off64, a32, k32, l32) = (p as i64, off as i64, a as i32, k as i32, l as i32);
         let mut b = self.stream.launch_builder(&self.k.gather_param);
-        b.arg(&v.data)
-            .arg(&mut out.data)
+        b.arg(&*v.data)
+            .arg(&mut *out.data)
             .arg(&p64)
             .arg(&off64)
             .arg(&a32)
@@ -1098,7 +1170,7 @@ impl CudaDevice {
             self.set_tf32(false)?;
         }
         // SAFETY: v holds k·p elements, g k·k.
-        let done = unsafe { self.blas.gemm(cfg, &v.data, &v.data, &mut g.data) }
+        let done = unsafe { self.blas.gemm(cfg, &*v.data, &*v.data, &mut *g.data) }
             .map_err(|e| dev_err("gemm", e));
         if tf32 {
             self.set_tf32(true)?;
@@ -1205,9 +1277,12 @@ impl CudaDevice {
         let (hw, hyd) = (w.is_some() as i32, yd.is_some() as i32);
         let dummy = self.dummy.slice(..);
         let mut b = self.stream.launch_builder(&self.k.mse_augmented);
-        b.arg(&y.data).arg(target).arg(w.unwrap_or(&dummy)).arg(&hw);
+        b.arg(&*y.data)
+            .arg(target)
+            .arg(w.unwrap_or(&dummy))
+            .arg(&hw);
         match yd {
-            Some(t) => b.arg(&t.data),
+            Some(t) => b.arg(&*t.data),
             None => b.arg(&self.dummy),
         };
         b.arg(&hyd)

@@ -923,6 +923,8 @@ fn agreement_tests_pass_on_the_fake_gpu() {
         .args(["--test-threads", "1", "--nocapture"])
         .env("LD_LIBRARY_PATH", &dir)
         .env("SOFO_FAKE_GPU", "1")
+        // reused device buffers NaN-filled, as fresh ones are
+        .env("SOFO_GPU_POISON", "1")
         .output()
         .unwrap();
     let text = format!(
