@@ -5,8 +5,8 @@
 //! ([`CudaFwd`] with K = 0), so every op the models use in their time loops
 //! runs on the device forwards. Backwards, the hot rules run on the device
 //! from kernels the forward engine already uses (φ′ from `unary`, the
-//! product rules of `binary_tangent`, transposes and cuBLAS GEMMs for
-//! `linear`, column sums as GEMMs against a row of ones, column slices for
+//! product rules of `binary_tangent`, cuBLAS GEMMs with transposed operands
+//! for `linear`, column sums as GEMMs against a row of ones, column slices for
 //! last-axis concat). Any other rule (broadcasting binary ops, general
 //! matmul, sums, slices, softmax) replays the op on a one-op CPU tape
 //! ([`crate::Rev`]) and copies the gradients back: the CPU's rules, exactly,
@@ -239,14 +239,13 @@ impl CudaRev {
                     let k = self.val(w).shape()[0];
                     if self.nodes[a].needs_grad {
                         // s · gy [rows, n] · Wᵀ [n, k]
-                        let wt = self.transposed(self.val(w))?;
                         let mut ga = dev.scratch(self.val(a).shape())?;
-                        dev.gemm(
+                        dev.gemm_t(
                             rows,
                             k,
                             n,
-                            &gy.slice().slice(..),
-                            &wt.slice().slice(..),
+                            (&gy.slice().slice(..), false),
+                            (&self.val(w).slice().slice(..), true),
                             &mut ga.slice_mut().slice_mut(..),
                             scale,
                             0.0,
@@ -255,14 +254,13 @@ impl CudaRev {
                     }
                     if self.nodes[w].needs_grad {
                         // s · aᵀ [k, rows] · gy [rows, n]
-                        let at = dev.permute_210(self.val(a), rows, 1, k, &[k, rows])?;
                         let mut gw = dev.scratch(&[k, n])?;
-                        dev.gemm(
+                        dev.gemm_t(
                             k,
                             n,
                             rows,
-                            &at.slice().slice(..),
-                            &gy.slice().slice(..),
+                            (&self.val(a).slice().slice(..), true),
+                            (&gy.slice().slice(..), false),
                             &mut gw.slice_mut().slice_mut(..),
                             scale,
                             0.0,

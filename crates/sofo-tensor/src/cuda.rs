@@ -1193,23 +1193,50 @@ impl CudaDevice {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        self.gemm_t(m, n, k, (a, false), (b, false), c, alpha, beta)
+    }
+
+    /// Row-major `c = beta · c + alpha · op(a) · op(b)` with op(a) [m, k],
+    /// op(b) [k, n], c [m, n]; `(x, true)` stands for xᵀ of an x stored
+    /// row-major the other way round (a as [k, m], b as [n, k]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_t(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        (a, ta): (&CudaView<'_, f32>, bool),
+        (b, tb): (&CudaView<'_, f32>, bool),
+        c: &mut CudaViewMut<'_, f32>,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        // column-major view: cᵀ [n, m] = bᵀ [n, k] · aᵀ [k, m]
+        if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+            return Err(TensorError::shape(
+                "device gemm",
+                format!("[{m}, {k}] · [{k}, {n}] into [{m}, {n}]"),
+                format!("{} · {} into {}", a.len(), b.len(), c.len()),
+            ));
+        }
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        // column-major view: cᵀ [n, m] = op(b)ᵀ [n, k] · op(a)ᵀ [k, m]; a
+        // row-major x [r, s] is the column-major xᵀ with leading dimension s
         let cfg = GemmConfig {
-            transa: blas_sys::cublasOperation_t::CUBLAS_OP_N,
-            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
+            transb: if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
             m: n as i32,
             n: m as i32,
             k: k as i32,
             alpha,
-            lda: n as i32,
-            ldb: k.max(1) as i32,
+            lda: if tb { k.max(1) } else { n } as i32,
+            ldb: if ta { m } else { k.max(1) } as i32,
             beta,
             ldc: n as i32,
         };
-        // SAFETY: the views hold m·k, k·n and m·n elements (checked by callers).
+        // SAFETY: the views hold at least m·k, k·n and m·n elements (checked).
         unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| dev_err("gemm", e))
     }
 
