@@ -35,7 +35,8 @@ pub struct BenchArgs {
     /// their own (e.g. 32,256,1024,4096): memory and time against T.
     #[arg(long, value_delimiter = ',', value_name = "T,T,..")]
     steps: Vec<usize>,
-    /// sofo, adam (BPTT) or all.
+    /// sofo, adam (BPTT), all, or pass: one forward-K pass and its sketch
+    /// alone (no tangent draw, no step), the part whose cost grows with T.
     #[arg(long, default_value = "all")]
     method: String,
     /// Peak extra memory of one iteration against T, SOFO and Adam-BPTT.
@@ -156,6 +157,57 @@ fn time_sofo<M: Model<f32>>(
     })
 }
 
+/// Times one forward-K pass with its sketch (`Device::pass`) on random
+/// tangents: median and minimum of `iters` after 2 warm-up passes.
+fn time_pass<M: Model<f32>>(
+    device: &Device,
+    model: &M,
+    batch: &Batch<f32>,
+    k: usize,
+    iters: usize,
+    name: &'static str,
+    n: usize,
+) -> Result<Record> {
+    let params = model.init(0)?;
+    let duals = || -> Result<Vec<sofo::Dual<f32>>> {
+        params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let shape = sofo_ad::layout::tangent_shape(p.value.shape(), k);
+                let mut t = Tensor::<f32>::scratch(&shape);
+                rng::fill_normal(t.data_mut(), 7, i as u64);
+                Ok(sofo::Dual {
+                    primal: p.value.clone(),
+                    tangent: Some(t.scale(0.01)),
+                })
+            })
+            .collect()
+    };
+    let mut times = Vec::with_capacity(iters);
+    for it in 0..iters + 2 {
+        let d = duals()?;
+        let t0 = Instant::now();
+        device.pass(model, k, d, batch)?;
+        if it >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(Record {
+        method: "pass",
+        peak_device_bytes: None,
+        name,
+        n,
+        m: batch.trials,
+        k,
+        t: batch.steps,
+        median: times[times.len() / 2],
+        min: times[0],
+        flops: model.sofo_flops(k, batch),
+    })
+}
+
 /// Peak bytes the tensor layer holds during one iteration, beyond what it
 /// held before (host memory: the CPU backend).
 fn peak_extra_bytes<M: Model<f32>, O: Optimizer<f32>>(
@@ -228,11 +280,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let threads = sofo_tensor::parallel::threads();
     let device = Device::open_with(&a.device, &a.gpu_matmul)?;
     let on_gpu = !matches!(device, Device::Cpu);
-    if !["sofo", "adam", "all"].contains(&a.method.as_str()) {
+    if !["sofo", "adam", "all", "pass"].contains(&a.method.as_str()) {
         return Err(sofo::Error::config(
             "--method",
             &a.method,
-            "sofo, adam or all",
+            "sofo, adam, all or pass",
         ));
     }
     if a.memory {
@@ -263,6 +315,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         let model = rnn(n);
         let batch = random_batch(t, m, 3, 3, 0)?;
+        if a.method == "pass" {
+            let r = time_pass(&device, &model, &batch, k, iters, name, n)?;
+            emit(&a, &r, threads, &device);
+            continue;
+        }
         // Adam through BPTT on the same model and batch (on the CPU, the
         // long configurations only when named with --only)
         if a.method != "sofo" && (on_gpu || !long || a.only.is_some()) {
