@@ -113,7 +113,7 @@ pub struct TimeConstantsSection {
     pub kind: String,
     /// per-unit: α = dt/τ of each unit (N values) ...
     pub alpha: Vec<f64>,
-    /// ... or, when `alpha` is empty, α log-spaced from spread[0] to spread[1]
+    /// ... or, when `alpha` is empty, α log-spaced from `spread[0]` to `spread[1]`
     pub spread: [f64; 2],
     /// learned: τ/dt = tau_min + softplus(τ̃) (≥ 1), started at the task's alpha
     pub tau_min: f64,

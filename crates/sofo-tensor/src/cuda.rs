@@ -987,9 +987,9 @@ impl CudaDevice {
     }
 
     /// The terms of a linear op before its GEMMs, in one launch: the primal
-    /// y[r, j] = scale · b[j] + c · x[r, j] over `shape` [.., n] and, with
-    /// `k_tangents = Some(k)`, the tangents t[r, k, j] = scale · ḃ[k, j] +
-    /// c · ẋ[r, k, j]. `bias` and `leak` carry a value and its tangents (if
+    /// `y[r, j] = scale · b[j] + c · x[r, j]` over `shape` `[.., n]` and, with
+    /// `k_tangents = Some(k)`, the tangents `t[r, k, j] = scale · ḃ[k, j] +
+    /// c · ẋ[r, k, j]`. `bias` and `leak` carry a value and its tangents (if
     /// any); absent terms count as zero.
     pub fn linear_init(
         &self,
@@ -1096,7 +1096,7 @@ impl CudaDevice {
         Ok(dst)
     }
 
-    /// dst[i] = src[i % src.len()], dst of `shape`.
+    /// `dst[i] = src[i % src.len()]`, dst of `shape`.
     pub fn broadcast_rows(&self, src: &DevTensor, shape: &[usize]) -> Result<DevTensor> {
         let mut dst = self.scratch(shape)?;
         let (total, len) = (dst.numel() as i64, src.numel() as i64);
@@ -1354,7 +1354,7 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// The sketch so far: (loss, C [k], G̃ [k·k] row-major), in f64.
+    /// The sketch so far: (loss, C `[k]`, G̃ `[k·k]` row-major), in f64.
     pub fn mse_sketch_read(&self, sk: &mut MseSketch) -> Result<(f64, Vec<f64>, Vec<f64>)> {
         self.mse_sketch_flush(sk)?;
         let k = sk.k;

@@ -296,7 +296,7 @@ pub trait Observer<T: Float, E: Ops<T>> {
 pub struct Sketch {
     pub k: usize,
     pub loss: f64,
-    /// [K]
+    /// `[K]`
     pub c: Vec<f64>,
     /// [K, K] row-major, symmetric after [`Sketch::finish`].
     pub g: Vec<f64>,

@@ -633,7 +633,7 @@ impl ConstrainedRnn {
         )?)
     }
 
-    /// The weights the network uses: W, B, b, C, d, (x0), and `alpha` [N]
+    /// The weights the network uses: W, B, b, C, d, (x0), and `alpha` `[N]`
     /// when the time constants are per unit or learned.
     pub fn effective_weights<T: Float>(
         &self,
@@ -795,7 +795,7 @@ impl<T: Float> Model<T> for ConstrainedRnn {
     }
 
     /// Prepared: the rate RNN's [Wᵀ, Bᵀ, b, Cᵀ, d, (x0)] of the effective
-    /// weights, then α [N] when it is per unit.
+    /// weights, then α `[N]` when it is per unit.
     fn prepare<E: Ops<T>>(&self, e: &mut E, params: &[E::V]) -> Result<Vec<E::V>> {
         let (eff, alpha) = self.effective(e, params)?;
         let mut out = self.rnn.prepare(e, &eff)?;

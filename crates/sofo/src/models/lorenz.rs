@@ -41,7 +41,7 @@ impl<T: Float> Model<T> for LorenzModel {
         Ok(ParamSet::new(vec![p("A", a), p("C", c), p("W", w)]))
     }
 
-    /// Prepared: [A, C[:3], C[3], W].
+    /// Prepared: `[A, C[:3], C[3], W]`.
     fn prepare<E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Vec<E::V>> {
         let c_in = e.slice(&p[1], 0, 0, 3)?;
         let c_bias = e.slice(&p[1], 0, 3, 1)?;

@@ -89,10 +89,10 @@ impl<T: Float> Model<T> for ReachRnn {
         ]))
     }
 
-    /// Prepared: [Wᵀ, Bᵀ, b, x0, F1..F4 (rows of Fᵀ, [1,N] each), C1, C2
-    /// (columns of Cᵀ, [N,1] each), d1, d2] — the arm's four state columns
-    /// and two torques each get their own weights, so the time loop needs
-    /// no slicing or concatenation.
+    /// Prepared: `[Wᵀ, Bᵀ, b, x0, F1..F4, C1, C2, d1, d2]` (F1..F4 the rows
+    /// of Fᵀ, `[1,N]` each; C1, C2 the columns of Cᵀ, `[N,1]` each) — the
+    /// arm's four state columns and two torques each get their own weights,
+    /// so the time loop needs no slicing or concatenation.
     fn prepare<E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Vec<E::V>> {
         let ft = e.transpose(&p[2], 0, 1)?;
         let ct = e.transpose(&p[4], 0, 1)?;

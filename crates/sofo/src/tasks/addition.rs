@@ -35,7 +35,7 @@ impl AdditionTask {
         Ok(())
     }
 
-    /// Inputs [T, M, 2] (number, marker) and the sums [M].
+    /// Inputs `[T, M, 2]` (number, marker) and the sums `[M]`.
     pub fn generate(&self, trials: usize, seed: u64, stream: u64) -> (Vec<f64>, Vec<f64>) {
         let t_len = self.steps;
         let mut u = vec![0.0; t_len * trials * 2];
