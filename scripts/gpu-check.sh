@@ -30,7 +30,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 if has agree; then
 echo "== backend agreement tests"
-timeout 180 $G/cuda_agreement --test-threads 1 --nocapture 2>&1 | tee "$OUT/agreement.txt"
+# every scratch buffer NaN-filled: a kernel that leaves an element unwritten shows
+SOFO_GPU_POISON=1 timeout 180 $G/cuda_agreement --test-threads 1 --nocapture 2>&1 | tee "$OUT/agreement.txt"
 fi
 
 if has bench; then

@@ -157,6 +157,24 @@ fn time_sofo<M: Model<f32>>(
     })
 }
 
+/// SOFO iterations, or with `--method pass` its forward-K pass alone.
+fn time_forward<M: Model<f32>>(
+    a: &BenchArgs,
+    device: &Device,
+    model: &M,
+    batch: &Batch<f32>,
+    k: usize,
+    name: &'static str,
+    n: usize,
+) -> Result<Record> {
+    let iters = a.iters.max(1);
+    if a.method == "pass" {
+        time_pass(device, model, batch, k, iters, name, n)
+    } else {
+        time_sofo(device, model, batch, k, iters, name, n)
+    }
+}
+
 /// Times one forward-K pass with its sketch (`Device::pass`) on random
 /// tangents: median and minimum of `iters` after 2 warm-up passes.
 fn time_pass<M: Model<f32>>(
@@ -315,14 +333,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         let model = rnn(n);
         let batch = random_batch(t, m, 3, 3, 0)?;
-        if a.method == "pass" {
-            let r = time_pass(&device, &model, &batch, k, iters, name, n)?;
-            emit(&a, &r, threads, &device);
-            continue;
-        }
         // Adam through BPTT on the same model and batch (on the CPU, the
         // long configurations only when named with --only)
-        if a.method != "sofo" && (on_gpu || !long || a.only.is_some()) {
+        if (a.method == "adam" || a.method == "all") && (on_gpu || !long || a.only.is_some()) {
             let mut params = model.init(0)?;
             let mut adam = Adam::<f32>::new(AdamConfig::default())?.on(device.clone());
             let (median, min, peak_device_bytes) =
@@ -348,7 +361,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.method == "adam" {
             continue;
         }
-        let r = time_sofo(&device, &model, &batch, k, iters, name, n)?;
+        let r = time_forward(&a, &device, &model, &batch, k, name, n)?;
         emit(&a, &r, threads, &device);
     }
     if want("lorenz") && a.method != "adam" {
@@ -357,7 +370,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         let model = LorenzModel { hidden: 400 };
         let batch = Task::<f32>::train_batch(&task, 0, 0, 128)?;
-        let r = time_sofo(&device, &model, &batch, 128, iters, "lorenz", 400)?;
+        let r = time_forward(&a, &device, &model, &batch, 128, "lorenz", 400)?;
         emit(&a, &r, threads, &device);
     }
     // the paper's long tasks with their own models and batches: the arm in
@@ -368,14 +381,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let task = ReachTask::double();
         let model = ReachRnn::paper(task.inputs());
         let batch = Task::<f32>::train_batch(&task, 0, 0, 256)?;
-        let r = time_sofo(&device, &model, &batch, 128, iters, "reach2", model.n)?;
+        let r = time_forward(&a, &device, &model, &batch, 128, "reach2", model.n)?;
         emit(&a, &r, threads, &device);
     }
     if want("kalman-long") && a.method != "adam" && long_ok {
         let task = KalmanTask::long();
         let model = LeakyRnn::kalman(100);
         let batch = Task::<f32>::train_batch(&task, 0, 0, 256)?;
-        let r = time_sofo(&device, &model, &batch, 128, iters, "kalman-long", model.n)?;
+        let r = time_forward(&a, &device, &model, &batch, 128, "kalman-long", model.n)?;
         emit(&a, &r, threads, &device);
     }
     Ok(())

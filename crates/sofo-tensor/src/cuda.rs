@@ -356,8 +356,8 @@ pub struct CudaDevice {
     /// Whether the f32 GEMMs use TF32 tensor cores.
     tf32: std::sync::atomic::AtomicBool,
     pool: Arc<BufferPool>,
-    /// Fill reused buffers with NaN (SOFO_GPU_POISON set: tests), so that
-    /// reading an element nobody wrote shows as it does in fresh memory.
+    /// Fill every buffer handed out by `scratch` with NaN (SOFO_GPU_POISON
+    /// set: tests), so that reading an element nobody wrote shows.
     poison: bool,
 }
 
@@ -379,7 +379,9 @@ fn count_free(bytes: usize) {
     DEV_LIVE.fetch_sub(bytes, Ordering::Relaxed);
 }
 
-/// (live, peak) bytes of device memory held by this backend's buffers.
+/// (live, peak) bytes of device memory held by this backend's live tensors
+/// and sketch buffers. Freed buffers waiting in a device's pool for reuse
+/// (at most 1 GiB) are not counted: see [`CudaDevice::pooled_bytes`].
 pub fn device_memory() -> (usize, usize) {
     (
         DEV_LIVE.load(Ordering::Relaxed),
@@ -412,6 +414,13 @@ impl BufferPool {
         let s = free.get_mut(&n)?.pop()?;
         self.bytes.fetch_sub(n * 4, Ordering::Relaxed);
         Some(s)
+    }
+
+    /// Gives every pooled buffer back to the driver.
+    fn clear(&self) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.clear();
+        self.bytes.store(0, Ordering::Relaxed);
     }
 
     fn put(&self, s: CudaSlice<f32>) {
@@ -630,6 +639,11 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Bytes of freed buffers this device keeps for reuse.
+    pub fn pooled_bytes(&self) -> usize {
+        self.pool.bytes.load(Ordering::Relaxed)
+    }
+
     /// Whether the f32 GEMMs use TF32 (see [`CudaDevice::set_tf32`]).
     pub fn tf32(&self) -> bool {
         self.tf32.load(Ordering::Relaxed)
@@ -682,20 +696,26 @@ impl CudaDevice {
     /// written. A buffer of that length from the pool, else a new one.
     pub fn scratch(&self, shape: &[usize]) -> Result<DevTensor> {
         let n = shape.iter().product::<usize>().max(1);
-        let data = match self.pool.take(n) {
-            Some(mut s) => {
-                if self.poison {
-                    let len = n as i64;
-                    let mut b = self.stream.launch_builder(&self.k.fill_nan);
-                    b.arg(&mut s).arg(&len);
-                    // SAFETY: s holds n elements.
-                    unsafe { b.launch(grid(n)) }.map_err(|e| dev_err("fill_nan", e))?;
-                }
-                s
-            }
+        let mut data = match self.pool.take(n) {
+            Some(s) => s,
             // SAFETY: callers write every element before reading it.
-            None => unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?,
+            None => match unsafe { self.stream.alloc::<f32>(n) } {
+                Ok(s) => s,
+                Err(_) => {
+                    // out of memory, perhaps because of what the pool holds:
+                    // give that back and try once more
+                    self.pool.clear();
+                    unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?
+                }
+            },
         };
+        if self.poison {
+            let len = n as i64;
+            let mut b = self.stream.launch_builder(&self.k.fill_nan);
+            b.arg(&mut data).arg(&len);
+            // SAFETY: data holds n elements.
+            unsafe { b.launch(grid(n)) }.map_err(|e| dev_err("fill_nan", e))?;
+        }
         Ok(DevTensor::wrap(shape, data, Some(self.pool.clone())))
     }
 

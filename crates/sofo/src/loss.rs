@@ -141,8 +141,10 @@ pub struct SoftmaxCrossEntropy<T: Float> {
 }
 
 impl<T: Float> SoftmaxCrossEntropy<T> {
-    /// One-hot targets from class labels.
-    pub fn from_labels(labels: &[usize], classes: usize) -> Result<Self> {
+    /// One-hot targets from class labels, the sum over rows divided by `n`:
+    /// the number of rows of the whole batch (not only of these labels,
+    /// when a batch is split into groups of trials).
+    pub fn from_labels(labels: &[usize], classes: usize, n: usize) -> Result<Self> {
         let mut t = vec![T::zero(); labels.len() * classes];
         for (m, &c) in labels.iter().enumerate() {
             if c >= classes {
@@ -152,17 +154,8 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
         }
         Ok(SoftmaxCrossEntropy {
             target: Tensor::from_vec(&[labels.len(), classes], t)?,
-            n: labels.len() as f64,
-        })
-    }
-
-    /// The same loss divided by `n` rows (the whole batch's) instead of its
-    /// own.
-    pub fn over(self, n: usize) -> Self {
-        SoftmaxCrossEntropy {
             n: n as f64,
-            ..self
-        }
+        })
     }
 
     fn probs(&self, y: &Tensor<T>) -> Result<(usize, usize, Vec<f64>)> {

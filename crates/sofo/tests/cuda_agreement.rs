@@ -743,7 +743,7 @@ impl Model<f32> for Classifier {
             let u = e.constant(trials.input(t)?.expect("inputs"))?;
             let y = e.linear(None, 1.0, &[(&u, &p[0])], Some(&p[1]))?;
             let labels: Vec<usize> = (0..m).map(|i| (start + i + t) % 4).collect();
-            let ce = SoftmaxCrossEntropy::from_labels(&labels, 4)?.over(total);
+            let ce = SoftmaxCrossEntropy::from_labels(&labels, 4, total)?;
             obs.observe(e, &y, &ce)?;
             let weights = Tensor::from_vec(
                 &[m, 4],
@@ -921,7 +921,13 @@ fn agreement_tests_pass_on_the_fake_gpu() {
     };
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--test-threads", "1", "--nocapture"])
-        .env("LD_LIBRARY_PATH", &dir)
+        .env("LD_LIBRARY_PATH", {
+            let mut paths = vec![dir.clone()];
+            paths.extend(std::env::split_paths(
+                &std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default(),
+            ));
+            std::env::join_paths(paths).unwrap()
+        })
         .env("SOFO_FAKE_GPU", "1")
         // reused device buffers NaN-filled, as fresh ones are
         .env("SOFO_GPU_POISON", "1")
@@ -937,6 +943,21 @@ fn agreement_tests_pass_on_the_fake_gpu() {
         !text.contains("skipping"),
         "a test did not find the fake GPU:\n{text}"
     );
-    assert!(text.contains("test result: ok"), "{text}");
+    // every test of the file ran in the child and passed
+    let count = |prefix: &str, suffix: &str| -> Option<usize> {
+        let line = text.lines().find(|l| l.starts_with(prefix))?;
+        line[prefix.len()..]
+            .split(suffix)
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let ran = count("running ", " test").expect("the child's test count");
+    let passed = count("test result: ok. ", " passed").expect("the child's result");
+    assert!(
+        ran >= 13 && passed == ran,
+        "{passed} of {ran} passed:\n{text}"
+    );
     eprintln!("{text}");
 }

@@ -94,7 +94,7 @@ fn weighted_and_masked_mse_curvature() {
 fn softmax_cross_entropy_curvature() {
     let y = randn(&[3, 4], 3, 0);
     fd_check(
-        &SoftmaxCrossEntropy::from_labels(&[0, 3, 1], 4).unwrap(),
+        &SoftmaxCrossEntropy::from_labels(&[0, 3, 1], 4, 3).unwrap(),
         &y,
     );
     // soft targets
@@ -114,15 +114,14 @@ fn softmax_cross_entropy_adds_up_over_groups() {
     let y = randn(&[5, 4], 4, 0);
     let k = 3;
     let yd = randn(&[5, k, 4], 4, 1);
-    let whole = SoftmaxCrossEntropy::<f64>::from_labels(&labels, 4).unwrap();
+    let whole = SoftmaxCrossEntropy::<f64>::from_labels(&labels, 4, 5).unwrap();
     let (mut g_whole, mut g_parts) = (vec![0.0; k * k], vec![0.0; k * k]);
     whole.add_curvature(&y, &yd, k, &mut g_whole).unwrap();
     let mut value = 0.0;
     let mut grad = vec![];
     for (start, len) in [(0, 2), (2, 3)] {
-        let part = SoftmaxCrossEntropy::<f64>::from_labels(&labels[start..start + len], 4)
-            .unwrap()
-            .over(5);
+        let part =
+            SoftmaxCrossEntropy::<f64>::from_labels(&labels[start..start + len], 4, 5).unwrap();
         let yp = y.slice(0, start, len).unwrap();
         value += part.value(&yp).unwrap();
         grad.extend(part.gradient(&yp).unwrap().data().to_vec());
@@ -138,9 +137,7 @@ fn softmax_cross_entropy_adds_up_over_groups() {
         assert!((a - b).abs() < 1e-12, "curvature {a} vs {b}");
     }
     // the normaliser is checked
-    let bad = SoftmaxCrossEntropy::<f64>::from_labels(&labels, 4)
-        .unwrap()
-        .over(0);
+    let bad = SoftmaxCrossEntropy::<f64>::from_labels(&labels, 4, 0).unwrap();
     let e = bad.value(&y).unwrap_err().to_string();
     assert!(e.contains("softmax_cross_entropy.n"), "{e}");
 }
@@ -153,7 +150,7 @@ fn loss_errors_name_the_problem() {
         e.contains("mse") && e.contains("[3, 4]") && e.contains("[4, 3]"),
         "{e}"
     );
-    let e = SoftmaxCrossEntropy::<f64>::from_labels(&[5], 3)
+    let e = SoftmaxCrossEntropy::<f64>::from_labels(&[5], 3, 1)
         .err()
         .unwrap()
         .to_string();

@@ -20,6 +20,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
+#include <unordered_map>
 #include <thread>
 #include <vector>
 
@@ -127,23 +129,36 @@ CUresult cuCtxGetCurrent(CUcontext* c) {
 CUresult cuCtxSynchronize() { return OK; }
 CUresult cuStreamSynchronize(CUstream) { return OK; }
 
+// live allocations and their sizes: a free of anything else is an error, and
+// freed memory is NaN-filled first, so that a use after free shows
+static std::mutex allocations_lock;
+static std::unordered_map<CUdeviceptr, size_t> allocations;
+
 static CUresult alloc(CUdeviceptr* p, size_t n) {
     void* m = std::malloc(n ? n : 1);
     if (!m) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
     std::memset(m, null_device() ? 0 : 0xFF, n);  // NaN in every float and double
     *p = (CUdeviceptr)m;
+    std::lock_guard<std::mutex> g(allocations_lock);
+    allocations[*p] = n;
+    return OK;
+}
+static CUresult release(CUdeviceptr p) {
+    std::lock_guard<std::mutex> g(allocations_lock);
+    auto it = allocations.find(p);
+    if (it == allocations.end()) return INVALID_VALUE;
+    std::memset((void*)p, 0xFF, it->second);
+    std::free((void*)p);
+    allocations.erase(it);
     return OK;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return alloc(p, n); }
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
-    std::free((void*)p);
-    return OK;
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    if (n == 0) return INVALID_VALUE;  // as the driver does
+    return alloc(p, n);
 }
-CUresult cuMemFree_v2(CUdeviceptr p) {
-    std::free((void*)p);
-    return OK;
-}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
+CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
     std::memcpy((void*)dst, src, n);
     return OK;
@@ -188,7 +203,8 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned, CUstream, void** params, void** extra) {
-    if (gy != 1 || gz != 1 || by != 1 || bz != 1 || extra != nullptr || gx == 0 || bx == 0)
+    if (gy != 1 || gz != 1 || by != 1 || bz != 1 || extra != nullptr || gx == 0 || bx == 0 ||
+        bx > 1024)
         return INVALID_VALUE;
     run_kernel(*(const Kernel*)f, gx, bx, params);
     return OK;
@@ -208,7 +224,10 @@ CUresult cuGetErrorName(CUresult, const char** s) {
 template <typename T>
 static int gemm(int ta, int tb, int m, int n, int k, const T* alpha, const T* a, int lda,
                            const T* b, int ldb, const T* beta, T* c, int ldc) {
-    if (m < 0 || n < 0 || k < 0 || lda < (ta ? k : m) || ldb < (tb ? n : k) || ldc < m) return 7;
+    auto at_least = [](int ld, int rows) { return ld >= (rows > 1 ? rows : 1); };
+    if (m < 0 || n < 0 || k < 0 || !at_least(lda, ta ? k : m) || !at_least(ldb, tb ? n : k) ||
+        !at_least(ldc, m))
+        return 7;  // CUBLAS_STATUS_INVALID_VALUE
     if (null_device()) return 0;
     for (int j = 0; j < n; j++) {
         for (int i = 0; i < m; i++) {
