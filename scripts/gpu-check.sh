@@ -27,6 +27,7 @@ done
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 echo "built from: $(head -n 1 $G/BUILD 2>/dev/null || echo 'unknown (rerun scripts/gpu-prepare.sh)')" | tee "$OUT/build.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+$G/sofo devices 2>&1 | tee -a "$OUT/gpu.txt"
 
 if has agree; then
 echo "== backend agreement tests"

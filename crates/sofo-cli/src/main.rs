@@ -43,6 +43,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List the tasks with their defaults.
     Tasks,
+    /// Where training can run: the CPU's threads and, in a CUDA build, the
+    /// CUDA libraries found and each GPU (opened, kernels compiled).
+    Devices,
 }
 
 #[derive(Args)]
@@ -1003,6 +1006,44 @@ impl Run<'_> {
     }
 }
 
+fn devices() {
+    println!(
+        "cpu: {} threads (--threads N to use fewer)",
+        sofo_tensor::parallel::threads()
+    );
+    gpu_devices();
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_devices() {
+    println!("cuda: not in this build (cargo build --release --features cuda)");
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_devices() {
+    use sofo_tensor::cuda::{probe, CudaDevice};
+    let p = probe();
+    let found = |ok: bool| if ok { "found" } else { "not found" };
+    println!(
+        "cuda: libcuda {}, libcublas {}, libnvrtc {} (CUDA 13; directories on LD_LIBRARY_PATH)",
+        found(p.driver),
+        found(p.cublas),
+        found(p.nvrtc)
+    );
+    match p.devices {
+        Err(e) => println!("cuda: no GPU usable: {e}"),
+        Ok(0) => println!("cuda: the driver sees no GPU"),
+        Ok(n) => {
+            for i in 0..n {
+                match CudaDevice::open(i) {
+                    Ok(d) => println!("cuda:{i} {}: ready (kernels compiled)", d.name()),
+                    Err(e) => println!("cuda:{i}: cannot be used: {e}"),
+                }
+            }
+        }
+    }
+}
+
 fn tasks() {
     let d = RunConfig::default();
     println!("lorenz  Lorenz attractor from sparse (endpoint-only) supervision, tasks.md §1");
@@ -1087,6 +1128,10 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Tasks => {
             tasks();
+            Ok(())
+        }
+        Command::Devices => {
+            devices();
             Ok(())
         }
     };

@@ -211,6 +211,23 @@ fn bench_json_has_the_fields() {
 }
 
 #[test]
+fn devices_lists_the_cpu_and_says_what_cuda_has() {
+    let o = sofo(&["devices"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cpu: ") && l.contains("threads")),
+        "{out}"
+    );
+    // a build without CUDA says so; a CUDA build names its libraries
+    assert!(
+        out.contains("cuda: not in this build") || out.contains("libcuda"),
+        "{out}"
+    );
+}
+
+#[test]
 fn tasks_lists_lorenz() {
     let o = sofo(&["tasks"]);
     assert!(o.status.success());

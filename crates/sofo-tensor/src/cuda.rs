@@ -538,6 +538,41 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// What this machine offers the backend: whether the CUDA driver, cuBLAS
+/// and NVRTC libraries load, and how many GPUs the driver sees (`Err`: why
+/// it cannot tell).
+pub struct Probe {
+    pub driver: bool,
+    pub cublas: bool,
+    pub nvrtc: bool,
+    pub devices: std::result::Result<usize, String>,
+}
+
+/// Looks for the libraries and GPUs without opening any device.
+pub fn probe() -> Probe {
+    let driver = driver_present();
+    // SAFETY: only try to dlopen the libraries.
+    let (cublas, nvrtc) = unsafe {
+        (
+            cudarc::cublas::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+        )
+    };
+    let devices = if driver {
+        CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .map_err(|e| format!("{e:?}"))
+    } else {
+        Err("no CUDA driver (libcuda)".into())
+    };
+    Probe {
+        driver,
+        cublas,
+        nvrtc,
+        devices,
+    }
+}
+
 impl CudaDevice {
     /// Opens GPU `ordinal`, or says why it cannot.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
