@@ -19,6 +19,8 @@ use sofo_ad::{Binary, Unary};
 use sofo_ad::{Rev, Var};
 use sofo_tensor::rng;
 
+mod fake_gpu;
+
 /// The GPU tests run one at a time: the device-memory counters are global.
 static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -804,103 +806,6 @@ fn losses_the_device_does_not_sketch_run_on_the_host() {
 // ---------------------------------------------------------------------------
 // The same tests without a GPU: on the fake GPU of tests/fake_gpu.
 
-/// The kernels of the tensor layer, each with a wrapper that unpacks
-/// cuLaunchKernel's argument array by the kernel's own signature, and
-/// whether it synchronises its block.
-fn fake_gpu_kernels(src: &str) -> String {
-    let mut wrappers = String::new();
-    let mut table = String::new();
-    let marker = "extern \"C\" __global__ void ";
-    let mut rest = src;
-    while let Some(at) = rest.find(marker) {
-        let sig = &rest[at + marker.len()..];
-        let open = sig.find('(').expect("kernel parameters");
-        let name = sig[..open].trim();
-        let close = sig.find(')').expect("end of parameters");
-        let args: Vec<String> = sig[open + 1..close]
-            .split(',')
-            .enumerate()
-            .map(|(i, p)| {
-                let p = p.trim();
-                let ident = p
-                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .expect("a parameter name");
-                format!("*({} *)p[{i}]", p[..=ident].trim())
-            })
-            .collect();
-        // the body, by brace matching
-        let body_start = sig.find('{').expect("kernel body");
-        let mut depth = 0;
-        let mut end = body_start;
-        for (i, c) in sig[body_start..].char_indices() {
-            match c {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = body_start + i;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        let body = &sig[body_start..end];
-        let syncs = body.contains("__syncthreads") || body.contains("block_sum(");
-        wrappers.push_str(&format!(
-            "static void call_{name}(void** p) {{ {name}({}); }}\n",
-            args.join(", ")
-        ));
-        table.push_str(&format!("    {{\"{name}\", call_{name}, {syncs}}},\n"));
-        rest = &sig[end..];
-    }
-    format!("{src}\n{wrappers}\nstatic const Kernel KERNELS[] = {{\n{table}}};\n")
-}
-
-/// Builds the fake libcuda / libcublas / libnvrtc into a directory (`None`
-/// without a C++ compiler, unless SOFO_REQUIRE_CXX is set).
-fn build_fake_gpu() -> Option<std::path::PathBuf> {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake_gpu");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("kernels.inc"),
-        fake_gpu_kernels(sofo_tensor::cuda::kernel_source()),
-    )
-    .unwrap();
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_gpu/fakecuda.cpp");
-    let lib = dir.join("libfakecuda.so");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let out = match std::process::Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-I"])
-        .arg(&dir)
-        .arg("-o")
-        .arg(&lib)
-        .arg(src)
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => {
-            assert!(
-                std::env::var_os("SOFO_REQUIRE_CXX").is_none(),
-                "no C++ compiler `{cxx}` ({e}) and SOFO_REQUIRE_CXX is set"
-            );
-            eprintln!("skipping the fake GPU: no C++ compiler `{cxx}` ({e})");
-            return None;
-        }
-    };
-    assert!(
-        out.status.success(),
-        "the fake GPU does not compile:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for name in ["libcuda.so", "libcublas.so", "libnvrtc.so"] {
-        let link = dir.join(name);
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&lib, &link).unwrap();
-    }
-    Some(dir)
-}
-
 /// Without a GPU, every test of this file runs again in a child process
 /// whose libcuda, libcublas and libnvrtc are the fake GPU's: the whole
 /// device path (cudarc's loading and launches, the launch arguments against
@@ -916,18 +821,12 @@ fn agreement_tests_pass_on_the_fake_gpu() {
         eprintln!("a GPU is here: the agreement tests ran on it");
         return;
     }
-    let Some(dir) = build_fake_gpu() else {
+    let Some(dir) = fake_gpu::build() else {
         return;
     };
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--test-threads", "1", "--nocapture"])
-        .env("LD_LIBRARY_PATH", {
-            let mut paths = vec![dir.clone()];
-            paths.extend(std::env::split_paths(
-                &std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default(),
-            ));
-            std::env::join_paths(paths).unwrap()
-        })
+        .env("LD_LIBRARY_PATH", fake_gpu::library_path(&dir))
         .env("SOFO_FAKE_GPU", "1")
         // reused device buffers NaN-filled, as fresh ones are
         .env("SOFO_GPU_POISON", "1")

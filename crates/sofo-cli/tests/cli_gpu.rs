@@ -1,0 +1,93 @@
+//! `sofo --device cuda` end to end (feature `cuda`): training with SOFO and
+//! with Adam through the device tape, `devices` and `bench`. On a machine
+//! with a GPU they run on it; without one, on the fake GPU of
+//! crates/sofo/tests/fake_gpu (host stand-ins for the CUDA libraries).
+#![cfg(feature = "cuda")]
+
+#[path = "../../sofo/tests/fake_gpu/mod.rs"]
+mod fake_gpu;
+
+use std::process::{Command, Output};
+
+/// Runs `sofo` on the GPU there is, or on the fake one (`None`: neither a
+/// GPU nor a C++ compiler to build the fake).
+fn on_a_gpu() -> Option<impl Fn(&[&str]) -> Output> {
+    let lib_path = if sofo_tensor::cuda::CudaDevice::open(0).is_ok() {
+        None
+    } else {
+        Some(fake_gpu::library_path(&fake_gpu::build()?))
+    };
+    Some(move |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sofo"));
+        c.args(args);
+        if let Some(p) = &lib_path {
+            c.env("LD_LIBRARY_PATH", p);
+        }
+        c.output().expect("run sofo")
+    })
+}
+
+fn losses(dir: &std::path::Path) -> Vec<f64> {
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    csv.lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn sofo_and_adam_train_from_the_cli_on_the_device() {
+    let Some(sofo) = on_a_gpu() else {
+        return;
+    };
+    let o = sofo(&["devices"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("cuda:0") && out.contains("ready"),
+        "{out}"
+    );
+    for opt in ["sofo", "adam"] {
+        let dir = std::env::temp_dir().join(format!("sofo-cli-gpu-{}-{opt}", std::process::id()));
+        let o = sofo(&[
+            "train",
+            "--task",
+            "lorenz",
+            "--device",
+            "cuda",
+            "--optimizer",
+            opt,
+            "--iterations",
+            "4",
+            "--batch",
+            "16",
+            "--tangents",
+            "16",
+            "--quiet",
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{opt}: {err}");
+        assert!(
+            err.contains("cuda:0"),
+            "{opt}: the banner names the device: {err}"
+        );
+        let l = losses(&dir);
+        assert_eq!(l.len(), 4, "{opt}: {l:?}");
+        assert!(
+            l[3] < 0.9 * l[0],
+            "{opt} did not learn on the device: {l:?}"
+        );
+        assert!(dir.join("weights.safetensors").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let o = sofo(&[
+        "bench", "--device", "cuda", "--method", "pass", "--only", "rnn-n128", "--steps", "8",
+        "--iters", "1", "--json",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(r["method"], "pass");
+    assert!(r["device"].as_str().unwrap().starts_with("cuda:0"), "{r}");
+}

@@ -1,0 +1,112 @@
+//! Builds the fake GPU of `fakecuda.cpp` for tests (included by the tests
+//! that run the device path without a GPU: `mod fake_gpu;`, or with
+//! `#[path]` from another crate).
+
+/// The kernels of the tensor layer, each with a wrapper that unpacks
+/// cuLaunchKernel's argument array by the kernel's own signature, and
+/// whether it synchronises its block.
+fn kernels(src: &str) -> String {
+    let mut wrappers = String::new();
+    let mut table = String::new();
+    let marker = "extern \"C\" __global__ void ";
+    let mut rest = src;
+    while let Some(at) = rest.find(marker) {
+        let sig = &rest[at + marker.len()..];
+        let open = sig.find('(').expect("kernel parameters");
+        let name = sig[..open].trim();
+        let close = sig.find(')').expect("end of parameters");
+        let args: Vec<String> = sig[open + 1..close]
+            .split(',')
+            .enumerate()
+            .map(|(i, p)| {
+                let p = p.trim();
+                let ident = p
+                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .expect("a parameter name");
+                format!("*({} *)p[{i}]", p[..=ident].trim())
+            })
+            .collect();
+        // the body, by brace matching
+        let body_start = sig.find('{').expect("kernel body");
+        let mut depth = 0;
+        let mut end = body_start;
+        for (i, c) in sig[body_start..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = body_start + i;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let body = &sig[body_start..end];
+        let syncs = body.contains("__syncthreads") || body.contains("block_sum(");
+        wrappers.push_str(&format!(
+            "static void call_{name}(void** p) {{ {name}({}); }}\n",
+            args.join(", ")
+        ));
+        table.push_str(&format!("    {{\"{name}\", call_{name}, {syncs}}},\n"));
+        rest = &sig[end..];
+    }
+    format!("{src}\n{wrappers}\nstatic const Kernel KERNELS[] = {{\n{table}}};\n")
+}
+
+/// Builds the fake libcuda / libcublas / libnvrtc into a directory of the
+/// calling crate's test scratch space (`None` without a C++ compiler,
+/// unless SOFO_REQUIRE_CXX is set).
+pub fn build() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fake_gpu_{}", env!("CARGO_PKG_NAME")));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("kernels.inc"),
+        kernels(sofo_tensor::cuda::kernel_source()),
+    )
+    .unwrap();
+    let src = dir.join("fakecuda.cpp");
+    std::fs::write(&src, include_str!("fakecuda.cpp")).unwrap();
+    let lib = dir.join("libfakecuda.so");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = match std::process::Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-I"])
+        .arg(&dir)
+        .arg("-o")
+        .arg(&lib)
+        .arg(&src)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            assert!(
+                std::env::var_os("SOFO_REQUIRE_CXX").is_none(),
+                "no C++ compiler `{cxx}` ({e}) and SOFO_REQUIRE_CXX is set"
+            );
+            eprintln!("skipping the fake GPU: no C++ compiler `{cxx}` ({e})");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "the fake GPU does not compile:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["libcuda.so", "libcublas.so", "libnvrtc.so"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link).unwrap();
+    }
+    Some(dir)
+}
+
+/// `LD_LIBRARY_PATH` with the fake GPU's directory first.
+pub fn library_path(dir: &std::path::Path) -> std::ffi::OsString {
+    let mut paths = vec![dir.to_path_buf()];
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(paths).unwrap()
+}
