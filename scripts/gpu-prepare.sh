@@ -21,5 +21,5 @@ cp scripts/anchor_torch_gpu.py gpu/
 # no debug info: what travels to the GPU machine is size-limited
 strip --strip-debug gpu/sofo gpu/cuda_agreement
 # what was built, so that a GPU run names the commit it tested
-{ git rev-parse HEAD; git status --short | head -n 20; } > gpu/BUILD
+{ git rev-parse HEAD; git status --short | sed -n 1,20p; } > gpu/BUILD
 du -sh gpu

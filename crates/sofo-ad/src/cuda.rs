@@ -144,12 +144,7 @@ impl<T: Float> Ops<T> for CudaFwd {
         if a.primal.shape() != b.primal.shape() {
             return self.on_host(&[a, b], |e, v| e.binary(&v[0], &v[1], op));
         }
-        let c = match op {
-            Binary::Add => BinaryCode::Add,
-            Binary::Sub => BinaryCode::Sub,
-            Binary::Mul => BinaryCode::Mul,
-            Binary::Div => BinaryCode::Div,
-        };
+        let c = binary_code(op);
         let primal = self.dev.binary(&a.primal, &b.primal, c)?;
         let tangent = if a.tangent.is_some() || b.tangent.is_some() {
             Some(self.dev.binary_tangent(
@@ -346,13 +341,27 @@ impl<T: Float> Ops<T> for CudaFwd {
 }
 
 /// Checks that a device exists, for tests that need one: prints a notice
-/// and returns `None` where there is no GPU.
+/// and returns `None` where there is no GPU — or panics, where
+/// SOFO_REQUIRE_GPU is set (a GPU run must not pass by skipping).
 pub fn device_or_skip(test: &str) -> Option<Arc<CudaDevice>> {
     match CudaDevice::open(0) {
         Ok(d) => Some(d),
+        Err(e) if std::env::var_os("SOFO_REQUIRE_GPU").is_some() => {
+            panic!("{test}: SOFO_REQUIRE_GPU is set and no GPU opens ({e})")
+        }
         Err(e) => {
             eprintln!("skipping {test}: no usable GPU ({e})");
             None
         }
+    }
+}
+
+/// The `binary_fwd` / `binary_tangent` kernels' op code for an op.
+pub fn binary_code(op: Binary) -> BinaryCode {
+    match op {
+        Binary::Add => BinaryCode::Add,
+        Binary::Sub => BinaryCode::Sub,
+        Binary::Mul => BinaryCode::Mul,
+        Binary::Div => BinaryCode::Div,
     }
 }

@@ -16,7 +16,7 @@
 //! The tape holds every value, so its device memory grows with T, as BPTT
 //! does on any device.
 
-use crate::cuda::{code, CudaDual, CudaFwd};
+use crate::cuda::{binary_code, code, CudaDual, CudaFwd};
 use crate::ops::{Binary, Ops, Unary};
 use crate::reverse::Op;
 use crate::{Rev, Var};
@@ -36,15 +36,6 @@ pub struct CudaRev {
     nodes: Vec<Node>,
     /// A row of ones, for column sums as GEMMs (grown on demand).
     ones: Option<DevTensor>,
-}
-
-fn binary_code(op: Binary) -> BinaryCode {
-    match op {
-        Binary::Add => BinaryCode::Add,
-        Binary::Sub => BinaryCode::Sub,
-        Binary::Mul => BinaryCode::Mul,
-        Binary::Div => BinaryCode::Div,
-    }
 }
 
 fn last(shape: &[usize]) -> usize {
@@ -174,26 +165,15 @@ impl CudaRev {
     fn backprop(&mut self, id: usize, gy: &DevTensor, g: &mut [Option<DevTensor>]) -> Result<()> {
         let dev = self.device().clone();
         let yshape = self.val(id).shape().to_vec();
-        // the op is read, not moved: clone its small description
         let op = match &self.nodes[id].op {
             Op::Leaf => return Ok(()),
-            Op::Unary(x, u) => Op::Unary(*x, *u),
-            Op::Binary(a, b, o) => Op::Binary(*a, *b, *o),
-            Op::Linear {
-                leak,
-                scale,
-                terms,
-                bias,
-            } => Op::Linear {
-                leak: *leak,
-                scale: *scale,
-                terms: terms.clone(),
-                bias: *bias,
-            },
-            Op::Concat(xs, axis) => Op::Concat(xs.clone(), *axis),
-            Op::Reshape(x) => Op::Reshape(*x),
-            Op::Transpose(x, a, b) => Op::Transpose(*x, *a, *b),
-            Op::Broadcast(x) => Op::Broadcast(*x),
+            op @ (Op::Unary(..)
+            | Op::Binary(..)
+            | Op::Linear { .. }
+            | Op::Concat(..)
+            | Op::Reshape(_)
+            | Op::Transpose(..)
+            | Op::Broadcast(_)) => op.clone(),
             _ => return self.on_host(id, gy, g),
         };
         match op {
@@ -354,7 +334,9 @@ impl CudaRev {
             Op::Broadcast(_) => r.broadcast_to(&leaves[0], &yshape)?,
             Op::Softmax(_) => r.softmax(&leaves[0])?,
             Op::LogSoftmax(_) => r.log_softmax(&leaves[0])?,
-            Op::Leaf | Op::Linear { .. } => return Ok(()),
+            Op::Leaf | Op::Linear { .. } => {
+                unreachable!("leaves and linear ops stay on the device")
+            }
         };
         let grads = r.backward(vec![(out, dev.download(gy)?)])?;
         for (leaf, &i) in leaves.iter().zip(&inputs) {

@@ -25,7 +25,7 @@ impl Var {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Op<T: Float> {
     Leaf,
     Unary(usize, Unary),

@@ -8,13 +8,14 @@
 //! its index arithmetic and formulas are compared here with the CPU forward
 //! engine (or a direct transcription of the rule), on odd sizes, and under
 //! several launch shapes (one thread, and grids smaller than the data) to
-//! check that no element is missed or written twice. The two block-reduction
-//! kernels are emulated with a block of one thread, where the reduction is
-//! the serial sum.
+//! check that no element is missed or written twice. The block-reduction
+//! kernel (`mse_value`) is emulated with a block of one thread, where the
+//! reduction is the serial sum.
 //!
-//! What this cannot see: the cudarc launch arguments of the Rust wrappers,
-//! cuBLAS calls, and device-only behaviour (those are the agreement tests of
-//! `crates/sofo/tests/cuda_agreement.rs`, which run where a GPU exists).
+//! What this cannot see: the cudarc launch arguments of the Rust wrappers
+//! and the cuBLAS calls (the agreement tests of
+//! `crates/sofo/tests/cuda_agreement.rs` check those, on a GPU or on the
+//! fake one), and device-only behaviour.
 //! Without a C++ compiler the tests print a notice and pass (unless
 //! SOFO_REQUIRE_CXX is set, as CI does).
 #![cfg(feature = "cuda")]
@@ -50,7 +51,7 @@ struct Emu {
 fn emu() -> Option<&'static Emu> {
     static EMU: OnceLock<Option<Emu>> = OnceLock::new();
     EMU.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("sofo-kernel-emu-{}", std::process::id()));
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_emulation");
         std::fs::create_dir_all(&dir).ok()?;
         let src = dir.join("kernels.cpp");
         let lib: PathBuf = dir.join("libkernels.so");

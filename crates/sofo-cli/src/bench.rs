@@ -88,18 +88,17 @@ fn anchor_sofo(k: usize, device: &Device) -> Result<Sofo> {
     .on(device.clone()))
 }
 
-/// Median and minimum seconds per iteration (after 2 warm-up iterations)
-/// and, on a GPU, the peak device bytes held during the timed iterations.
-fn time_steps<M: Model<f32>, O: Optimizer<f32>>(
+/// Median and minimum seconds of `run(setup(), i)` over `iters` runs after
+/// 2 warm-up runs (`setup` is not timed) and, on a GPU, the peak device
+/// bytes held during the timed runs.
+fn time_runs<S>(
     device: &Device,
-    opt: &mut O,
-    model: &M,
-    params: &mut ParamSet<f32>,
-    batch: &Batch<f32>,
     iters: usize,
+    mut setup: impl FnMut() -> Result<S>,
+    mut run: impl FnMut(S, u64) -> Result<()>,
 ) -> Result<(f64, f64, Option<usize>)> {
     for it in 0..2 {
-        opt.step(model, params, batch, 0, it)?;
+        run(setup()?, it)?;
     }
     let mut times = Vec::with_capacity(iters);
     #[cfg(feature = "cuda")]
@@ -108,8 +107,9 @@ fn time_steps<M: Model<f32>, O: Optimizer<f32>>(
         sofo_tensor::cuda::device_memory().0
     };
     for it in 0..iters {
+        let s = setup()?;
         let t0 = Instant::now();
-        opt.step(model, params, batch, 0, 2 + it as u64)?;
+        run(s, 2 + it as u64)?;
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -122,6 +122,23 @@ fn time_steps<M: Model<f32>, O: Optimizer<f32>>(
         None
     };
     Ok((times[times.len() / 2], times[0], peak))
+}
+
+/// [`time_runs`] of an optimiser's iterations.
+fn time_steps<M: Model<f32>, O: Optimizer<f32>>(
+    device: &Device,
+    opt: &mut O,
+    model: &M,
+    params: &mut ParamSet<f32>,
+    batch: &Batch<f32>,
+    iters: usize,
+) -> Result<(f64, f64, Option<usize>)> {
+    time_runs(
+        device,
+        iters,
+        || Ok(()),
+        |(), it| opt.step(model, params, batch, 0, it).map(|_| ()),
+    )
 }
 
 /// Times SOFO with the anchor's settings on `batch` from fresh parameters.
@@ -202,26 +219,19 @@ fn time_pass<M: Model<f32>>(
             })
             .collect()
     };
-    let mut times = Vec::with_capacity(iters);
-    for it in 0..iters + 2 {
-        let d = duals()?;
-        let t0 = Instant::now();
-        device.pass(model, k, d, batch)?;
-        if it >= 2 {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (median, min, peak_device_bytes) = time_runs(device, iters, duals, |d, _| {
+        device.pass(model, k, d, batch).map(|_| ())
+    })?;
     Ok(Record {
         method: "pass",
-        peak_device_bytes: None,
+        peak_device_bytes,
         name,
         n,
         m: batch.trials,
         k,
         t: batch.steps,
-        median: times[times.len() / 2],
-        min: times[0],
+        median,
+        min,
         flops: model.sofo_flops(k, batch),
     })
 }
@@ -328,14 +338,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ts.into_iter().map(move |t| (name, n, m, k, t, long))
     });
     for (name, n, m, k, t, long) in runs {
+        // the long configurations run on the CPU only when named with --only
         if !want(name) || (long && !on_gpu && a.only.is_none()) {
             continue;
         }
         let model = rnn(n);
         let batch = random_batch(t, m, 3, 3, 0)?;
-        // Adam through BPTT on the same model and batch (on the CPU, the
-        // long configurations only when named with --only)
-        if (a.method == "adam" || a.method == "all") && (on_gpu || !long || a.only.is_some()) {
+        // Adam through BPTT on the same model and batch
+        if a.method == "adam" || a.method == "all" {
             let mut params = model.init(0)?;
             let mut adam = Adam::<f32>::new(AdamConfig::default())?.on(device.clone());
             let (median, min, peak_device_bytes) =
@@ -394,6 +404,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Freed buffers the GPU keeps for reuse (not in `peak_device_bytes`).
+fn pooled_bytes(device: &Device) -> Option<usize> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => Some(d.pooled_bytes()),
+        _ => None,
+    }
+}
+
 fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
     let gflops = (r.flops > 0.0).then(|| r.flops / r.median / 1e9);
     if a.json {
@@ -406,6 +425,7 @@ fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
                 "gflops": gflops, "threads": threads, "iters": a.iters,
                 "device": device.describe(),
                 "peak_device_bytes": r.peak_device_bytes,
+                "pooled_device_bytes": pooled_bytes(device),
             })
         );
     } else {

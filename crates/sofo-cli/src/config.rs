@@ -702,24 +702,7 @@ impl RunConfig {
                 "cpu, cuda or cuda:N",
             ));
         }
-        match (self.gpu_matmul.as_str(), d) {
-            ("f32", _) => {}
-            ("tf32", "cpu") => {
-                return Err(Error::config(
-                    "gpu_matmul",
-                    "\"tf32\"",
-                    "f32 on the cpu (tf32 needs device cuda)",
-                ))
-            }
-            ("tf32", _) => {}
-            (m, _) => {
-                return Err(Error::config(
-                    "gpu_matmul",
-                    format!("\"{m}\""),
-                    "f32 or tf32",
-                ))
-            }
-        }
+        sofo::Device::check_gpu_matmul(d, &self.gpu_matmul)?;
         if self.threads > 1024 {
             return Err(Error::config(
                 "threads",

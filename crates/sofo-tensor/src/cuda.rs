@@ -175,7 +175,7 @@ extern "C" __global__ void permute_210(const float* src, float* dst, int a, int 
     }
 }
 
-// x[i] = NaN (reused buffers, when poisoning for tests)
+// x[i] = NaN (every scratch buffer, when poisoning for tests)
 extern "C" __global__ void fill_nan(float* x, long long n) {
     GRID_LOOP(i, n) { x[i] = nanf(""); }
 }
@@ -425,11 +425,11 @@ impl BufferPool {
 
     fn put(&self, s: CudaSlice<f32>) {
         let bytes = s.len() * 4;
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if self.bytes.load(Ordering::Relaxed) + bytes > Self::MAX_BYTES {
             return; // dropped: freed on the stream
         }
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         free.entry(s.len()).or_default().push(s);
     }
 }
@@ -576,30 +576,28 @@ pub fn probe() -> Probe {
 impl CudaDevice {
     /// Opens GPU `ordinal`, or says why it cannot.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
-        if !driver_present() {
+        let p = probe();
+        if !p.driver {
             return Err(TensorError::Device {
                 op: "open",
                 message: "no CUDA driver (libcuda) on this machine".into(),
             });
         }
-        // SAFETY: only try to dlopen the libraries.
-        let (blas_ok, nvrtc_ok) = unsafe {
-            (
-                cudarc::cublas::sys::is_culib_present(),
-                cudarc::nvrtc::sys::is_culib_present(),
-            )
-        };
-        if !blas_ok || !nvrtc_ok {
+        if !p.cublas || !p.nvrtc {
             return Err(TensorError::Device {
                 op: "open",
                 message: format!(
-                    "CUDA libraries not found (libcublas: {blas_ok}, libnvrtc: {nvrtc_ok}); put the CUDA 13 \
-                     library directory on LD_LIBRARY_PATH"
+                    "CUDA libraries not found (libcublas: {}, libnvrtc: {}); put the CUDA 13 \
+                     library directory on LD_LIBRARY_PATH",
+                    p.cublas, p.nvrtc
                 ),
             });
         }
-        let count = CudaContext::device_count().map_err(|e| dev_err("open", e))?;
-        if ordinal >= count.max(0) as usize {
+        let count = p.devices.map_err(|e| TensorError::Device {
+            op: "open",
+            message: e,
+        })?;
+        if ordinal >= count {
             return Err(TensorError::Device {
                 op: "open",
                 message: format!("device cuda:{ordinal} does not exist ({count} GPUs)"),
@@ -699,6 +697,8 @@ impl CudaDevice {
     }
 
     pub fn upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
+        // an empty tensor keeps a buffer of length 0 (`numel` is its length;
+        // scratch buffers have at least one element)
         if t.numel() == 0 {
             let data = self
                 .stream
@@ -740,6 +740,7 @@ impl CudaDevice {
                     // out of memory, perhaps because of what the pool holds:
                     // give that back and try once more
                     self.pool.clear();
+                    // SAFETY: as above
                     unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?
                 }
             },
@@ -1433,18 +1434,14 @@ mod tests {
         }
         let ptx = super::compile_kernels().unwrap();
         let text = ptx.to_src();
-        for name in [
-            "unary_fwd",
-            "binary_fwd",
-            "binary_tangent",
-            "copy_columns",
-            "take_columns",
-            "mse_seed",
-            "scale_rows",
-            "linear_init",
-            "unary_tangent",
-            "mse_augmented",
-        ] {
+        // every kernel of the source
+        let names: Vec<&str> = super::KERNELS
+            .split("extern \"C\" __global__ void ")
+            .skip(1)
+            .map(|rest| rest.split('(').next().unwrap().trim())
+            .collect();
+        assert!(names.len() >= 16, "{names:?}");
+        for name in names {
             assert!(text.contains(name), "{name} missing from the PTX");
         }
     }

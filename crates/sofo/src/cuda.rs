@@ -1,7 +1,8 @@
 //! Passes on a GPU (feature `cuda`). SOFO: the model runs under the device
-//! forward-K engine and its little losses are sketched on the device in f64;
-//! only the final (loss, C, G̃) comes back to the host. BPTT: the model runs
-//! on the device tape and only the gradients come back.
+//! forward-K engine and its weighted-MSE little losses are sketched on the
+//! device in f64; the final (loss, C, G̃) comes back to the host (with the
+//! outputs of any other little loss, which the host sketches). BPTT: the
+//! model runs on the device tape and the gradients come back.
 
 use crate::loss::{LittleLoss, Observer, Sketch, WeightedMse};
 use crate::models::{Batch, Model};
@@ -51,7 +52,8 @@ impl CudaSketch {
         })
     }
 
-    /// Copies the sketch back (the one wait for the device in a pass).
+    /// Copies the sketch back (the pass's one wait for the device, unless a
+    /// little loss was sketched on the host).
     pub fn download(&mut self) -> Result<Sketch> {
         let (loss, c, g) = self.dev.mse_sketch_read(&mut self.acc)?;
         let mut s = Sketch::new(self.k);

@@ -39,28 +39,37 @@ impl Device {
         Self::open_cuda(spec, ordinal)
     }
 
-    /// [`Device::open`] with the precision of the GPU's f32 GEMMs: `f32`
-    /// (the default) or `tf32` (TF32 tensor cores; a GPU only).
-    pub fn open_with(spec: &str, gpu_matmul: &str) -> Result<Device> {
-        let d = Self::open(spec)?;
-        match (gpu_matmul, &d) {
-            ("f32", _) => Ok(d),
-            #[cfg(feature = "cuda")]
-            ("tf32", Device::Cuda(c)) => {
-                c.set_tf32(true)?;
-                Ok(d)
-            }
-            ("tf32", _) => Err(Error::config(
+    /// Checks a `gpu_matmul` setting for the device `spec` names: `f32`
+    /// anywhere, `tf32` on a GPU. Returns whether it asks for TF32.
+    pub fn check_gpu_matmul(spec: &str, gpu_matmul: &str) -> Result<bool> {
+        match gpu_matmul {
+            "f32" => Ok(false),
+            "tf32" if spec != "cpu" => Ok(true),
+            "tf32" => Err(Error::config(
                 "gpu_matmul",
                 "\"tf32\"",
-                "f32 on the cpu (tf32 needs --device cuda)",
+                "f32 on the cpu (tf32 needs a GPU: --device cuda)",
             )),
-            (other, _) => Err(Error::config(
+            other => Err(Error::config(
                 "gpu_matmul",
                 format!("\"{other}\""),
                 "f32 or tf32",
             )),
         }
+    }
+
+    /// [`Device::open`] with the precision of the GPU's f32 GEMMs: `f32`
+    /// (the default) or `tf32` (TF32 tensor cores; a GPU only).
+    pub fn open_with(spec: &str, gpu_matmul: &str) -> Result<Device> {
+        let tf32 = Self::check_gpu_matmul(spec, gpu_matmul)?;
+        let d = Self::open(spec)?;
+        #[cfg(feature = "cuda")]
+        if let (true, Device::Cuda(c)) = (tf32, &d) {
+            c.set_tf32(true)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = tf32;
+        Ok(d)
     }
 
     #[cfg(feature = "cuda")]

@@ -145,6 +145,13 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
     /// the number of rows of the whole batch (not only of these labels,
     /// when a batch is split into groups of trials).
     pub fn from_labels(labels: &[usize], classes: usize, n: usize) -> Result<Self> {
+        if n < labels.len().max(1) {
+            return Err(Error::config(
+                "softmax_cross_entropy.n",
+                n,
+                format!("≥ {} (the number of labels)", labels.len().max(1)),
+            ));
+        }
         let mut t = vec![T::zero(); labels.len() * classes];
         for (m, &c) in labels.iter().enumerate() {
             if c >= classes {

@@ -1,6 +1,8 @@
 //! Backend agreement (feature `cuda`): the GPU gives the CPU's numbers to f32
-//! tolerance, op by op and for whole SOFO sketches and steps. Where there is
-//! no GPU every test prints a notice and passes without checking anything.
+//! tolerance, op by op, for whole SOFO sketches and steps, and for BPTT.
+//! Where there is no GPU every test prints a notice and passes, and the last
+//! test reruns them all on the fake GPU of `fake_gpu/` (host stand-ins for
+//! the CUDA libraries). SOFO_REQUIRE_GPU makes a missing GPU an error.
 #![cfg(feature = "cuda")]
 
 use sofo::loss::{Observer, SoftmaxCrossEntropy, WeightedMse};
@@ -74,6 +76,7 @@ fn on_gpu(
 
 #[test]
 fn every_op_agrees_with_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = device_or_skip("every_op_agrees_with_the_cpu") else {
         return;
     };
@@ -314,6 +317,7 @@ fn check_sketch_and_step<M: Model<f32>>(
 
 #[test]
 fn rate_rnn_sketch_and_step_agree() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = device_or_skip("rate_rnn_sketch_and_step_agree") else {
         return;
     };
@@ -331,6 +335,7 @@ fn rate_rnn_sketch_and_step_agree() {
 
 #[test]
 fn lorenz_sketch_and_step_agree() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = device_or_skip("lorenz_sketch_and_step_agree") else {
         return;
     };
@@ -340,6 +345,7 @@ fn lorenz_sketch_and_step_agree() {
 
 #[test]
 fn reach_network_with_the_arm_agrees() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = device_or_skip("reach_network_with_the_arm_agrees") else {
         return;
     };
@@ -821,6 +827,11 @@ fn agreement_tests_pass_on_the_fake_gpu() {
         eprintln!("a GPU is here: the agreement tests ran on it");
         return;
     }
+    // a GPU run (gpu-check.sh) must not pass on the fake instead
+    assert!(
+        std::env::var_os("SOFO_REQUIRE_GPU").is_none(),
+        "SOFO_REQUIRE_GPU is set and no GPU opens"
+    );
     let Some(dir) = fake_gpu::build() else {
         return;
     };
@@ -828,7 +839,7 @@ fn agreement_tests_pass_on_the_fake_gpu() {
         .args(["--test-threads", "1", "--nocapture"])
         .env("LD_LIBRARY_PATH", fake_gpu::library_path(&dir))
         .env("SOFO_FAKE_GPU", "1")
-        // reused device buffers NaN-filled, as fresh ones are
+        // every scratch buffer NaN-filled, as the fake's fresh memory is
         .env("SOFO_GPU_POISON", "1")
         .output()
         .unwrap();

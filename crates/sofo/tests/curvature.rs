@@ -137,7 +137,18 @@ fn softmax_cross_entropy_adds_up_over_groups() {
         assert!((a - b).abs() < 1e-12, "curvature {a} vs {b}");
     }
     // the normaliser is checked
-    let bad = SoftmaxCrossEntropy::<f64>::from_labels(&labels, 4, 0).unwrap();
+    let e = SoftmaxCrossEntropy::<f64>::from_labels(&labels, 4, 3)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("softmax_cross_entropy.n") && e.contains('3'),
+        "{e}"
+    );
+    let bad = SoftmaxCrossEntropy::<f64> {
+        target: Tensor::zeros(&[5, 4]),
+        n: 0.0,
+    };
     let e = bad.value(&y).unwrap_err().to_string();
     assert!(e.contains("softmax_cross_entropy.n"), "{e}");
 }

@@ -1,9 +1,10 @@
 // A stand-in for libcuda, libcublas and libnvrtc that runs on the host, so
 // that the GPU code path of sofo (cudarc's dynamic loading, the launch
 // arguments, the cuBLAS calls, the device memory handling, the kernels) runs
-// in tests on a machine without a GPU. Built by tests/cuda_agreement.rs with
-// the kernels of sofo_tensor::cuda (kernels.inc, generated there) and loaded
-// in place of the real libraries through LD_LIBRARY_PATH.
+// in tests on a machine without a GPU. Built by fake_gpu/mod.rs (for the
+// agreement tests and the CLI's GPU test) with the kernels of
+// sofo_tensor::cuda (kernels.inc, generated there) and loaded in place of the
+// real libraries through LD_LIBRARY_PATH.
 //
 // "Device" memory is host memory (a CUdeviceptr is a host address), filled
 // with NaN bytes when allocated so that reading an element nobody wrote shows

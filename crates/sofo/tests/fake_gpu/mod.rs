@@ -2,20 +2,54 @@
 //! that run the device path without a GPU: `mod fake_gpu;`, or with
 //! `#[path]` from another crate).
 
+/// The body `{ … }` that starts at the first `{` of `s` (brace matching),
+/// and the rest of `s` after it.
+fn body(s: &str) -> (&str, &str) {
+    let start = s.find('{').expect("a body");
+    let mut depth = 0;
+    for (i, c) in s[start..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return (&s[start..=start + i], &s[start + i + 1..]);
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced braces in the kernel source")
+}
+
+/// The name before the first `(` of `s`.
+fn name_before_paren(s: &str) -> &str {
+    let head = &s[..s.find('(').expect("a parameter list")];
+    head.rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .next()
+        .unwrap()
+}
+
 /// The kernels of the tensor layer, each with a wrapper that unpacks
 /// cuLaunchKernel's argument array by the kernel's own signature, and
-/// whether it synchronises its block.
+/// whether it synchronises its block (calls `__syncthreads`, itself or
+/// through a device function).
 fn kernels(src: &str) -> String {
+    // device functions that synchronise the block
+    let mut syncing: Vec<&str> = vec![];
+    for part in src.split("__device__ ").skip(1) {
+        let name = name_before_paren(part);
+        if body(part).0.contains("__syncthreads") {
+            syncing.push(name);
+        }
+    }
     let mut wrappers = String::new();
     let mut table = String::new();
-    let marker = "extern \"C\" __global__ void ";
-    let mut rest = src;
-    while let Some(at) = rest.find(marker) {
-        let sig = &rest[at + marker.len()..];
-        let open = sig.find('(').expect("kernel parameters");
-        let name = sig[..open].trim();
-        let close = sig.find(')').expect("end of parameters");
-        let args: Vec<String> = sig[open + 1..close]
+    for part in src.split("extern \"C\" __global__ void ").skip(1) {
+        let name = name_before_paren(part);
+        let open = part.find('(').unwrap();
+        let close = part.find(')').expect("end of parameters");
+        let args: Vec<String> = part[open + 1..close]
             .split(',')
             .enumerate()
             .map(|(i, p)| {
@@ -26,32 +60,19 @@ fn kernels(src: &str) -> String {
                 format!("*({} *)p[{i}]", p[..=ident].trim())
             })
             .collect();
-        // the body, by brace matching
-        let body_start = sig.find('{').expect("kernel body");
-        let mut depth = 0;
-        let mut end = body_start;
-        for (i, c) in sig[body_start..].char_indices() {
-            match c {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = body_start + i;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        let body = &sig[body_start..end];
-        let syncs = body.contains("__syncthreads") || body.contains("block_sum(");
+        let (b, _) = body(part);
+        let syncs =
+            b.contains("__syncthreads") || syncing.iter().any(|f| b.contains(&format!("{f}(")));
         wrappers.push_str(&format!(
             "static void call_{name}(void** p) {{ {name}({}); }}\n",
             args.join(", ")
         ));
         table.push_str(&format!("    {{\"{name}\", call_{name}, {syncs}}},\n"));
-        rest = &sig[end..];
     }
+    assert!(
+        table.contains("\"mse_value\", call_mse_value, true"),
+        "the block reduction was not recognised as synchronising"
+    );
     format!("{src}\n{wrappers}\nstatic const Kernel KERNELS[] = {{\n{table}}};\n")
 }
 
