@@ -12,7 +12,8 @@
 // thread per CUDA thread of a block where the kernel synchronises its block.
 // The stream is the caller's thread: everything is synchronous. cuBLAS GEMMs
 // follow the reference definition (column-major, op(A)·op(B)), accumulated in
-// double. Only what sofo uses is here; anything else is missing on purpose,
+// double, with f32 inputs rounded to TF32 under the TF32 math mode. Only what
+// sofo uses is here; anything else is missing on purpose,
 // so that cudarc names the symbol it wanted.
 #include <math.h>
 #include <barrier>
@@ -221,6 +222,22 @@ CUresult cuGetErrorName(CUresult, const char** s) {
 
 }  // extern "C"
 
+// cuBLAS's math mode; 3 (CUBLAS_TF32_TENSOR_OP_MATH): f32 GEMM inputs are
+// rounded to TF32
+static int math_mode = 0;
+
+// f32 rounded to TF32 (10 explicit mantissa bits, to nearest even), as the
+// tensor cores read their inputs
+static float tf32(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return x;  // inf, NaN
+    u += 0x0fffu + ((u >> 13) & 1u);
+    u &= 0xffffe000u;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
 // C = alpha op(A) op(B) + beta C, column-major; C is not read when beta = 0
 template <typename T>
 static int gemm(int ta, int tb, int m, int n, int k, const T* alpha, const T* a, int lda,
@@ -234,9 +251,13 @@ static int gemm(int ta, int tb, int m, int n, int k, const T* alpha, const T* a,
         for (int i = 0; i < m; i++) {
             double s = 0.0;
             for (int p = 0; p < k; p++) {
-                double x = ta ? a[p + (size_t)i * lda] : a[i + (size_t)p * lda];
-                double y = tb ? b[j + (size_t)p * ldb] : b[p + (size_t)j * ldb];
-                s += x * y;
+                T x = ta ? a[p + (size_t)i * lda] : a[i + (size_t)p * lda];
+                T y = tb ? b[j + (size_t)p * ldb] : b[p + (size_t)j * ldb];
+                if (sizeof(T) == 4 && math_mode == 3) {
+                    x = (T)tf32((float)x);
+                    y = (T)tf32((float)y);
+                }
+                s += (double)x * (double)y;
             }
             T* out = &c[i + (size_t)j * ldc];
             double v = (double)*alpha * s;
@@ -260,7 +281,10 @@ cublasStatus_t cublasCreate_v2(cublasHandle_t* h) {
 }
 cublasStatus_t cublasDestroy_v2(cublasHandle_t) { return 0; }
 cublasStatus_t cublasSetStream_v2(cublasHandle_t, CUstream) { return 0; }
-cublasStatus_t cublasSetMathMode(cublasHandle_t, int) { return 0; }
+cublasStatus_t cublasSetMathMode(cublasHandle_t, int mode) {
+    math_mode = mode;
+    return 0;
+}
 cublasStatus_t cublasSetPointerMode_v2(cublasHandle_t, int) { return 0; }
 cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t, void*, size_t) { return 0; }
 
