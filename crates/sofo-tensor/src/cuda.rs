@@ -731,20 +731,7 @@ impl CudaDevice {
     /// written. A buffer of that length from the pool, else a new one.
     pub fn scratch(&self, shape: &[usize]) -> Result<DevTensor> {
         let n = shape.iter().product::<usize>().max(1);
-        let mut data = match self.pool.take(n) {
-            Some(s) => s,
-            // SAFETY: callers write every element before reading it.
-            None => match unsafe { self.stream.alloc::<f32>(n) } {
-                Ok(s) => s,
-                Err(_) => {
-                    // out of memory, perhaps because of what the pool holds:
-                    // give that back and try once more
-                    self.pool.clear();
-                    // SAFETY: as above
-                    unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?
-                }
-            },
-        };
+        let mut data = self.buffer(n)?;
         if self.poison {
             let len = n as i64;
             let mut b = self.stream.launch_builder(&self.k.fill_nan);
@@ -756,11 +743,29 @@ impl CudaDevice {
     }
 
     pub fn zeros(&self, shape: &[usize]) -> Result<DevTensor> {
-        let mut t = self.scratch(shape)?;
+        let n = shape.iter().product::<usize>().max(1);
+        let mut data = self.buffer(n)?;
         self.stream
-            .memset_zeros(&mut *t.data)
+            .memset_zeros(&mut data)
             .map_err(|e| dev_err("memset", e))?;
-        Ok(t)
+        Ok(DevTensor::wrap(shape, data, Some(self.pool.clone())))
+    }
+
+    /// A buffer of `n` elements from the pool, else from the driver (after
+    /// giving the pool back, if the driver is out of memory).
+    fn buffer(&self, n: usize) -> Result<CudaSlice<f32>> {
+        if let Some(s) = self.pool.take(n) {
+            return Ok(s);
+        }
+        // SAFETY (both allocations): callers write every element before
+        // reading it.
+        match unsafe { self.stream.alloc::<f32>(n) } {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                self.pool.clear();
+                unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))
+            }
+        }
     }
 
     pub fn zeros_f64(&self, n: usize) -> Result<CudaSlice<f64>> {
@@ -977,26 +982,31 @@ impl CudaDevice {
     pub fn mse_seed(
         &self,
         y: &DevTensor,
-        target: &DevTensor,
-        w: Option<&DevTensor>,
+        target: &CudaView<'_, f32>,
+        w: Option<&CudaView<'_, f32>>,
         n_norm: f64,
         loss: &mut CudaSlice<f64>,
     ) -> Result<DevTensor> {
         let l = *y.shape.last().unwrap_or(&1);
         let rows = (y.numel() / l.max(1)) as i64;
-        if target.numel() != y.numel() || w.is_some_and(|w| w.numel() != rows as usize) {
+        if target.len() != y.numel() || w.is_some_and(|w| w.len() != rows as usize) {
             return Err(TensorError::shape(
                 "device mse seed",
                 format!("target {:?} and one weight per row ({rows})", y.shape),
-                format!("{:?} and {:?}", target.shape, w.map(|w| w.shape.clone())),
+                format!(
+                    "{} values and {:?} weights",
+                    target.len(),
+                    w.map(|w| w.len())
+                ),
             ));
         }
         let (l32, inv_n) = (l as i32, 1.0 / n_norm);
-        let wd = w.map_or(&self.dummy, |w| &*w.data);
+        let dummy = self.dummy.slice(..);
+        let wd = w.unwrap_or(&dummy);
         let hw = w.is_some() as i32;
         let mut b = self.stream.launch_builder(&self.k.mse_value);
         b.arg(&*y.data)
-            .arg(&*target.data)
+            .arg(target)
             .arg(wd)
             .arg(&hw)
             .arg(&rows)
@@ -1008,7 +1018,7 @@ impl CudaDevice {
         let mut g = self.scratch(&y.shape)?;
         let mut b = self.stream.launch_builder(&self.k.mse_seed);
         b.arg(&*y.data)
-            .arg(&*target.data)
+            .arg(target)
             .arg(wd)
             .arg(&hw)
             .arg(&mut *g.data)

@@ -31,6 +31,23 @@ fn device_mse<T: Float>(m: &WeightedMse<T>, shape: &[usize]) -> bool {
         })
 }
 
+/// A weighted MSE's target and weights (if any) in one upload: the buffer
+/// and the target's length (the weights follow it).
+fn upload_mse<T: Float>(dev: &CudaDevice, mse: &WeightedMse<T>) -> Result<(DevTensor, usize)> {
+    let host: Vec<f32> = mse
+        .target
+        .data()
+        .iter()
+        .chain(mse.weights.iter().flat_map(|w| w.data()))
+        .map(|v| v.to_f64() as f32)
+        .collect();
+    let len = host.len();
+    Ok((
+        dev.upload(&Tensor::from_vec(&[len], host)?)?,
+        mse.target.numel(),
+    ))
+}
+
 /// The sketch, accumulated in device memory (see
 /// [`sofo_tensor::cuda::MseSketch`]).
 pub struct CudaSketch {
@@ -74,19 +91,9 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
         let Some(mse) = on_device else {
             return self.observe_on_host(y, loss);
         };
-        let cols = mse.target.numel();
-        // target and weights in one upload
-        let host: Vec<f32> = mse
-            .target
-            .data()
-            .iter()
-            .chain(mse.weights.iter().flat_map(|w| w.data()))
-            .map(|v| v.to_f64() as f32)
-            .collect();
-        let len = host.len();
-        let up = self.dev.upload(&Tensor::from_vec(&[len], host)?)?;
+        let (up, cols) = upload_mse(&self.dev, mse)?;
         let target = up.slice().slice(..cols);
-        let w = (len > cols).then(|| up.slice().slice(cols..));
+        let w = (up.numel() > cols).then(|| up.slice().slice(cols..));
         self.dev.mse_sketch_add(
             &mut self.acc,
             &y.primal,
@@ -257,15 +264,12 @@ struct CudaSeeds {
 impl<T: Float> Observer<T, CudaRev> for CudaSeeds {
     fn observe(&mut self, e: &mut CudaRev, y: &Var, loss: &dyn LittleLoss<T>) -> Result<()> {
         let yv = e.value_of(y);
-        let rows = yv.numel() / yv.shape().last().copied().unwrap_or(1).max(1);
         let on_device = loss.as_weighted_mse().filter(|m| device_mse(m, yv.shape()));
         let seed = match on_device {
             Some(mse) => {
-                let target = self.dev.upload(&mse.target.convert::<f32>())?;
-                let w = match &mse.weights {
-                    Some(w) => Some(self.dev.upload(&w.convert::<f32>().reshape(&[rows])?)?),
-                    None => None,
-                };
+                let (up, cols) = upload_mse(&self.dev, mse)?;
+                let target = up.slice().slice(..cols);
+                let w = (up.numel() > cols).then(|| up.slice().slice(cols..));
                 self.dev
                     .mse_seed(yv, &target, w.as_ref(), mse.n, &mut self.device_loss)?
             }
