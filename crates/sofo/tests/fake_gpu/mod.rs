@@ -1,6 +1,7 @@
 //! Builds the fake GPU of `fakecuda.cpp` for tests (included by the tests
 //! that run the device path without a GPU: `mod fake_gpu;`, or with
-//! `#[path]` from another crate).
+//! `#[path]` from another crate), and compiles C++ for the host-side
+//! kernel checks.
 
 /// The body `{ … }` that starts at the first `{` of `s` (brace matching),
 /// and the rest of `s` after it.
@@ -91,13 +92,36 @@ pub fn build() -> Option<std::path::PathBuf> {
     let src = dir.join("fakecuda.cpp");
     std::fs::write(&src, include_str!("fakecuda.cpp")).unwrap();
     let lib = dir.join("libfakecuda.so");
+    compile(
+        &["-std=c++20", "-O2", "-pthread", "-I", dir.to_str().unwrap()],
+        &src,
+        &lib,
+        "the fake GPU",
+    )?;
+    for name in ["libcuda.so", "libcublas.so", "libnvrtc.so"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link).unwrap();
+    }
+    Some(dir)
+}
+
+/// Compiles the C++ file `src` into the shared library `lib` with the
+/// system compiler (`$CXX`, else `c++`) and `flags`; `None` where there is
+/// no compiler — unless SOFO_REQUIRE_CXX is set (CI), where that fails.
+/// `what` names the library in messages.
+pub fn compile(
+    flags: &[&str],
+    src: &std::path::Path,
+    lib: &std::path::Path,
+    what: &str,
+) -> Option<()> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = match std::process::Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-I"])
-        .arg(&dir)
-        .arg("-o")
-        .arg(&lib)
-        .arg(&src)
+        .args(flags)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(lib)
+        .arg(src)
         .output()
     {
         Ok(o) => o,
@@ -106,21 +130,16 @@ pub fn build() -> Option<std::path::PathBuf> {
                 std::env::var_os("SOFO_REQUIRE_CXX").is_none(),
                 "no C++ compiler `{cxx}` ({e}) and SOFO_REQUIRE_CXX is set"
             );
-            eprintln!("skipping the fake GPU: no C++ compiler `{cxx}` ({e})");
+            eprintln!("skipping {what}: no C++ compiler `{cxx}` ({e})");
             return None;
         }
     };
     assert!(
         out.status.success(),
-        "the fake GPU does not compile:\n{}",
+        "{what} does not compile:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for name in ["libcuda.so", "libcublas.so", "libnvrtc.so"] {
-        let link = dir.join(name);
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&lib, &link).unwrap();
-    }
-    Some(dir)
+    Some(())
 }
 
 /// `LD_LIBRARY_PATH` with the fake GPU's directory first.
