@@ -8,11 +8,12 @@
 use sofo::loss::{Observer, SoftmaxCrossEntropy, WeightedMse};
 use sofo::models::Trials;
 use sofo::models::{
-    Activation, Batch, LeakyRnn, LorenzModel, Model, RateRnn, ReachRnn, TwoJointArm,
+    Activation, Batch, ConstrainedRnn, Constraints, DaleTransform, LeakyRnn, LorenzModel, LowRank,
+    Model, Noise, RateRnn, ReachRnn, Regularizers, TimeConstants, TwoJointArm,
 };
 use sofo::optim::{Adam, AdamConfig, Damping, Optimizer, Sofo, SofoConfig};
 use sofo::params::{Param, ParamMode, ParamSet};
-use sofo::tasks::{KalmanTask, LorenzData, LorenzTask, ReachTask, Task};
+use sofo::tasks::{FlipFlopTask, KalmanTask, LorenzData, LorenzTask, ReachTask, Task};
 use sofo::{Device, Dual, Fwd, Ops, Tensor};
 use sofo_ad::cuda::{device_or_skip, CudaDual, CudaFwd};
 use sofo_ad::cuda_rev::CudaRev;
@@ -872,4 +873,76 @@ fn agreement_tests_pass_on_the_fake_gpu() {
         "{passed} of {ran} passed:\n{text}"
     );
     eprintln!("{text}");
+}
+
+/// The constrained rate network with its options on: Dale's law (softplus)
+/// with masks, learned time constants, state/rate/input noise and the three
+/// regularisers; and a low-rank recurrence with per-unit time constants and
+/// the multiplicative state and additive rate noises.
+fn constrained_cases() -> Vec<(&'static str, ConstrainedRnn)> {
+    let rnn = RateRnn {
+        n: 24,
+        inputs: 2,
+        outputs: 2,
+        alpha: 0.2,
+        activation: Activation::Tanh,
+        learn_x0: true,
+        gain: 0.9,
+    };
+    let mut c = Constraints::generate(24, Some(0.75), true, 0.5, false, 3).unwrap();
+    c.dale_transform = DaleTransform::Softplus;
+    let dale = ConstrainedRnn::new(rnn.clone(), c)
+        .unwrap()
+        .with_time_constants(TimeConstants::Learned { tau_min: 1.5 })
+        .unwrap()
+        .with_noise(Noise {
+            state: 0.05,
+            rates: 0.1,
+            input: 0.05,
+            ..Noise::default()
+        })
+        .unwrap()
+        .with_regularizers(Regularizers {
+            weights_l2: 1e-3,
+            rates_l2: 1e-3,
+            rate_target_weight: 1e-2,
+            rate_target: 0.2,
+        })
+        .unwrap();
+    let low_rank = ConstrainedRnn::new(rnn, Constraints::default())
+        .unwrap()
+        .with_time_constants(TimeConstants::PerUnit(
+            (0..24).map(|i| 0.1 + 0.01 * i as f64).collect(),
+        ))
+        .unwrap()
+        .with_low_rank(Some(LowRank {
+            rank: 2,
+            fixed: true,
+        }))
+        .unwrap()
+        .with_noise(Noise {
+            state_multiplicative: 0.05,
+            rates_additive: 0.05,
+            ..Noise::default()
+        })
+        .unwrap();
+    vec![
+        ("dale, masks, learned τ, noise, regularisers", dale),
+        ("low rank, per-unit τ, noise", low_rank),
+    ]
+}
+
+#[test]
+fn constrained_networks_agree() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("constrained_networks_agree") else {
+        return;
+    };
+    let task = FlipFlopTask::new(2, 40);
+    let batch = Task::<f32>::train_batch(&task, 0, 0, 16).unwrap();
+    for (what, model) in constrained_cases() {
+        let params = Model::<f32>::init(&model, 1).unwrap();
+        check_sketch_and_step(Device::Cuda(dev.clone()), &model, &params, &batch, what);
+        check_gradient(Device::Cuda(dev.clone()), &model, &params, &batch, what);
+    }
 }

@@ -186,6 +186,28 @@ fn learned_time_constants_differentiate_consistently_and_stay_positive() {
     }
 }
 
+/// Learned time constants under Dale's law and a mask (the initialisation
+/// rescales W by the spectral radius of the effective weights, which once
+/// looked for the τ tensor before it existed): the start is at the gain, τ
+/// starts at the model's α, and the gradients are consistent.
+#[test]
+fn learned_time_constants_with_dale_and_a_mask() {
+    let (_, _, mut batch) = tiny_rnn(3, 6);
+    batch.noise_seed = 5;
+    let c = Constraints::generate(6, Some(0.5), true, 0.7, false, 4).unwrap();
+    let mut r = rnn(6, 2, 2);
+    r.gain = 0.8;
+    let m = ConstrainedRnn::new(r, c)
+        .unwrap()
+        .with_time_constants(TimeConstants::Learned { tau_min: 1.5 })
+        .unwrap();
+    let params: ParamSet<f64> = m.init(3).unwrap();
+    assert_eq!(params.iter().last().unwrap().name, "tau");
+    let radius = m.spectral_radius(&params).unwrap();
+    assert!((radius - 0.8).abs() < 1e-9, "spectral radius {radius}");
+    check_gradients(&m, &params, &batch, "learned τ under Dale and a mask");
+}
+
 #[test]
 fn per_unit_state_noise_scales_with_each_units_alpha() {
     // W = 0, b = x0 = 5, C = I, relu: y = x, an OU process per unit with

@@ -753,12 +753,15 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                 }
             }
             if constrained && self.rnn.gain > 0.0 {
-                // the radius under |·| (what softplus reproduces below)
+                // the radius under |·| (what softplus reproduces below); the
+                // time constants play no part (and a learned τ has no tensor
+                // yet)
                 let abs = ConstrainedRnn {
                     constraints: Constraints {
                         dale_transform: DaleTransform::Abs,
                         ..c.clone()
                     },
+                    time_constants: TimeConstants::Scalar,
                     ..self.clone()
                 };
                 let r = abs.spectral_radius(&ps)?;
