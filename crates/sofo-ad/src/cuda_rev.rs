@@ -4,7 +4,7 @@
 //! Values are computed by the device forward engine without tangents
 //! ([`CudaFwd`] with K = 0), so every op the models use in their time loops
 //! runs on the device forwards. Backwards, the hot rules run on the device
-//! from kernels the forward engine already uses (φ′ from `unary`, the
+//! from kernels like the forward engine's (φ′ ⊙ gy in one pass, the
 //! product rules of `binary_tangent`, cuBLAS GEMMs with transposed operands
 //! for `linear`, column sums as GEMMs against a row of ones, column slices for
 //! last-axis concat). Any other rule (broadcasting binary ops, general
@@ -179,9 +179,7 @@ impl CudaRev {
         match op {
             Op::Unary(x, u) => {
                 let (c, s) = code(u);
-                let (_, d) = dev.unary(self.val(x), c, s, true)?;
-                let d = d.expect("asked for the derivative");
-                let gx = dev.scale_rows(&d, gy, 1, last(&yshape))?;
+                let gx = dev.unary_grad(self.val(x), gy, c, s)?;
                 self.accumulate(g, x, gx)?;
             }
             Op::Binary(a, b, o) => {

@@ -134,8 +134,10 @@ fn unary_kernels_match_the_cpu_rules() {
     type UnaryFwd = unsafe extern "C" fn(*const f32, *mut f32, *mut f32, i64, i32, f32, i32);
     type UnaryTangent =
         unsafe extern "C" fn(*const f32, *const f32, *mut f32, *mut f32, i64, i32, i32, i32, f32);
+    type UnaryGrad = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i64, i32, f32);
     let fwd = emu.kernel::<UnaryFwd>("unary_fwd");
     let tan = emu.kernel::<UnaryTangent>("unary_tangent");
+    let grad = emu.kernel::<UnaryGrad>("unary_grad");
     let (shape, k) = ([5usize, 7], 3usize);
     for op in Unary::all(0.7, -1.3) {
         let (c, s) = code(op);
@@ -196,6 +198,21 @@ fn unary_kernels_match_the_cpu_rules() {
                 &out,
                 &format!("unary_tangent {op:?} tangents"),
             );
+            // the reverse rule: f′(x) ⊙ gy
+            let gy = randn(&shape, 4, 2);
+            let gx_want: Vec<f32> = dwant.iter().zip(gy.data()).map(|(d, g)| d * g).collect();
+            let mut gx = vec![f32::NAN; n];
+            emu.launch(grid, block, || unsafe {
+                grad(
+                    x.data().as_ptr(),
+                    gy.data().as_ptr(),
+                    gx.as_mut_ptr(),
+                    n as i64,
+                    c as i32,
+                    s,
+                )
+            });
+            close(&gx_want, &gx, &format!("unary_grad {op:?}"));
         }
     }
 }

@@ -70,6 +70,15 @@ extern "C" __global__ void unary_fwd(const float* x, float* y, float* d, long lo
     }
 }
 
+// gx = f'(x) gy, the reverse rule of a unary op
+extern "C" __global__ void unary_grad(const float* x, const float* gy, float* gx, long long n, int op, float s) {
+    GRID_LOOP(i, n) {
+        float o, g;
+        unary_eval_(x[i], op, s, &o, &g);
+        gx[i] = g * gy[i];
+    }
+}
+
 // y = f(x) [P, L] and out[p, k, l] = f'(x[p, l]) t[p, k, l] in one pass
 // (the primal written by the threads of tangent 0)
 extern "C" __global__ void unary_tangent(const float* x, const float* t, float* y, float* out,
@@ -310,6 +319,7 @@ struct Kernels {
     scale_rows: CudaFunction,
     linear_init: CudaFunction,
     unary_tangent: CudaFunction,
+    unary_grad: CudaFunction,
     permute_210: CudaFunction,
     broadcast_rows: CudaFunction,
     mse_value: CudaFunction,
@@ -629,6 +639,7 @@ impl CudaDevice {
             scale_rows: f("scale_rows")?,
             linear_init: f("linear_init")?,
             unary_tangent: f("unary_tangent")?,
+            unary_grad: f("unary_grad")?,
             permute_210: f("permute_210")?,
             broadcast_rows: f("broadcast_rows")?,
             mse_value: f("mse_value")?,
@@ -800,6 +811,35 @@ impl CudaDevice {
         // SAFETY: argument types match the kernel; n bounds every access.
         unsafe { b.launch(grid(x.numel())) }.map_err(|e| dev_err("unary", e))?;
         Ok((y, d))
+    }
+
+    /// f′(x) ⊙ gy: the gradient through y = f(x), in one launch.
+    pub fn unary_grad(
+        &self,
+        x: &DevTensor,
+        gy: &DevTensor,
+        op: UnaryCode,
+        s: f32,
+    ) -> Result<DevTensor> {
+        if gy.numel() != x.numel() {
+            return Err(TensorError::shape(
+                "device unary gradient",
+                format!("{:?}", x.shape),
+                format!("{:?}", gy.shape),
+            ));
+        }
+        let mut gx = self.scratch(&x.shape)?;
+        let (n, opc) = (x.numel() as i64, op as i32);
+        let mut b = self.stream.launch_builder(&self.k.unary_grad);
+        b.arg(&*x.data)
+            .arg(&*gy.data)
+            .arg(&mut *gx.data)
+            .arg(&n)
+            .arg(&opc)
+            .arg(&s);
+        // SAFETY: x, gy and gx hold n elements each (checked).
+        unsafe { b.launch(grid(x.numel())) }.map_err(|e| dev_err("unary_grad", e))?;
+        Ok(gx)
     }
 
     /// y = f(x) [P, L] and its tangents f′(x) ⊙ ẋ [P, K, L] in one launch.
