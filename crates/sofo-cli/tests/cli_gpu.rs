@@ -1,5 +1,6 @@
 //! `sofo --device cuda` end to end (feature `cuda`): training with SOFO and
-//! with Adam through the device tape, `devices` and `bench`. On a machine
+//! with Adam through the device tape, one SOFO iteration of each paper task,
+//! `devices` and `bench`. On a machine
 //! with a GPU they run on it; without one, on the fake GPU of
 //! crates/sofo/tests/fake_gpu (host stand-ins for the CUDA libraries).
 #![cfg(feature = "cuda")]
@@ -79,6 +80,38 @@ fn sofo_and_adam_train_from_the_cli_on_the_device() {
             "{opt} did not learn on the device: {l:?}"
         );
         assert!(dir.join("weights.safetensors").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // every paper task's network and loss through the device path: one
+    // SOFO iteration each, its report and picture written
+    for (task, report) in [
+        ("flipflop", "flipflop.png"),
+        ("addition", "addition.png"),
+        ("reach1", "reach.png"),
+        ("kalman", "kalman.png"),
+    ] {
+        let dir = std::env::temp_dir().join(format!("sofo-cli-gpu-{}-{task}", std::process::id()));
+        let o = sofo(&[
+            "train",
+            "--task",
+            task,
+            "--device",
+            "cuda",
+            "--iterations",
+            "1",
+            "--batch",
+            "4",
+            "--tangents",
+            "4",
+            "--quiet",
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{task}: {err}");
+        assert!(err.contains("cuda:0"), "{task}: {err}");
+        assert_eq!(losses(&dir).len(), 1, "{task}");
+        assert!(dir.join(report).exists(), "{task}: no {report}");
         let _ = std::fs::remove_dir_all(&dir);
     }
     let o = sofo(&[
