@@ -34,7 +34,8 @@ struct Node {
 pub struct CudaRev {
     fwd: CudaFwd,
     nodes: Vec<Node>,
-    /// A row of ones, for column sums as GEMMs (grown on demand).
+    /// A row of ones, for column sums as GEMMs (grown on demand; a longer
+    /// row serves: the GEMM reads the first `rows`).
     ones: Option<DevTensor>,
 }
 
@@ -132,28 +133,53 @@ impl CudaRev {
         Ok(())
     }
 
-    /// Σ over rows of `x` [rows, n], times `s`, as a tensor of `shape` (n
-    /// elements): onesᵀ · x on cuBLAS.
-    fn column_sums(&mut self, x: &DevTensor, s: f32, shape: &[usize]) -> Result<DevTensor> {
-        let n = last(x.shape());
-        let rows = x.numel() / n;
-        let dev = self.device().clone();
+    /// Adds `alpha · op(a) · op(b)` ([m, n]) to the gradient of node `to`
+    /// (of `shape`): one GEMM straight into the gradient already there
+    /// (β = 1), so a weight used at every time step gathers its T terms
+    /// without a temporary or an addition per step.
+    fn accumulate_gemm(
+        &self,
+        g: &mut [Option<DevTensor>],
+        to: usize,
+        (m, n, k): (usize, usize, usize),
+        a: (&DevTensor, bool),
+        b: (&DevTensor, bool),
+        alpha: f32,
+    ) -> Result<()> {
+        if !self.nodes[to].needs_grad {
+            return Ok(());
+        }
+        let dev = self.device();
+        let (mut out, beta) = match g[to].take() {
+            Some(s) if s.numel() == m * n => (s, 1.0),
+            other => {
+                // none yet (or one that cannot take a GEMM): a fresh buffer,
+                // added to any other the ordinary way
+                let fresh = dev.scratch(self.val(to).shape())?;
+                g[to] = other;
+                (fresh, 0.0)
+            }
+        };
+        dev.gemm_t(
+            m,
+            n,
+            k,
+            (&a.0.slice().slice(..), a.1),
+            (&b.0.slice().slice(..), b.1),
+            &mut out.slice_mut().slice_mut(..),
+            alpha,
+            beta,
+        )?;
+        self.accumulate(g, to, out)
+    }
+
+    /// Makes the row of ones (column sums as GEMMs) at least `rows` long.
+    fn ensure_ones(&mut self, rows: usize) -> Result<()> {
         if self.ones.as_ref().is_none_or(|o| o.numel() < rows) {
+            let dev = self.device().clone();
             self.ones = Some(dev.upload(&Tensor::from_vec(&[rows], vec![1f32; rows])?)?);
         }
-        let ones = self.ones.as_ref().expect("just made");
-        let mut out = dev.scratch(shape)?;
-        dev.gemm(
-            1,
-            n,
-            rows,
-            &ones.slice().slice(..rows),
-            &x.slice().slice(..),
-            &mut out.slice_mut().slice_mut(..),
-            s,
-            0.0,
-        )?;
-        Ok(out)
+        Ok(())
     }
 
     /// A rank-2 transpose on the device.
@@ -215,43 +241,16 @@ impl CudaRev {
                 }
                 for (a, w) in terms {
                     let k = self.val(w).shape()[0];
-                    if self.nodes[a].needs_grad {
-                        // s · gy [rows, n] · Wᵀ [n, k]
-                        let mut ga = dev.scratch(self.val(a).shape())?;
-                        dev.gemm_t(
-                            rows,
-                            k,
-                            n,
-                            (&gy.slice().slice(..), false),
-                            (&self.val(w).slice().slice(..), true),
-                            &mut ga.slice_mut().slice_mut(..),
-                            scale,
-                            0.0,
-                        )?;
-                        self.accumulate(g, a, ga)?;
-                    }
-                    if self.nodes[w].needs_grad {
-                        // s · aᵀ [k, rows] · gy [rows, n]
-                        let mut gw = dev.scratch(&[k, n])?;
-                        dev.gemm_t(
-                            k,
-                            n,
-                            rows,
-                            (&self.val(a).slice().slice(..), true),
-                            (&gy.slice().slice(..), false),
-                            &mut gw.slice_mut().slice_mut(..),
-                            scale,
-                            0.0,
-                        )?;
-                        self.accumulate(g, w, gw)?;
-                    }
+                    // s · gy [rows, n] · Wᵀ [n, k] and s · aᵀ [k, rows] · gy [rows, n]
+                    let (av, wv) = (self.val(a), self.val(w));
+                    self.accumulate_gemm(g, a, (rows, k, n), (gy, false), (wv, true), scale)?;
+                    self.accumulate_gemm(g, w, (k, n, rows), (av, true), (gy, false), scale)?;
                 }
                 if let Some(b) = bias {
-                    if self.nodes[b].needs_grad {
-                        let shape = self.val(b).shape().to_vec();
-                        let gb = self.column_sums(gy, scale, &shape)?;
-                        self.accumulate(g, b, gb)?;
-                    }
+                    // s · onesᵀ [1, rows] · gy [rows, n]
+                    self.ensure_ones(rows)?;
+                    let ones = self.ones.as_ref().expect("made above");
+                    self.accumulate_gemm(g, b, (1, n, rows), (ones, false), (gy, false), scale)?;
                 }
             }
             Op::Concat(xs, axis) => {
@@ -285,8 +284,10 @@ impl CudaRev {
                 if !(xs.len() == 1 && yshape.len() == 2 && yshape[1] == xs[0]) {
                     return self.on_host(id, gy, g);
                 }
-                let gx = self.column_sums(gy, 1.0, &xs)?;
-                self.accumulate(g, x, gx)?;
+                let rows = yshape[0];
+                self.ensure_ones(rows)?;
+                let ones = self.ones.as_ref().expect("made above");
+                self.accumulate_gemm(g, x, (1, xs[0], rows), (ones, false), (gy, false), 1.0)?;
             }
             _ => unreachable!("the other ops went to the host above"),
         }

@@ -594,39 +594,34 @@ fn mse_kernels_give_the_sketch_and_the_seed() {
     let (loss1, c1, g1) = mse_reference(&y, &t, &ones, &yd, k, n);
     let cols = rows * l;
     let ld = 2 * cols + 5;
+    // the K + 1 rows of one observation into columns [col0, col0 + cols) of
+    // a buffer with leading dimension ld; weighted or not, tangents or not
+    let fill = |out: &mut [f64], weighted: bool, tangents: bool, ld: usize, col0: usize| unsafe {
+        aug(
+            y.data().as_ptr(),
+            t.data().as_ptr(),
+            w.as_ptr(),
+            weighted as i32,
+            if tangents {
+                yd.data().as_ptr()
+            } else {
+                std::ptr::null()
+            },
+            tangents as i32,
+            out.as_mut_ptr(),
+            rows as i64,
+            k as i32,
+            l as i32,
+            1.0 / n,
+            ld as i64,
+            col0 as i64,
+        )
+    };
     for (grid, block) in SHAPES {
         let mut a = vec![f64::NAN; (k + 1) * ld];
-        emu.launch(grid, block, || unsafe {
-            aug(
-                y.data().as_ptr(),
-                t.data().as_ptr(),
-                w.as_ptr(),
-                1,
-                yd.data().as_ptr(),
-                1,
-                a.as_mut_ptr(),
-                rows as i64,
-                k as i32,
-                l as i32,
-                1.0 / n,
-                ld as i64,
-                0,
-            );
-            aug(
-                y.data().as_ptr(),
-                t.data().as_ptr(),
-                w.as_ptr(),
-                0,
-                yd.data().as_ptr(),
-                1,
-                a.as_mut_ptr(),
-                rows as i64,
-                k as i32,
-                l as i32,
-                1.0 / n,
-                ld as i64,
-                cols as i64,
-            )
+        emu.launch(grid, block, || {
+            fill(&mut a, true, true, ld, 0);
+            fill(&mut a, false, true, ld, cols);
         });
         let k1 = k + 1;
         let gram: Vec<f64> = (0..k1 * k1)
@@ -650,23 +645,7 @@ fn mse_kernels_give_the_sketch_and_the_seed() {
         }
         // without tangents the rows above the residual are zeros
         let mut a0 = vec![f64::NAN; (k + 1) * cols];
-        emu.launch(grid, block, || unsafe {
-            aug(
-                y.data().as_ptr(),
-                t.data().as_ptr(),
-                w.as_ptr(),
-                1,
-                std::ptr::null(),
-                0,
-                a0.as_mut_ptr(),
-                rows as i64,
-                k as i32,
-                l as i32,
-                1.0 / n,
-                cols as i64,
-                0,
-            )
-        });
+        emu.launch(grid, block, || fill(&mut a0, true, false, cols, 0));
         assert!(
             a0[..k * cols].iter().all(|&v| v == 0.0),
             "tangent rows not zero"

@@ -44,6 +44,13 @@ pub struct BenchArgs {
     memory: bool,
 }
 
+impl BenchArgs {
+    /// Timed iterations per configuration (at least one).
+    fn timed_iters(&self) -> usize {
+        self.iters.max(1)
+    }
+}
+
 struct Record {
     method: &'static str,
     /// Peak bytes of device memory held during the timed iterations (GPU).
@@ -184,7 +191,7 @@ fn time_forward<M: Model<f32>>(
     name: &'static str,
     n: usize,
 ) -> Result<Record> {
-    let iters = a.iters.max(1);
+    let iters = a.timed_iters();
     if a.method == "pass" {
         time_pass(device, model, batch, k, iters, name, n)
     } else {
@@ -319,7 +326,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return memory(&a, &device);
     }
     let want = |name: &str| a.only.as_ref().is_none_or(|o| name.contains(o.as_str()));
-    let iters = a.iters.max(1);
+    let iters = a.timed_iters();
     // the anchors' rate-RNN configurations, then the sizes of the double
     // reach (T = 1000) and of the long-horizon Kalman filter (T = 5000),
     // which are GPU work (timed on the CPU only when named with --only)
