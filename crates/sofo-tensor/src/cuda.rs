@@ -10,12 +10,17 @@ use crate::error::{Result, TensorError};
 use crate::Tensor;
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm as _, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, LaunchConfig,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+#[path = "cuda_graph.rs"]
+mod graph;
+use graph::{ptr_of, tag, Core, Home, Launch};
+pub use graph::{GraphStats, PassGraph};
 
 fn dev_err(op: &'static str, e: impl std::fmt::Debug) -> TensorError {
     TensorError::Device {
@@ -346,6 +351,11 @@ pub struct MseSketch {
 impl MseSketch {
     /// Bytes of the column buffer (at least one output wide).
     pub const BUFFER_BYTES: usize = 4 << 20;
+
+    /// The number of tangents it sketches.
+    pub fn k(&self) -> usize {
+        self.k
+    }
 }
 
 impl Drop for MseSketch {
@@ -365,7 +375,16 @@ pub struct CudaDevice {
     dummy: CudaSlice<f32>,
     /// Whether the f32 GEMMs use TF32 tensor cores.
     tf32: std::sync::atomic::AtomicBool,
-    pool: Arc<BufferPool>,
+    /// The stream, buffer pool and graph recording state, shared with the
+    /// tensors.
+    core: Arc<Core>,
+    /// cuBLAS's workspace, set by us so that GEMMs can be captured into
+    /// graphs (cuBLAS allocates nothing while capturing).
+    _blas_workspace: CudaSlice<u8>,
+    /// Whether passes run as CUDA graphs ([`CudaDevice::set_graphs`]).
+    graphs: std::sync::atomic::AtomicBool,
+    /// Values kept between calls ([`CudaDevice::keep`]).
+    kept: std::sync::Mutex<std::collections::HashMap<&'static str, Box<dyn std::any::Any + Send>>>,
     /// Fill every buffer handed out by `scratch` with NaN (SOFO_GPU_POISON
     /// set: tests), so that reading an element nobody wrote shows.
     poison: bool,
@@ -433,10 +452,12 @@ impl BufferPool {
         self.bytes.store(0, Ordering::Relaxed);
     }
 
-    fn put(&self, s: CudaSlice<f32>) {
+    /// Keeps a freed buffer (beyond the cap it is freed on the stream,
+    /// unless `hold`: while a graph is captured nothing may be freed).
+    fn put(&self, s: CudaSlice<f32>, hold: bool) {
         let bytes = s.len() * 4;
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if self.bytes.load(Ordering::Relaxed) + bytes > Self::MAX_BYTES {
+        if !hold && self.bytes.load(Ordering::Relaxed) + bytes > Self::MAX_BYTES {
             return; // dropped: freed on the stream
         }
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -449,17 +470,24 @@ impl BufferPool {
 pub struct DevTensor {
     shape: Vec<usize>,
     data: std::mem::ManuallyDrop<CudaSlice<f32>>,
-    pool: Option<Arc<BufferPool>>,
+    /// Where the buffer goes when dropped (`None`: back to the driver).
+    home: Option<Home>,
 }
 
 impl DevTensor {
-    fn wrap(shape: &[usize], data: CudaSlice<f32>, pool: Option<Arc<BufferPool>>) -> Self {
+    fn wrap(shape: &[usize], data: CudaSlice<f32>, home: Option<Home>) -> Self {
         count_alloc(data.len() * 4);
         DevTensor {
             shape: shape.to_vec(),
             data: std::mem::ManuallyDrop::new(data),
-            pool,
+            home,
         }
+    }
+
+    /// Relabels the same number of elements (the caller's check).
+    fn set_shape(&mut self, shape: &[usize]) {
+        debug_assert_eq!(shape.iter().product::<usize>().max(1), self.numel().max(1));
+        self.shape = shape.to_vec();
     }
 }
 
@@ -468,15 +496,27 @@ impl Drop for DevTensor {
         count_free(self.data.len() * 4);
         // SAFETY: the buffer is not touched again after this.
         let data = unsafe { std::mem::ManuallyDrop::take(&mut self.data) };
-        if let Some(pool) = &self.pool {
-            pool.put(data);
+        if let Some(home) = &self.home {
+            home.put(data);
         }
     }
 }
 
 impl Clone for DevTensor {
+    /// A copy on the device, in a buffer of the device's (so that a pass
+    /// that clones can be recorded and replayed).
     fn clone(&self) -> Self {
-        DevTensor::wrap(&self.shape, (*self.data).clone(), self.pool.clone())
+        let Some(core) = self.home.as_ref().map(Home::core) else {
+            return DevTensor::wrap(&self.shape, (*self.data).clone(), None);
+        };
+        let n = self.numel();
+        let (data, home) = core.buffer(n).expect("device memory for a copy");
+        let (src, dst) = (
+            ptr_of(&self.data, &core.stream),
+            ptr_of(&data, &core.stream),
+        );
+        core.copy(src, dst, n).expect("a device copy");
+        DevTensor::wrap(&self.shape, data, Some(home))
     }
 }
 
@@ -512,6 +552,9 @@ impl DevTensor {
         Ok(self)
     }
 }
+
+/// cuBLAS's workspace (its recommendation for Hopper is 32 MiB).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
@@ -615,11 +658,30 @@ impl CudaDevice {
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("open", e))?;
         // One stream: no cross-stream events needed.
-        // SAFETY: every operation of this backend runs on the default stream.
+        // SAFETY: every operation of this backend runs on this one stream.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(|e| dev_err("open", e))?;
-        let stream = ctx.default_stream();
+        // a stream of our own, not the legacy default stream: only such a
+        // stream can be captured into a CUDA graph
+        let stream = ctx.new_stream().map_err(|e| dev_err("stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("cublas", e))?;
+        let mut workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+            .map_err(|e| dev_err("alloc", e))?;
+        {
+            let (ws, _) = workspace.device_ptr_mut(&stream);
+            // SAFETY: the handle and the workspace live as long as the device.
+            let status = unsafe {
+                blas_sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ws as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE_BYTES,
+                )
+            };
+            if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(dev_err("cublasSetWorkspace", status));
+            }
+        }
         let ptx = compile_kernels()?;
         let module = ctx
             .load_module(ptx)
@@ -654,12 +716,15 @@ impl CudaDevice {
         Ok(Arc::new(CudaDevice {
             ordinal,
             name,
+            core: Arc::new(Core::new(stream.clone())),
             stream,
             blas,
+            _blas_workspace: workspace,
+            kept: Default::default(),
+            graphs: std::sync::atomic::AtomicBool::new(graph::graphs_by_default()),
             k,
             dummy,
             tf32: std::sync::atomic::AtomicBool::new(false),
-            pool: Arc::new(BufferPool::default()),
             poison: std::env::var_os("SOFO_GPU_POISON").is_some(),
         }))
     }
@@ -685,7 +750,7 @@ impl CudaDevice {
 
     /// Bytes of freed buffers this device keeps for reuse.
     pub fn pooled_bytes(&self) -> usize {
-        self.pool.bytes.load(Ordering::Relaxed)
+        self.core.pool.bytes.load(Ordering::Relaxed)
     }
 
     /// Whether the f32 GEMMs use TF32 (see [`CudaDevice::set_tf32`]).
@@ -702,6 +767,7 @@ impl CudaDevice {
 
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
+        self.core.host_sync("synchronize")?;
         self.stream
             .synchronize()
             .map_err(|e| dev_err("synchronize", e))
@@ -711,6 +777,8 @@ impl CudaDevice {
         // an empty tensor keeps a buffer of length 0 (`numel` is its length;
         // scratch buffers have at least one element)
         if t.numel() == 0 {
+            // (not a buffer a graph could own)
+            self.core.host_sync("upload")?;
             let data = self
                 .stream
                 .clone_htod(t.data())
@@ -718,13 +786,12 @@ impl CudaDevice {
             return Ok(DevTensor::wrap(t.shape(), data, None));
         }
         let mut d = self.scratch(t.shape())?;
-        self.stream
-            .memcpy_htod(t.data(), &mut *d.data)
-            .map_err(|e| dev_err("upload", e))?;
+        self.core.upload(t.data(), &mut d.data)?;
         Ok(d)
     }
 
     pub fn download(&self, t: &DevTensor) -> Result<Tensor<f32>> {
+        self.core.host_sync("download")?;
         let v = self
             .stream
             .clone_dtoh(&*t.data)
@@ -733,6 +800,7 @@ impl CudaDevice {
     }
 
     pub fn download_f64(&self, v: &CudaSlice<f64>) -> Result<Vec<f64>> {
+        self.core.host_sync("download")?;
         self.stream
             .clone_dtoh(v)
             .map_err(|e| dev_err("download", e))
@@ -742,44 +810,27 @@ impl CudaDevice {
     /// written. A buffer of that length from the pool, else a new one.
     pub fn scratch(&self, shape: &[usize]) -> Result<DevTensor> {
         let n = shape.iter().product::<usize>().max(1);
-        let mut data = self.buffer(n)?;
+        let (mut data, home) = self.core.buffer(n)?;
         if self.poison {
             let len = n as i64;
-            let mut b = self.stream.launch_builder(&self.k.fill_nan);
-            b.arg(&mut data).arg(&len);
+            let mut b = Launch::new(&self.core, &self.k.fill_nan);
+            b.out(&mut data).arg(&len);
             // SAFETY: data holds n elements.
             unsafe { b.launch(grid(n)) }.map_err(|e| dev_err("fill_nan", e))?;
         }
-        Ok(DevTensor::wrap(shape, data, Some(self.pool.clone())))
+        Ok(DevTensor::wrap(shape, data, Some(home)))
     }
 
     pub fn zeros(&self, shape: &[usize]) -> Result<DevTensor> {
         let n = shape.iter().product::<usize>().max(1);
-        let mut data = self.buffer(n)?;
-        self.stream
-            .memset_zeros(&mut data)
-            .map_err(|e| dev_err("memset", e))?;
-        Ok(DevTensor::wrap(shape, data, Some(self.pool.clone())))
+        let (mut data, home) = self.core.buffer(n)?;
+        self.core.memset_zero(&mut data)?;
+        Ok(DevTensor::wrap(shape, data, Some(home)))
     }
 
-    /// A buffer of `n` elements from the pool, else from the driver (after
-    /// giving the pool back, if the driver is out of memory).
-    fn buffer(&self, n: usize) -> Result<CudaSlice<f32>> {
-        if let Some(s) = self.pool.take(n) {
-            return Ok(s);
-        }
-        // SAFETY (both allocations): callers write every element before
-        // reading it.
-        match unsafe { self.stream.alloc::<f32>(n) } {
-            Ok(s) => Ok(s),
-            Err(_) => {
-                self.pool.clear();
-                unsafe { self.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))
-            }
-        }
-    }
-
+    /// f64 zeros in a buffer of its own (not one a graph could own).
     pub fn zeros_f64(&self, n: usize) -> Result<CudaSlice<f64>> {
+        self.core.host_sync("f64 buffer")?;
         self.stream
             .alloc_zeros::<f64>(n.max(1))
             .map_err(|e| dev_err("alloc", e))
@@ -801,10 +852,10 @@ impl CudaDevice {
         };
         let n = x.numel() as i64;
         let (opc, wd) = (op as i32, want_d as i32);
-        let mut b = self.stream.launch_builder(&self.k.unary_fwd);
-        b.arg(&*x.data).arg(&mut *y.data);
+        let mut b = Launch::new(&self.core, &self.k.unary_fwd);
+        b.arg(&*x.data).out(&mut *y.data);
         match d.as_mut() {
-            Some(d) => b.arg(&mut *d.data),
+            Some(d) => b.out(&mut *d.data),
             None => b.arg(&self.dummy), // not written when want_d = 0
         };
         b.arg(&n).arg(&opc).arg(&s).arg(&wd);
@@ -830,10 +881,10 @@ impl CudaDevice {
         }
         let mut gx = self.scratch(&x.shape)?;
         let (n, opc) = (x.numel() as i64, op as i32);
-        let mut b = self.stream.launch_builder(&self.k.unary_grad);
+        let mut b = Launch::new(&self.core, &self.k.unary_grad);
         b.arg(&*x.data)
             .arg(&*gy.data)
-            .arg(&mut *gx.data)
+            .out(&mut *gx.data)
             .arg(&n)
             .arg(&opc)
             .arg(&s);
@@ -862,11 +913,11 @@ impl CudaDevice {
         let mut y = self.scratch(&x.shape)?;
         let mut out = self.scratch(&t.shape)?;
         let (total, k32, l32, opc) = (t.numel() as i64, k as i32, l as i32, op as i32);
-        let mut b = self.stream.launch_builder(&self.k.unary_tangent);
+        let mut b = Launch::new(&self.core, &self.k.unary_tangent);
         b.arg(&*x.data)
             .arg(&*t.data)
-            .arg(&mut *y.data)
-            .arg(&mut *out.data)
+            .out(&mut *y.data)
+            .out(&mut *out.data)
             .arg(&total)
             .arg(&k32)
             .arg(&l32)
@@ -888,10 +939,10 @@ impl CudaDevice {
         }
         let mut y = self.scratch(&a.shape)?;
         let (n, opc) = (a.numel() as i64, op as i32);
-        let mut l = self.stream.launch_builder(&self.k.binary_fwd);
+        let mut l = Launch::new(&self.core, &self.k.binary_fwd);
         l.arg(&*a.data)
             .arg(&*b.data)
-            .arg(&mut *y.data)
+            .out(&mut *y.data)
             .arg(&n)
             .arg(&opc);
         // SAFETY: a, b and y hold n elements each.
@@ -936,7 +987,7 @@ impl CudaDevice {
         let total = n as i64;
         let (k32, l32, opc) = (k as i32, l as i32, op as i32);
         let (has_a, has_b) = (ta.is_some() as i32, tb.is_some() as i32);
-        let mut g = self.stream.launch_builder(&self.k.binary_tangent);
+        let mut g = Launch::new(&self.core, &self.k.binary_tangent);
         g.arg(&*a.data).arg(&*b.data);
         match ta {
             Some(t) => g.arg(&*t.data),
@@ -946,7 +997,7 @@ impl CudaDevice {
             Some(t) => g.arg(&*t.data),
             None => g.arg(&self.dummy),
         };
-        g.arg(&mut *out.data)
+        g.out(&mut *out.data)
             .arg(&total)
             .arg(&k32)
             .arg(&l32)
@@ -973,9 +1024,9 @@ impl CudaDevice {
             ));
         }
         let (r64, w32, dw32, o32) = (rows as i64, w as i32, dst_w as i32, offset as i32);
-        let mut b = self.stream.launch_builder(&self.k.copy_columns);
+        let mut b = Launch::new(&self.core, &self.k.copy_columns);
         b.arg(&*src.data)
-            .arg(&mut *dst.data)
+            .out(&mut *dst.data)
             .arg(&r64)
             .arg(&w32)
             .arg(&dw32)
@@ -1005,9 +1056,9 @@ impl CudaDevice {
         }
         let mut dst = self.scratch(shape)?;
         let (r64, w32, sw32, o32) = (rows as i64, w as i32, src_w as i32, offset as i32);
-        let mut b = self.stream.launch_builder(&self.k.take_columns);
+        let mut b = Launch::new(&self.core, &self.k.take_columns);
         b.arg(&*src.data)
-            .arg(&mut *dst.data)
+            .out(&mut *dst.data)
             .arg(&r64)
             .arg(&w32)
             .arg(&sw32)
@@ -1044,7 +1095,7 @@ impl CudaDevice {
         let dummy = self.dummy.slice(..);
         let wd = w.unwrap_or(&dummy);
         let hw = w.is_some() as i32;
-        let mut b = self.stream.launch_builder(&self.k.mse_value);
+        let mut b = Launch::new(&self.core, &self.k.mse_value);
         b.arg(&*y.data)
             .arg(target)
             .arg(wd)
@@ -1052,16 +1103,16 @@ impl CudaDevice {
             .arg(&rows)
             .arg(&l32)
             .arg(&inv_n)
-            .arg(&mut *loss);
+            .out(&mut *loss);
         // SAFETY: y and target hold rows·l elements, w rows (checked).
         unsafe { b.launch(one_block()) }.map_err(|e| dev_err("mse", e))?;
         let mut g = self.scratch(&y.shape)?;
-        let mut b = self.stream.launch_builder(&self.k.mse_seed);
+        let mut b = Launch::new(&self.core, &self.k.mse_seed);
         b.arg(&*y.data)
             .arg(target)
             .arg(wd)
             .arg(&hw)
-            .arg(&mut *g.data)
+            .out(&mut *g.data)
             .arg(&rows)
             .arg(&l32)
             .arg(&inv_n);
@@ -1080,10 +1131,10 @@ impl CudaDevice {
     ) -> Result<DevTensor> {
         let mut out = self.scratch(&t.shape)?;
         let (total, k32, l32) = (t.numel() as i64, k as i32, l as i32);
-        let mut b = self.stream.launch_builder(&self.k.scale_rows);
+        let mut b = Launch::new(&self.core, &self.k.scale_rows);
         b.arg(&*d.data)
             .arg(&*t.data)
-            .arg(&mut *out.data)
+            .out(&mut *out.data)
             .arg(&total)
             .arg(&k32)
             .arg(&l32);
@@ -1156,10 +1207,10 @@ impl CudaDevice {
         }
         let (r64, k32, n32) = (rows as i64, k as i32, n as i32);
         let total = rows * n * (1 + k_tangents.map_or(0, |k| k));
-        let mut b = self.stream.launch_builder(&self.k.linear_init);
-        b.arg(&mut *y.data);
+        let mut b = Launch::new(&self.core, &self.k.linear_init);
+        b.out(&mut *y.data);
         match t.as_mut() {
-            Some(t) => b.arg(&mut *t.data),
+            Some(t) => b.out(&mut *t.data),
             None => b.arg(&self.dummy),
         };
         b.arg(bd)
@@ -1191,9 +1242,9 @@ impl CudaDevice {
     ) -> Result<DevTensor> {
         let mut dst = self.scratch(out_shape)?;
         let (a32, b32, c32) = (a as i32, b_ as i32, c as i32);
-        let mut b = self.stream.launch_builder(&self.k.permute_210);
+        let mut b = Launch::new(&self.core, &self.k.permute_210);
         b.arg(&*src.data)
-            .arg(&mut *dst.data)
+            .out(&mut *dst.data)
             .arg(&a32)
             .arg(&b32)
             .arg(&c32);
@@ -1206,8 +1257,8 @@ impl CudaDevice {
     pub fn broadcast_rows(&self, src: &DevTensor, shape: &[usize]) -> Result<DevTensor> {
         let mut dst = self.scratch(shape)?;
         let (total, len) = (dst.numel() as i64, src.numel() as i64);
-        let mut b = self.stream.launch_builder(&self.k.broadcast_rows);
-        b.arg(&*src.data).arg(&mut *dst.data).arg(&total).arg(&len);
+        let mut b = Launch::new(&self.core, &self.k.broadcast_rows);
+        b.arg(&*src.data).out(&mut *dst.data).arg(&total).arg(&len);
         // SAFETY: indices stay below total and len.
         unsafe { b.launch(grid(total as usize)) }.map_err(|e| dev_err("broadcast", e))?;
         Ok(dst)
@@ -1218,8 +1269,8 @@ impl CudaDevice {
         let mut out = self.scratch(shape)?;
         let n = out.numel() as i64;
         let cfg = grid(out.numel().div_ceil(2));
-        let mut b = self.stream.launch_builder(&self.k.normal_fill);
-        b.arg(&mut *out.data).arg(&n).arg(&seed).arg(&stream);
+        let mut b = Launch::new(&self.core, &self.k.normal_fill);
+        b.out(&mut *out.data).arg(&n).arg(&seed).arg(&stream);
         // SAFETY: out holds n elements.
         unsafe { b.launch(cfg) }.map_err(|e| dev_err("normal", e))?;
         Ok(out)
@@ -1240,9 +1291,9 @@ impl CudaDevice {
     ) -> Result<DevTensor> {
         let mut out = self.scratch(shape)?;
         let (p64, off64, a32, k32, l32) = (p as i64, off as i64, a as i32, k as i32, l as i32);
-        let mut b = self.stream.launch_builder(&self.k.gather_param);
+        let mut b = Launch::new(&self.core, &self.k.gather_param);
         b.arg(&*v.data)
-            .arg(&mut *out.data)
+            .out(&mut *out.data)
             .arg(&p64)
             .arg(&off64)
             .arg(&a32)
@@ -1275,9 +1326,20 @@ impl CudaDevice {
         if tf32 {
             self.set_tf32(false)?;
         }
-        // SAFETY: v holds k·p elements, g k·k.
-        let done = unsafe { self.blas.gemm(cfg, &*v.data, &*v.data, &mut *g.data) }
-            .map_err(|e| dev_err("gemm", e));
+        let sig = [
+            tag::GEMM,
+            ptr_of(&v.data, &self.stream),
+            ptr_of(&g.data, &self.stream),
+            k as u64,
+            p as u64,
+        ];
+        let done = if self.core.call(&sig) {
+            // SAFETY: v holds k·p elements, g k·k.
+            unsafe { self.blas.gemm(cfg, &*v.data, &*v.data, &mut *g.data) }
+                .map_err(|e| dev_err("gemm", e))
+        } else {
+            Ok(())
+        };
         if tf32 {
             self.set_tf32(true)?;
         }
@@ -1342,6 +1404,21 @@ impl CudaDevice {
             beta,
             ldc: n as i32,
         };
+        let sig = [
+            tag::GEMM,
+            b.device_ptr(&self.stream).0,
+            a.device_ptr(&self.stream).0,
+            c.device_ptr(&self.stream).0,
+            ta as u64 | (tb as u64) << 1 | (self.tf32() as u64) << 2,
+            m as u64,
+            n as u64,
+            k as u64,
+            alpha.to_bits() as u64,
+            beta.to_bits() as u64,
+        ];
+        if !self.core.call(&sig) {
+            return Ok(());
+        }
         // SAFETY: the views hold at least m·k, k·n and m·n elements (checked).
         unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| dev_err("gemm", e))
     }
@@ -1409,7 +1486,7 @@ impl CudaDevice {
         let (ld, col0) = (sk.cap as i64, sk.used as i64);
         let (hw, hyd) = (w.is_some() as i32, yd.is_some() as i32);
         let dummy = self.dummy.slice(..);
-        let mut b = self.stream.launch_builder(&self.k.mse_augmented);
+        let mut b = Launch::new(&self.core, &self.k.mse_augmented);
         b.arg(&*y.data)
             .arg(target)
             .arg(w.unwrap_or(&dummy))
@@ -1419,7 +1496,7 @@ impl CudaDevice {
             None => b.arg(&self.dummy),
         };
         b.arg(&hyd)
-            .arg(&mut sk.buf)
+            .out(&mut sk.buf)
             .arg(&r64)
             .arg(&k32)
             .arg(&l32)
@@ -1453,9 +1530,27 @@ impl CudaDevice {
             beta: 1.0f64,
             ldc: k1,
         };
-        // SAFETY: buf is [k+1, cap] with used ≤ cap, gram [k+1, k+1].
-        unsafe { self.blas.gemm(cfg, &sk.buf, &sk.buf, &mut sk.gram) }
-            .map_err(|e| dev_err("gemm", e))?;
+        let sig = [
+            tag::GEMM,
+            ptr_of(&sk.buf, &self.stream),
+            ptr_of(&sk.gram, &self.stream),
+            k1 as u64,
+            sk.used as u64,
+            sk.cap as u64,
+        ];
+        if self.core.call(&sig) {
+            // SAFETY: buf is [k+1, cap] with used ≤ cap, gram [k+1, k+1].
+            unsafe { self.blas.gemm(cfg, &sk.buf, &sk.buf, &mut sk.gram) }
+                .map_err(|e| dev_err("gemm", e))?;
+        }
+        sk.used = 0;
+        Ok(())
+    }
+
+    /// Empties the sketch (on the stream: a pass that starts with this can
+    /// be replayed as a graph with the same sketch).
+    pub fn mse_sketch_reset(&self, sk: &mut MseSketch) -> Result<()> {
+        self.core.memset_zero(&mut sk.gram)?;
         sk.used = 0;
         Ok(())
     }

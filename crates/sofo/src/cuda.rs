@@ -14,7 +14,7 @@ use sofo_ad::cuda::{CudaDual, CudaFwd};
 use sofo_ad::cuda_rev::CudaRev;
 use sofo_ad::layout::{split3, tangent_shape};
 use sofo_ad::{Dual, Fwd, Var};
-use sofo_tensor::cuda::{CudaDevice, DevTensor, MseSketch};
+use sofo_tensor::cuda::{CudaDevice, DevTensor, GraphStats, MseSketch, PassGraph};
 use sofo_tensor::rng;
 use sofo_tensor::{Float, Tensor};
 use std::sync::Arc;
@@ -50,39 +50,48 @@ fn upload_mse<T: Float>(dev: &CudaDevice, mse: &WeightedMse<T>) -> Result<(DevTe
 
 /// The sketch, accumulated in device memory (see
 /// [`sofo_tensor::cuda::MseSketch`]).
-pub struct CudaSketch {
+pub struct CudaSketch<'a> {
     dev: Arc<CudaDevice>,
     k: usize,
-    acc: MseSketch,
+    acc: &'a mut MseSketch,
     /// Little losses outside the weighted-MSE family, sketched on the host
     /// from their downloaded outputs (correct, not fast).
     host: Sketch,
 }
 
-impl CudaSketch {
-    pub fn new(dev: Arc<CudaDevice>, k: usize) -> Result<Self> {
+impl<'a> CudaSketch<'a> {
+    /// Sketches into `acc` (emptied first).
+    pub fn new(dev: Arc<CudaDevice>, k: usize, acc: &'a mut MseSketch) -> Result<Self> {
+        dev.mse_sketch_reset(acc)?;
         Ok(CudaSketch {
-            acc: dev.mse_sketch_new(k)?,
+            acc,
             host: Sketch::new(k),
             dev,
             k,
         })
     }
 
-    /// Copies the sketch back (the pass's one wait for the device, unless a
-    /// little loss was sketched on the host).
-    pub fn download(&mut self) -> Result<Sketch> {
-        let (loss, c, g) = self.dev.mse_sketch_read(&mut self.acc)?;
-        let mut s = Sketch::new(self.k);
-        s.loss = loss;
-        s.c = c;
-        s.g = g;
-        s.add(&self.host);
-        s.finish()
+    /// Multiplies out what the device buffer holds; what was sketched on
+    /// the host.
+    pub fn finish(self) -> Result<Sketch> {
+        self.dev.mse_sketch_flush(self.acc)?;
+        Ok(self.host)
     }
 }
 
-impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
+/// The device sketch read back (the pass's one wait for the device), with
+/// the host's part added.
+fn read_sketch(dev: &CudaDevice, acc: &mut MseSketch, host: &Sketch) -> Result<Sketch> {
+    let (loss, c, g) = dev.mse_sketch_read(acc)?;
+    let mut s = Sketch::new(acc.k());
+    s.loss = loss;
+    s.c = c;
+    s.g = g;
+    s.add(host);
+    s.finish()
+}
+
+impl<T: Float> Observer<T, CudaFwd> for CudaSketch<'_> {
     fn observe(&mut self, _e: &mut CudaFwd, y: &CudaDual, loss: &dyn LittleLoss<T>) -> Result<()> {
         let shape = y.primal.shape();
         // the weighted MSE with one weight per row (or none) is sketched on
@@ -95,7 +104,7 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
         let target = up.slice().slice(..cols);
         let w = (up.numel() > cols).then(|| up.slice().slice(cols..));
         self.dev.mse_sketch_add(
-            &mut self.acc,
+            self.acc,
             &y.primal,
             y.tangent.as_ref(),
             &target,
@@ -106,7 +115,7 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch {
     }
 }
 
-impl CudaSketch {
+impl CudaSketch<'_> {
     /// Any other little loss (or weights not one per row): its output and
     /// tangents to the host, and the CPU's sketch of it.
     fn observe_on_host<T: Float>(&mut self, y: &CudaDual, loss: &dyn LittleLoss<T>) -> Result<()> {
@@ -140,9 +149,29 @@ pub fn observe_pass_cuda<T: Float, M: Model<T>>(
         })
         .collect::<sofo_tensor::Result<_>>()?;
     let prepared = model.prepare(&mut e, &up)?;
-    let mut sk = CudaSketch::new(dev.clone(), k)?;
+    let mut acc = dev.mse_sketch_new(k)?;
+    let mut sk = CudaSketch::new(dev.clone(), k, &mut acc)?;
     model.run(&mut e, &prepared, &batch.all(), &mut sk)?;
-    sk.download()
+    let host = sk.finish()?;
+    read_sketch(dev, &mut acc, &host)
+}
+
+/// What a SOFO iteration keeps on the device between iterations: the graph
+/// of its pass and the sketch the graph accumulates into.
+struct SofoPass {
+    graph: PassGraph,
+    sketch: MseSketch,
+}
+
+/// How the SOFO iterations on this device ran their passes so far (call by
+/// call, captured, replayed as a CUDA graph).
+pub fn sofo_graph_stats(dev: &CudaDevice) -> GraphStats {
+    dev.keep(
+        "sofo_step",
+        || Err(()),
+        |sp: &mut SofoPass| Ok(sp.graph.stats()),
+    )
+    .unwrap_or_default()
 }
 
 /// One SOFO iteration with the tangents drawn, normalised and expanded on
@@ -207,31 +236,49 @@ pub fn sofo_step<T: Float, M: Model<T>>(
         )?;
         v = w;
     }
-    // 2. the parameters with their tangents, in the engine's layout
-    let mut e = CudaFwd::new(dev.clone(), k);
-    let mut duals = Vec::with_capacity(params.len());
-    let mut off = 0;
-    for prm in params.iter() {
-        let primal = dev.upload(&prm.value.convert::<f32>())?;
-        let tangent = if prm.mode.trainable() {
-            let shape = prm.value.shape();
-            let (a, _, l) = split3(shape, k);
-            let t = dev.gather_param(&v, p, off, a, k, l, &tangent_shape(shape, k))?;
-            off += prm.value.numel();
-            Some(t)
-        } else {
-            None
-        };
-        duals.push(CudaDual { primal, tangent });
-    }
-    // 3. the pass and its sketch
-    let sketch = (|| {
+    // 2–3. the parameters with their tangents in the engine's layout, the
+    // pass and its sketch: recorded at the first iteration, a CUDA graph
+    // from the second on while the pass stays the same (see
+    // sofo_tensor::cuda::PassGraph)
+    let pass = |v: &DevTensor, acc: &mut MseSketch| -> Result<Sketch> {
+        let mut e = CudaFwd::new(dev.clone(), k);
+        let mut duals = Vec::with_capacity(params.len());
+        let mut off = 0;
+        for prm in params.iter() {
+            let primal = dev.upload(&prm.value.convert::<f32>())?;
+            let tangent = if prm.mode.trainable() {
+                let shape = prm.value.shape();
+                let (a, _, l) = split3(shape, k);
+                let t = dev.gather_param(v, p, off, a, k, l, &tangent_shape(shape, k))?;
+                off += prm.value.numel();
+                Some(t)
+            } else {
+                None
+            };
+            duals.push(CudaDual { primal, tangent });
+        }
         let prepared = model.prepare(&mut e, &duals)?;
-        let mut sk = CudaSketch::new(dev.clone(), k)?;
+        let mut sk = CudaSketch::new(dev.clone(), k, acc)?;
         model.run(&mut e, &prepared, &batch.all(), &mut sk)?;
-        sk.download()
-    })();
-    drop(duals);
+        sk.finish()
+    };
+    let sketch = dev.keep(
+        "sofo_step",
+        || {
+            Ok::<_, Error>(SofoPass {
+                graph: dev.pass_graph(),
+                sketch: dev.mse_sketch_new(k)?,
+            })
+        },
+        |sp| {
+            if sp.sketch.k() != k {
+                sp.sketch = dev.mse_sketch_new(k)?;
+            }
+            let SofoPass { graph, sketch } = sp;
+            let host = dev.run_pass(graph, &[&v], |inputs| pass(inputs[0], sketch))?;
+            read_sketch(dev, sketch, &host)
+        },
+    );
     // 4. coefficients on the host, Δ = coeffᵀ V on the device
     sofo.finish_step(params, sketch, |params, coeff| {
         let c = dev.upload(&Tensor::from_f64_slice(&[1, k], &coeff)?)?;

@@ -399,7 +399,116 @@ fn gpu_training_is_deterministic_and_learns() {
     assert!(a[9] < 0.95 * a[0], "loss {} → {}", a[0], a[9]);
 }
 
-/// Peak device bytes of one SOFO iteration: equal at T = 10 and T = 1000.
+/// SOFO iterations whose pass runs as a CUDA graph (recorded, captured,
+/// then replayed with new parameters, directions and data each time) give
+/// the numbers of the same iterations run call by call, bit for bit. A pass
+/// that differs from the graph's (weights or not, another T) runs call by
+/// call and is recorded anew; one that reads the device on the host mid-way
+/// (a loss sketched on the host) is never captured.
+#[test]
+fn graph_replays_match_direct_runs() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("graph_replays_match_direct_runs") else {
+        return;
+    };
+    let (model, params0, weighted) = rnn_case(Activation::Tanh);
+    let batch = |seed: u64, t: usize| Batch {
+        steps: t,
+        trials: 24,
+        inputs: Some(randn(&[t, 24, 3], seed, 1)),
+        initial: None,
+        targets: randn(&[t, 24, 2], seed, 2),
+        weights: None,
+        loss_norm: (t * 24 * 2) as f64,
+        noise_seed: 0,
+    };
+    let mut batches = vec![weighted];
+    batches.extend(
+        [
+            (6, 40),
+            (7, 40),
+            (8, 40),
+            (9, 52),
+            (10, 40),
+            (11, 40),
+            (12, 40),
+        ]
+        .map(|(s, t)| batch(s, t)),
+    );
+    let stats = || sofo::cuda::sofo_graph_stats(&dev);
+    let run = |graphs: bool| {
+        dev.set_graphs(graphs);
+        let before = stats();
+        let mut params = params0.clone();
+        let s = Sofo::new(SofoConfig {
+            k: 16,
+            ..SofoConfig::default()
+        })
+        .unwrap()
+        .on(Device::Cuda(dev.clone()));
+        let losses: Vec<f64> = batches
+            .iter()
+            .enumerate()
+            .map(|(it, b)| s.step(&model, &mut params, b, 3, it as u64).unwrap().loss)
+            .collect();
+        let after = stats();
+        let ran = [
+            after.direct - before.direct,
+            after.captured - before.captured,
+            after.replayed - before.replayed,
+            after.fallbacks - before.fallbacks,
+        ];
+        (losses, params, ran)
+    };
+    let (la, pa, graphed) = run(true);
+    let (lb, pb, direct) = run(false);
+    dev.set_graphs(true);
+    assert_eq!(la, lb, "losses with and without graphs");
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        assert_eq!(
+            x.value.to_f64_vec(),
+            y.value.to_f64_vec(),
+            "`{}` with and without graphs",
+            x.name
+        );
+    }
+    // direct, captured, replayed, fallbacks: recorded (weights); another
+    // pass (no weights): fallback, recorded; captured; replayed; T = 52:
+    // fallback, recorded; T = 40 captured; replayed twice
+    assert_eq!(graphed, [3, 2, 3, 2], "with graphs");
+    assert_eq!(direct, [8, 0, 0, 0], "without graphs");
+
+    // a little loss sketched on the host: never captured
+    let model = Classifier;
+    let mut params = model.init(5).unwrap();
+    let (t, m) = (6, 10);
+    let batch = Batch {
+        steps: t,
+        trials: m,
+        inputs: Some(randn(&[t, m, 3], 31, 0)),
+        initial: None,
+        targets: Tensor::zeros(&[t, m, 4]),
+        weights: None,
+        loss_norm: 1.0,
+        noise_seed: 0,
+    };
+    let dev = device_or_skip("graph_replays_match_direct_runs").unwrap();
+    let s = Sofo::new(SofoConfig {
+        k: 8,
+        ..SofoConfig::default()
+    })
+    .unwrap()
+    .on(Device::Cuda(dev.clone()));
+    for it in 0..3 {
+        s.step(&model, &mut params, &batch, 3, it).unwrap();
+    }
+    let st = sofo::cuda::sofo_graph_stats(&dev);
+    assert_eq!((st.direct, st.captured, st.replayed), (3, 0, 0));
+}
+
+/// Peak device bytes of one SOFO iteration: equal at T = 10 and T = 1000
+/// (each measured at its second iteration: the first also makes the
+/// buffers an iteration keeps on the device, and is run call by call).
 #[test]
 fn gpu_memory_is_flat_in_t() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -434,9 +543,10 @@ fn gpu_memory_is_flat_in_t() {
         })
         .unwrap()
         .on(Device::Cuda(dev.clone()));
+        assert!(s.step(&model, &mut params, &batch, 0, 0).unwrap().applied);
         let (live, _) = sofo_tensor::cuda::device_memory();
         sofo_tensor::cuda::reset_device_peak();
-        assert!(s.step(&model, &mut params, &batch, 0, 0).unwrap().applied);
+        assert!(s.step(&model, &mut params, &batch, 0, 1).unwrap().applied);
         sofo_tensor::cuda::device_memory().1 - live
     };
     let short = peak(10);

@@ -10,7 +10,14 @@
 // with NaN bytes when allocated so that reading an element nobody wrote shows
 // up. Kernels run thread by thread (grid-stride kernels), or with one OS
 // thread per CUDA thread of a block where the kernel synchronises its block.
-// The stream is the caller's thread: everything is synchronous. cuBLAS GEMMs
+// The stream is the caller's thread: everything is synchronous, except
+// while a stream is captured into a graph: then its work is recorded (kernel
+// arguments and GEMM scalars copied, memory read when the graph runs) and
+// run by cuGraphLaunch. While capturing, the calls that the driver refuses
+// on a capturing thread (synchronisation, copies to the host, synchronous
+// copies, allocation and freeing, copies from pageable host memory) fail
+// and invalidate the capture, as they do on a GPU; capturing the legacy
+// default stream fails. cuBLAS GEMMs
 // follow the reference definition (column-major, op(A)·op(B)), accumulated in
 // double, with f32 inputs rounded to TF32 under the TF32 math mode. Only what
 // sofo uses is here; anything else is missing on purpose,
@@ -41,6 +48,8 @@ struct Kernel {
     const char* name;
     void (*call)(void** params);
     bool syncs;  // uses __syncthreads: one OS thread per CUDA thread
+    int nargs;
+    const unsigned char* sizes;  // of each parameter (copied when captured)
 };
 
 // the kernels and KERNELS[] (name, unpacking wrapper, syncs), generated
@@ -86,6 +95,40 @@ static void run_kernel(const Kernel& k, unsigned grid, unsigned block, void** pa
     }
 }
 
+// ---- stream capture ---------------------------------------------------------
+static const int CAPTURE_UNSUPPORTED = 900, CAPTURE_INVALIDATED = 901;
+struct FakeGraph {
+    std::vector<std::function<void()>> ops;
+};
+static FakeGraph* capturing = nullptr;  // the graph being captured
+static void* capture_stream = nullptr;
+static bool capture_invalid = false;
+static std::mutex pinned_lock;
+static std::unordered_map<const char*, size_t> pinned;  // cuMemHostAlloc'd ranges
+
+// work on a stream: recorded while that stream is captured, else done now
+template <typename F>
+static int enqueue(void* stream, F f) {
+    if (capturing && stream == capture_stream) {
+        capturing->ops.push_back(std::function<void()>(f));
+        return 0;
+    }
+    f();
+    return 0;
+}
+// a call the driver refuses on a capturing thread: fails and invalidates
+static bool refused_while_capturing() {
+    if (!capturing) return false;
+    capture_invalid = true;
+    return true;
+}
+static bool is_pinned(const void* p, size_t n) {
+    std::lock_guard<std::mutex> g(pinned_lock);
+    for (auto& [base, len] : pinned)
+        if ((const char*)p >= base && (const char*)p + n <= base + len) return true;
+    return false;
+}
+
 extern "C" {
 
 // ---- driver -----------------------------------------------------------------
@@ -128,8 +171,66 @@ CUresult cuCtxGetCurrent(CUcontext* c) {
     *c = &fake_context;
     return OK;
 }
-CUresult cuCtxSynchronize() { return OK; }
-CUresult cuStreamSynchronize(CUstream) { return OK; }
+CUresult cuCtxSynchronize() { return refused_while_capturing() ? CAPTURE_INVALIDATED : OK; }
+CUresult cuStreamSynchronize(CUstream) { return refused_while_capturing() ? CAPTURE_INVALIDATED : OK; }
+static int fake_streams;
+CUresult cuStreamCreate(CUstream* s, unsigned) {
+    *s = (char*)&fake_streams + (++fake_streams % 64);
+    return OK;
+}
+CUresult cuStreamDestroy_v2(CUstream) { return OK; }
+CUresult cuStreamBeginCapture_v2(CUstream s, int) {
+    if (s == nullptr || capturing) return CAPTURE_UNSUPPORTED;
+    capturing = new FakeGraph();
+    capture_stream = s;
+    capture_invalid = false;
+    return OK;
+}
+typedef FakeGraph* CUgraph;
+typedef FakeGraph* CUgraphExec;
+CUresult cuStreamEndCapture(CUstream s, CUgraph* g) {
+    if (!capturing || s != capture_stream) return INVALID_VALUE;
+    FakeGraph* done = capturing;
+    capturing = nullptr;
+    if (capture_invalid) {
+        delete done;
+        *g = nullptr;
+        return CAPTURE_INVALIDATED;
+    }
+    *g = done;
+    return OK;
+}
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* e, CUgraph g, unsigned long long) {
+    *e = new FakeGraph(*g);
+    return OK;
+}
+CUresult cuGraphLaunch(CUgraphExec e, CUstream s) {
+    if (capturing) return CAPTURE_UNSUPPORTED;
+    (void)s;
+    for (auto& op : e->ops) op();
+    return OK;
+}
+CUresult cuGraphExecDestroy(CUgraphExec e) {
+    delete e;
+    return OK;
+}
+CUresult cuGraphDestroy(CUgraph g) {
+    delete g;
+    return OK;
+}
+CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
+    *p = std::malloc(n ? n : 1);
+    std::lock_guard<std::mutex> g(pinned_lock);
+    pinned[(const char*)*p] = n;
+    return OK;
+}
+CUresult cuMemFreeHost(void* p) {
+    std::lock_guard<std::mutex> g(pinned_lock);
+    if (pinned.erase((const char*)p) == 0) return INVALID_VALUE;
+    std::free(p);
+    return OK;
+}
 
 // live allocations and their sizes: a free of anything else is an error, and
 // freed memory is NaN-filled first, so that a use after free shows
@@ -154,38 +255,56 @@ static CUresult release(CUdeviceptr p) {
     allocations.erase(it);
     return OK;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return alloc(p, n); }
+// (the graph-memory nodes a capture could allocate are not used by sofo:
+// allocation and freeing are refused while capturing)
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
+    return alloc(p, n);
+}
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     if (n == 0) return INVALID_VALUE;  // as the driver does
     return alloc(p, n);
 }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
-CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
-    std::memcpy((void*)dst, src, n);
-    return OK;
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
+    return release(p);
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
+    return release(p);
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
+    // a captured copy reads the host memory when the graph runs: pinned only
+    if (capturing && s == capture_stream && !is_pinned(src, n)) {
+        capture_invalid = true;
+        return CAPTURE_UNSUPPORTED;
+    }
+    return enqueue(s, [=] { std::memcpy((void*)dst, src, n); });
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy(dst, (const void*)src, n);
     return OK;
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
-    std::memmove((void*)dst, (const void*)src, n);
-    return OK;
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    return enqueue(s, [=] { std::memmove((void*)dst, (const void*)src, n); });
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy((void*)dst, src, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy(dst, (const void*)src, n);
     return OK;
 }
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
-    std::memset((void*)dst, v, n);
-    return OK;
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    return enqueue(s, [=] { std::memset((void*)dst, v, n); });
 }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memset((void*)dst, v, n);
     return OK;
 }
@@ -204,11 +323,22 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
     return NOT_FOUND;
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                        unsigned bz, unsigned, CUstream, void** params, void** extra) {
+                        unsigned bz, unsigned, CUstream s, void** params, void** extra) {
     if (gy != 1 || gz != 1 || by != 1 || bz != 1 || extra != nullptr || gx == 0 || bx == 0 ||
         bx > 1024)
         return INVALID_VALUE;
-    run_kernel(*(const Kernel*)f, gx, bx, params);
+    const Kernel& k = *(const Kernel*)f;
+    if (capturing && s == capture_stream) {
+        // the argument values as they are now (the caller's storage goes away)
+        std::vector<uint64_t> copied(k.nargs);
+        for (int i = 0; i < k.nargs; i++) std::memcpy(&copied[i], params[i], k.sizes[i]);
+        return enqueue(s, [&k, gx, bx, copied]() mutable {
+            std::vector<void*> p(copied.size());
+            for (size_t i = 0; i < copied.size(); i++) p[i] = &copied[i];
+            run_kernel(k, gx, bx, p.data());
+        });
+    }
+    run_kernel(k, gx, bx, params);
     return OK;
 }
 CUresult cuGetErrorString(CUresult, const char** s) {
@@ -268,19 +398,44 @@ static int gemm(int ta, int tb, int m, int n, int k, const T* alpha, const T* a,
     return 0;
 }
 
+// a GEMM on the handle's stream: recorded while it is captured (the host
+// scalars and the math mode read now, as cuBLAS does)
+static void* blas_stream_of_handle();
+template <typename T>
+static int blas_call(int ta, int tb, int m, int n, int k, const T* alpha, const T* a, int lda,
+                     const T* b, int ldb, const T* beta, T* c, int ldc) {
+    void* s = blas_stream_of_handle();
+    if (capturing && s == capture_stream) {
+        T al = *alpha, be = *beta;
+        int mode = math_mode;
+        capturing->ops.push_back([=] {
+            int saved = math_mode;
+            math_mode = mode;
+            gemm(ta, tb, m, n, k, &al, a, lda, b, ldb, &be, c, ldc);
+            math_mode = saved;
+        });
+        return 0;
+    }
+    return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 extern "C" {
 
 // ---- cuBLAS -----------------------------------------------------------------
 typedef int cublasStatus_t;
 typedef void* cublasHandle_t;
 static int fake_handle;
+static void* blas_stream = nullptr;
 
 cublasStatus_t cublasCreate_v2(cublasHandle_t* h) {
     *h = &fake_handle;
     return 0;
 }
 cublasStatus_t cublasDestroy_v2(cublasHandle_t) { return 0; }
-cublasStatus_t cublasSetStream_v2(cublasHandle_t, CUstream) { return 0; }
+cublasStatus_t cublasSetStream_v2(cublasHandle_t, CUstream s) {
+    blas_stream = s;
+    return 0;
+}
 cublasStatus_t cublasSetMathMode(cublasHandle_t, int mode) {
     math_mode = mode;
     return 0;
@@ -291,13 +446,17 @@ cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t, void*, size_t) { return 0; 
 cublasStatus_t cublasSgemm_v2(cublasHandle_t, int ta, int tb, int m, int n, int k, const float* alpha,
                               const float* a, int lda, const float* b, int ldb, const float* beta, float* c,
                               int ldc) {
-    return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return blas_call(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 cublasStatus_t cublasDgemm_v2(cublasHandle_t, int ta, int tb, int m, int n, int k, const double* alpha,
                               const double* a, int lda, const double* b, int ldb, const double* beta,
                               double* c, int ldc) {
-    return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return blas_call(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+
+}  // extern "C"
+static void* blas_stream_of_handle() { return blas_stream; }
+extern "C" {
 
 // ---- NVRTC ------------------------------------------------------------------
 typedef int nvrtcResult;

@@ -46,21 +46,34 @@ fn kernels(src: &str) -> String {
     }
     let mut wrappers = String::new();
     let mut table = String::new();
+    let mut sizes = String::new();
     for part in src.split("extern \"C\" __global__ void ").skip(1) {
         let name = name_before_paren(part);
         let open = part.find('(').unwrap();
         let close = part.find(')').expect("end of parameters");
-        let args: Vec<String> = part[open + 1..close]
+        let types: Vec<&str> = part[open + 1..close]
             .split(',')
-            .enumerate()
-            .map(|(i, p)| {
+            .map(|p| {
                 let p = p.trim();
                 let ident = p
                     .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                     .expect("a parameter name");
-                format!("*({} *)p[{i}]", p[..=ident].trim())
+                p[..=ident].trim()
             })
             .collect();
+        let args: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("*({t} *)p[{i}]"))
+            .collect();
+        sizes.push_str(&format!(
+            "static const unsigned char size_{name}[] = {{{}}};\n",
+            types
+                .iter()
+                .map(|t| format!("sizeof({t})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         let (b, _) = body(part);
         let syncs =
             b.contains("__syncthreads") || syncing.iter().any(|f| b.contains(&format!("{f}(")));
@@ -68,13 +81,16 @@ fn kernels(src: &str) -> String {
             "static void call_{name}(void** p) {{ {name}({}); }}\n",
             args.join(", ")
         ));
-        table.push_str(&format!("    {{\"{name}\", call_{name}, {syncs}}},\n"));
+        table.push_str(&format!(
+            "    {{\"{name}\", call_{name}, {syncs}, {}, size_{name}}},\n",
+            types.len()
+        ));
     }
     assert!(
-        table.contains("\"mse_value\", call_mse_value, true"),
+        table.contains("\"mse_value\", call_mse_value, true,"),
         "the block reduction was not recognised as synchronising"
     );
-    format!("{src}\n{wrappers}\nstatic const Kernel KERNELS[] = {{\n{table}}};\n")
+    format!("{src}\n{wrappers}\n{sizes}\nstatic const Kernel KERNELS[] = {{\n{table}}};\n")
 }
 
 /// Builds the fake libcuda / libcublas / libnvrtc into a directory of the
