@@ -34,7 +34,7 @@ echo "== backend agreement tests"
 # every scratch buffer NaN-filled (a kernel that leaves an element unwritten
 # shows); a missing GPU is an error, not a skip; the fake-GPU rerun is for
 # machines without one
-SOFO_GPU_POISON=1 SOFO_REQUIRE_GPU=1 timeout 180 $G/cuda_agreement --test-threads 1 --nocapture \
+SOFO_GPU_POISON=1 SOFO_REQUIRE_GPU=1 SOFO_GPU_GRAPHS_TRACE=1 timeout 180 $G/cuda_agreement --test-threads 1 --nocapture \
   --skip agreement_tests_pass_on_the_fake_gpu 2>&1 | tee "$OUT/agreement.txt"
 fi
 
@@ -68,7 +68,7 @@ for cfg in $CONFIGS; do
   # JAX again with full-f32 matmuls (its default on this hardware is TF32)
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 $PY $G/anchors/sofo_jax.py bench --method sofo --N $1 --B $2 --K $3 --T $4 --iters $5 --warmup 1 2>/dev/null \
     | sed -n 's/^RESULT {/{"precision": "highest", /p' >> "$OUT/anchors.jsonl"
-  timeout 120 $PY $G/anchor_torch_gpu.py $G/anchors bench --method adam --N $1 --B $2 --T $4 --iters $5 --warmup 1 2>/dev/null \
+  [ -z "${SKIP_TORCH:-}" ] && timeout 120 $PY $G/anchor_torch_gpu.py $G/anchors bench --method adam --N $1 --B $2 --T $4 --iters $5 --warmup 1 2>/dev/null \
     | sed -n 's/^RESULT //p' >> "$OUT/anchors.jsonl"
 done
 

@@ -576,7 +576,7 @@ impl CudaDevice {
     /// for the graph to be reused (else it runs directly: correct, not
     /// faster). Its result is what the host code of the pass returns; device
     /// results are read after this returns.
-    pub fn run_pass<R, E: From<TensorError>>(
+    pub fn run_pass<R, E: From<TensorError> + std::fmt::Display>(
         &self,
         g: &mut PassGraph,
         inputs: &[&DevTensor],
@@ -611,6 +611,13 @@ impl CudaDevice {
                     return r;
                 }
                 // another pass than the graph's: run it directly, recorded
+                explain(
+                    "replay",
+                    r.as_ref().err().map(|e| e.to_string()),
+                    &st,
+                    hash,
+                    calls,
+                );
                 drop(graph);
                 g.stats.fallbacks += 1;
             }
@@ -634,6 +641,17 @@ impl CudaDevice {
                     .core
                     .stream
                     .end_capture(drv_sys::CUgraphInstantiate_flags(0));
+                if trace() {
+                    if let Err(e) = &graph {
+                        eprintln!("sofo graphs: capture not ended: {e:?}");
+                    }
+                    if let Err(e) = &r {
+                        eprintln!("sofo graphs: capture failed: {e}");
+                    }
+                    if st.diverged {
+                        eprintln!("sofo graphs: capture asked for other buffers than recorded");
+                    }
+                }
                 if let (Ok(r), Ok(Some(graph)), false) = (r, graph, st.diverged) {
                     graph.launch().map_err(|e| dev_err("graph launch", e))?;
                     g.state = GraphState::Captured {
@@ -734,6 +752,25 @@ impl CudaDevice {
                 staging: rec.staging,
             },
         )
+    }
+}
+
+/// Whether to say on stderr why a pass was not run as a graph
+/// (SOFO_GPU_GRAPHS_TRACE set).
+fn trace() -> bool {
+    std::env::var_os("SOFO_GPU_GRAPHS_TRACE").is_some()
+}
+
+fn explain(what: &str, failed: Option<String>, st: &Outcome, hash: u64, calls: u64) {
+    if trace() {
+        eprintln!(
+            "sofo graphs: {what} abandoned: {}; {} calls (graph {calls}), signature {} the graph's, \
+             buffers {}",
+            failed.as_deref().unwrap_or("the pass ran"),
+            st.calls,
+            if st.hash == hash { "equals" } else { "differs from" },
+            if st.diverged { "differ" } else { "as recorded" }
+        );
     }
 }
 
