@@ -42,8 +42,8 @@ if has bench; then
 echo "== sofo bench --device cuda"
 timeout 300 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
 
-echo "== sofo bench --device cuda, SOFO without CUDA graphs (SOFO_GPU_GRAPHS=0)"
-SOFO_GPU_GRAPHS=0 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_nograph.jsonl"
+echo "== sofo bench --device cuda, SOFO with CUDA graphs (SOFO_GPU_GRAPHS=1)"
+SOFO_GPU_GRAPHS=1 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_graphs.jsonl"
 
 echo "== sofo bench --device cuda --gpu-matmul tf32 (SOFO; TF32 GEMMs as JAX's default)"
 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --gpu-matmul tf32 --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_tf32.jsonl"
@@ -100,8 +100,8 @@ for r in lines("anchors.jsonl"):
     except Exception:
         pass
 tf32 = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_tf32.jsonl") if "name" in r}
-nograph = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_nograph.jsonl") if "name" in r}
-print("| config | sofo SOFO no graphs | sofo SOFO | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
+graphs = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_graphs.jsonl") if "name" in r}
+print("| config | sofo SOFO | sofo SOFO, graphs | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 own_adam = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in sofo if r.get("method") == "adam"}
 for r in sofo:
@@ -113,10 +113,10 @@ for r in sofo:
     j = anch.get(("jax", "sofo", n, m, t), {}).get("median_s") if rnn else None
     a = anch.get(("torch", "adam", n, m, t), {}).get("median_s") if rnn else None
     j32 = anch.get(("jax-f32", "sofo", n, m, t), {}).get("median_s") if rnn else None
-    oa, st, ng = own_adam.get(key), tf32.get(key), nograph.get(key)
+    oa, st, gr = own_adam.get(key), tf32.get(key), graphs.get(key)
     f = lambda v: f"{v:.4g}" if v else "—"
     q = lambda x, y: f"{x / y:.2f}" if x and y else "—"
-    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(ng)} | {f(s)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} |")
+    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} |")
 print()
 print("| method | T | sofo peak device MiB | s/iter |")
 print("|---|---|---|---|")

@@ -41,6 +41,10 @@ pub(crate) enum Mode {
     /// Skipped (a graph does the work), signed, arena in recorded order,
     /// uploads written into the staging the graph copies from.
     Replay,
+    /// A capture or replay that turned out to differ from the recorded pass:
+    /// the capture is ended, every call skipped, buffers from the pool; the
+    /// pass then runs again directly.
+    Abandoned,
 }
 
 /// Pinned host memory the graph's uploads copy from.
@@ -185,7 +189,7 @@ impl Core {
             return true;
         }
         r.sign(words);
-        r.mode != Mode::Replay
+        matches!(r.mode, Mode::Record | Mode::Capture)
     }
 
     /// Before the host reads device memory (or waits for the device): fine
@@ -199,7 +203,7 @@ impl Core {
                 r.host_touched = true;
                 Ok(())
             }
-            Mode::Capture | Mode::Replay => Err(TensorError::Device {
+            Mode::Capture | Mode::Replay | Mode::Abandoned => Err(TensorError::Device {
                 op: what,
                 message: "the pass reads the device on the host: it cannot run as a CUDA graph"
                     .into(),
@@ -216,8 +220,9 @@ impl Core {
                 return Ok((s, Home::Arena(a)));
             }
             // the pass differs from the recorded one: it goes on (so that
-            // it fails at the end, not here) and will not be launched
-            self.lock().diverged = true;
+            // it fails at the end, not here, and a clone need not fail)
+            // without touching the device, and will run again directly
+            self.abandon();
         }
         if let Some(s) = self.pool.take(n) {
             return Ok((s, Home::Pool(self.clone())));
@@ -234,6 +239,25 @@ impl Core {
         Ok((s, Home::Pool(self.clone())))
     }
 
+    /// Gives up the capture or replay under way: a capture is ended (and its
+    /// graph thrown away) at once, so that nothing it allocated or wrote can
+    /// be used afterwards and buffers can come from the driver again.
+    fn abandon(&self) {
+        let mut r = self.lock();
+        r.diverged = true;
+        if r.mode == Mode::Capture {
+            // SAFETY: this stream is being captured (by run_pass).
+            if let Ok(graph) = unsafe { drv::stream::end_capture(self.stream.cu_stream()) } {
+                if !graph.is_null() {
+                    // SAFETY: a graph of our own, never instantiated.
+                    let _ = unsafe { drv::graph::destroy(graph) };
+                }
+            }
+        }
+        r.mode = Mode::Abandoned;
+        r.arena = None;
+    }
+
     /// Copies host values into a device buffer (through pinned staging when
     /// captured or replayed).
     pub(crate) fn upload(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
@@ -244,6 +268,9 @@ impl Core {
                 .stream
                 .memcpy_htod(host, dst)
                 .map_err(|e| dev_err("upload", e));
+        }
+        if r.mode == Mode::Abandoned {
+            return Ok(());
         }
         let off = r.staged;
         r.staged += host.len();
@@ -538,15 +565,18 @@ impl PassGraph {
     }
 }
 
-/// Whether passes may run as CUDA graphs by default: on unless
-/// SOFO_GPU_GRAPHS=0.
+/// Whether passes may run as CUDA graphs by default: off unless
+/// SOFO_GPU_GRAPHS=1 (measured on an H200, graphs help only where the
+/// per-call cost dominates: the small rate RNN; at the sizes of the long
+/// tasks the device's own time does, and replaying the host code before the
+/// launch costs a few percent).
 pub(crate) fn graphs_by_default() -> bool {
-    std::env::var("SOFO_GPU_GRAPHS").map_or(true, |v| v != "0")
+    std::env::var("SOFO_GPU_GRAPHS").is_ok_and(|v| v == "1")
 }
 
 impl CudaDevice {
-    /// Lets [`CudaDevice::run_pass`] use CUDA graphs (the default, unless
-    /// SOFO_GPU_GRAPHS=0), or run every pass directly.
+    /// Lets [`CudaDevice::run_pass`] use CUDA graphs (off by default; on
+    /// where SOFO_GPU_GRAPHS=1), or run every pass directly.
     pub fn set_graphs(&self, on: bool) {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
     }
@@ -642,7 +672,7 @@ impl CudaDevice {
                     .stream
                     .end_capture(drv_sys::CUgraphInstantiate_flags(0));
                 if trace() {
-                    if let Err(e) = &graph {
+                    if let (Err(e), false) = (&graph, st.diverged) {
                         eprintln!("sofo graphs: capture not ended: {e:?}");
                     }
                     if let Err(e) = &r {

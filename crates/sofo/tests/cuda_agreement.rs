@@ -462,7 +462,6 @@ fn graph_replays_match_direct_runs() {
     };
     let (la, pa, graphed) = run(true);
     let (lb, pb, direct) = run(false);
-    dev.set_graphs(true);
     assert_eq!(la, lb, "losses with and without graphs");
     for (x, y) in pa.iter().zip(pb.iter()) {
         assert_eq!(
@@ -493,6 +492,7 @@ fn graph_replays_match_direct_runs() {
         noise_seed: 0,
     };
     let dev = device_or_skip("graph_replays_match_direct_runs").unwrap();
+    dev.set_graphs(true);
     let s = Sofo::new(SofoConfig {
         k: 8,
         ..SofoConfig::default()
