@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Where a SOFO step's device time goes: Nsight Compute times every kernel of
+# a few time steps (one metric, so one replay per kernel: seconds, not
+# minutes) of the forward-K pass at a bench configuration, and prints the
+# kernels by total time per step. Run on the GPU machine after
+# scripts/gpu-prepare.sh, from the repository root:
+#   bash scripts/gpu-profile.sh            (CONFIG=rnn-kalman STEPS=24 by default)
+# Output under $OUT (default gpu/out): ncu.csv and profile.md.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu/out}
+mkdir -p "$OUT"
+CONFIG=${CONFIG:-rnn-kalman}
+STEPS=${STEPS:-24}
+for lib in libcublas.so.13 libnvrtc.so.13; do
+  d=$(dirname "$(find /usr/local/cuda*/ /usr/lib /opt -name "$lib*" 2>/dev/null | head -n 1)" 2>/dev/null)
+  [ -n "$d" ] && [ "$d" != "." ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+echo "ncu: $NCU"
+# the pass alone (no warm-up iterations beyond bench's own), STEPS steps;
+# skip the set-up launches (tangent draw, parameter gathers) and the first
+# steps, then time 8 steps' worth of launches (≈ 14 per step)
+timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
+  --launch-skip ${SKIP:-120} --launch-count ${COUNT:-112} \
+  gpu/sofo bench --device cuda --method pass --only "$CONFIG" --steps "$STEPS" --iters 1 \
+  > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+echo "ncu exit $?"
+tail -n 5 "$OUT/ncu.err"
+python3 - "$OUT" "${COUNT:-112}" <<'PY' | tee "$OUT/profile.md"
+import csv, sys, os, collections
+out, count = sys.argv[1], int(sys.argv[2])
+rows = [r for r in csv.reader(open(os.path.join(out, "ncu.csv"))) if len(r) > 5]
+if not rows:
+    print("no kernel rows (see ncu.err)"); sys.exit()
+head = rows[0]
+k, m, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+tot, n = collections.Counter(), collections.Counter()
+for r in rows[1:]:
+    if r[m] == "gpu__time_duration.sum":
+        name = r[k][:70]
+        tot[name] += float(r[v].replace(",", ""))
+        n[name] += 1
+steps = count / 14
+print(f"| kernel | launches | mean µs | µs per step (≈ {steps:.0f} steps) |")
+print("|---|---|---|---|")
+for name, t in tot.most_common():
+    print(f"| {name} | {n[name]} | {t / n[name] / 1e3:.2f} | {t / steps / 1e3:.2f} |")
+print(f"| all | {sum(n.values())} | | {sum(tot.values()) / steps / 1e3:.2f} |")
+PY
