@@ -22,8 +22,8 @@
 use super::{dev_err, CudaDevice, DevTensor};
 use crate::error::{Result, TensorError};
 use cudarc::driver::{
-    result as drv, sys as drv_sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, CudaView,
-    CudaViewMut, DevicePtr, DriverError, LaunchConfig,
+    result as drv, sys as drv_sys, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DevicePtr, DriverError, LaunchConfig,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -113,8 +113,9 @@ impl Rec {
             diverged: false,
         }
     }
+    /// Adds one call (its words, led by their count) to the signature.
     fn sign(&mut self, words: &[u64]) {
-        for &w in words {
+        for &w in std::iter::once(&(words.len() as u64)).chain(words) {
             // FxHash-style mixing: order-sensitive and cheap
             self.hash = (self.hash.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
         }
@@ -147,8 +148,10 @@ impl Home {
     pub(crate) fn put(&self, s: CudaSlice<f32>) {
         match self {
             Home::Pool(c) => {
-                // while a graph is captured nothing may be freed on the stream
-                let hold = c.lock().mode == Mode::Capture;
+                // while a pass is captured or replayed nothing may be freed
+                // on the stream: a capture may not free, and a replay's
+                // graph is launched after the host code that drops it
+                let hold = !matches!(c.lock().mode, Mode::Direct | Mode::Record);
                 c.pool.put(s, hold);
             }
             Home::Arena(a) => a.put(s),
@@ -180,6 +183,15 @@ impl Core {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Rec> {
         self.rec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the device's context current on this thread (as cudarc does
+    /// before each call: the driver calls below are made directly).
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))
     }
 
     /// Signs a device call; whether to issue it (not when replaying).
@@ -294,6 +306,7 @@ impl Core {
                 let slot = st.slice_mut(off, host.len());
                 slot.copy_from_slice(host);
                 if mode == Mode::Capture {
+                    self.bind()?;
                     // SAFETY: dst holds at least host.len() values (the
                     // callers'); the staging outlives the graph.
                     unsafe { drv::memcpy_htod_async(d, slot, self.stream.cu_stream()) }
@@ -309,6 +322,7 @@ impl Core {
         let p = ptr_of(s, &self.stream);
         let bytes = s.len() * std::mem::size_of::<T>();
         if self.call(&[tag::MEMSET, p, bytes as u64]) {
+            self.bind()?;
             // SAFETY: p holds `bytes` bytes.
             unsafe { drv::memset_d8_async(p, 0, bytes, self.stream.cu_stream()) }
                 .map_err(|e| dev_err("memset", e))?;
@@ -319,6 +333,7 @@ impl Core {
     /// Copies `n` values from `src` to `dst` on the stream.
     pub(crate) fn copy(&self, src: u64, dst: u64, n: usize) -> Result<()> {
         if self.call(&[tag::COPY, src, dst, n as u64]) {
+            self.bind()?;
             // SAFETY: both hold n values (the callers').
             unsafe { drv::memcpy_dtod_async(dst, src, n * 4, self.stream.cu_stream()) }
                 .map_err(|e| dev_err("copy", e))?;
@@ -379,8 +394,14 @@ impl Arena {
         };
         let s = match reuse {
             Some(s) => s,
-            // SAFETY: callers write every element before reading it.
-            None => unsafe { self.core.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?,
+            // SAFETY (both): callers write every element before reading it.
+            None => match unsafe { self.core.stream.alloc::<f32>(n) } {
+                Ok(s) => s,
+                Err(_) => {
+                    self.core.pool.clear();
+                    unsafe { self.core.stream.alloc::<f32>(n) }.map_err(|e| dev_err("alloc", e))?
+                }
+            },
         };
         let p = ptr_of(&s, &self.core.stream);
         st.order.push(p);
@@ -390,7 +411,10 @@ impl Arena {
     fn put(&self, s: CudaSlice<f32>) {
         let p = ptr_of(&s, &self.core.stream);
         let mut st = self.lock();
-        st.by_len.entry(s.len()).or_default().push(p);
+        if !st.following {
+            // (following, buffers are found by address)
+            st.by_len.entry(s.len()).or_default().push(p);
+        }
         st.free.insert(p, s);
     }
 
@@ -402,6 +426,24 @@ impl Arena {
         st.cursor = 0;
         if !following {
             st.order.clear();
+            let mut by_len: HashMap<usize, Vec<u64>> = HashMap::new();
+            let mut free: Vec<(u64, usize)> = st.free.iter().map(|(p, s)| (*p, s.len())).collect();
+            free.sort_unstable();
+            for (p, n) in free {
+                by_len.entry(n).or_default().push(p);
+            }
+            st.by_len = by_len;
+        }
+    }
+
+    /// After a recording: gives back to the driver the buffers that the
+    /// recorded pass did not use (left from an earlier, different pass).
+    fn trim(&self) {
+        let mut st = self.lock();
+        let used: std::collections::HashSet<u64> = st.order.iter().copied().collect();
+        st.free.retain(|p, _| used.contains(p));
+        for list in st.by_len.values_mut() {
+            list.retain(|p| used.contains(p));
         }
     }
 }
@@ -496,13 +538,18 @@ impl<'a> Launch<'a> {
             tag::KERNEL,
             f as u64,
             cfg.grid_dim.0 as u64,
+            cfg.grid_dim.1 as u64,
+            cfg.grid_dim.2 as u64,
             cfg.block_dim.0 as u64,
+            cfg.block_dim.1 as u64,
+            cfg.block_dim.2 as u64,
             cfg.shared_mem_bytes as u64,
         ]);
         words.extend_from_slice(&self.slots);
         if !self.core.call(&words) {
             return Ok(());
         }
+        self.core.stream.context().bind_to_thread()?;
         let mut params: Vec<*mut std::ffi::c_void> = self
             .slots
             .iter_mut()
@@ -532,14 +579,70 @@ pub struct GraphStats {
     pub fallbacks: u64,
 }
 
+/// An instantiated graph of our own (captured with the driver's calls
+/// directly, so that the capture is always ended: see `end_capture`).
+struct Graph {
+    graph: drv_sys::CUgraph,
+    exec: drv_sys::CUgraphExec,
+    stream: Arc<CudaStream>,
+}
+
+impl Graph {
+    fn launch(&self) -> Result<()> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        // SAFETY: a live executable graph, launched on the stream it was
+        // captured from.
+        unsafe { drv::graph::launch(self.exec, self.stream.cu_stream()) }
+            .map_err(|e| dev_err("graph launch", e))
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: both handles are ours and destroyed once; the stream was
+        // synchronised after the last launch (by the read-back of its
+        // results, or by run_pass before a replay).
+        unsafe {
+            let _ = drv::graph::exec_destroy(self.exec);
+            let _ = drv::graph::destroy(self.graph);
+        }
+    }
+}
+
+/// Ends the capture of `stream` whatever state the context is in, and
+/// instantiates the graph (`None`: the capture was invalidated or ended
+/// already).
+fn end_capture(stream: &Arc<CudaStream>) -> Result<Option<Graph>> {
+    // SAFETY: the stream is ours; a stream not being captured returns an
+    // error, which is fine.
+    let graph = match unsafe { drv::stream::end_capture(stream.cu_stream()) } {
+        Ok(g) if !g.is_null() => g,
+        _ => return Ok(None),
+    };
+    // SAFETY: a graph just captured; destroyed if instantiation fails.
+    match unsafe { drv::graph::instantiate(graph, drv_sys::CUgraphInstantiate_flags(0)) } {
+        Ok(exec) => Ok(Some(Graph {
+            graph,
+            exec,
+            stream: stream.clone(),
+        })),
+        Err(e) => {
+            let _ = unsafe { drv::graph::destroy(graph) };
+            Err(dev_err("graph instantiate", e))
+        }
+    }
+}
+
 enum GraphState {
     Empty,
     Recorded {
         staged: usize,
-        capturable: bool,
     },
     Captured {
-        graph: CudaGraph,
+        graph: Graph,
         staging: Staging,
         hash: u64,
         calls: u64,
@@ -547,7 +650,8 @@ enum GraphState {
 }
 
 /// A pass run again and again as a CUDA graph (see the module docs):
-/// [`CudaDevice::run_pass`].
+/// [`CudaDevice::run_pass`]. Its buffers (the recorded pass's, kept for the
+/// replays) are not counted by [`super::device_memory`] while no pass runs.
 pub struct PassGraph {
     arena: Arc<Arena>,
     inputs: Vec<DevTensor>,
@@ -601,11 +705,15 @@ impl CudaDevice {
 
     /// Runs `pass` on copies of `inputs` (the device values it reads that
     /// were made outside it): directly and recorded the first time, then as
-    /// a CUDA graph. `pass` must make every device value it uses from the
-    /// inputs and uploaded host data, and must do the same calls each time
-    /// for the graph to be reused (else it runs directly: correct, not
-    /// faster). Its result is what the host code of the pass returns; device
-    /// results are read after this returns.
+    /// a CUDA graph. The rules for `pass`: the device values it uses are its
+    /// inputs, uploaded host data, or buffers that outlive the graph and are
+    /// not dropped inside the pass (a sketch kept by the caller, say); it
+    /// makes the same calls each time for the graph to be reused (else it
+    /// runs directly: correct, not faster); it may be run twice in one call
+    /// (a replay that turns out to differ is run again directly), so it
+    /// starts its host-side state afresh each time. Its result is what its
+    /// host code returns; device results are read after this returns (which
+    /// waits for the graph).
     pub fn run_pass<R, E: From<TensorError> + std::fmt::Display>(
         &self,
         g: &mut PassGraph,
@@ -615,6 +723,13 @@ impl CudaDevice {
         if !self.graphs() {
             g.stats.direct += 1;
             return pass(inputs);
+        }
+        if self.core.lock().mode != Mode::Direct {
+            return Err(TensorError::Device {
+                op: "run_pass",
+                message: "a pass is already being recorded on this device".into(),
+            }
+            .into());
         }
         match std::mem::replace(&mut g.state, GraphState::Empty) {
             GraphState::Captured {
@@ -630,7 +745,7 @@ impl CudaDevice {
                 let refs: Vec<&DevTensor> = g.inputs.iter().collect();
                 let (r, st) = self.in_mode(Mode::Replay, Some(staging), &g.arena, || pass(&refs));
                 if r.is_ok() && !st.diverged && st.hash == hash && st.calls == calls {
-                    graph.launch().map_err(|e| dev_err("graph launch", e))?;
+                    graph.launch()?;
                     g.state = GraphState::Captured {
                         graph,
                         staging: st.staging.expect("the replay's staging"),
@@ -651,13 +766,11 @@ impl CudaDevice {
                 drop(graph);
                 g.stats.fallbacks += 1;
             }
-            GraphState::Recorded {
-                staged,
-                capturable: true,
-            } => {
+            GraphState::Recorded { staged } => {
                 let staging = Staging::new(staged)?;
                 self.bind_inputs(g, inputs)?;
                 g.arena.start(true);
+                self.core.bind()?;
                 self.core
                     .stream
                     .begin_capture(
@@ -665,15 +778,13 @@ impl CudaDevice {
                     )
                     .map_err(|e| dev_err("begin capture", e))?;
                 let refs: Vec<&DevTensor> = g.inputs.iter().collect();
-                let (r, st) = self.in_mode(Mode::Capture, Some(staging), &g.arena, || pass(&refs));
-                // (ended whatever happened, so that the stream runs again)
-                let graph = self
-                    .core
-                    .stream
-                    .end_capture(drv_sys::CUgraphInstantiate_flags(0));
+                let (r, mut st) =
+                    self.in_mode(Mode::Capture, Some(staging), &g.arena, || pass(&refs));
+                // (in_mode has ended the capture, whatever happened)
+                let graph = st.graph.take().unwrap_or(Ok(None));
                 if trace() {
                     if let (Err(e), false) = (&graph, st.diverged) {
-                        eprintln!("sofo graphs: capture not ended: {e:?}");
+                        eprintln!("sofo graphs: capture not instantiated: {e}");
                     }
                     if let Err(e) = &r {
                         eprintln!("sofo graphs: capture failed: {e}");
@@ -683,7 +794,7 @@ impl CudaDevice {
                     }
                 }
                 if let (Ok(r), Ok(Some(graph)), false) = (r, graph, st.diverged) {
-                    graph.launch().map_err(|e| dev_err("graph launch", e))?;
+                    graph.launch()?;
                     g.state = GraphState::Captured {
                         graph,
                         staging: st.staging.expect("the capture's staging"),
@@ -696,16 +807,6 @@ impl CudaDevice {
                 // nothing of the capture ran: run the pass directly
                 g.stats.fallbacks += 1;
             }
-            GraphState::Recorded {
-                capturable: false, ..
-            } => {
-                g.state = GraphState::Recorded {
-                    staged: 0,
-                    capturable: false,
-                };
-                g.stats.direct += 1;
-                return pass(inputs);
-            }
             GraphState::Empty => {}
         }
         // record: run directly, sign every call, buffers from the arena
@@ -713,10 +814,14 @@ impl CudaDevice {
         g.arena.start(false);
         let refs: Vec<&DevTensor> = g.inputs.iter().collect();
         let (r, st) = self.in_mode(Mode::Record, None, &g.arena, || pass(&refs));
-        g.state = GraphState::Recorded {
-            staged: st.staged,
-            capturable: r.is_ok() && !st.host_touched,
-        };
+        g.arena.trim();
+        // a pass that read the device on the host is recorded again next
+        // time (it may not the next time: another model, another loss)
+        if r.is_ok() && !st.host_touched {
+            g.state = GraphState::Recorded { staged: st.staged };
+        } else if trace() {
+            eprintln!("sofo graphs: the pass failed or read the device on the host: not captured");
+        }
         g.stats.direct += 1;
         r
     }
@@ -736,7 +841,11 @@ impl CudaDevice {
                     // SAFETY: written by the copy below before any read.
                     let s = unsafe { self.core.stream.alloc::<f32>(t.numel().max(1)) }
                         .map_err(|e| dev_err("alloc", e))?;
-                    Ok(DevTensor::wrap(t.shape(), s, None))
+                    Ok(DevTensor::wrap(
+                        t.shape(),
+                        s,
+                        Some(Home::Pool(self.core.clone())),
+                    ))
                 })
                 .collect::<Result<_>>()?;
         }
@@ -753,7 +862,8 @@ impl CudaDevice {
 
     /// Runs `f` with the device in `mode` (the arena handing out buffers),
     /// and returns its result with the recording's outcome; the device is
-    /// back in direct mode afterwards, whatever happened.
+    /// back in direct mode, and a capture ended, afterwards — even if `f`
+    /// panics.
     fn in_mode<R>(
         &self,
         mode: Mode,
@@ -768,20 +878,48 @@ impl CudaDevice {
             r.arena = Some(arena.clone());
             r.staging = staging;
         }
+        let mut guard = Restore {
+            core: &self.core,
+            outcome: None,
+        };
         let out = f();
+        guard.finish();
+        let outcome = guard.outcome.take().expect("the recording's outcome");
+        (out, outcome)
+    }
+}
+
+/// Puts a device back in direct mode (ending a capture under way) when a
+/// recorded pass ends, by return or by panic.
+struct Restore<'a> {
+    core: &'a Core,
+    outcome: Option<Outcome>,
+}
+
+impl Restore<'_> {
+    fn finish(&mut self) {
+        if self.outcome.is_some() {
+            return;
+        }
         let mut r = self.core.lock();
+        let graph = (r.mode == Mode::Capture).then(|| end_capture(&self.core.stream));
         let rec = std::mem::replace(&mut *r, Rec::new());
-        (
-            out,
-            Outcome {
-                hash: rec.hash,
-                calls: rec.calls,
-                staged: rec.staged,
-                host_touched: rec.host_touched,
-                diverged: rec.diverged,
-                staging: rec.staging,
-            },
-        )
+        drop(r);
+        self.outcome = Some(Outcome {
+            hash: rec.hash,
+            calls: rec.calls,
+            staged: rec.staged,
+            host_touched: rec.host_touched,
+            diverged: rec.diverged,
+            staging: rec.staging,
+            graph,
+        });
+    }
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -812,6 +950,8 @@ struct Outcome {
     host_touched: bool,
     diverged: bool,
     staging: Option<Staging>,
+    /// What ending the capture gave (captures only).
+    graph: Option<Result<Option<Graph>>>,
 }
 
 impl CudaDevice {

@@ -412,28 +412,32 @@ fn graph_replays_match_direct_runs() {
         return;
     };
     let (model, params0, weighted) = rnn_case(Activation::Tanh);
-    let batch = |seed: u64, t: usize| Batch {
+    let batch = |seed: u64, t: usize, norm: f64| Batch {
         steps: t,
         trials: 24,
         inputs: Some(randn(&[t, 24, 3], seed, 1)),
         initial: None,
         targets: randn(&[t, 24, 2], seed, 2),
         weights: None,
-        loss_norm: (t * 24 * 2) as f64,
+        loss_norm: norm * (t * 24 * 2) as f64,
         noise_seed: 0,
     };
     let mut batches = vec![weighted];
     batches.extend(
         [
-            (6, 40),
-            (7, 40),
-            (8, 40),
-            (9, 52),
-            (10, 40),
-            (11, 40),
-            (12, 40),
+            (6, 40, 1.0),
+            (7, 40, 1.0),
+            (8, 40, 1.0),
+            (9, 52, 1.0),
+            (10, 40, 1.0),
+            (11, 40, 1.0),
+            (12, 40, 1.0),
+            // the same buffers and uploads, another kernel scalar (1/n)
+            (13, 40, 2.0),
+            (14, 40, 2.0),
+            (15, 40, 2.0),
         ]
-        .map(|(s, t)| batch(s, t)),
+        .map(|(s, t, n)| batch(s, t, n)),
     );
     let stats = || sofo::cuda::sofo_graph_stats(&dev);
     let run = |graphs: bool| {
@@ -473,9 +477,10 @@ fn graph_replays_match_direct_runs() {
     }
     // direct, captured, replayed, fallbacks: recorded (weights); another
     // pass (no weights): fallback, recorded; captured; replayed; T = 52:
-    // fallback, recorded; T = 40 captured; replayed twice
-    assert_eq!(graphed, [3, 2, 3, 2], "with graphs");
-    assert_eq!(direct, [8, 0, 0, 0], "without graphs");
+    // fallback, recorded; T = 40 captured; replayed twice; another 1/n:
+    // fallback, recorded; captured; replayed
+    assert_eq!(graphed, [4, 3, 4, 3], "with graphs");
+    assert_eq!(direct, [11, 0, 0, 0], "without graphs");
 
     // a little loss sketched on the host: never captured
     let model = Classifier;

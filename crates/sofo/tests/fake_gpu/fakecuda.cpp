@@ -15,9 +15,10 @@
 // arguments and GEMM scalars copied, memory read when the graph runs) and
 // run by cuGraphLaunch. While capturing, the calls that the driver refuses
 // on a capturing thread (synchronisation, copies to the host, synchronous
-// copies, allocation and freeing, copies from pageable host memory) fail
-// and invalidate the capture, as they do on a GPU; capturing the legacy
-// default stream fails. cuBLAS GEMMs
+// copies, copies from pageable host memory) fail and invalidate the
+// capture, as on a GPU; so do allocating and freeing, which a GPU would
+// turn into graph-owned memory that sofo must never use (stricter than the
+// driver, on purpose); capturing the legacy default stream fails. cuBLAS GEMMs
 // follow the reference definition (column-major, op(A)·op(B)), accumulated in
 // double, with f32 inputs rounded to TF32 under the TF32 math mode. Only what
 // sofo uses is here; anything else is missing on purpose,
@@ -173,12 +174,14 @@ CUresult cuCtxGetCurrent(CUcontext* c) {
 }
 CUresult cuCtxSynchronize() { return refused_while_capturing() ? CAPTURE_INVALIDATED : OK; }
 CUresult cuStreamSynchronize(CUstream) { return refused_while_capturing() ? CAPTURE_INVALIDATED : OK; }
-static int fake_streams;
 CUresult cuStreamCreate(CUstream* s, unsigned) {
-    *s = (char*)&fake_streams + (++fake_streams % 64);
+    *s = new char;  // a distinct handle per stream
     return OK;
 }
-CUresult cuStreamDestroy_v2(CUstream) { return OK; }
+CUresult cuStreamDestroy_v2(CUstream s) {
+    delete (char*)s;
+    return OK;
+}
 CUresult cuStreamBeginCapture_v2(CUstream s, int) {
     if (s == nullptr || capturing) return CAPTURE_UNSUPPORTED;
     capturing = new FakeGraph();
@@ -352,8 +355,8 @@ CUresult cuGetErrorName(CUresult, const char** s) {
 
 }  // extern "C"
 
-// cuBLAS's math mode; 3 (CUBLAS_TF32_TENSOR_OP_MATH): f32 GEMM inputs are
-// rounded to TF32
+// the math mode of the GEMM being computed (its handle's); 3
+// (CUBLAS_TF32_TENSOR_OP_MATH): f32 GEMM inputs are rounded to TF32
 static int math_mode = 0;
 
 // f32 rounded to TF32 (10 explicit mantissa bits, to nearest even), as the
@@ -398,16 +401,20 @@ static int gemm(int ta, int tb, int m, int n, int k, const T* alpha, const T* a,
     return 0;
 }
 
+// a cuBLAS handle: its stream and math mode
+struct FakeBlas {
+    void* stream = nullptr;
+    int math_mode = 0;
+};
+
 // a GEMM on the handle's stream: recorded while it is captured (the host
 // scalars and the math mode read now, as cuBLAS does)
-static void* blas_stream_of_handle();
 template <typename T>
-static int blas_call(int ta, int tb, int m, int n, int k, const T* alpha, const T* a, int lda,
-                     const T* b, int ldb, const T* beta, T* c, int ldc) {
-    void* s = blas_stream_of_handle();
-    if (capturing && s == capture_stream) {
+static int blas_call(FakeBlas* h, int ta, int tb, int m, int n, int k, const T* alpha, const T* a,
+                     int lda, const T* b, int ldb, const T* beta, T* c, int ldc) {
+    int mode = h->math_mode;
+    if (capturing && h->stream == capture_stream) {
         T al = *alpha, be = *beta;
-        int mode = math_mode;
         capturing->ops.push_back([=] {
             int saved = math_mode;
             math_mode = mode;
@@ -416,7 +423,11 @@ static int blas_call(int ta, int tb, int m, int n, int k, const T* alpha, const 
         });
         return 0;
     }
-    return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    int saved = math_mode;
+    math_mode = mode;
+    int status = gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    math_mode = saved;
+    return status;
 }
 
 extern "C" {
@@ -424,39 +435,35 @@ extern "C" {
 // ---- cuBLAS -----------------------------------------------------------------
 typedef int cublasStatus_t;
 typedef void* cublasHandle_t;
-static int fake_handle;
-static void* blas_stream = nullptr;
-
 cublasStatus_t cublasCreate_v2(cublasHandle_t* h) {
-    *h = &fake_handle;
+    *h = new FakeBlas();
     return 0;
 }
-cublasStatus_t cublasDestroy_v2(cublasHandle_t) { return 0; }
-cublasStatus_t cublasSetStream_v2(cublasHandle_t, CUstream s) {
-    blas_stream = s;
+cublasStatus_t cublasDestroy_v2(cublasHandle_t h) {
+    delete (FakeBlas*)h;
     return 0;
 }
-cublasStatus_t cublasSetMathMode(cublasHandle_t, int mode) {
-    math_mode = mode;
+cublasStatus_t cublasSetStream_v2(cublasHandle_t h, CUstream s) {
+    ((FakeBlas*)h)->stream = s;
+    return 0;
+}
+cublasStatus_t cublasSetMathMode(cublasHandle_t h, int mode) {
+    ((FakeBlas*)h)->math_mode = mode;
     return 0;
 }
 cublasStatus_t cublasSetPointerMode_v2(cublasHandle_t, int) { return 0; }
 cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t, void*, size_t) { return 0; }
 
-cublasStatus_t cublasSgemm_v2(cublasHandle_t, int ta, int tb, int m, int n, int k, const float* alpha,
+cublasStatus_t cublasSgemm_v2(cublasHandle_t h, int ta, int tb, int m, int n, int k, const float* alpha,
                               const float* a, int lda, const float* b, int ldb, const float* beta, float* c,
                               int ldc) {
-    return blas_call(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return blas_call((FakeBlas*)h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
-cublasStatus_t cublasDgemm_v2(cublasHandle_t, int ta, int tb, int m, int n, int k, const double* alpha,
+cublasStatus_t cublasDgemm_v2(cublasHandle_t h, int ta, int tb, int m, int n, int k, const double* alpha,
                               const double* a, int lda, const double* b, int ldb, const double* beta,
                               double* c, int ldc) {
-    return blas_call(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return blas_call((FakeBlas*)h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
-
-}  // extern "C"
-static void* blas_stream_of_handle() { return blas_stream; }
-extern "C" {
 
 // ---- NVRTC ------------------------------------------------------------------
 typedef int nvrtcResult;
