@@ -420,6 +420,22 @@ fn pooled_bytes(device: &Device) -> Option<usize> {
     }
 }
 
+/// How the device's SOFO passes ran so far (GPU): whether graphs are on,
+/// and the passes run call by call, captured, replayed, fallen back.
+fn graph_passes(device: &Device) -> Option<serde_json::Value> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let s = sofo::cuda::sofo_graph_stats(d);
+            Some(serde_json::json!({
+                "on": d.graphs(), "direct": s.direct, "captured": s.captured,
+                "replayed": s.replayed, "fallbacks": s.fallbacks,
+            }))
+        }
+        _ => None,
+    }
+}
+
 fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
     let gflops = (r.flops > 0.0).then(|| r.flops / r.median / 1e9);
     if a.json {
@@ -433,6 +449,7 @@ fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
                 "device": device.describe(),
                 "peak_device_bytes": r.peak_device_bytes,
                 "pooled_device_bytes": pooled_bytes(device),
+                "graph_passes": graph_passes(device),
             })
         );
     } else {

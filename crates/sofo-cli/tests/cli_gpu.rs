@@ -13,14 +13,23 @@ use std::process::{Command, Output};
 /// Runs `sofo` on the GPU there is, or on the fake one (`None`: neither a
 /// GPU nor a C++ compiler to build the fake).
 fn on_a_gpu() -> Option<impl Fn(&[&str]) -> Output> {
+    let sofo = on_a_gpu_with_env()?;
+    Some(move |args: &[&str]| sofo(args, &[]))
+}
+
+/// Environment variables for a run: (name, value).
+type Env<'a> = &'a [(&'a str, &'a str)];
+
+/// As [`on_a_gpu`], with environment variables set for the run.
+fn on_a_gpu_with_env() -> Option<impl Fn(&[&str], Env) -> Output> {
     let lib_path = if sofo_tensor::cuda::CudaDevice::open(0).is_ok() {
         None
     } else {
         Some(fake_gpu::library_path(&fake_gpu::build()?))
     };
-    Some(move |args: &[&str]| {
+    Some(move |args: &[&str], env: Env| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_sofo"));
-        c.args(args);
+        c.args(args).envs(env.iter().copied());
         if let Some(p) = &lib_path {
             c.env("LD_LIBRARY_PATH", p);
         }
@@ -123,4 +132,42 @@ fn sofo_and_adam_train_from_the_cli_on_the_device() {
     let r: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(r["method"], "pass");
     assert!(r["device"].as_str().unwrap().starts_with("cuda:0"), "{r}");
+}
+
+/// SOFO_GPU_GRAPHS=1: the bench's SOFO iterations are recorded, captured
+/// and replayed as a CUDA graph (its JSON says so); another value is
+/// refused, naming the variable.
+#[test]
+fn graphs_are_switched_on_by_the_environment() {
+    let Some(sofo) = on_a_gpu_with_env() else {
+        return;
+    };
+    let args = [
+        "bench", "--device", "cuda", "--method", "sofo", "--only", "rnn-n128", "--steps", "4",
+        "--iters", "1", "--json",
+    ];
+    let o = sofo(&args, &[("SOFO_GPU_GRAPHS", "1")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let r: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let g = &r["graph_passes"];
+    // two warm-up iterations and one timed: recorded, captured, replayed
+    assert_eq!(g["on"], true, "{r}");
+    assert_eq!(
+        (
+            &g["direct"],
+            &g["captured"],
+            &g["replayed"],
+            &g["fallbacks"]
+        ),
+        (&1.into(), &1.into(), &1.into(), &0.into()),
+        "{r}"
+    );
+    let o = sofo(&args, &[("SOFO_GPU_GRAPHS", "yes")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("SOFO_GPU_GRAPHS") && err.contains("\"yes\""),
+        "{err}"
+    );
 }

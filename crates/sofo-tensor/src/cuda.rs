@@ -721,7 +721,7 @@ impl CudaDevice {
             blas,
             _blas_workspace: workspace,
             kept: Default::default(),
-            graphs: std::sync::atomic::AtomicBool::new(graph::graphs_by_default()),
+            graphs: std::sync::atomic::AtomicBool::new(graph::graphs_by_default()?),
             k,
             dummy,
             tf32: std::sync::atomic::AtomicBool::new(false),

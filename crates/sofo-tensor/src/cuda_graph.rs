@@ -674,8 +674,17 @@ impl PassGraph {
 /// per-call cost dominates: the small rate RNN; at the sizes of the long
 /// tasks the device's own time does, and replaying the host code before the
 /// launch costs a few percent).
-pub(crate) fn graphs_by_default() -> bool {
-    std::env::var("SOFO_GPU_GRAPHS").is_ok_and(|v| v == "1")
+pub(crate) fn graphs_by_default() -> Result<bool> {
+    match std::env::var("SOFO_GPU_GRAPHS").as_deref() {
+        Err(_) | Ok("0") => Ok(false),
+        Ok("1") => Ok(true),
+        Ok(v) => Err(TensorError::Device {
+            op: "open",
+            message: format!(
+                "SOFO_GPU_GRAPHS is {v:?}: 0 (passes call by call) or 1 (CUDA graphs)"
+            ),
+        }),
+    }
 }
 
 impl CudaDevice {

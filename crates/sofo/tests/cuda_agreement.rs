@@ -483,19 +483,7 @@ fn graph_replays_match_direct_runs() {
     assert_eq!(direct, [11, 0, 0, 0], "without graphs");
 
     // a little loss sketched on the host: never captured
-    let model = Classifier;
-    let mut params = model.init(5).unwrap();
-    let (t, m) = (6, 10);
-    let batch = Batch {
-        steps: t,
-        trials: m,
-        inputs: Some(randn(&[t, m, 3], 31, 0)),
-        initial: None,
-        targets: Tensor::zeros(&[t, m, 4]),
-        weights: None,
-        loss_norm: 1.0,
-        noise_seed: 0,
-    };
+    let (model, mut params, batch) = classifier_case();
     let dev = device_or_skip("graph_replays_match_direct_runs").unwrap();
     dev.set_graphs(true);
     let s = Sofo::new(SofoConfig {
@@ -896,8 +884,9 @@ impl Model<f32> for Classifier {
     }
 }
 
-#[test]
-fn losses_the_device_does_not_sketch_run_on_the_host() {
+/// The classifier on a short batch (its softmax loss is sketched on the
+/// host under `--device cuda`).
+fn classifier_case() -> (Classifier, ParamSet<f32>, Batch<f32>) {
     let model = Classifier;
     let params = model.init(5).unwrap();
     let (t, m) = (6, 10);
@@ -911,6 +900,12 @@ fn losses_the_device_does_not_sketch_run_on_the_host() {
         loss_norm: 1.0,
         noise_seed: 0,
     };
+    (model, params, batch)
+}
+
+#[test]
+fn losses_the_device_does_not_sketch_run_on_the_host() {
+    let (model, params, batch) = classifier_case();
     // the test model itself runs on the CPU engines
     check_sketch_and_step(Device::Cpu, &model, &params, &batch, "softmax (cpu)");
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
