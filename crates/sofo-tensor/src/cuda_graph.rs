@@ -5,8 +5,10 @@
 //! without touching the device (every kernel, GEMM and copy is skipped, the
 //! host data it would upload is written into pinned staging memory), and one
 //! graph launch does the device work. A step of a rate RNN is about 14
-//! driver and cuBLAS calls whose per-call cost dominates at the sizes of the
-//! tasks; a graph launch pays it once per pass.
+//! driver and cuBLAS calls; a graph launch pays their host-side cost once
+//! per pass. Measured on an H200 that helps where that cost dominates (the
+//! small rate RNN: a fifth off) and not at the long tasks' sizes, where the
+//! device's own time per step does (see the README): hence off by default.
 //!
 //! The graph is only launched for a pass whose calls are the ones it holds:
 //! every call's kernel, launch shape and arguments (device addresses,
@@ -17,7 +19,7 @@
 //! buffers come from an arena that hands them out in the recorded order, and
 //! its inputs are copied into buffers of the graph's own. A pass that reads
 //! device memory on the host mid-way (a download, a host-side op) cannot be
-//! captured and always runs directly.
+//! captured: it runs directly (and is recorded again the next time).
 
 use super::{dev_err, CudaDevice, DevTensor};
 use crate::error::{Result, TensorError};
