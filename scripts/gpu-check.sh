@@ -8,7 +8,8 @@
 # PHASES (default "agree bench anchors") splits the work so that each device
 # call stays under its time limit, e.g. PHASES=agree, then PHASES="bench",
 # then PHASES=anchors; the table is printed after every call from whatever
-# $OUT holds by then.
+# $OUT holds by then. PHASES=profile (not in the default) runs
+# scripts/gpu-profile.sh: the kernels' device time per step.
 set -u
 PHASES=${PHASES:-agree bench anchors}
 has() { [[ " $PHASES " == *" $1 "* ]]; }
@@ -51,6 +52,11 @@ timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --gpu-matmul tf32 --method so
 echo "== memory against T (rate RNN N=128 M=64 K=64)"
 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 2 --only rnn-n128 --steps 32,256,1024,4096,16384 2>&1 | tee "$OUT/sofo_memory.jsonl"
 
+fi
+
+if has profile; then
+echo "== per-kernel device time of a few steps (Nsight Compute)"
+OUT="$OUT" bash scripts/gpu-profile.sh
 fi
 
 if has anchors; then
