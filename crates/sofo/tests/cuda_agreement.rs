@@ -499,6 +499,103 @@ fn graph_replays_match_direct_runs() {
     assert_eq!((st.direct, st.captured, st.replayed), (3, 0, 0));
 }
 
+/// The fake GPU's counts of the calls made so far: kernel launches (but
+/// the poisoning's), GEMMs, copies to the device, to the host, on the
+/// device, memsets, graph launches (`None` on a real GPU).
+fn fake_gpu_counts() -> Option<[u64; 7]> {
+    use std::ffi::{c_char, c_int, c_void};
+    extern "C" {
+        fn dlopen(name: *const c_char, flags: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void;
+    }
+    const RTLD_NOW: c_int = 2;
+    const RTLD_NOLOAD: c_int = 4;
+    // SAFETY: only looks up a library already loaded (by cudarc) and calls
+    // the fake's counter function with room for its 8 counts.
+    unsafe {
+        let h = dlopen(c"libcuda.so".as_ptr(), RTLD_NOW | RTLD_NOLOAD);
+        if h.is_null() {
+            return None;
+        }
+        let f = dlsym(h, c"fake_gpu_counts".as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f: extern "C" fn(*mut u64) = std::mem::transmute(f);
+        let mut out = [0u64; 8];
+        f(out.as_mut_ptr());
+        Some([out[0], out[1], out[2], out[3], out[4], out[5], out[6]])
+    }
+}
+
+/// The device calls of one time step of the rate RNN's SOFO pass, counted
+/// on the fake GPU (the difference between T = 20 and T = 10, over 10
+/// steps): 4 kernels (the hidden and the output layers' bias-and-leak
+/// terms, φ with φ′⊙ẋ, the sketch's scaled rows), 8 GEMMs (r·W, u·B, ṙ·W,
+/// r·Ẇ, u·Ḃ; r·C, ṙ·C, r·Ċ) and 2 uploads (the input and the target) —
+/// and none at all when the pass is replayed as a CUDA graph: a replayed
+/// iteration makes the same calls at T = 10 and T = 20.
+#[test]
+fn device_calls_per_time_step() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("device_calls_per_time_step") else {
+        return;
+    };
+    if fake_gpu_counts().is_none() {
+        eprintln!("skipping device_calls_per_time_step: counted on the fake GPU only");
+        return;
+    }
+    let model = RateRnn {
+        n: 16,
+        inputs: 3,
+        outputs: 2,
+        alpha: 0.1,
+        activation: Activation::Tanh,
+        learn_x0: false,
+        gain: 0.9,
+    };
+    let batch = |t: usize| Batch {
+        steps: t,
+        trials: 8,
+        inputs: Some(randn(&[t, 8, 3], 3, 1)),
+        initial: None,
+        targets: randn(&[t, 8, 2], 3, 2),
+        weights: None,
+        loss_norm: (t * 8 * 2) as f64,
+        noise_seed: 0,
+    };
+    // the calls of iteration `it` (after `it` others) on a fresh device
+    let calls = |t: usize, graphs: bool, it: u64| {
+        let dev = device_or_skip("device_calls_per_time_step").unwrap();
+        dev.set_graphs(graphs);
+        let s = Sofo::new(SofoConfig {
+            k: 4,
+            ..SofoConfig::default()
+        })
+        .unwrap()
+        .on(Device::Cuda(dev));
+        let mut params = model.init(0).unwrap();
+        let b = batch(t);
+        for i in 0..it {
+            s.step(&model, &mut params, &b, 0, i).unwrap();
+        }
+        let before = fake_gpu_counts().unwrap();
+        s.step(&model, &mut params, &b, 0, it).unwrap();
+        let after = fake_gpu_counts().unwrap();
+        std::array::from_fn::<u64, 7, _>(|i| after[i] - before[i])
+    };
+    drop(dev);
+    let (short, long) = (calls(10, false, 0), calls(20, false, 0));
+    let per_step: Vec<f64> = (0..7).map(|i| (long[i] - short[i]) as f64 / 10.0).collect();
+    eprintln!("device calls per step: {per_step:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
+    assert_eq!(per_step, [4.0, 8.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+    // replayed (the third iteration: recorded, captured, replayed): the
+    // same calls whatever T, one graph launch among them
+    let (short, long) = (calls(10, true, 2), calls(20, true, 2));
+    assert_eq!(short, long, "a replayed iteration's calls");
+    assert_eq!(short[6], 1, "one graph launch");
+}
+
 /// Peak device bytes of one SOFO iteration: equal at T = 10 and T = 1000
 /// (each measured at its second iteration: the first also makes the
 /// buffers an iteration keeps on the device, and is run call by call).

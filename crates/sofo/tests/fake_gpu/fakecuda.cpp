@@ -26,6 +26,7 @@
 #include <math.h>
 #include <barrier>
 #include <cmath>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -123,6 +124,16 @@ static bool refused_while_capturing() {
     capture_invalid = true;
     return true;
 }
+// the calls made so far, by kind (fake_gpu_counts): kernel launches (but
+// fill_nan's, counted apart: tests' poisoning), GEMMs, copies to the
+// device, to the host, on the device, memsets, graph launches, fill_nan
+enum { C_KERNEL, C_GEMM, C_HTOD, C_DTOH, C_DTOD, C_MEMSET, C_GRAPH, C_FILL, C_KINDS };
+static std::atomic<unsigned long long> call_counts[C_KINDS];
+static void count(int kind) { call_counts[kind]++; }
+extern "C" void fake_gpu_counts(unsigned long long* out) {
+    for (int i = 0; i < C_KINDS; i++) out[i] = call_counts[i];
+}
+
 static bool is_pinned(const void* p, size_t n) {
     std::lock_guard<std::mutex> g(pinned_lock);
     for (auto& [base, len] : pinned)
@@ -208,6 +219,7 @@ CUresult cuGraphInstantiateWithFlags(CUgraphExec* e, CUgraph g, unsigned long lo
     return OK;
 }
 CUresult cuGraphLaunch(CUgraphExec e, CUstream s) {
+    count(C_GRAPH);
     if (capturing) return CAPTURE_UNSUPPORTED;
     (void)s;
     for (auto& op : e->ops) op();
@@ -278,6 +290,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     return release(p);
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
+    count(C_HTOD);
     // a captured copy reads the host memory when the graph runs: pinned only
     if (capturing && s == capture_stream && !is_pinned(src, n)) {
         capture_invalid = true;
@@ -286,27 +299,33 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstre
     return enqueue(s, [=] { std::memcpy((void*)dst, src, n); });
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+    count(C_DTOH);
     if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy(dst, (const void*)src, n);
     return OK;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    count(C_DTOD);
     return enqueue(s, [=] { std::memmove((void*)dst, (const void*)src, n); });
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    count(C_HTOD);
     if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy((void*)dst, src, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    count(C_DTOH);
     if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy(dst, (const void*)src, n);
     return OK;
 }
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    count(C_MEMSET);
     return enqueue(s, [=] { std::memset((void*)dst, v, n); });
 }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    count(C_MEMSET);
     if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memset((void*)dst, v, n);
     return OK;
@@ -331,6 +350,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         bx > 1024)
         return INVALID_VALUE;
     const Kernel& k = *(const Kernel*)f;
+    count(std::strcmp(k.name, "fill_nan") == 0 ? C_FILL : C_KERNEL);
     if (capturing && s == capture_stream) {
         // the argument values as they are now (the caller's storage goes away)
         std::vector<uint64_t> copied(k.nargs);
@@ -412,6 +432,7 @@ struct FakeBlas {
 template <typename T>
 static int blas_call(FakeBlas* h, int ta, int tb, int m, int n, int k, const T* alpha, const T* a,
                      int lda, const T* b, int ldb, const T* beta, T* c, int ldc) {
+    count(C_GEMM);
     int mode = h->math_mode;
     if (capturing && h->stream == capture_stream) {
         T al = *alpha, be = *beta;
