@@ -189,15 +189,38 @@ impl<T: Float> Ops<T> for CudaFwd {
             || bias.is_some_and(|b| b.tangent.is_some())
             || leak.is_some_and(|(x, _)| x.tangent.is_some());
         let k = self.k;
-        // bias and leak (primal and tangents) in one launch, then the GEMMs
+        // a term with a few columns and no tangents (a network's input) is
+        // folded into the first launch instead of two GEMMs that would each
+        // read and write the whole output for a rank-few update
+        let small = terms.iter().position(|(a, w)| {
+            a.tangent.is_none()
+                && w.primal.shape().len() == 2
+                && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
+                && a.primal.shape().last() == Some(&w.primal.shape()[0])
+        });
+        // bias, leak and the small term (primal and tangents) in one launch,
+        // then the GEMMs
         let (mut y, t) = dev.linear_init(
             &out_shape,
             (any_tangent && k > 0).then_some(k),
             bias.map(|b| (&b.primal, b.tangent.as_ref())),
             leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c)),
+            small.map(|i| {
+                (
+                    &terms[i].0.primal,
+                    &terms[i].1.primal,
+                    terms[i].1.tangent.as_ref(),
+                )
+            }),
             scale,
         )?;
-        for (a, w) in terms {
+        let terms: Vec<&(&CudaDual, &CudaDual)> = terms
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != small)
+            .map(|(_, t)| t)
+            .collect();
+        for (a, w) in &terms {
             let kd = w.primal.shape()[0];
             dev.gemm(
                 rows,
@@ -216,7 +239,7 @@ impl<T: Float> Ops<T> for CudaFwd {
                 tangent: None,
             });
         };
-        for (a, w) in terms {
+        for (a, w) in &terms {
             let kd = w.primal.shape()[0];
             if let Some(at) = &a.tangent {
                 // ȧ · W over all rows·K rows

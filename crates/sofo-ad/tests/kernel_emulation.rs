@@ -363,6 +363,11 @@ fn linear_init_matches_its_rule() {
         i32,
         i32,
         i32,
+        *const f32,
+        *const f32,
+        *const f32,
+        i32,
+        i32,
     );
     let init = emu.kernel::<Init>("linear_init");
     let (rows, k, n) = (7usize, 3usize, 5usize);
@@ -370,13 +375,26 @@ fn linear_init_matches_its_rule() {
     let bt = randn(&[k, n], 6, 2);
     let x = randn(&[rows, n], 6, 3);
     let xt = randn(&[rows, k, n], 6, 4);
+    // the small term u · w: u [rows, ku] without tangents, w [ku, n], ẇ [ku, k, n]
+    let ku = 3usize;
+    let u = randn(&[rows, ku], 6, 5);
+    let w = randn(&[ku, n], 6, 6);
+    let wt = randn(&[ku, k, n], 6, 7);
     let (c, s) = (0.8f32, 0.25f32);
-    for flags in 0..32u32 {
+    for flags in 0..128u32 {
         let f = |bit: u32| (flags >> bit & 1) as i32;
         let (hb, hbt, hx, hxt, want_t) = (f(0), f(1) & f(0), f(2), f(3) & f(2), f(4));
+        let (hu, hwt) = (f(5), f(6) & f(5));
         let y_want: Vec<f32> = (0..rows * n)
             .map(|i| {
-                let mut v = if hb == 1 { s * b.data()[i % n] } else { 0.0 };
+                let (r, j) = (i / n, i % n);
+                let mut v = if hb == 1 { b.data()[j] } else { 0.0 };
+                if hu == 1 {
+                    for a in 0..ku {
+                        v += u.data()[r * ku + a] * w.data()[a * n + j];
+                    }
+                }
+                v *= s;
                 if hx == 1 {
                     v += c * x.data()[i];
                 }
@@ -385,11 +403,14 @@ fn linear_init_matches_its_rule() {
             .collect();
         let t_want: Vec<f32> = (0..rows * k * n)
             .map(|q| {
-                let mut v = if hbt == 1 {
-                    s * bt.data()[(q / n % k) * n + q % n]
-                } else {
-                    0.0
-                };
+                let (r, kk, j) = (q / (k * n), q / n % k, q % n);
+                let mut v = if hbt == 1 { bt.data()[kk * n + j] } else { 0.0 };
+                if hwt == 1 {
+                    for a in 0..ku {
+                        v += u.data()[r * ku + a] * wt.data()[(a * k + kk) * n + j];
+                    }
+                }
+                v *= s;
                 if hxt == 1 {
                     v += c * xt.data()[q];
                 }
@@ -417,18 +438,23 @@ fn linear_init_matches_its_rule() {
                     hx,
                     hxt,
                     want_t,
+                    u.data().as_ptr(),
+                    w.data().as_ptr(),
+                    wt.data().as_ptr(),
+                    hu * ku as i32,
+                    hwt,
                 )
             });
             close(
                 &y_want,
                 &y,
-                &format!("linear_init primal, flags {flags:05b}"),
+                &format!("linear_init primal, flags {flags:07b}"),
             );
             if want_t == 1 {
                 close(
                     &t_want,
                     &t,
-                    &format!("linear_init tangents, flags {flags:05b}"),
+                    &format!("linear_init tangents, flags {flags:07b}"),
                 );
             } else {
                 assert!(t.iter().all(|v| v.is_nan()), "tangents written unasked");

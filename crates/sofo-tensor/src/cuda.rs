@@ -159,21 +159,35 @@ extern "C" __global__ void take_columns(const float* src, float* dst, long long 
 }
 
 // The terms of a linear op before its GEMMs, primal and tangents in one pass:
-// y[r, j] = scale * b[j] + c * x[r, j] for i < rows*n, then
-// t[r, k, j] = scale * bt[k, j] + c * xt[r, k, j] (want_t); absent terms are 0
+// y[r, j] = scale * (b[j] + Σ_a u[r, a] w[a, j]) + c * x[r, j] for i < rows*n,
+// then t[r, k, j] = scale * (bt[k, j] + Σ_a u[r, a] wt[a, k, j]) + c * xt[r, k, j]
+// (want_t); absent terms are 0. u [rows, ku] (ku = 0: none) is a term with a
+// short inner dimension and no tangents (a network's input), whose GEMMs
+// would each read and write all of y and t for a rank-ku update.
 extern "C" __global__ void linear_init(float* y, float* t, const float* b, const float* bt,
                                        const float* x, const float* xt, float c, float scale,
                                        long long rows, int k, int n,
-                                       int has_b, int has_bt, int has_x, int has_xt, int want_t) {
+                                       int has_b, int has_bt, int has_x, int has_xt, int want_t,
+                                       const float* u, const float* w, const float* wt, int ku,
+                                       int has_wt) {
     long long np = rows * n, total = np + (want_t ? np * k : 0);
     GRID_LOOP(i, total) {
         if (i < np) {
-            float v = has_b ? scale * b[i % n] : 0.f;
+            long long r = i / n; int j = (int)(i % n);
+            float v = has_b ? b[j] : 0.f;
+            for (int a = 0; a < ku; a++) v += u[r * ku + a] * w[(long long)a * n + j];
+            v *= scale;
             if (has_x) v += c * x[i];
             y[i] = v;
         } else {
             long long q = i - np;
-            float v = has_bt ? scale * bt[((q / n) % k) * n + q % n] : 0.f;
+            long long row = q / n; int j = (int)(q % n); int kk = (int)(row % k);
+            float v = has_bt ? bt[(long long)kk * n + j] : 0.f;
+            if (has_wt) {
+                long long r = row / k;
+                for (int a = 0; a < ku; a++) v += u[r * ku + a] * wt[((long long)a * k + kk) * n + j];
+            }
+            v *= scale;
             if (has_xt) v += c * xt[q];
             t[q] = v;
         }
@@ -551,6 +565,12 @@ impl DevTensor {
         self.shape = shape.to_vec();
         Ok(self)
     }
+}
+
+impl CudaDevice {
+    /// The widest term `u · w` that `linear_init` folds in (a network's
+    /// input: a handful of columns) instead of two GEMMs.
+    pub const SMALL_TERM: usize = 8;
 }
 
 /// cuBLAS's workspace (its recommendation for Hopper is 32 MiB).
@@ -1144,16 +1164,21 @@ impl CudaDevice {
     }
 
     /// The terms of a linear op before its GEMMs, in one launch: the primal
-    /// `y[r, j] = scale · b[j] + c · x[r, j]` over `shape` `[.., n]` and, with
-    /// `k_tangents = Some(k)`, the tangents `t[r, k, j] = scale · ḃ[k, j] +
-    /// c · ẋ[r, k, j]`. `bias` and `leak` carry a value and its tangents (if
-    /// any); absent terms count as zero.
+    /// `y[r, j] = scale · (b[j] + Σ_a u[r, a] w[a, j]) + c · x[r, j]` over
+    /// `shape` `[.., n]` and, with `k_tangents = Some(k)`, the tangents
+    /// `t[r, k, j] = scale · (ḃ[k, j] + Σ_a u[r, a] ẇ[a, k, j]) + c ·
+    /// ẋ[r, k, j]`. `bias` and `leak` carry a value and its tangents (if
+    /// any); `small` a term `u · w` whose `u` [rows, ku] has no tangents and
+    /// a short inner dimension ku (at most [`CudaDevice::SMALL_TERM`]), with
+    /// `w`'s tangents (if any); absent terms count as zero.
+    #[allow(clippy::type_complexity)]
     pub fn linear_init(
         &self,
         shape: &[usize],
         k_tangents: Option<usize>,
         bias: Option<(&DevTensor, Option<&DevTensor>)>,
         leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
+        small: Option<(&DevTensor, &DevTensor, Option<&DevTensor>)>,
         scale: f32,
     ) -> Result<(DevTensor, Option<DevTensor>)> {
         let mut y = self.scratch(shape)?;
@@ -1205,6 +1230,29 @@ impl CudaDevice {
                 ));
             }
         }
+        let ku = small.map_or(0, |(u, _, _)| u.shape.last().copied().unwrap_or(1));
+        if let Some((u, w, wt)) = small {
+            if ku > Self::SMALL_TERM
+                || u.numel() != rows * ku
+                || w.numel() != ku * n
+                || wt.is_some_and(|wt| wt.numel() != ku * k * n)
+            {
+                return Err(TensorError::shape(
+                    "device linear",
+                    format!(
+                        "a small term of at most {} columns: [{rows}, ku] · [ku, {n}]",
+                        Self::SMALL_TERM
+                    ),
+                    format!("{:?} · {:?}", u.shape, w.shape),
+                ));
+            }
+        }
+        let (ud, wd, wtd) = match small {
+            Some((u, w, wt)) => (&*u.data, &*w.data, wt.map_or(&self.dummy, |t| &*t.data)),
+            None => (&self.dummy, &self.dummy, &self.dummy),
+        };
+        let ku32 = ku as i32;
+        let has_wt = (small.is_some_and(|(_, _, wt)| wt.is_some()) && t.is_some()) as i32;
         let (r64, k32, n32) = (rows as i64, k as i32, n as i32);
         let total = rows * n * (1 + k_tangents.map_or(0, |k| k));
         let mut b = Launch::new(&self.core, &self.k.linear_init);
@@ -1225,6 +1273,7 @@ impl CudaDevice {
         for f in &flags {
             b.arg(f);
         }
+        b.arg(ud).arg(wd).arg(wtd).arg(&ku32).arg(&has_wt);
         // SAFETY: sizes checked above; absent operands are never read and
         // t is written only when present.
         unsafe { b.launch(grid(total)) }.map_err(|e| dev_err("linear", e))?;
