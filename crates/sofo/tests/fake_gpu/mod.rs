@@ -97,6 +97,12 @@ fn kernels(src: &str) -> String {
 /// calling crate's test scratch space (`None` without a C++ compiler,
 /// unless SOFO_REQUIRE_CXX is set).
 pub fn build() -> Option<std::path::PathBuf> {
+    // once per test process: tests running side by side share one build
+    static BUILT: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_now).clone()
+}
+
+fn build_now() -> Option<std::path::PathBuf> {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("fake_gpu_{}", env!("CARGO_PKG_NAME")));
     std::fs::create_dir_all(&dir).unwrap();
