@@ -535,21 +535,25 @@ impl<'a> Launch<'a> {
         cfg: LaunchConfig,
     ) -> std::result::Result<(), DriverError> {
         let f = self.f.cu_function();
-        let mut words = Vec::with_capacity(self.slots.len() + 5);
-        words.extend([
-            tag::KERNEL,
-            f as u64,
-            cfg.grid_dim.0 as u64,
-            cfg.grid_dim.1 as u64,
-            cfg.grid_dim.2 as u64,
-            cfg.block_dim.0 as u64,
-            cfg.block_dim.1 as u64,
-            cfg.block_dim.2 as u64,
-            cfg.shared_mem_bytes as u64,
-        ]);
-        words.extend_from_slice(&self.slots);
-        if !self.core.call(&words) {
-            return Ok(());
+        // the signature's words only while a pass is recorded (no allocation
+        // per launch otherwise)
+        if self.core.lock().mode != Mode::Direct {
+            let mut words = Vec::with_capacity(self.slots.len() + 9);
+            words.extend([
+                tag::KERNEL,
+                f as u64,
+                cfg.grid_dim.0 as u64,
+                cfg.grid_dim.1 as u64,
+                cfg.grid_dim.2 as u64,
+                cfg.block_dim.0 as u64,
+                cfg.block_dim.1 as u64,
+                cfg.block_dim.2 as u64,
+                cfg.shared_mem_bytes as u64,
+            ]);
+            words.extend_from_slice(&self.slots);
+            if !self.core.call(&words) {
+                return Ok(());
+            }
         }
         self.core.stream.context().bind_to_thread()?;
         let mut params: Vec<*mut std::ffi::c_void> = self
