@@ -104,14 +104,19 @@ fn randn(shape: &[usize], seed: u64, stream: u64) -> Tensor<f32> {
     t
 }
 
-/// max |a − b| / max(1, max |a|)
+/// max |a − b| / max(1, max |a|); infinite where either is NaN (an element
+/// the kernel never wrote stays NaN, and `f64::max` would skip it)
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "lengths");
     let scale = a.iter().fold(1.0f64, |m, v| m.max(v.abs() as f64));
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()))
-        / scale
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| {
+        let d = (*x as f64 - *y as f64).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d)
+        }
+    }) / scale
 }
 
 fn close(want: &[f32], got: &[f32], what: &str) {
@@ -138,7 +143,8 @@ fn unary_kernels_match_the_cpu_rules() {
     let fwd = emu.kernel::<UnaryFwd>("unary_fwd");
     let tan = emu.kernel::<UnaryTangent>("unary_tangent");
     let grad = emu.kernel::<UnaryGrad>("unary_grad");
-    let (shape, k) = ([5usize, 7], 3usize);
+    // K = 11: a full chunk of tangents per thread and a partial one
+    let (shape, k) = ([5usize, 7], 11usize);
     for op in Unary::all(0.7, -1.3) {
         let (c, s) = code(op);
         let x = input_for(op, &shape, 2);
@@ -181,7 +187,7 @@ fn unary_kernels_match_the_cpu_rules() {
                     t.data().as_ptr(),
                     y2.as_mut_ptr(),
                     out.as_mut_ptr(),
-                    t.numel() as i64,
+                    n as i64,
                     k as i32,
                     7,
                     c as i32,
@@ -236,7 +242,7 @@ fn binary_kernels_match_the_cpu_rules() {
     );
     let fwd = emu.kernel::<BinFwd>("binary_fwd");
     let tan = emu.kernel::<BinTan>("binary_tangent");
-    let (shape, k) = ([6usize, 5], 4usize);
+    let (shape, k) = ([6usize, 5], 11usize);
     let a = randn(&shape, 4, 1);
     let b = randn(&shape, 4, 2).map(|v| v.abs() + 0.5);
     let ta = randn(&tangent_shape(&shape, k), 4, 3);
@@ -277,7 +283,7 @@ fn binary_kernels_match_the_cpu_rules() {
                         ta.data().as_ptr(),
                         tb.data().as_ptr(),
                         out.as_mut_ptr(),
-                        ta.numel() as i64,
+                        a.numel() as i64,
                         k as i32,
                         5,
                         opc,
@@ -303,7 +309,7 @@ fn scale_rows_and_columns_match_the_cpu() {
     let scale = emu.kernel::<ScaleRows>("scale_rows");
     let copy = emu.kernel::<Cols>("copy_columns");
     let take = emu.kernel::<Cols>("take_columns");
-    let (p, k, l) = (5usize, 3usize, 4usize);
+    let (p, k, l) = (5usize, 11usize, 4usize);
     let d = randn(&[p, l], 5, 1);
     let t = randn(&[p, k, l], 5, 2);
     let want: Vec<f32> = (0..p * k * l)
@@ -323,7 +329,7 @@ fn scale_rows_and_columns_match_the_cpu() {
                 d.data().as_ptr(),
                 t.data().as_ptr(),
                 out.as_mut_ptr(),
-                t.numel() as i64,
+                d.numel() as i64,
                 k as i32,
                 l as i32,
             )
@@ -370,7 +376,7 @@ fn linear_init_matches_its_rule() {
         i32,
     );
     let init = emu.kernel::<Init>("linear_init");
-    let (rows, k, n) = (7usize, 3usize, 5usize);
+    let (rows, k, n) = (7usize, 11usize, 5usize);
     let b = randn(&[n], 6, 1);
     let bt = randn(&[k, n], 6, 2);
     let x = randn(&[rows, n], 6, 3);
@@ -607,7 +613,8 @@ fn mse_kernels_give_the_sketch_and_the_seed() {
     let aug = emu.kernel::<Aug>("mse_augmented");
     let seed = emu.kernel::<Seed>("mse_seed");
     let value = emu.kernel::<Value>("mse_value");
-    let (rows, l, k) = (6usize, 3usize, 4usize);
+    // K + 1 = 11 rows: a full chunk per thread and a partial one
+    let (rows, l, k) = (6usize, 3usize, 10usize);
     let y = randn(&[rows, l], 8, 1);
     let t = randn(&[rows, l], 8, 2);
     let yd = randn(&[rows, k, l], 8, 3);

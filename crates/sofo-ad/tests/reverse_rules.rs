@@ -136,7 +136,15 @@ fn check(case: Case, shapes: &[&[usize]], seed: u64) {
         .data()
         .iter()
         .zip(out.primal.data())
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        .fold(0.0f64, |m, (a, b)| {
+            // NaN-propagating: `f64::max` would drop a NaN
+            let d = (a - b).abs();
+            if d.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(d)
+            }
+        });
     assert!(
         dp <= 1e-12 * (1.0 + out.primal.data().iter().fold(0.0f64, |m, v| m.max(v.abs()))),
         "{case:?}: primal values differ by {dp:e}"

@@ -38,6 +38,35 @@ pub fn kernel_source() -> &'static str {
 const KERNELS: &str = r#"
 #define GRID_LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
 
+// q = a / b, r = a % b, in 32 bits when both fit: a 64-bit division is a
+// long instruction sequence on a GPU, a 32-bit one a short one.
+__device__ void divmod_(long long a, long long b, long long* q, long long* r) {
+    if (a < 4294967296LL && b < 4294967296LL) {
+        unsigned qa = (unsigned)a / (unsigned)b;
+        *q = qa; *r = a - (long long)qa * b;
+    } else {
+        *q = a / b; *r = a - *q * b;
+    }
+}
+
+// The kernels over tangents [P, K, L] of a value [P, L] give each thread a
+// unit: one entry (p, j) of the value and a chunk of TCHUNK of its K
+// tangents. The index arithmetic and the entry's own work (a derivative, a
+// scale) then run once per unit instead of once per element; consecutive
+// threads take consecutive j, so every tangent row is read and written
+// coalesced. Unit u = c · P·L + (p · L + j) for chunk c.
+#define TCHUNK 8
+__device__ long long tchunks_(int k) { return (k + TCHUNK - 1) / TCHUNK; }
+// the unit's entry e = p·L + j, p, j, and its tangent range [k0, k1)
+__device__ void tunit_(long long u, long long pl, int k, int l,
+                       long long* e, long long* p, long long* j, int* k0, int* k1) {
+    long long c;
+    divmod_(u, pl, &c, e);
+    divmod_(*e, l, p, j);
+    *k0 = (int)c * TCHUNK;
+    *k1 = *k0 + TCHUNK < k ? *k0 + TCHUNK : k;
+}
+
 __device__ float sigmoidf_(float x) {
     if (x >= 0.f) return 1.f / (1.f + expf(-x));
     float e = expf(x); return e / (1.f + e);
@@ -85,24 +114,28 @@ extern "C" __global__ void unary_grad(const float* x, const float* gy, float* gx
 }
 
 // y = f(x) [P, L] and out[p, k, l] = f'(x[p, l]) t[p, k, l] in one pass
-// (the primal written by the threads of tangent 0)
+// (f and f' once per entry; the primal written by the units of chunk 0)
 extern "C" __global__ void unary_tangent(const float* x, const float* t, float* y, float* out,
-                                         long long total, int k, int l, int op, float s) {
-    GRID_LOOP(i, total) {
-        long long row = i / l; int j = (int)(i % l);
-        long long p = (row / k) * l + j;
+                                         long long pl, int k, int l, int op, float s) {
+    GRID_LOOP(u, pl * tchunks_(k)) {
+        long long e, p, j; int k0, k1;
+        tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
         float o, g;
-        unary_eval_(x[p], op, s, &o, &g);
-        out[i] = g * t[i];
-        if (row % k == 0) y[p] = o;
+        unary_eval_(x[e], op, s, &o, &g);
+        if (k0 == 0) y[e] = o;
+        const long long row = p * k * l + j;
+        for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = g * t[row + (long long)kk * l];
     }
 }
 
 // out[p, k, l] = d[p, l] * t[p, k, l]
-extern "C" __global__ void scale_rows(const float* d, const float* t, float* out, long long total, int k, int l) {
-    GRID_LOOP(i, total) {
-        long long row = i / l; int j = (int)(i % l);
-        out[i] = d[(row / k) * l + j] * t[i];
+extern "C" __global__ void scale_rows(const float* d, const float* t, float* out, long long pl, int k, int l) {
+    GRID_LOOP(u, pl * tchunks_(k)) {
+        long long e, p, j; int k0, k1;
+        tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
+        const float dv = d[e];
+        const long long row = p * k * l + j;
+        for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = dv * t[row + (long long)kk * l];
     }
 }
 
@@ -122,21 +155,26 @@ extern "C" __global__ void binary_fwd(const float* a, const float* b, float* y, 
 // out[p, k, l] = ∂y/∂a[p, l] · ta[p, k, l] + ∂y/∂b[p, l] · tb[p, k, l] for
 // y = a op b on equal shapes [P, L]; a tangent absent when has_* = 0
 extern "C" __global__ void binary_tangent(const float* a, const float* b, const float* ta, const float* tb,
-                                          float* out, long long total, int k, int l, int op,
+                                          float* out, long long pl, int k, int l, int op,
                                           int has_a, int has_b) {
-    GRID_LOOP(i, total) {
-        long long p = (i / ((long long)k * l)) * l + i % l;
-        float av = a[p], bv = b[p], da, db;
+    GRID_LOOP(u, pl * tchunks_(k)) {
+        long long e, p, j; int k0, k1;
+        tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
+        float av = a[e], bv = b[e], da, db;
         switch (op) {
             case 0: da = 1.f; db = 1.f; break;
             case 1: da = 1.f; db = -1.f; break;
             case 2: da = bv; db = av; break;
             default: da = 1.f / bv; db = -av / (bv * bv); break;
         }
-        float v = 0.f;
-        if (has_a) v += da * ta[i];
-        if (has_b) v += db * tb[i];
-        out[i] = v;
+        const long long row = p * k * l + j;
+        for (int kk = k0; kk < k1; kk++) {
+            long long i = row + (long long)kk * l;
+            float v = 0.f;
+            if (has_a) v += da * ta[i];
+            if (has_b) v += db * tb[i];
+            out[i] = v;
+        }
     }
 }
 
@@ -144,7 +182,8 @@ extern "C" __global__ void binary_tangent(const float* a, const float* b, const 
 extern "C" __global__ void copy_columns(const float* src, float* dst, long long rows, int w, int dst_w, int offset) {
     long long total = rows * w;
     GRID_LOOP(i, total) {
-        long long r = i / w; int j = (int)(i % w);
+        long long r, j;
+        divmod_(i, w, &r, &j);
         dst[r * dst_w + offset + j] = src[i];
     }
 }
@@ -153,40 +192,46 @@ extern "C" __global__ void copy_columns(const float* src, float* dst, long long 
 extern "C" __global__ void take_columns(const float* src, float* dst, long long rows, int w, int src_w, int offset) {
     long long total = rows * w;
     GRID_LOOP(i, total) {
-        long long r = i / w; int j = (int)(i % w);
+        long long r, j;
+        divmod_(i, w, &r, &j);
         dst[i] = src[r * src_w + offset + j];
     }
 }
 
 // The terms of a linear op before its GEMMs, primal and tangents in one pass:
-// y[r, j] = scale * (b[j] + Σ_a u[r, a] w[a, j]) + c * x[r, j] for i < rows*n,
-// then t[r, k, j] = scale * (bt[k, j] + Σ_a u[r, a] wt[a, k, j]) + c * xt[r, k, j]
-// (want_t); absent terms are 0. u [rows, ku] (ku = 0: none) is a term with a
-// short inner dimension and no tangents (a network's input), whose GEMMs
-// would each read and write all of y and t for a rank-ku update.
+// y[r, j] = scale * (b[j] + Σ_a u[r, a] w[a, j]) + c * x[r, j],
+// and t[r, k, j] = scale * (bt[k, j] + Σ_a u[r, a] wt[a, k, j]) + c * xt[r, k, j]
+// (want_t); absent terms are 0. u [rows, ku] (ku = 0: none, at most
+// SMALL_TERM) is a term with a short inner dimension and no tangents (a
+// network's input), whose GEMMs would each read and write all of y and t for
+// a rank-ku update. Units as in unary_tangent (one chunk when !want_t).
+#define SMALL_TERM 8
 extern "C" __global__ void linear_init(float* y, float* t, const float* b, const float* bt,
                                        const float* x, const float* xt, float c, float scale,
                                        long long rows, int k, int n,
                                        int has_b, int has_bt, int has_x, int has_xt, int want_t,
                                        const float* u, const float* w, const float* wt, int ku,
                                        int has_wt) {
-    long long np = rows * n, total = np + (want_t ? np * k : 0);
-    GRID_LOOP(i, total) {
-        if (i < np) {
-            long long r = i / n; int j = (int)(i % n);
+    const long long pl = rows * n;
+    const int kt = want_t ? k : 0;
+    GRID_LOOP(i, pl * (kt > 0 ? tchunks_(kt) : 1)) {
+        long long e, r, j; int k0, k1;
+        tunit_(i, pl, kt, n, &e, &r, &j, &k0, &k1);
+        float ur[SMALL_TERM];
+        for (int a = 0; a < ku; a++) ur[a] = u[r * ku + a];
+        if (k0 == 0) {
             float v = has_b ? b[j] : 0.f;
-            for (int a = 0; a < ku; a++) v += u[r * ku + a] * w[(long long)a * n + j];
+            for (int a = 0; a < ku; a++) v += ur[a] * w[(long long)a * n + j];
             v *= scale;
-            if (has_x) v += c * x[i];
-            y[i] = v;
-        } else {
-            long long q = i - np;
-            long long row = q / n; int j = (int)(q % n); int kk = (int)(row % k);
+            if (has_x) v += c * x[e];
+            y[e] = v;
+        }
+        const long long row = r * kt * n + j;
+        for (int kk = k0; kk < k1; kk++) {
+            long long q = row + (long long)kk * n;
             float v = has_bt ? bt[(long long)kk * n + j] : 0.f;
-            if (has_wt) {
-                long long r = row / k;
-                for (int a = 0; a < ku; a++) v += u[r * ku + a] * wt[((long long)a * k + kk) * n + j];
-            }
+            if (has_wt)
+                for (int a = 0; a < ku; a++) v += ur[a] * wt[((long long)a * k + kk) * n + j];
             v *= scale;
             if (has_xt) v += c * xt[q];
             t[q] = v;
@@ -289,13 +334,17 @@ extern "C" __global__ void mse_seed(const float* y, const float* tgt, const floa
 extern "C" __global__ void mse_augmented(const float* y, const float* tgt, const float* w, int has_w,
                                          const float* yd, int has_yd, double* a, long long rows, int k,
                                          int l, double inv_n, long long ld, long long col0) {
-    long long cols = rows * l;
-    GRID_LOOP(i, (long long)(k + 1) * cols) {
-        long long kk = i / cols, col = i % cols, r = col / l; int j = (int)(col % l);
-        double sc = sqrt(2.0 * (has_w ? (double)w[r] : 1.0) * inv_n);
-        double v = kk < k ? (has_yd ? (double)yd[(r * k + kk) * l + j] : 0.0)
-                          : (double)y[col] - (double)tgt[col];
-        a[kk * ld + col0 + col] = sc * v;
+    // units as in unary_tangent, over the k + 1 rows of a
+    const long long cols = rows * l;
+    GRID_LOOP(u, cols * tchunks_(k + 1)) {
+        long long col, r, j; int k0, k1;
+        tunit_(u, cols, k + 1, l, &col, &r, &j, &k0, &k1);
+        const double sc = sqrt(2.0 * (has_w ? (double)w[r] : 1.0) * inv_n);
+        for (int kk = k0; kk < k1; kk++) {
+            double v = kk < k ? (has_yd ? (double)yd[(r * k + kk) * l + j] : 0.0)
+                              : (double)y[col] - (double)tgt[col];
+            a[kk * ld + col0 + col] = sc * v;
+        }
     }
 }
 "#;
@@ -571,6 +620,14 @@ impl CudaDevice {
     /// The widest term `u · w` that `linear_init` folds in (a network's
     /// input: a handful of columns) instead of two GEMMs.
     pub const SMALL_TERM: usize = 8;
+}
+
+/// The tangents one thread of a tangent kernel handles (`TCHUNK` of the
+/// kernel source): the number of threads to launch for a value of `pl`
+/// entries with `k` tangents each (at least one per entry).
+const TCHUNK: usize = 8;
+fn tangent_units(pl: usize, k: usize) -> usize {
+    pl * k.div_ceil(TCHUNK).max(1)
 }
 
 /// cuBLAS's workspace (its recommendation for Hopper is 32 MiB).
@@ -932,19 +989,20 @@ impl CudaDevice {
         }
         let mut y = self.scratch(&x.shape)?;
         let mut out = self.scratch(&t.shape)?;
-        let (total, k32, l32, opc) = (t.numel() as i64, k as i32, l as i32, op as i32);
+        let (pl, k32, l32, opc) = (x.numel() as i64, k as i32, l as i32, op as i32);
         let mut b = Launch::new(&self.core, &self.k.unary_tangent);
         b.arg(&*x.data)
             .arg(&*t.data)
             .out(&mut *y.data)
             .out(&mut *out.data)
-            .arg(&total)
+            .arg(&pl)
             .arg(&k32)
             .arg(&l32)
             .arg(&opc)
             .arg(&s);
         // SAFETY: t and out hold k·numel(x) elements, x and y numel(x).
-        unsafe { b.launch(grid(t.numel())) }.map_err(|e| dev_err("unary_tangent", e))?;
+        unsafe { b.launch(grid(tangent_units(x.numel(), k))) }
+            .map_err(|e| dev_err("unary_tangent", e))?;
         Ok((y, out))
     }
 
@@ -1004,7 +1062,7 @@ impl CudaDevice {
             }
         }
         let mut out = self.scratch(&shape)?;
-        let total = n as i64;
+        let pl = a.numel() as i64;
         let (k32, l32, opc) = (k as i32, l as i32, op as i32);
         let (has_a, has_b) = (ta.is_some() as i32, tb.is_some() as i32);
         let mut g = Launch::new(&self.core, &self.k.binary_tangent);
@@ -1018,7 +1076,7 @@ impl CudaDevice {
             None => g.arg(&self.dummy),
         };
         g.out(&mut *out.data)
-            .arg(&total)
+            .arg(&pl)
             .arg(&k32)
             .arg(&l32)
             .arg(&opc)
@@ -1026,7 +1084,8 @@ impl CudaDevice {
             .arg(&has_b);
         // SAFETY: a and b hold total / k elements, the tangents and out total;
         // an absent tangent is never read.
-        unsafe { g.launch(grid(n)) }.map_err(|e| dev_err("binary_tangent", e))?;
+        unsafe { g.launch(grid(tangent_units(a.numel(), k))) }
+            .map_err(|e| dev_err("binary_tangent", e))?;
         Ok(out)
     }
 
@@ -1149,17 +1208,25 @@ impl CudaDevice {
         k: usize,
         l: usize,
     ) -> Result<DevTensor> {
+        if l == 0 || !d.numel().is_multiple_of(l) || t.numel() != k * d.numel() {
+            return Err(TensorError::shape(
+                "device scale_rows",
+                format!("d [P, {l}] and {k} tangents of it"),
+                format!("{:?} and {:?}", d.shape, t.shape),
+            ));
+        }
         let mut out = self.scratch(&t.shape)?;
-        let (total, k32, l32) = (t.numel() as i64, k as i32, l as i32);
+        let (pl, k32, l32) = (d.numel() as i64, k as i32, l as i32);
         let mut b = Launch::new(&self.core, &self.k.scale_rows);
         b.arg(&*d.data)
             .arg(&*t.data)
             .out(&mut *out.data)
-            .arg(&total)
+            .arg(&pl)
             .arg(&k32)
             .arg(&l32);
-        // SAFETY: d holds total / k elements, t and out total.
-        unsafe { b.launch(grid(t.numel())) }.map_err(|e| dev_err("scale_rows", e))?;
+        // SAFETY: d holds P·L elements, t and out K times as many (checked).
+        unsafe { b.launch(grid(tangent_units(d.numel(), k))) }
+            .map_err(|e| dev_err("scale_rows", e))?;
         Ok(out)
     }
 
@@ -1254,7 +1321,7 @@ impl CudaDevice {
         let ku32 = ku as i32;
         let has_wt = (small.is_some_and(|(_, _, wt)| wt.is_some()) && t.is_some()) as i32;
         let (r64, k32, n32) = (rows as i64, k as i32, n as i32);
-        let total = rows * n * (1 + k_tangents.map_or(0, |k| k));
+        let units = tangent_units(rows * n, t.as_ref().map_or(0, |_| k));
         let mut b = Launch::new(&self.core, &self.k.linear_init);
         b.out(&mut *y.data);
         match t.as_mut() {
@@ -1276,7 +1343,7 @@ impl CudaDevice {
         b.arg(ud).arg(wd).arg(wtd).arg(&ku32).arg(&has_wt);
         // SAFETY: sizes checked above; absent operands are never read and
         // t is written only when present.
-        unsafe { b.launch(grid(total)) }.map_err(|e| dev_err("linear", e))?;
+        unsafe { b.launch(grid(units)) }.map_err(|e| dev_err("linear", e))?;
         Ok((y, t))
     }
 
@@ -1554,7 +1621,7 @@ impl CudaDevice {
             .arg(&col0);
         // SAFETY: sizes checked above; the buffer holds (k + 1)·cap values
         // and used + cols ≤ cap.
-        unsafe { b.launch(grid((sk.k + 1) * cols)) }.map_err(|e| dev_err("mse", e))?;
+        unsafe { b.launch(grid(tangent_units(cols, sk.k + 1))) }.map_err(|e| dev_err("mse", e))?;
         sk.used += cols;
         Ok(())
     }
@@ -1619,6 +1686,26 @@ impl CudaDevice {
 
 #[cfg(test)]
 mod tests {
+    /// The Rust side sizes launches and checks operands with the kernel
+    /// source's constants.
+    #[test]
+    fn constants_match_the_kernel_source() {
+        for (name, value) in [
+            ("TCHUNK", super::TCHUNK),
+            ("SMALL_TERM", super::CudaDevice::SMALL_TERM),
+        ] {
+            let line = format!("#define {name} {value}\n");
+            assert!(
+                super::KERNELS.contains(&line),
+                "{name}: {line:?} not in the kernels"
+            );
+        }
+        // at least one thread per entry, a partial chunk counted
+        assert_eq!(super::tangent_units(10, 0), 10);
+        assert_eq!(super::tangent_units(10, 8), 10);
+        assert_eq!(super::tangent_units(10, 9), 20);
+    }
+
     /// The kernel source compiles (runs wherever libnvrtc loads, GPU or not).
     #[test]
     fn kernels_compile() {

@@ -203,16 +203,34 @@ impl Model<f64> for LinearReadout {
     }
 }
 
+/// max |a − b|, NaN where either holds a NaN (`f64::max` would drop it)
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0.0, |m: f64, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() || m.is_nan() {
+            f64::NAN
+        } else {
+            m.max(d)
+        }
+    })
+}
+
 pub fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
     let scale = a
         .iter()
         .chain(b)
         .fold(0.0f64, |m, v| m.max(v.abs()))
         .max(1e-300);
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    // NaN-propagating: `f64::max` would drop a NaN and pass the comparison
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() || m.is_nan() {
+            f64::NAN
+        } else {
+            m.max(d)
+        }
+    }) / scale
 }
 
 /// A one-bit memory task: a ±1 pulse at step 2; report its sign from step 5

@@ -40,14 +40,24 @@ fn dual(shape: &[usize], k: usize, seed: u64, with_tangent: bool) -> Dual<f32> {
     }
 }
 
-/// max |a − b| / max(1, max |a|)
+/// max |a − b| / max(1, max |a|); infinite where either is NaN (a buffer
+/// nobody wrote is NaN-poisoned, and `f64::max` would skip it)
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = a.iter().fold(1.0f64, |m, v| m.max(v.abs() as f64));
     a.iter()
         .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()))
+        .fold(0.0f64, |m, (x, y)| worse(m, *x as f64 - *y as f64))
         / scale
+}
+
+/// max(m, |d|), infinite once a NaN is met
+fn worse(m: f64, d: f64) -> f64 {
+    if d.is_nan() {
+        f64::INFINITY
+    } else {
+        m.max(d.abs())
+    }
 }
 
 fn same(cpu: &Dual<f32>, gpu: &Dual<f32>, what: &str) {
@@ -278,10 +288,7 @@ fn check_sketch_and_step<M: Model<f32>>(
     let b = gpu.sketch(model, params, &tg, batch).unwrap();
     let relv = |x: &[f64], y: &[f64]| {
         let s = x.iter().fold(f64::MIN_POSITIVE, |m, v| m.max(v.abs()));
-        x.iter()
-            .zip(y)
-            .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
-            / s
+        x.iter().zip(y).fold(0.0f64, |m, (p, q)| worse(m, p - q)) / s
     };
     // f32 forward passes over T steps: agreement to about 1e-5 relative
     assert!(
@@ -696,12 +703,7 @@ fn frozen_entries_give_the_restricted_step_on_both_devices() {
         }
         p.iter().flat_map(|q| q.value.data().to_vec()).collect()
     };
-    let max_diff = |a: &[f64], b: &[f64]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f64, f64::max)
-    };
+    let max_diff = |a: &[f64], b: &[f64]| a.iter().zip(b).fold(0.0f64, |m, (x, y)| worse(m, x - y));
     let cpu = Sofo::new(cfg.clone()).unwrap();
     let a = step_on(&cpu, 1);
     let b = step_on(&cpu, 2);
@@ -906,10 +908,7 @@ fn tf32_sketch_is_close_to_the_cpu() {
     let b = gpu.sketch(&model, &params, &tg, &batch).unwrap();
     let relv = |x: &[f64], y: &[f64]| {
         let s = x.iter().fold(f64::MIN_POSITIVE, |m, v| m.max(v.abs()));
-        x.iter()
-            .zip(y)
-            .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
-            / s
+        x.iter().zip(y).fold(0.0f64, |m, (p, q)| worse(m, p - q)) / s
     };
     let (dl, dc, dg) = (
         (a.loss - b.loss).abs() / a.loss.abs(),

@@ -7,21 +7,10 @@
 use sofo::optim::force::{Force, ForceConfig};
 use sofo::tasks::sine::{sine_targets, sine_variance, sine_wave, PERIOD};
 use sofo::{Error, Tensor};
-use sofo_tensor::{parallel, rng};
+use sofo_tensor::parallel;
 
-fn randn(shape: &[usize], seed: u64, stream: u64) -> Tensor<f64> {
-    let mut t = Tensor::<f64>::scratch(shape);
-    rng::fill_normal(t.data_mut(), seed, stream);
-    t
-}
-
-fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
+mod common;
+use common::{max_abs_diff, randn};
 
 /// The inverse of a small symmetric positive definite matrix, by Gauss-Jordan
 /// elimination with partial pivoting.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{ggn_and_gradient, loss_at, max_rel_diff, randn, shifted};
+use common::{ggn_and_gradient, loss_at, max_abs_diff, max_rel_diff, randn, shifted};
 use sofo::models::{gradient_pass, record_outputs, Batch, Model, ReservoirRnn};
 use sofo::optim::force::{Force, ForceConfig};
 use sofo::optim::reservoir::{
@@ -45,14 +45,6 @@ fn with_readout(model: &ReservoirRnn, w: &Tensor<f64>) -> ParamSet<f64> {
     let mut params: ParamSet<f64> = model.init(0).unwrap();
     params.get_mut("W").unwrap().value = w.clone();
     params
-}
-
-fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
 }
 
 /// The model is FORCE's network: J, F and B are bit-identical (from the
