@@ -243,7 +243,9 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
 extern "C" __global__ void permute_210(const float* src, float* dst, int a, int b, int c) {
     long long total = (long long)a * b * c;
     GRID_LOOP(i, total) {
-        long long x = i % a, y = (i / a) % b, z = i / ((long long)a * b);
+        long long x, y, z, rest;
+        divmod_(i, a, &rest, &x);
+        divmod_(rest, b, &z, &y);
         dst[i] = src[(x * b + y) * c + z];
     }
 }
@@ -255,7 +257,11 @@ extern "C" __global__ void fill_nan(float* x, long long n) {
 
 // dst[i] = src[i % len]
 extern "C" __global__ void broadcast_rows(const float* src, float* dst, long long total, long long len) {
-    GRID_LOOP(i, total) { dst[i] = src[i % len]; }
+    GRID_LOOP(i, total) {
+        long long q, r;
+        divmod_(i, len, &q, &r);
+        dst[i] = src[r];
+    }
 }
 
 // Standard normal values from a counter-based generator: pair i of stream
@@ -286,7 +292,9 @@ extern "C" __global__ void normal_fill(float* out, long long n, unsigned long lo
 extern "C" __global__ void gather_param(const float* v, float* out, long long p, long long off, int a, int k, int l) {
     long long total = (long long)a * k * l;
     GRID_LOOP(i, total) {
-        long long j = i % l, kk = (i / l) % k, aa = i / ((long long)l * k);
+        long long j, kk, aa, rest;
+        divmod_(i, l, &rest, &j);
+        divmod_(rest, k, &aa, &kk);
         out[i] = v[kk * p + off + aa * l + j];
     }
 }
