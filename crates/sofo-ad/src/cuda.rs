@@ -3,7 +3,8 @@
 //!
 //! The ops of the hot paths (elementwise unary, binary ops on equal shapes,
 //! the fused `linear`, rank-2 transpose, row broadcast) run as cuBLAS GEMMs
-//! and NVRTC kernels. The others (broadcasting binary ops, general matmul, sums,
+//! and NVRTC kernels; a `linear` whose output has a few columns (a readout)
+//! runs as one kernel per term, not three GEMMs. The others (broadcasting binary ops, general matmul, sums,
 //! concat, slice, reshape, softmax) are computed on the host by the CPU
 //! engine and copied back: correct, but slow, and used by the models only
 //! once per pass (in `prepare`), never inside the time loop.
@@ -15,7 +16,7 @@ use crate::forward::linear_shapes;
 use crate::layout::tangent_shape;
 use crate::ops::{Binary, Ops, Unary};
 use crate::{Dual, Fwd};
-use sofo_tensor::cuda::{BinaryCode, CudaDevice, DevTensor, UnaryCode};
+use sofo_tensor::cuda::{BinaryCode, CudaDevice, DevTensor, NarrowOut, UnaryCode};
 use sofo_tensor::{Float, Result, Tensor};
 use std::sync::Arc;
 
@@ -83,6 +84,59 @@ impl CudaFwd {
                 Some(t) => Some(self.dev.download(t)?),
                 None => None,
             },
+        })
+    }
+
+    /// A linear op with at most [`CudaDevice::NARROW`] output columns (a
+    /// readout): one `linear_narrow` launch per term, the first writing the
+    /// output with its bias (unless a leak term needs `linear_init` first).
+    fn narrow_linear(
+        &self,
+        out_shape: &[usize],
+        want_k: Option<usize>,
+        leak: Option<(&CudaDual, f32)>,
+        scale: f32,
+        terms: &[(&CudaDual, &CudaDual)],
+        bias: Option<&CudaDual>,
+    ) -> Result<CudaDual> {
+        let dev = &self.dev;
+        let bias = bias.map(|b| (&b.primal, b.tangent.as_ref()));
+        let (mut y, mut t) = match leak {
+            Some((x, c)) => dev.linear_init(
+                out_shape,
+                want_k,
+                bias,
+                Some((&x.primal, x.tangent.as_ref(), c)),
+                None,
+                scale,
+            )?,
+            None => (
+                dev.scratch(out_shape)?,
+                match want_k {
+                    Some(k) => Some(dev.scratch(&tangent_shape(out_shape, k))?),
+                    None => None,
+                },
+            ),
+        };
+        for (i, (a, w)) in terms.iter().enumerate() {
+            let out = if i == 0 && leak.is_none() {
+                NarrowOut::Write { bias }
+            } else {
+                NarrowOut::Add
+            };
+            dev.linear_narrow(
+                &mut y,
+                t.as_mut(),
+                self.k,
+                (&a.primal, a.tangent.as_ref()),
+                (&w.primal, w.tangent.as_ref()),
+                out,
+                scale,
+            )?;
+        }
+        Ok(CudaDual {
+            primal: y,
+            tangent: t,
         })
     }
 
@@ -189,6 +243,13 @@ impl<T: Float> Ops<T> for CudaFwd {
             || bias.is_some_and(|b| b.tangent.is_some())
             || leak.is_some_and(|(x, _)| x.tangent.is_some());
         let k = self.k;
+        let want_k = (any_tangent && k > 0).then_some(k);
+        if n <= CudaDevice::NARROW
+            && !terms.is_empty()
+            && terms.iter().all(|(_, w)| w.primal.shape().len() == 2)
+        {
+            return self.narrow_linear(&out_shape, want_k, leak, scale, terms, bias);
+        }
         // a term with a few columns and no tangents (a network's input) is
         // folded into the first launch instead of two GEMMs that would each
         // read and write the whole output for a rank-few update
@@ -202,7 +263,7 @@ impl<T: Float> Ops<T> for CudaFwd {
         // then the GEMMs
         let (mut y, t) = dev.linear_init(
             &out_shape,
-            (any_tangent && k > 0).then_some(k),
+            want_k,
             bias.map(|b| (&b.primal, b.tangent.as_ref())),
             leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c)),
             small.map(|i| {

@@ -239,6 +239,65 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
     }
 }
 
+// One term of a linear op whose output has at most NARROW columns (a
+// readout): y[r, o] (+)= scale * (b[o] + Σ_i a[r, i] w[i, o]) over the
+// primal rows and, with want_t, t[r, k, o] (+)= scale * (bt[k, o] + Σ_i
+// at[r, k, i] w[i, o] + a[r, i] wt[i, k, o]) over the tangent rows; init:
+// written (bias included where has_b / has_bt), else added to (no bias).
+// GEMMs with n ≤ 8 columns fit cuBLAS's tiles badly and take three launches
+// (a·w, at·w, a·wt); here one thread per row keeps its n sums in registers.
+#define NARROW 8
+extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, const float* at,
+                                         const float* w, const float* wt, const float* b,
+                                         const float* bt, float scale, long long rows, int k,
+                                         int kd, int n, int want_t, int has_at, int has_wt,
+                                         int has_b, int has_bt, int init) {
+    const long long total = rows * (1 + (want_t ? (long long)k : 0));
+    GRID_LOOP(q, total) {
+        float acc[NARROW];
+        for (int o = 0; o < NARROW; o++) acc[o] = 0.f;
+        if (q < rows) {
+            const float* ar = a + q * kd;
+            for (int i = 0; i < kd; i++) {
+                const float av = ar[i];
+                for (int o = 0; o < NARROW; o++)
+                    if (o < n) acc[o] += av * w[(long long)i * n + o];
+            }
+            for (int o = 0; o < n; o++) {
+                float* dst = y + q * n + o;
+                if (init) *dst = scale * ((has_b ? b[o] : 0.f) + acc[o]);
+                else *dst += scale * acc[o];
+            }
+        } else {
+            const long long rk = q - rows;  // = r * k + kk
+            long long r, kk;
+            divmod_(rk, k, &r, &kk);
+            if (has_at) {
+                const float* ar = at + rk * kd;
+                for (int i = 0; i < kd; i++) {
+                    const float av = ar[i];
+                    for (int o = 0; o < NARROW; o++)
+                        if (o < n) acc[o] += av * w[(long long)i * n + o];
+                }
+            }
+            if (has_wt) {
+                const float* ar = a + r * kd;
+                for (int i = 0; i < kd; i++) {
+                    const float av = ar[i];
+                    const float* wr = wt + ((long long)i * k + kk) * n;
+                    for (int o = 0; o < NARROW; o++)
+                        if (o < n) acc[o] += av * wr[o];
+                }
+            }
+            for (int o = 0; o < n; o++) {
+                float* dst = t + rk * n + o;
+                if (init) *dst = scale * ((has_bt ? bt[kk * n + o] : 0.f) + acc[o]);
+                else *dst += scale * acc[o];
+            }
+        }
+    }
+}
+
 // dst[z, y, x] = src[x, y, z] for src [a, b, c]
 extern "C" __global__ void permute_210(const float* src, float* dst, int a, int b, int c) {
     long long total = (long long)a * b * c;
@@ -357,6 +416,17 @@ extern "C" __global__ void mse_augmented(const float* y, const float* tgt, const
 }
 "#;
 
+/// How [`CudaDevice::linear_narrow`] treats its outputs.
+#[derive(Clone, Copy)]
+pub enum NarrowOut<'a> {
+    /// Write them: the first term, with the bias and its tangents (if any).
+    Write {
+        bias: Option<(&'a DevTensor, Option<&'a DevTensor>)>,
+    },
+    /// Add to them: a later term, or after `linear_init`.
+    Add,
+}
+
 /// Op codes of the `binary_fwd` and `binary_tangent` kernels.
 #[derive(Debug, Clone, Copy)]
 pub enum BinaryCode {
@@ -394,6 +464,7 @@ struct Kernels {
     mse_seed: CudaFunction,
     scale_rows: CudaFunction,
     linear_init: CudaFunction,
+    linear_narrow: CudaFunction,
     unary_tangent: CudaFunction,
     unary_grad: CudaFunction,
     permute_210: CudaFunction,
@@ -628,6 +699,9 @@ impl CudaDevice {
     /// The widest term `u · w` that `linear_init` folds in (a network's
     /// input: a handful of columns) instead of two GEMMs.
     pub const SMALL_TERM: usize = 8;
+    /// The widest output of a linear op whose terms `linear_narrow` computes
+    /// (a readout) instead of cuBLAS GEMMs.
+    pub const NARROW: usize = 8;
 }
 
 /// The tangents one thread of a tangent kernel handles (`TCHUNK` of the
@@ -785,6 +859,7 @@ impl CudaDevice {
             mse_seed: f("mse_seed")?,
             scale_rows: f("scale_rows")?,
             linear_init: f("linear_init")?,
+            linear_narrow: f("linear_narrow")?,
             unary_tangent: f("unary_tangent")?,
             unary_grad: f("unary_grad")?,
             permute_210: f("permute_210")?,
@@ -1355,6 +1430,106 @@ impl CudaDevice {
         Ok((y, t))
     }
 
+    /// One term `a · w` of a linear op whose output `y` [rows, n] has at
+    /// most [`CudaDevice::NARROW`] columns, in one launch instead of three
+    /// GEMMs: `y (+)= scale · (b + a·w)` and, where `t` [rows, K, n] is
+    /// given, `t (+)= scale · (ḃ + ȧ·w + a·ẇ)` (`a`: [rows, kd] and its
+    /// tangents [rows, K, kd]; `w`: [kd, n] and [kd, K, n]). With
+    /// [`NarrowOut::Write`] the outputs are written, bias included; with
+    /// [`NarrowOut::Add`] added to.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_narrow<'a>(
+        &'a self,
+        y: &mut DevTensor,
+        t: Option<&mut DevTensor>,
+        k: usize,
+        a: (&'a DevTensor, Option<&'a DevTensor>),
+        w: (&'a DevTensor, Option<&'a DevTensor>),
+        out: NarrowOut<'a>,
+        scale: f32,
+    ) -> Result<()> {
+        let n = y.shape.last().copied().unwrap_or(1).max(1);
+        let rows = y.numel() / n;
+        let kd = w.0.shape.first().copied().unwrap_or(0);
+        let bias = match out {
+            NarrowOut::Write { bias } => bias,
+            NarrowOut::Add => None,
+        };
+        let init = matches!(out, NarrowOut::Write { .. });
+        let mismatch = |what: &str, want: usize, got: usize| {
+            (want != got).then(|| {
+                TensorError::shape(
+                    "device narrow linear",
+                    format!("{what} of {want} elements"),
+                    format!("{got}"),
+                )
+            })
+        };
+        let checks = [
+            mismatch("a", rows * kd, a.0.numel()),
+            mismatch("w", kd * n, w.0.numel()),
+            a.1.and_then(|at| mismatch("a's tangents", rows * k * kd, at.numel())),
+            w.1.and_then(|wt| mismatch("w's tangents", kd * k * n, wt.numel())),
+            t.as_ref()
+                .and_then(|t| mismatch("the output's tangents", rows * k * n, t.numel())),
+            bias.and_then(|(b, _)| mismatch("bias", n, b.numel())),
+            bias.and_then(|(_, bt)| bt.and_then(|bt| mismatch("bias tangents", k * n, bt.numel()))),
+        ];
+        if let Some(e) = checks.into_iter().flatten().next() {
+            return Err(e);
+        }
+        if n > Self::NARROW || w.0.shape.len() != 2 {
+            return Err(TensorError::shape(
+                "device narrow linear",
+                format!("w [kd, n ≤ {}]", Self::NARROW),
+                format!("{:?}", w.0.shape),
+            ));
+        }
+        // tangent rows: written whenever they are initialised here, added to
+        // only where this term has tangents
+        let want_t = t.is_some() && k > 0 && (init || a.1.is_some() || w.1.is_some());
+        let flags = [
+            want_t as i32,
+            a.1.is_some() as i32,
+            w.1.is_some() as i32,
+            bias.is_some() as i32,
+            bias.is_some_and(|(_, bt)| bt.is_some()) as i32,
+            init as i32,
+        ];
+        let (r64, k32, kd32, n32) = (rows as i64, k as i32, kd as i32, n as i32);
+        let opt = |v: Option<&'a DevTensor>| -> &'a CudaSlice<f32> {
+            match v {
+                Some(v) => &v.data,
+                None => &self.dummy,
+            }
+        };
+        let total = rows * (1 + if want_t { k } else { 0 });
+        let mut l = Launch::new(&self.core, &self.k.linear_narrow);
+        l.out(&mut *y.data);
+        match t {
+            Some(t) if want_t => l.out(&mut *t.data),
+            _ => l.arg(&self.dummy),
+        };
+        l.arg(&*a.0.data)
+            .arg(opt(a.1))
+            .arg(&*w.0.data)
+            .arg(opt(w.1))
+            .arg(opt(bias.map(|(b, _)| b)))
+            .arg(opt(bias.and_then(|(_, bt)| bt)))
+            .arg(&scale)
+            .arg(&r64)
+            .arg(&k32)
+            .arg(&kd32)
+            .arg(&n32);
+        for f in &flags {
+            l.arg(f);
+        }
+        // SAFETY: sizes checked above; absent operands are never read, t is
+        // touched only when given.
+        unsafe { l.launch(grid(total)) }.map_err(|e| dev_err("linear_narrow", e))?;
+        Ok(())
+    }
+
     /// [a, b, c] → [c, b, a]
     pub fn permute_210(
         &self,
@@ -1701,6 +1876,7 @@ mod tests {
         for (name, value) in [
             ("TCHUNK", super::TCHUNK),
             ("SMALL_TERM", super::CudaDevice::SMALL_TERM),
+            ("NARROW", super::CudaDevice::NARROW),
         ] {
             let line = format!("#define {name} {value}\n");
             assert!(
