@@ -46,6 +46,14 @@ timeout 300 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONL
 echo "== sofo bench --device cuda, SOFO with CUDA graphs (SOFO_GPU_GRAPHS=1)"
 SOFO_GPU_GRAPHS=1 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_graphs.jsonl"
 
+echo "== sofo bench --device cuda --method pass (the forward-K pass and its sketch alone: the rest of an iteration is the difference)"
+timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method pass --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_pass.jsonl"
+
+if [ -x $G/sofo-base ]; then
+echo "== the same SOFO bench with the baseline build $(cat $G/BASE 2>/dev/null) (scripts/gpu-prepare.sh BASE=...)"
+timeout 150 $G/sofo-base bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_base.jsonl"
+fi
+
 echo "== sofo bench --device cuda --gpu-matmul tf32 (SOFO; TF32 GEMMs as JAX's default)"
 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --gpu-matmul tf32 --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_tf32.jsonl"
 
@@ -107,8 +115,10 @@ for r in lines("anchors.jsonl"):
         pass
 tf32 = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_tf32.jsonl") if "name" in r}
 graphs = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_graphs.jsonl") if "name" in r}
-print("| config | sofo SOFO | sofo SOFO, graphs | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+passes = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_pass.jsonl") if "name" in r}
+base = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_base.jsonl") if "name" in r}
+print("| config | sofo SOFO | its pass alone | baseline build | sofo SOFO, graphs | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 own_adam = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in sofo if r.get("method") == "adam"}
 for r in sofo:
     if r.get("method") == "adam":
@@ -122,7 +132,7 @@ for r in sofo:
     oa, st, gr = own_adam.get(key), tf32.get(key), graphs.get(key)
     f = lambda v: f"{v:.4g}" if v else "—"
     q = lambda x, y: f"{x / y:.2f}" if x and y else "—"
-    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} |")
+    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(passes.get(key))} | {f(base.get(key))} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} |")
 print()
 print("| method | T | sofo peak device MiB | s/iter |")
 print("|---|---|---|---|")

@@ -3,6 +3,11 @@
 # machine (which has no Rust toolchain and no registry): the release binary
 # and the backend-agreement test binary with the cuda feature, and a copy of
 # the Python anchors, all under gpu/ (git-ignored).
+#
+# BASE=<git revision> also builds the release binary of that revision as
+# gpu/sofo-base (in a temporary worktree, own target directory), so that
+# gpu-check.sh times the two builds side by side on the same card:
+#   BASE=2276fe5 bash scripts/gpu-prepare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ANCHORS=${ANCHORS:-../shared/anchors}
@@ -18,6 +23,15 @@ for l in sys.stdin:
 cp "$test_bin" gpu/cuda_agreement
 cp "$ANCHORS"/*.py gpu/anchors/
 cp scripts/anchor_torch_gpu.py gpu/
+if [ -n "${BASE:-}" ]; then
+  wt=$(mktemp -d)
+  git worktree add --detach "$wt" "$BASE" >/dev/null
+  (cd "$wt" && CARGO_TARGET_DIR="$PWD/../sofo-base-target" cargo build --release --features cuda --quiet)
+  cp "$(dirname "$wt")/sofo-base-target/release/sofo" gpu/sofo-base
+  git worktree remove --force "$wt"
+  strip --strip-debug gpu/sofo-base
+  git rev-parse "$BASE" > gpu/BASE
+fi
 # no debug info: what travels to the GPU machine is size-limited
 strip --strip-debug gpu/sofo gpu/cuda_agreement
 # what was built, so that a GPU run names the commit it tested

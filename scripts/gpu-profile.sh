@@ -20,16 +20,16 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/
 echo "ncu: $NCU"
 # the pass alone (no warm-up iterations beyond bench's own), STEPS steps;
 # skip the set-up launches (tangent draw, parameter gathers) and the first
-# steps, then time 8 steps' worth of launches (≈ 14 per step)
+# steps, then time COUNT launches (a step is ≈ 7: 4 kernels and 3 GEMMs)
 timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
-  --launch-skip ${SKIP:-120} --launch-count ${COUNT:-112} \
+  --launch-skip ${SKIP:-60} --launch-count ${COUNT:-70} \
   gpu/sofo bench --device cuda --method pass --only "$CONFIG" --steps "$STEPS" --iters 1 \
   > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
 echo "ncu exit $?"
 tail -n 5 "$OUT/ncu.err"
-python3 - "$OUT" "${COUNT:-112}" <<'PY' | tee "$OUT/profile.md"
+python3 - "$OUT" <<'PY' | tee "$OUT/profile.md"
 import csv, sys, os, collections
-out, count = sys.argv[1], int(sys.argv[2])
+out = sys.argv[1]
 rows = [r for r in csv.reader(open(os.path.join(out, "ncu.csv"))) if len(r) > 5]
 if not rows:
     print("no kernel rows (see ncu.err)"); sys.exit()
@@ -41,8 +41,9 @@ for r in rows[1:]:
         name = r[k][:70]
         tot[name] += float(r[v].replace(",", ""))
         n[name] += 1
-steps = count / 14
-print(f"| kernel | launches | mean µs | µs per step (≈ {steps:.0f} steps) |")
+# φ with φ′⊙ẋ runs once per step of the rate RNN: the steps covered
+steps = max(n.get(next((x for x in n if x.startswith("unary_tangent")), ""), 0), 1)
+print(f"| kernel | launches | mean µs | µs per step ({steps} steps) |")
 print("|---|---|---|---|")
 for name, t in tot.most_common():
     print(f"| {name} | {n[name]} | {t / n[name] / 1e3:.2f} | {t / steps / 1e3:.2f} |")
