@@ -37,6 +37,7 @@ const SHIM: &str = r#"
 struct EmuDim { unsigned x, y, z; };
 // per test thread: the tests run in parallel
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
+struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
 extern "C" void emu_set(unsigned b, unsigned t, unsigned bd, unsigned gd) {
     blockIdx = {b, 0, 0}; threadIdx = {t, 0, 0}; blockDim = {bd, 1, 1}; gridDim = {gd, 1, 1};
 }
@@ -494,13 +495,17 @@ fn linear_narrow_matches_its_rule() {
         i32,
     );
     let narrow = emu.kernel::<Narrow>("linear_narrow");
-    // K = 11 tangents, an inner dimension of 9; one output column, three, the
-    // widest (8)
-    let (rows, k, kd) = (7usize, 11usize, 9usize);
-    let a = randn(&[rows, kd], 9, 1);
-    let at = randn(&[rows, k, kd], 9, 2);
+    // K = 11 tangents; inner dimensions of 9 (rows read as float4 where they
+    // happen to be aligned, the rest one by one) and 12 (every row aligned
+    // where the buffer is); one output column, three, the widest (8)
+    let (rows, k) = (7usize, 11usize);
     let s = 0.75f32;
-    for n in [1usize, 3, 8] {
+    for (kd, n) in [9usize, 12]
+        .into_iter()
+        .flat_map(|kd| [1usize, 3, 8].map(|n| (kd, n)))
+    {
+        let a = randn(&[rows, kd], 9, 1);
+        let at = randn(&[rows, k, kd], 9, 2);
         let w = randn(&[kd, n], 9, 3);
         let wt = randn(&[kd, k, n], 9, 4);
         let b = randn(&[n], 9, 5);
@@ -591,7 +596,7 @@ fn linear_narrow_matches_its_rule() {
                         init,
                     )
                 });
-                let what = format!("linear_narrow n = {n}, flags {flags:06b}");
+                let what = format!("linear_narrow kd = {kd}, n = {n}, flags {flags:06b}");
                 close(&y_want, &y, &format!("{what}: primal"));
                 if want_t == 1 {
                     close(&t_want, &t, &format!("{what}: tangents"));

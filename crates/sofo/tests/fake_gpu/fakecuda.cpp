@@ -40,6 +40,7 @@ struct EmuDim {
     unsigned x, y, z;
 };
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
+struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
 static std::barrier<>* emu_block_barrier = nullptr;
 #define __global__
 #define __device__
