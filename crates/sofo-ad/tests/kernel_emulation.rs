@@ -43,6 +43,7 @@ extern "C" void emu_set(unsigned b, unsigned t, unsigned bd, unsigned gd) {
 }
 #define __global__
 #define __device__
+#define __forceinline__ inline
 #define __shared__ static thread_local
 #define __syncthreads() ((void)0)
 "#;

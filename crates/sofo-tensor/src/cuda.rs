@@ -40,7 +40,7 @@ const KERNELS: &str = r#"
 
 // q = a / b, r = a % b, in 32 bits when both fit: a 64-bit division is a
 // long instruction sequence on a GPU, a 32-bit one a short one.
-__device__ void divmod_(long long a, long long b, long long* q, long long* r) {
+__device__ __forceinline__ void divmod_(long long a, long long b, long long* q, long long* r) {
     if (a < 4294967296LL && b < 4294967296LL) {
         unsigned qa = (unsigned)a / (unsigned)b;
         *q = qa; *r = a - (long long)qa * b;
@@ -58,7 +58,7 @@ __device__ void divmod_(long long a, long long b, long long* q, long long* r) {
 #define TCHUNK 8
 __device__ long long tchunks_(int k) { return (k + TCHUNK - 1) / TCHUNK; }
 // the unit's entry e = p·L + j, p, j, and its tangent range [k0, k1)
-__device__ void tunit_(long long u, long long pl, int k, int l,
+__device__ __forceinline__ void tunit_(long long u, long long pl, int k, int l,
                        long long* e, long long* p, long long* j, int* k0, int* k1) {
     long long c;
     divmod_(u, pl, &c, e);
@@ -73,7 +73,7 @@ __device__ float sigmoidf_(float x) {
 }
 
 // o = f(v), g = f'(v); op codes as in UnaryCode
-__device__ void unary_eval_(float v, int op, float s, float* o_, float* g_) {
+__device__ __forceinline__ void unary_eval_(float v, int op, float s, float* o_, float* g_) {
     float o, g;
     switch (op) {
         case 0: o = -v; g = -1.f; break;
@@ -217,11 +217,12 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
     GRID_LOOP(i, pl * (kt > 0 ? tchunks_(kt) : 1)) {
         long long e, r, j; int k0, k1;
         tunit_(i, pl, kt, n, &e, &r, &j, &k0, &k1);
-        float ur[SMALL_TERM];
-        for (int a = 0; a < ku; a++) ur[a] = u[r * ku + a];
+        float ur[SMALL_TERM];  // loops to SMALL_TERM: registers, not local memory
+        for (int a = 0; a < SMALL_TERM; a++) ur[a] = a < ku ? u[r * ku + a] : 0.f;
         if (k0 == 0) {
             float v = has_b ? b[j] : 0.f;
-            for (int a = 0; a < ku; a++) v += ur[a] * w[(long long)a * n + j];
+            for (int a = 0; a < SMALL_TERM; a++)
+                if (a < ku) v += ur[a] * w[(long long)a * n + j];
             v *= scale;
             if (has_x) v += c * x[e];
             y[e] = v;
@@ -231,7 +232,8 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
             long long q = row + (long long)kk * n;
             float v = has_bt ? bt[(long long)kk * n + j] : 0.f;
             if (has_wt)
-                for (int a = 0; a < ku; a++) v += ur[a] * wt[((long long)a * k + kk) * n + j];
+                for (int a = 0; a < SMALL_TERM; a++)
+                    if (a < ku) v += ur[a] * wt[((long long)a * k + kk) * n + j];
             v *= scale;
             if (has_xt) v += c * xt[q];
             t[q] = v;
@@ -250,7 +252,7 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
 // acc[o] += Σ_i x[i] w[i * ws + o] for o < n: one row x of the input per
 // thread, read as float4 where it is 16-byte aligned (a row's loads then
 // take whole 32-byte sectors two at a time, however the L1 fares)
-__device__ void narrow_row_(const float* x, int kd, const float* w, long long ws, int n, float* acc) {
+__device__ __forceinline__ void narrow_row_(const float* x, int kd, const float* w, long long ws, int n, float* acc) {
     int i = 0;
     if ((((unsigned long long)x) & 15) == 0) {
         for (; i + 4 <= kd; i += 4) {
@@ -280,7 +282,8 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
         for (int o = 0; o < NARROW; o++) acc[o] = 0.f;
         if (q < rows) {
             narrow_row_(a + q * kd, kd, w, n, n, acc);
-            for (int o = 0; o < n; o++) {
+            for (int o = 0; o < NARROW; o++) {
+                if (o >= n) break;
                 float* dst = y + q * n + o;
                 if (init) *dst = scale * ((has_b ? b[o] : 0.f) + acc[o]);
                 else *dst += scale * acc[o];
@@ -291,7 +294,8 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
             divmod_(rk, k, &r, &kk);
             if (has_at) narrow_row_(at + rk * kd, kd, w, n, n, acc);
             if (has_wt) narrow_row_(a + r * kd, kd, wt + kk * n, (long long)k * n, n, acc);
-            for (int o = 0; o < n; o++) {
+            for (int o = 0; o < NARROW; o++) {
+                if (o >= n) break;
                 float* dst = t + rk * n + o;
                 if (init) *dst = scale * ((has_bt ? bt[kk * n + o] : 0.f) + acc[o]);
                 else *dst += scale * acc[o];

@@ -44,6 +44,7 @@ struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
 static std::barrier<>* emu_block_barrier = nullptr;
 #define __global__
 #define __device__
+#define __forceinline__ inline
 #define __shared__ static
 #define __syncthreads() emu_block_barrier->arrive_and_wait()
 
