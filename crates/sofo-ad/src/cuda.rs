@@ -16,7 +16,7 @@ use crate::forward::linear_shapes;
 use crate::layout::tangent_shape;
 use crate::ops::{Binary, Ops, Unary};
 use crate::{Dual, Fwd};
-use sofo_tensor::cuda::{BinaryCode, CudaDevice, DevTensor, NarrowOut, UnaryCode};
+use sofo_tensor::cuda::{BinaryCode, BlockStager, CudaDevice, DevTensor, NarrowOut, UnaryCode};
 use sofo_tensor::{Float, Result, Tensor};
 use std::sync::Arc;
 
@@ -32,6 +32,8 @@ pub struct CudaDual {
 pub struct CudaFwd {
     dev: Arc<CudaDevice>,
     k: usize,
+    /// The blocks of `constant_block` (a batch's inputs).
+    blocks: BlockStager,
 }
 
 /// The `unary_fwd` kernel's op code and scalar for an op.
@@ -56,7 +58,11 @@ pub fn code(op: Unary) -> (UnaryCode, f32) {
 
 impl CudaFwd {
     pub fn new(dev: Arc<CudaDevice>, k: usize) -> Self {
-        CudaFwd { dev, k }
+        CudaFwd {
+            dev,
+            k,
+            blocks: BlockStager::default(),
+        }
     }
     pub fn k(&self) -> usize {
         self.k
@@ -159,6 +165,20 @@ impl<T: Float> Ops<T> for CudaFwd {
     fn constant(&mut self, t: Tensor<T>) -> Result<CudaDual> {
         Ok(CudaDual {
             primal: self.dev.upload(&t.convert::<f32>())?,
+            tangent: None,
+        })
+    }
+
+    /// A view of a chunk of `whole` staged on the device once for many
+    /// blocks (see [`BlockStager`]).
+    fn constant_block(
+        &mut self,
+        whole: &Tensor<T>,
+        offset: usize,
+        shape: &[usize],
+    ) -> Result<CudaDual> {
+        Ok(CudaDual {
+            primal: self.blocks.block(&self.dev, whole.data(), offset, shape)?,
             tangent: None,
         })
     }

@@ -148,6 +148,26 @@ pub trait Ops<T: Float> {
 
     /// A value that carries no derivative (data, targets, fixed weights).
     fn constant(&mut self, t: Tensor<T>) -> Result<Self::V>;
+    /// The constant `shape` made of the elements [offset, offset + n) of
+    /// `whole` (a step's block of a batch's inputs). An engine on a device
+    /// may copy `whole` over a chunk of blocks at a time instead of one block
+    /// per call; by default the block is copied out and made a constant.
+    fn constant_block(
+        &mut self,
+        whole: &Tensor<T>,
+        offset: usize,
+        shape: &[usize],
+    ) -> Result<Self::V> {
+        let n = shape.iter().product::<usize>();
+        let data = whole.data().get(offset..offset + n).ok_or_else(|| {
+            sofo_tensor::TensorError::shape(
+                "constant_block",
+                format!("{n} elements from {offset} of {}", whole.numel()),
+                format!("{shape:?}"),
+            )
+        })?;
+        self.constant(Tensor::from_vec(shape, data.to_vec())?)
+    }
     /// The shape of a value.
     fn shape<'a>(&self, v: &'a Self::V) -> &'a [usize];
     /// A host copy of the primal value.

@@ -7,7 +7,7 @@
 //! stream; nothing waits for the device until a result is copied back.
 
 use crate::error::{Result, TensorError};
-use crate::Tensor;
+use crate::{Float, Tensor};
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm as _, GemmConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
@@ -512,6 +512,72 @@ impl Drop for MseSketch {
     }
 }
 
+/// Hands out blocks of a host array as device tensors, copying the array
+/// [`BlockStager::CHUNK_BLOCKS`] blocks at a time: one upload per chunk
+/// instead of one per block (a batch's inputs or targets, step by step;
+/// each upload is a round trip over the bus between two kernels), with
+/// device memory bounded by the chunk, not the array. A block is served
+/// from the chunk only where its host values equal the chunk's copy, so a
+/// stager may outlive the array it was filled from.
+#[derive(Clone, Default)]
+pub struct BlockStager {
+    /// The chunk as uploaded (f32), its first element's index in the
+    /// array, and the chunk on the device.
+    host: Vec<f32>,
+    start: usize,
+    chunk: Option<Arc<DevTensor>>,
+}
+
+impl BlockStager {
+    /// Blocks per chunk.
+    pub const CHUNK_BLOCKS: usize = 64;
+
+    /// Elements [offset, offset + n) of `whole` as a device tensor of
+    /// `shape` (n elements): a read-only view of the staged chunk, which is
+    /// staged anew (from `offset`) when it does not hold those values.
+    pub fn block<T: Float>(
+        &mut self,
+        dev: &CudaDevice,
+        whole: &[T],
+        offset: usize,
+        shape: &[usize],
+    ) -> Result<DevTensor> {
+        let n = shape.iter().product::<usize>();
+        let Some(src) = whole.get(offset..offset + n).filter(|s| !s.is_empty()) else {
+            return Err(TensorError::shape(
+                "device block",
+                format!(
+                    "1 to {} elements from {offset}",
+                    whole.len().saturating_sub(offset)
+                ),
+                format!("{shape:?}"),
+            ));
+        };
+        let f32_of = |v: &T| v.to_f64() as f32;
+        let held = self.chunk.is_some()
+            && offset >= self.start
+            && offset + n <= self.start + self.host.len()
+            && src
+                .iter()
+                .zip(&self.host[offset - self.start..])
+                .all(|(a, b)| f32_of(a).to_bits() == b.to_bits());
+        if !held {
+            let end = (offset + n * Self::CHUNK_BLOCKS).min(whole.len());
+            self.host = whole[offset..end].iter().map(f32_of).collect();
+            self.start = offset;
+            // always a whole chunk (zeros past the array's end), so that
+            // device memory and the buffers a pass asks for are the same
+            // at every T
+            let mut up = self.host.clone();
+            up.resize(n * Self::CHUNK_BLOCKS, 0.0);
+            let up = dev.upload(&Tensor::from_vec(&[up.len()], up)?)?;
+            self.chunk = Some(Arc::new(up));
+        }
+        let chunk = self.chunk.as_ref().expect("staged above");
+        DevTensor::view(chunk, offset - self.start, shape)
+    }
+}
+
 /// An open GPU: context, stream, cuBLAS handle and compiled kernels.
 pub struct CudaDevice {
     ordinal: usize,
@@ -632,6 +698,34 @@ impl DevTensor {
         }
     }
 
+    /// `shape`'s elements of `parent` from element `offset` on, without a
+    /// copy: the view keeps `parent` alive and must only be read (views are
+    /// handed out as constants; device ops write fresh buffers only).
+    pub fn view(parent: &Arc<DevTensor>, offset: usize, shape: &[usize]) -> Result<DevTensor> {
+        let n = shape.iter().product::<usize>();
+        if n == 0 || offset + n > parent.numel() {
+            return Err(TensorError::shape(
+                "device view",
+                format!(
+                    "1 to {} elements from {offset}",
+                    parent.numel().saturating_sub(offset)
+                ),
+                format!("{shape:?}"),
+            ));
+        }
+        let stream = parent.data.stream().clone();
+        let ptr = ptr_of(&parent.data, &stream) + (offset * std::mem::size_of::<f32>()) as u64;
+        // SAFETY: [ptr, ptr + n) lies inside the parent's buffer, which the
+        // view's home keeps alive; the alias is leaked, never freed, on drop
+        // (event tracking is off, so it owns no events either).
+        let data = unsafe { stream.upgrade_device_ptr::<f32>(ptr, n) };
+        Ok(DevTensor {
+            shape: shape.to_vec(),
+            data: std::mem::ManuallyDrop::new(data),
+            home: Some(Home::View(parent.clone())),
+        })
+    }
+
     /// Relabels the same number of elements (the caller's check).
     fn set_shape(&mut self, shape: &[usize]) {
         debug_assert_eq!(shape.iter().product::<usize>().max(1), self.numel().max(1));
@@ -641,7 +735,9 @@ impl DevTensor {
 
 impl Drop for DevTensor {
     fn drop(&mut self) {
-        count_free(self.data.len() * 4);
+        if !matches!(self.home, Some(Home::View(_))) {
+            count_free(self.data.len() * 4);
+        }
         // SAFETY: the buffer is not touched again after this.
         let data = unsafe { std::mem::ManuallyDrop::take(&mut self.data) };
         if let Some(home) = &self.home {
@@ -654,7 +750,7 @@ impl Clone for DevTensor {
     /// A copy on the device, in a buffer of the device's (so that a pass
     /// that clones can be recorded and replayed).
     fn clone(&self) -> Self {
-        let Some(core) = self.home.as_ref().map(Home::core) else {
+        let Some(core) = self.home.as_ref().and_then(Home::core) else {
             return DevTensor::wrap(&self.shape, (*self.data).clone(), None);
         };
         let n = self.numel();

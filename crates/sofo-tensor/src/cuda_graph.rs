@@ -138,17 +138,25 @@ pub(crate) struct Core {
 pub(crate) enum Home {
     Pool(Arc<Core>),
     Arena(Arc<Arena>),
+    /// A view into another tensor's buffer ([`super::DevTensor::view`]):
+    /// nothing to give back, the parent (kept alive here) owns it.
+    View(Arc<super::DevTensor>),
 }
 
 impl Home {
-    pub(crate) fn core(&self) -> &Arc<Core> {
+    pub(crate) fn core(&self) -> Option<&Arc<Core>> {
         match self {
-            Home::Pool(c) => c,
-            Home::Arena(a) => &a.core,
+            Home::Pool(c) => Some(c),
+            Home::Arena(a) => Some(&a.core),
+            Home::View(parent) => parent.home.as_ref().and_then(Home::core),
         }
     }
     pub(crate) fn put(&self, s: CudaSlice<f32>) {
         match self {
+            Home::View(_) => {
+                // the parent's memory: forget the alias, free nothing
+                s.leak();
+            }
             Home::Pool(c) => {
                 // while a pass is captured or replayed nothing may be freed
                 // on the stream: a capture may not free, and a replay's

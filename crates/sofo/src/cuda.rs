@@ -14,7 +14,7 @@ use sofo_ad::cuda::{CudaDual, CudaFwd};
 use sofo_ad::cuda_rev::CudaRev;
 use sofo_ad::layout::{split3, tangent_shape};
 use sofo_ad::{Dual, Fwd, Var};
-use sofo_tensor::cuda::{CudaDevice, DevTensor, GraphStats, MseSketch, PassGraph};
+use sofo_tensor::cuda::{BlockStager, CudaDevice, DevTensor, GraphStats, MseSketch, PassGraph};
 use sofo_tensor::rng;
 use sofo_tensor::{Float, Tensor};
 use std::sync::Arc;
@@ -50,16 +50,66 @@ fn upload_mse<T: Float>(dev: &CudaDevice, mse: &WeightedMse<T>) -> Result<(DevTe
 
 /// The sketch, accumulated in device memory (see
 /// [`sofo_tensor::cuda::MseSketch`]).
-pub struct CudaSketch<'a> {
+pub struct CudaSketch<'a, T: Float> {
     dev: Arc<CudaDevice>,
     k: usize,
     acc: &'a mut MseSketch,
     /// Little losses outside the weighted-MSE family, sketched on the host
     /// from their downloaded outputs (correct, not fast).
     host: Sketch,
+    /// The batch whose step losses are observed, if known: their targets
+    /// and weights are then staged a chunk of steps at a time.
+    staged: Option<StagedTargets<'a, T>>,
 }
 
-impl<'a> CudaSketch<'a> {
+/// A batch's targets and weights on the device a chunk of steps at a time
+/// (one upload per chunk and array, not per observed step).
+struct StagedTargets<'a, T: Float> {
+    batch: &'a Batch<T>,
+    /// The first step an observation may still come from.
+    next: usize,
+    targets: BlockStager,
+    weights: BlockStager,
+}
+
+impl<'a, T: Float> StagedTargets<'a, T> {
+    /// Step t ≥ next whose loss `mse` is (the first observed step, when its
+    /// target and weights hold exactly `mse`'s values), as device views of
+    /// the target and the weights.
+    fn find(
+        &mut self,
+        dev: &CudaDevice,
+        mse: &WeightedMse<T>,
+    ) -> Result<Option<(DevTensor, Option<DevTensor>)>> {
+        let b = self.batch;
+        let (m, n) = (b.trials, mse.target.numel());
+        if b.targets.numel() != b.steps * n {
+            return Ok(None);
+        }
+        let all = b.all();
+        let Some(t) = (self.next..b.steps).find(|&t| all.observed(t)) else {
+            return Ok(None);
+        };
+        let same = |whole: &[T], off: usize, part: &[T]| {
+            whole.get(off..off + part.len()).is_some_and(|w| w == part)
+        };
+        if !same(b.targets.data(), t * n, mse.target.data()) {
+            return Ok(None);
+        }
+        let w = match (&mse.weights, &b.weights) {
+            (None, _) => None,
+            (Some(w), Some(bw)) if w.numel() == m && same(bw.data(), t * m, w.data()) => {
+                Some(self.weights.block(dev, bw.data(), t * m, &[m])?)
+            }
+            _ => return Ok(None),
+        };
+        let target = self.targets.block(dev, b.targets.data(), t * n, &[n])?;
+        self.next = t + 1;
+        Ok(Some((target, w)))
+    }
+}
+
+impl<'a, T: Float> CudaSketch<'a, T> {
     /// Sketches into `acc` (emptied first).
     pub fn new(dev: Arc<CudaDevice>, k: usize, acc: &'a mut MseSketch) -> Result<Self> {
         dev.mse_sketch_reset(acc)?;
@@ -68,7 +118,22 @@ impl<'a> CudaSketch<'a> {
             host: Sketch::new(k),
             dev,
             k,
+            staged: None,
         })
+    }
+
+    /// Observations will be `batch`'s step losses, in order: their targets
+    /// and weights are copied to the device a chunk of steps at a time (an
+    /// observation that is not the next observed step's loss is uploaded on
+    /// its own, as without this).
+    pub fn staging(mut self, batch: &'a Batch<T>) -> Self {
+        self.staged = Some(StagedTargets {
+            batch,
+            next: 0,
+            targets: BlockStager::default(),
+            weights: BlockStager::default(),
+        });
+        self
     }
 
     /// Multiplies out what the device buffer holds; what was sketched on
@@ -91,7 +156,7 @@ fn read_sketch(dev: &CudaDevice, acc: &mut MseSketch, host: &Sketch) -> Result<S
     s.finish()
 }
 
-impl<T: Float> Observer<T, CudaFwd> for CudaSketch<'_> {
+impl<T: Float> Observer<T, CudaFwd> for CudaSketch<'_, T> {
     fn observe(&mut self, _e: &mut CudaFwd, y: &CudaDual, loss: &dyn LittleLoss<T>) -> Result<()> {
         let shape = y.primal.shape();
         // the weighted MSE with one weight per row (or none) is sketched on
@@ -100,6 +165,21 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch<'_> {
         let Some(mse) = on_device else {
             return self.observe_on_host(y, loss);
         };
+        let staged = match self.staged.as_mut() {
+            Some(s) => s.find(&self.dev, mse)?,
+            None => None,
+        };
+        if let Some((target, w)) = staged {
+            let w = w.as_ref().map(|w| w.slice().slice(..));
+            return Ok(self.dev.mse_sketch_add(
+                self.acc,
+                &y.primal,
+                y.tangent.as_ref(),
+                &target.slice().slice(..),
+                w.as_ref(),
+                mse.n,
+            )?);
+        }
         let (up, cols) = upload_mse(&self.dev, mse)?;
         let target = up.slice().slice(..cols);
         let w = (up.numel() > cols).then(|| up.slice().slice(cols..));
@@ -115,10 +195,10 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch<'_> {
     }
 }
 
-impl CudaSketch<'_> {
+impl<T: Float> CudaSketch<'_, T> {
     /// Any other little loss (or weights not one per row): its output and
     /// tangents to the host, and the CPU's sketch of it.
-    fn observe_on_host<T: Float>(&mut self, y: &CudaDual, loss: &dyn LittleLoss<T>) -> Result<()> {
+    fn observe_on_host(&mut self, y: &CudaDual, loss: &dyn LittleLoss<T>) -> Result<()> {
         let d = Dual {
             primal: self.dev.download(&y.primal)?.convert::<T>(),
             tangent: match &y.tangent {
@@ -150,7 +230,7 @@ pub fn observe_pass_cuda<T: Float, M: Model<T>>(
         .collect::<sofo_tensor::Result<_>>()?;
     let prepared = model.prepare(&mut e, &up)?;
     let mut acc = dev.mse_sketch_new(k)?;
-    let mut sk = CudaSketch::new(dev.clone(), k, &mut acc)?;
+    let mut sk = CudaSketch::new(dev.clone(), k, &mut acc)?.staging(batch);
     model.run(&mut e, &prepared, &batch.all(), &mut sk)?;
     let host = sk.finish()?;
     read_sketch(dev, &mut acc, &host)
@@ -258,7 +338,7 @@ pub fn sofo_step<T: Float, M: Model<T>>(
             duals.push(CudaDual { primal, tangent });
         }
         let prepared = model.prepare(&mut e, &duals)?;
-        let mut sk = CudaSketch::new(dev.clone(), k, acc)?;
+        let mut sk = CudaSketch::new(dev.clone(), k, acc)?.staging(batch);
         model.run(&mut e, &prepared, &batch.all(), &mut sk)?;
         sk.finish()
     };

@@ -549,14 +549,53 @@ fn fake_gpu_counts() -> Option<[u64; 7]> {
     }
 }
 
+/// Blocks of a host array handed out as device views: each block's values,
+/// one upload per 64 blocks (counted on the fake GPU), a new upload where
+/// the host values changed, and the same chunk length at the array's end.
+#[test]
+fn staged_blocks_are_the_host_blocks() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("staged_blocks_are_the_host_blocks") else {
+        return;
+    };
+    use sofo_tensor::cuda::BlockStager;
+    let (blocks, n) = (150usize, 3usize);
+    let mut whole: Vec<f64> = (0..blocks * n).map(|i| i as f64 * 0.5 - 7.0).collect();
+    let mut st = BlockStager::default();
+    let uploads = || fake_gpu_counts().map(|c| c[2]);
+    let before = uploads();
+    for b in 0..blocks {
+        let v = st.block(&dev, &whole, b * n, &[1, n]).unwrap();
+        assert_eq!(v.shape(), &[1, n]);
+        let got = dev.download(&v).unwrap();
+        let want: Vec<f32> = whole[b * n..(b + 1) * n]
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        assert_eq!(got.data(), &want[..], "block {b}");
+    }
+    if let (Some(a), Some(b)) = (before, uploads()) {
+        assert_eq!(b - a, 3, "150 blocks in chunks of 64");
+    }
+    // block 10's host values change: staged again, from block 10
+    whole[10 * n + 1] = 123.0;
+    let v = st.block(&dev, &whole, 10 * n, &[n]).unwrap();
+    assert_eq!(dev.download(&v).unwrap().data()[1], 123.0);
+    let v = st.block(&dev, &whole, 11 * n, &[n]).unwrap();
+    assert_eq!(dev.download(&v).unwrap().data()[0], whole[11 * n] as f32);
+    // out of range: an error naming the request, not a view past the end
+    assert!(st.block(&dev, &whole, blocks * n - 1, &[n]).is_err());
+}
+
 /// The device calls of one time step of the rate RNN's SOFO pass, counted
-/// on the fake GPU (the difference between T = 20 and T = 10, over 10
+/// on the fake GPU (the difference between T = 138 and T = 10, over 128
 /// steps): 4 kernels (the hidden layer's bias, leak and input terms u·B and
 /// u·Ḃ; φ with φ′⊙ẋ; the readout, y = r·C + d with its tangents ṙ·C + r·Ċ +
-/// ḋ, a narrow output; the sketch's scaled rows), 3 GEMMs (r·W, ṙ·W, r·Ẇ)
-/// and 2 uploads (the input and the target) —
-/// and none at all when the pass is replayed as a CUDA graph: a replayed
-/// iteration makes the same calls at T = 10 and T = 20.
+/// ḋ, a narrow output; the sketch's scaled rows), 3 GEMMs (r·W, ṙ·W, r·Ẇ),
+/// and the inputs and targets uploaded once per 64 steps (two chunks of
+/// each more) instead of once per step — and none at all when the pass is
+/// replayed as a CUDA graph: a replayed iteration makes the same calls at
+/// T = 10 and T = 138.
 #[test]
 fn device_calls_per_time_step() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -607,13 +646,13 @@ fn device_calls_per_time_step() {
         std::array::from_fn::<u64, 7, _>(|i| after[i] - before[i])
     };
     drop(dev);
-    let (short, long) = (calls(10, false, 0), calls(20, false, 0));
-    let per_step: Vec<f64> = (0..7).map(|i| (long[i] - short[i]) as f64 / 10.0).collect();
-    eprintln!("device calls per step: {per_step:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
-    assert_eq!(per_step, [4.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+    let (short, long) = (calls(10, false, 0), calls(138, false, 0));
+    let more: Vec<u64> = (0..7).map(|i| long[i] - short[i]).collect();
+    eprintln!("device calls of 128 more steps: {more:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
+    assert_eq!(more, [4 * 128, 3 * 128, 2 * 2, 0, 0, 0, 0]);
     // replayed (the third iteration: recorded, captured, replayed): the
     // same calls whatever T, one graph launch among them
-    let (short, long) = (calls(10, true, 2), calls(20, true, 2));
+    let (short, long) = (calls(10, true, 2), calls(138, true, 2));
     assert_eq!(short, long, "a replayed iteration's calls");
     assert_eq!(short[6], 1, "one graph launch");
 }

@@ -91,11 +91,8 @@ impl<T: Float> Model<T> for LeakyRnn {
         };
         for t in 0..batch.steps() {
             // α·relu(a) = relu(α·a) for α > 0: the scale rides in the fused op
-            let drive = match batch.input(t)? {
-                Some(u) => {
-                    let ut = e.constant(u)?;
-                    e.linear(None, a, &[(&z, wt), (&ut, bt)], Some(&p[2]))?
-                }
+            let drive = match batch.input_on(e, t)? {
+                Some(ut) => e.linear(None, a, &[(&z, wt), (&ut, bt)], Some(&p[2]))?,
                 None => e.linear(None, a, &[(&z, wt)], Some(&p[2]))?,
             };
             let r = e.relu(&drive)?;

@@ -126,6 +126,28 @@ impl<T: Float> Trials<'_, T> {
         }
     }
 
+    /// Inputs of step t as a constant of `e`, [len, I]: the same values as
+    /// [`Trials::input`], taken as a block of the batch's input tensor so
+    /// that an engine on a GPU copies many steps' inputs at once.
+    pub fn input_on<E: Ops<T>>(&self, e: &mut E, t: usize) -> Result<Option<E::V>> {
+        let Some(u) = &self.batch.inputs else {
+            return Ok(None);
+        };
+        let s = u.shape();
+        if t >= self.batch.steps || s.len() < 2 {
+            return Err(Error::config(
+                "step",
+                t,
+                format!("below {}", self.batch.steps),
+            ));
+        }
+        let width: usize = s[2..].iter().product();
+        let mut shape = vec![self.len];
+        shape.extend_from_slice(&s[2..]);
+        let off = (t * self.batch.trials + self.start) * width;
+        Ok(Some(e.constant_block(u, off, &shape)?))
+    }
+
     /// The initial condition, [len, S].
     pub fn initial(&self) -> Result<Option<Tensor<T>>> {
         match &self.batch.initial {

@@ -113,16 +113,13 @@ impl<T: Float> Model<T> for RateRnn {
         let phi = self.activation.op();
         let mut r = e.unary(&x, phi)?;
         for t in 0..batch.steps() {
-            let drive = match batch.input(t)? {
-                Some(u) => {
-                    let ut = e.constant(u)?;
-                    e.linear(
-                        Some((&x, T::one() - a)),
-                        a,
-                        &[(&r, wt), (&ut, bt)],
-                        Some(&p[2]),
-                    )?
-                }
+            let drive = match batch.input_on(e, t)? {
+                Some(ut) => e.linear(
+                    Some((&x, T::one() - a)),
+                    a,
+                    &[(&r, wt), (&ut, bt)],
+                    Some(&p[2]),
+                )?,
                 None => e.linear(Some((&x, T::one() - a)), a, &[(&r, wt)], Some(&p[2]))?,
             };
             x = drive;

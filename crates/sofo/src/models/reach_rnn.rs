@@ -154,7 +154,7 @@ impl<T: Float> Model<T> for ReachRnn {
                 let hand = self.arm.hand(e, &arm)?;
                 obs.observe(e, &hand, &batch.step_loss(t)?)?;
             }
-            let u = batch.input(t)?.map(|u| e.constant(u)).transpose()?;
+            let u = batch.input_on(e, t)?;
             let mut terms = vec![
                 (&r, wt),
                 (&arm.theta[0], &f[0]),

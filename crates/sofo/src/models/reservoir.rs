@@ -213,10 +213,7 @@ impl<T: Float> Model<T> for ReservoirRnn {
         let mut r = e.unary(&x, Unary::Tanh)?;
         let mut y = e.linear(None, T::one(), &[(&r, w)], None)?;
         for t in 0..batch.steps() {
-            let u = match batch.input(t)? {
-                Some(u) => Some(e.constant(u)?),
-                None => None,
-            };
+            let u = batch.input_on(e, t)?;
             x = match &u {
                 Some(u) => e.linear(
                     Some((&x, T::one() - dt)),
