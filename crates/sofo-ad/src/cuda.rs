@@ -2,12 +2,13 @@
 //! tangent layout (see [`crate::layout`]), values in device memory.
 //!
 //! The ops of the hot paths (elementwise unary, binary ops on equal shapes,
-//! the fused `linear`, rank-2 transpose, row broadcast) run as cuBLAS GEMMs
-//! and NVRTC kernels; a `linear` whose output has a few columns (a readout)
-//! runs as one kernel per term, not three GEMMs. The others (broadcasting binary ops, general matmul, sums,
-//! concat, slice, reshape, softmax) are computed on the host by the CPU
-//! engine and copied back: correct, but slow, and used by the models only
-//! once per pass (in `prepare`), never inside the time loop.
+//! the fused `linear`, rank-2 transpose, row broadcast, slices, last-axis
+//! concat) run as cuBLAS GEMMs and NVRTC kernels; a `linear` whose output
+//! has a few columns (a readout) runs as one kernel per term, not three
+//! GEMMs. The others (broadcasting binary ops, general matmul, sums, other
+//! concats, reshape, softmax) are computed on the host by the CPU engine and
+//! copied back: correct, but slow, and meant for what a model does once per
+//! pass; a pass that uses one cannot be replayed as a CUDA graph.
 //!
 //! The device computes in f32 whatever the element type of the model: values
 //! are converted where they cross to and from the host.
@@ -399,8 +400,39 @@ impl<T: Float> Ops<T> for CudaFwd {
         })
     }
 
+    /// On the device: a slice along `axis` takes, from each run of the
+    /// elements before that axis, one block of columns (the tangents
+    /// likewise, K sitting before the last axis).
     fn slice(&mut self, x: &CudaDual, axis: usize, start: usize, len: usize) -> Result<CudaDual> {
-        self.on_host(&[x], |e, v| e.slice(&v[0], axis, start, len))
+        let s = x.primal.shape().to_vec();
+        if axis >= s.len() || len == 0 || start + len > s[axis] {
+            // the CPU engine's error
+            return self.on_host(&[x], |e, v| e.slice(&v[0], axis, start, len));
+        }
+        let mut out = s.clone();
+        out[axis] = len;
+        let block = |shape: &[usize], axis: usize| shape[axis + 1..].iter().product::<usize>();
+        let inner = block(&s, axis);
+        let primal =
+            self.dev
+                .take_block(&x.primal, s[axis] * inner, start * inner, len * inner, &out)?;
+        let tangent = match &x.tangent {
+            Some(t) => {
+                let ts = tangent_shape(&s, self.k);
+                // K sits at index rank − 1: the last axis moves one on
+                let ta = if axis == s.len() - 1 { s.len() } else { axis };
+                let inner = block(&ts, ta);
+                Some(self.dev.take_block(
+                    t,
+                    ts[ta] * inner,
+                    start * inner,
+                    len * inner,
+                    &tangent_shape(&out, self.k),
+                )?)
+            }
+            None => None,
+        };
+        Ok(CudaDual { primal, tangent })
     }
 
     fn reshape(&mut self, x: &CudaDual, shape: &[usize]) -> Result<CudaDual> {

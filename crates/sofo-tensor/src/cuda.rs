@@ -1310,8 +1310,28 @@ impl CudaDevice {
     ) -> Result<DevTensor> {
         let w = shape.last().copied().unwrap_or(1).max(1);
         let src_w = src.shape.last().copied().unwrap_or(1).max(1);
-        let rows = src.numel() / src_w;
-        if offset + w > src_w || rows * w != shape.iter().product::<usize>() {
+        self.take_block(src, src_w, offset, w, shape)
+    }
+
+    /// Columns [offset, offset + w) of `src` seen as a row-major matrix
+    /// with rows of `src_w` elements, as a tensor of `shape` (rows·w
+    /// elements): a slice along any axis, whose rows are the elements
+    /// before that axis and whose columns are that axis and the rest.
+    pub fn take_block(
+        &self,
+        src: &DevTensor,
+        src_w: usize,
+        offset: usize,
+        w: usize,
+        shape: &[usize],
+    ) -> Result<DevTensor> {
+        let rows = src.numel() / src_w.max(1);
+        if src_w == 0
+            || w == 0
+            || offset + w > src_w
+            || rows * src_w != src.numel()
+            || rows * w != shape.iter().product::<usize>()
+        {
             return Err(TensorError::shape(
                 "device take_columns",
                 format!("{rows} rows of {w} columns from {offset} within {src_w}"),

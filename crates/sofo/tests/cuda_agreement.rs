@@ -207,8 +207,25 @@ fn every_op_agrees_with_the_cpu() {
         Ops::<f32>::broadcast_to(g, &v[0], &[3, 8])
     });
     same(&c.broadcast_to(&v, &[3, 8]).unwrap(), &b, "broadcast_to");
-    let b = on_gpu(&mut g, &[&w], |g, v| Ops::<f32>::slice(g, &v[0], 1, 2, 3));
-    same(&c.slice(&w, 1, 2, 3).unwrap(), &b, "slice");
+    // slices on the device: every axis of ranks 1 to 3, with and without
+    // tangents (K sits before the last axis: the last axis is the odd one)
+    for (shape, axis, start, len) in [
+        (vec![8], 0, 2, 5),
+        (vec![5, 8], 0, 1, 3),
+        (vec![5, 8], 1, 2, 3),
+        (vec![3, 4, 5], 0, 2, 1),
+        (vec![3, 4, 5], 1, 1, 2),
+        (vec![3, 4, 5], 2, 0, 4),
+    ] {
+        for tangents in [true, false] {
+            let x = dual(&shape, k, 23, tangents);
+            let b = on_gpu(&mut g, &[&x], |g, v| {
+                Ops::<f32>::slice(g, &v[0], axis, start, len)
+            });
+            let what = format!("slice {shape:?} axis {axis}, tangents {tangents}");
+            same(&c.slice(&x, axis, start, len).unwrap(), &b, &what);
+        }
+    }
     let b = on_gpu(&mut g, &[&w], |g, v| Ops::<f32>::softmax(g, &v[0]));
     same(&c.softmax(&w).unwrap(), &b, "softmax");
     let b = on_gpu(&mut g, &[&w, &y], |g, v| {
