@@ -45,6 +45,11 @@ timeout 300 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONL
 
 echo "== sofo bench --device cuda, SOFO with CUDA graphs (SOFO_GPU_GRAPHS=1)"
 SOFO_GPU_GRAPHS=1 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_graphs.jsonl"
+# the arm and Kalman networks: ≈ 100 small launches per step, where graphs
+# should matter most (their passes are capturable since slices run on the device)
+for c in ${GRAPH_TASKS:-reach2 kalman-long}; do
+  SOFO_GPU_GRAPHS=1 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_graphs.jsonl"
+done
 
 echo "== sofo bench --device cuda --method pass (the forward-K pass and its sketch alone: the rest of an iteration is the difference)"
 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method pass --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_pass.jsonl"

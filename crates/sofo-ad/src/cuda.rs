@@ -3,12 +3,13 @@
 //!
 //! The ops of the hot paths (elementwise unary, binary ops on equal shapes,
 //! the fused `linear`, rank-2 transpose, row broadcast, slices, last-axis
-//! concat) run as cuBLAS GEMMs and NVRTC kernels; a `linear` whose output
-//! has a few columns (a readout) runs as one kernel per term, not three
-//! GEMMs. The others (broadcasting binary ops, general matmul, sums, other
-//! concats, reshape, softmax) are computed on the host by the CPU engine and
-//! copied back: correct, but slow, and meant for what a model does once per
-//! pass; a pass that uses one cannot be replayed as a CUDA graph.
+//! concat, reshapes that keep the last axis) run as cuBLAS GEMMs and NVRTC
+//! kernels; a `linear` whose output has a few columns (a readout) runs as
+//! one kernel per term, not three GEMMs. The others (broadcasting binary
+//! ops, general matmul, sums, other concats and reshapes, softmax) are
+//! computed on the host by the CPU engine and copied back: correct, but
+//! slow, and meant for what a model does once per pass; a pass that uses
+//! one cannot be replayed as a CUDA graph.
 //!
 //! The device computes in f32 whatever the element type of the model: values
 //! are converted where they cross to and from the host.
@@ -435,8 +436,22 @@ impl<T: Float> Ops<T> for CudaFwd {
         Ok(CudaDual { primal, tangent })
     }
 
+    /// On the device (a copy, relabelled) where the last axis stays as it
+    /// is: then the tangents [.., K, last] keep their layout too. Other
+    /// reshapes move K among the elements and go through the host.
     fn reshape(&mut self, x: &CudaDual, shape: &[usize]) -> Result<CudaDual> {
-        self.on_host(&[x], |e, v| e.reshape(&v[0], shape))
+        let s = x.primal.shape();
+        let same_last = !s.is_empty() && s.last() == shape.last();
+        if !same_last || shape.iter().product::<usize>() != x.primal.numel() {
+            return self.on_host(&[x], |e, v| e.reshape(&v[0], shape));
+        }
+        Ok(CudaDual {
+            primal: x.primal.clone().reshape(shape)?,
+            tangent: match &x.tangent {
+                Some(t) => Some(t.clone().reshape(&tangent_shape(shape, self.k))?),
+                None => None,
+            },
+        })
     }
 
     fn transpose(&mut self, x: &CudaDual, a: usize, b: usize) -> Result<CudaDual> {

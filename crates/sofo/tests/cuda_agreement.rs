@@ -207,6 +207,21 @@ fn every_op_agrees_with_the_cpu() {
         Ops::<f32>::broadcast_to(g, &v[0], &[3, 8])
     });
     same(&c.broadcast_to(&v, &[3, 8]).unwrap(), &b, "broadcast_to");
+    // reshapes: on the device where the last axis stays, through the host
+    // where it does not
+    for (from, to) in [
+        (vec![1, 8], vec![8]),
+        (vec![8], vec![1, 1, 8]),
+        (vec![2, 3, 4], vec![6, 4]),
+        (vec![6, 4], vec![2, 12]),
+    ] {
+        for tangents in [true, false] {
+            let x = dual(&from, k, 24, tangents);
+            let b = on_gpu(&mut g, &[&x], |g, v| Ops::<f32>::reshape(g, &v[0], &to));
+            let what = format!("reshape {from:?} → {to:?}, tangents {tangents}");
+            same(&c.reshape(&x, &to).unwrap(), &b, &what);
+        }
+    }
     // slices on the device: every axis of ranks 1 to 3, with and without
     // tangents (K sits before the last axis: the last axis is the odd one)
     for (shape, axis, start, len) in [
@@ -443,6 +458,79 @@ fn gpu_training_is_deterministic_and_learns() {
 /// that differs from the graph's (weights or not, another T) runs call by
 /// call and is recorded anew; one that reads the device on the host mid-way
 /// (a loss sketched on the host) is never captured.
+/// Three SOFO iterations of `model` on `batch` with CUDA graphs on: the
+/// second is captured and the third replayed (no device read on the host
+/// inside the pass), with the losses and weights of direct runs, bit for bit.
+fn captures_and_replays<M: Model<f32>>(
+    model: &M,
+    params: &ParamSet<f32>,
+    batch: &Batch<f32>,
+    what: &str,
+) {
+    // a device of its own: no graph of another model's pass
+    let dev = &device_or_skip(what).expect("a device");
+    let run = |graphs: bool| {
+        dev.set_graphs(graphs);
+        let before = sofo::cuda::sofo_graph_stats(dev);
+        let mut p = params.clone();
+        let s = Sofo::new(SofoConfig {
+            k: 6,
+            ..SofoConfig::default()
+        })
+        .unwrap()
+        .on(Device::Cuda(dev.clone()));
+        let losses: Vec<f64> = (0..3)
+            .map(|it| s.step(model, &mut p, batch, 1, it).unwrap().loss)
+            .collect();
+        let after = sofo::cuda::sofo_graph_stats(dev);
+        let ran = [
+            after.direct - before.direct,
+            after.captured - before.captured,
+            after.replayed - before.replayed,
+            after.fallbacks - before.fallbacks,
+        ];
+        (losses, p, ran)
+    };
+    let (la, pa, graphed) = run(true);
+    let (lb, pb, _) = run(false);
+    assert_eq!(
+        graphed,
+        [1, 1, 1, 0],
+        "{what}: recorded, captured, replayed"
+    );
+    assert_eq!(la, lb, "{what}: losses with and without graphs");
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        assert_eq!(
+            x.value.to_f64_vec(),
+            y.value.to_f64_vec(),
+            "{what}: `{}` with and without graphs",
+            x.name
+        );
+    }
+}
+
+/// The task networks' passes run as CUDA graphs: none of them reads the
+/// device on the host (a slice in `prepare` once did, for the reach
+/// network), and each replay equals its direct run.
+#[test]
+fn task_networks_run_as_graphs() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("task_networks_run_as_graphs") else {
+        return;
+    };
+    let (model, params, batch) = rnn_case(Activation::Tanh);
+    drop(dev);
+    captures_and_replays(&model, &params, &batch, "rate RNN");
+    let (model, params, batch) = lorenz_case();
+    captures_and_replays(&model, &params, &batch, "lorenz");
+    let model = LeakyRnn::kalman(24);
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&KalmanTask::new(200), 0, 0, 16).unwrap();
+    captures_and_replays(&model, &params, &batch, "kalman");
+    let (model, params, batch) = reach_case();
+    captures_and_replays(&model, &params, &batch, "reach");
+}
+
 #[test]
 fn graph_replays_match_direct_runs() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
