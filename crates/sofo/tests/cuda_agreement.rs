@@ -498,8 +498,13 @@ fn captures_and_replays<M: Model<f32>>(
         [1, 1, 1, 0],
         "{what}: recorded, captured, replayed"
     );
-    assert_eq!(la, lb, "{what}: losses with and without graphs");
-    for (x, y) in pa.iter().zip(pb.iter()) {
+    same_runs((&la, &pa), (&lb, &pb), what);
+}
+
+/// Two runs' losses and final weights, bit for bit (with graphs, without).
+fn same_runs(a: (&[f64], &ParamSet<f32>), b: (&[f64], &ParamSet<f32>), what: &str) {
+    assert_eq!(a.0, b.0, "{what}: losses with and without graphs");
+    for (x, y) in a.1.iter().zip(b.1.iter()) {
         assert_eq!(
             x.value.to_f64_vec(),
             y.value.to_f64_vec(),
@@ -592,15 +597,7 @@ fn graph_replays_match_direct_runs() {
     };
     let (la, pa, graphed) = run(true);
     let (lb, pb, direct) = run(false);
-    assert_eq!(la, lb, "losses with and without graphs");
-    for (x, y) in pa.iter().zip(pb.iter()) {
-        assert_eq!(
-            x.value.to_f64_vec(),
-            y.value.to_f64_vec(),
-            "`{}` with and without graphs",
-            x.name
-        );
-    }
+    same_runs((&la, &pa), (&lb, &pb), "the graph test");
     // direct, captured, replayed, fallbacks: recorded (weights); another
     // pass (no weights): fallback, recorded; captured; replayed; T = 52:
     // fallback, recorded; T = 40 captured; replayed twice; another 1/n:
