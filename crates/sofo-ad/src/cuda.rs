@@ -297,12 +297,17 @@ impl<T: Float> Ops<T> for CudaFwd {
             }),
             scale,
         )?;
-        let terms: Vec<&(&CudaDual, &CudaDual)> = terms
+        // the other terms with a few columns (a plant's state feeding the
+        // network: they have tangents) in one launch each; the rest as GEMMs
+        let is_small = |w: &CudaDual| {
+            w.primal.shape().len() == 2 && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
+        };
+        let (small_adds, terms): (Vec<_>, Vec<_>) = terms
             .iter()
             .enumerate()
             .filter(|(i, _)| Some(*i) != small)
             .map(|(_, t)| t)
-            .collect();
+            .partition(|(_, w)| is_small(w));
         for (a, w) in &terms {
             let kd = w.primal.shape()[0];
             dev.gemm(
@@ -314,6 +319,17 @@ impl<T: Float> Ops<T> for CudaFwd {
                 &mut y.slice_mut().slice_mut(..),
                 scale,
                 1.0,
+            )?;
+        }
+        let mut t = t;
+        for (a, w) in &small_adds {
+            dev.linear_small_add(
+                &mut y,
+                t.as_mut(),
+                k,
+                (&a.primal, a.tangent.as_ref()),
+                (&w.primal, w.tangent.as_ref()),
+                scale,
             )?;
         }
         let Some(mut t) = t else {

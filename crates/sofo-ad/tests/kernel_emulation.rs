@@ -472,6 +472,98 @@ fn linear_init_matches_its_rule() {
 }
 
 #[test]
+fn linear_small_add_matches_its_rule() {
+    let Some(emu) = emu() else { return };
+    type SmallAdd = unsafe extern "C" fn(
+        *mut f32,
+        *mut f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        f32,
+        i64,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+    );
+    let add = emu.kernel::<SmallAdd>("linear_small_add");
+    // K = 11 (a full chunk of tangents and a partial one); one column of u,
+    // three, the widest (8)
+    let (rows, k, n, s) = (7usize, 11usize, 5usize, 0.6f32);
+    let y0 = randn(&[rows, n], 10, 1);
+    let t0 = randn(&[rows, k, n], 10, 2);
+    for ku in [1usize, 3, 8] {
+        let u = randn(&[rows, ku], 10, 3);
+        let ut = randn(&[rows, k, ku], 10, 4);
+        let w = randn(&[ku, n], 10, 5);
+        let wt = randn(&[ku, k, n], 10, 6);
+        for flags in 0..8u32 {
+            let f = |bit: u32| (flags >> bit & 1) as i32;
+            let (want_t, has_ut, has_wt) = (f(0), f(1), f(2));
+            let y_want: Vec<f32> = (0..rows * n)
+                .map(|i| {
+                    let (r, j) = (i / n, i % n);
+                    let v: f64 = (0..ku)
+                        .map(|a| u.data()[r * ku + a] as f64 * w.data()[a * n + j] as f64)
+                        .sum();
+                    (y0.data()[i] as f64 + s as f64 * v) as f32
+                })
+                .collect();
+            let t_want: Vec<f32> = (0..rows * k * n)
+                .map(|i| {
+                    let (r, kk, j) = (i / (k * n), i / n % k, i % n);
+                    let mut v = 0f64;
+                    for a in 0..ku {
+                        if has_ut == 1 {
+                            v += ut.data()[(r * k + kk) * ku + a] as f64
+                                * w.data()[a * n + j] as f64;
+                        }
+                        if has_wt == 1 {
+                            v += u.data()[r * ku + a] as f64
+                                * wt.data()[(a * k + kk) * n + j] as f64;
+                        }
+                    }
+                    (t0.data()[i] as f64 + s as f64 * v) as f32
+                })
+                .collect();
+            for (grid, block) in SHAPES {
+                let mut y = y0.data().to_vec();
+                let mut t = t0.data().to_vec();
+                emu.launch(grid, block, || unsafe {
+                    add(
+                        y.as_mut_ptr(),
+                        t.as_mut_ptr(),
+                        u.data().as_ptr(),
+                        ut.data().as_ptr(),
+                        w.data().as_ptr(),
+                        wt.data().as_ptr(),
+                        s,
+                        rows as i64,
+                        k as i32,
+                        n as i32,
+                        ku as i32,
+                        want_t,
+                        has_ut,
+                        has_wt,
+                    )
+                });
+                let what = format!("linear_small_add ku = {ku}, flags {flags:03b}");
+                close(&y_want, &y, &format!("{what}: primal"));
+                if want_t == 1 {
+                    close(&t_want, &t, &format!("{what}: tangents"));
+                } else {
+                    assert_eq!(t, t0.data(), "{what}: tangents changed unasked");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn linear_narrow_matches_its_rule() {
     let Some(emu) = emu() else { return };
     type Narrow = unsafe extern "C" fn(

@@ -241,6 +241,44 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
     }
 }
 
+// y[r, j] += scale * Σ_a u[r, a] w[a, j] and, with want_t, t[r, k, j] +=
+// scale * Σ_a (ut[r, k, a] w[a, j] + u[r, a] wt[a, k, j]): a term u [rows, ku]
+// · w [ku, n] with ku ≤ SMALL_TERM whose u has tangents (a plant's state
+// column feeding a network), in one pass over y and t instead of three GEMMs
+// that each read and write them for a rank-ku update. Units as in
+// unary_tangent.
+extern "C" __global__ void linear_small_add(float* y, float* t, const float* u, const float* ut,
+                                            const float* w, const float* wt, float scale,
+                                            long long rows, int k, int n, int ku, int want_t,
+                                            int has_ut, int has_wt) {
+    const long long pl = rows * n;
+    const int kt = want_t ? k : 0;
+    GRID_LOOP(i, pl * (kt > 0 ? tchunks_(kt) : 1)) {
+        long long e, r, j; int k0, k1;
+        tunit_(i, pl, kt, n, &e, &r, &j, &k0, &k1);
+        float ur[SMALL_TERM], wj[SMALL_TERM];
+        for (int a = 0; a < SMALL_TERM; a++) {
+            ur[a] = a < ku ? u[r * ku + a] : 0.f;
+            wj[a] = a < ku ? w[(long long)a * n + j] : 0.f;
+        }
+        if (k0 == 0) {
+            float v = 0.f;
+            for (int a = 0; a < SMALL_TERM; a++) v += ur[a] * wj[a];
+            y[e] += scale * v;
+        }
+        const long long row = r * kt * n + j;
+        for (int kk = k0; kk < k1; kk++) {
+            float v = 0.f;
+            for (int a = 0; a < SMALL_TERM; a++) {
+                if (a >= ku) break;
+                if (has_ut) v += ut[(r * k + kk) * ku + a] * wj[a];
+                if (has_wt) v += ur[a] * wt[((long long)a * k + kk) * n + j];
+            }
+            t[row + (long long)kk * n] += scale * v;
+        }
+    }
+}
+
 // One term of a linear op whose output has at most NARROW columns (a
 // readout): y[r, o] (+)= scale * (b[o] + Σ_i a[r, i] w[i, o]) over the
 // primal rows and, with want_t, t[r, k, o] (+)= scale * (bt[k, o] + Σ_i
@@ -471,6 +509,7 @@ struct Kernels {
     scale_rows: CudaFunction,
     linear_init: CudaFunction,
     linear_narrow: CudaFunction,
+    linear_small_add: CudaFunction,
     unary_tangent: CudaFunction,
     unary_grad: CudaFunction,
     permute_210: CudaFunction,
@@ -962,6 +1001,7 @@ impl CudaDevice {
             scale_rows: f("scale_rows")?,
             linear_init: f("linear_init")?,
             linear_narrow: f("linear_narrow")?,
+            linear_small_add: f("linear_small_add")?,
             unary_tangent: f("unary_tangent")?,
             unary_grad: f("unary_grad")?,
             permute_210: f("permute_210")?,
@@ -1550,6 +1590,86 @@ impl CudaDevice {
         // t is written only when present.
         unsafe { b.launch(grid(units)) }.map_err(|e| dev_err("linear", e))?;
         Ok((y, t))
+    }
+
+    /// Adds one term `u · w` with a short inner dimension ku (at most
+    /// [`CudaDevice::SMALL_TERM`]) to a linear op's output `y` [rows, n]
+    /// and, where `t` [rows, K, n] is given, `ut · w + u · wt` to its
+    /// tangents (`u` [rows, ku] with tangents [rows, K, ku], `w` [ku, n]
+    /// with [ku, K, n]; either may be absent): one launch instead of three
+    /// GEMMs that each read and write the whole output for a rank-ku update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_small_add<'a>(
+        &'a self,
+        y: &mut DevTensor,
+        t: Option<&mut DevTensor>,
+        k: usize,
+        u: (&'a DevTensor, Option<&'a DevTensor>),
+        w: (&'a DevTensor, Option<&'a DevTensor>),
+        scale: f32,
+    ) -> Result<()> {
+        let n = y.shape.last().copied().unwrap_or(1).max(1);
+        let rows = y.numel() / n;
+        let ku = w.0.shape.first().copied().unwrap_or(0);
+        let sizes = [
+            (Some(u.0.numel()), rows * ku, "u"),
+            (Some(w.0.numel()), ku * n, "w"),
+            (u.1.map(DevTensor::numel), rows * k * ku, "u's tangents"),
+            (w.1.map(DevTensor::numel), ku * k * n, "w's tangents"),
+            (
+                t.as_ref().map(|t| t.numel()),
+                rows * k * n,
+                "the output's tangents",
+            ),
+        ];
+        for (got, want, what) in sizes {
+            if got.is_some_and(|g| g != want) {
+                return Err(TensorError::shape(
+                    "device small linear term",
+                    format!("{what} of {want} elements"),
+                    format!("{}", got.unwrap_or(0)),
+                ));
+            }
+        }
+        if ku == 0 || ku > Self::SMALL_TERM || w.0.shape.len() != 2 {
+            return Err(TensorError::shape(
+                "device small linear term",
+                format!("w [ku ≤ {}, n]", Self::SMALL_TERM),
+                format!("{:?}", w.0.shape),
+            ));
+        }
+        let want_t = t.is_some() && k > 0 && (u.1.is_some() || w.1.is_some());
+        let opt = |v: Option<&'a DevTensor>| -> &'a CudaSlice<f32> {
+            match v {
+                Some(v) => &v.data,
+                None => &self.dummy,
+            }
+        };
+        let (r64, k32, n32, ku32) = (rows as i64, k as i32, n as i32, ku as i32);
+        let flags = [want_t as i32, u.1.is_some() as i32, w.1.is_some() as i32];
+        let units = tangent_units(rows * n, if want_t { k } else { 0 });
+        let mut l = Launch::new(&self.core, &self.k.linear_small_add);
+        l.out(&mut *y.data);
+        match t {
+            Some(t) if want_t => l.out(&mut *t.data),
+            _ => l.arg(&self.dummy),
+        };
+        l.arg(&*u.0.data)
+            .arg(opt(u.1))
+            .arg(&*w.0.data)
+            .arg(opt(w.1))
+            .arg(&scale)
+            .arg(&r64)
+            .arg(&k32)
+            .arg(&n32)
+            .arg(&ku32);
+        for f in &flags {
+            l.arg(f);
+        }
+        // SAFETY: sizes checked above; absent operands are never read, t is
+        // touched only when given.
+        unsafe { l.launch(grid(units)) }.map_err(|e| dev_err("linear_small_add", e))?;
+        Ok(())
     }
 
     /// One term `a · w` of a linear op whose output `y` [rows, n] has at
