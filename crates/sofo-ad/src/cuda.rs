@@ -221,19 +221,24 @@ impl<T: Float> Ops<T> for CudaFwd {
             return self.on_host(&[a, b], |e, v| e.binary(&v[0], &v[1], op));
         }
         let c = binary_code(op);
-        let primal = self.dev.binary(&a.primal, &b.primal, c)?;
-        let tangent = if a.tangent.is_some() || b.tangent.is_some() {
-            Some(self.dev.binary_tangent(
-                &a.primal,
-                &b.primal,
-                a.tangent.as_ref(),
-                b.tangent.as_ref(),
-                c,
-            )?)
-        } else {
-            None
-        };
-        Ok(CudaDual { primal, tangent })
+        if a.tangent.is_none() && b.tangent.is_none() {
+            return Ok(CudaDual {
+                primal: self.dev.binary(&a.primal, &b.primal, c)?,
+                tangent: None,
+            });
+        }
+        // the value and its tangents in one launch
+        let (primal, tangent) = self.dev.binary_dual(
+            &a.primal,
+            &b.primal,
+            a.tangent.as_ref(),
+            b.tangent.as_ref(),
+            c,
+        )?;
+        Ok(CudaDual {
+            primal,
+            tangent: Some(tangent),
+        })
     }
 
     fn matmul(&mut self, a: &CudaDual, b: &CudaDual) -> Result<CudaDual> {

@@ -241,6 +241,8 @@ fn binary_kernels_match_the_cpu_rules() {
         i32,
         i32,
         i32,
+        *mut f32,
+        i32,
     );
     let fwd = emu.kernel::<BinFwd>("binary_fwd");
     let tan = emu.kernel::<BinTan>("binary_tangent");
@@ -277,27 +279,38 @@ fn binary_kernels_match_the_cpu_rules() {
                     )
                 });
                 close(want.primal.data(), &y, &format!("binary_fwd {op:?}"));
-                let mut out = vec![f32::NAN; ta.numel()];
-                emu.launch(grid, block, || unsafe {
-                    tan(
-                        a.data().as_ptr(),
-                        b.data().as_ptr(),
-                        ta.data().as_ptr(),
-                        tb.data().as_ptr(),
-                        out.as_mut_ptr(),
-                        a.numel() as i64,
-                        k as i32,
-                        5,
-                        opc,
-                        has_a as i32,
-                        has_b as i32,
-                    )
-                });
-                close(
-                    want.tangent.as_ref().unwrap().data(),
-                    &out,
-                    &format!("binary_tangent {op:?} ({has_a}, {has_b})"),
-                );
+                // the tangents alone, then with the value in the same launch
+                for want_y in [0, 1] {
+                    let mut out = vec![f32::NAN; ta.numel()];
+                    let mut y2 = vec![f32::NAN; a.numel()];
+                    emu.launch(grid, block, || unsafe {
+                        tan(
+                            a.data().as_ptr(),
+                            b.data().as_ptr(),
+                            ta.data().as_ptr(),
+                            tb.data().as_ptr(),
+                            out.as_mut_ptr(),
+                            a.numel() as i64,
+                            k as i32,
+                            5,
+                            opc,
+                            has_a as i32,
+                            has_b as i32,
+                            y2.as_mut_ptr(),
+                            want_y,
+                        )
+                    });
+                    let what = format!("binary_tangent {op:?} ({has_a}, {has_b}), value {want_y}");
+                    close(want.tangent.as_ref().unwrap().data(), &out, &what);
+                    if want_y == 1 {
+                        close(want.primal.data(), &y2, &what);
+                    } else {
+                        assert!(
+                            y2.iter().all(|v| v.is_nan()),
+                            "{what}: value written unasked"
+                        );
+                    }
+                }
             }
         }
     }

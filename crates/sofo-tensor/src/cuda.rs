@@ -153,14 +153,16 @@ extern "C" __global__ void binary_fwd(const float* a, const float* b, float* y, 
 }
 
 // out[p, k, l] = ∂y/∂a[p, l] · ta[p, k, l] + ∂y/∂b[p, l] · tb[p, k, l] for
-// y = a op b on equal shapes [P, L]; a tangent absent when has_* = 0
+// y = a op b on equal shapes [P, L]; a tangent absent when has_* = 0; with
+// want_y, y itself too (by the units of chunk 0: one launch for a dual)
 extern "C" __global__ void binary_tangent(const float* a, const float* b, const float* ta, const float* tb,
                                           float* out, long long pl, int k, int l, int op,
-                                          int has_a, int has_b) {
+                                          int has_a, int has_b, float* y, int want_y) {
     GRID_LOOP(u, pl * tchunks_(k)) {
         long long e, p, j; int k0, k1;
         tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
         float av = a[e], bv = b[e], da, db;
+        if (want_y && k0 == 0) y[e] = binary_op_(av, bv, op);
         switch (op) {
             case 0: da = 1.f; db = 1.f; break;
             case 1: da = 1.f; db = -1.f; break;
@@ -1263,6 +1265,40 @@ impl CudaDevice {
         tb: Option<&DevTensor>,
         op: BinaryCode,
     ) -> Result<DevTensor> {
+        self.binary_tangent_into(a, b, ta, tb, op, None)
+    }
+
+    /// y = a op b and its tangents (as [`CudaDevice::binary_tangent`]) in
+    /// one launch.
+    pub fn binary_dual(
+        &self,
+        a: &DevTensor,
+        b: &DevTensor,
+        ta: Option<&DevTensor>,
+        tb: Option<&DevTensor>,
+        op: BinaryCode,
+    ) -> Result<(DevTensor, DevTensor)> {
+        if a.shape != b.shape {
+            return Err(TensorError::shape(
+                "device binary",
+                format!("{:?}", a.shape),
+                format!("{:?}", b.shape),
+            ));
+        }
+        let mut y = self.scratch(&a.shape)?;
+        let t = self.binary_tangent_into(a, b, ta, tb, op, Some(&mut y))?;
+        Ok((y, t))
+    }
+
+    fn binary_tangent_into(
+        &self,
+        a: &DevTensor,
+        b: &DevTensor,
+        ta: Option<&DevTensor>,
+        tb: Option<&DevTensor>,
+        op: BinaryCode,
+        y: Option<&mut DevTensor>,
+    ) -> Result<DevTensor> {
         let l = a.shape.last().copied().unwrap_or(1).max(1);
         let shape = match (ta, tb) {
             (Some(t), _) | (None, Some(t)) => t.shape.clone(),
@@ -1307,8 +1343,15 @@ impl CudaDevice {
             .arg(&opc)
             .arg(&has_a)
             .arg(&has_b);
-        // SAFETY: a and b hold total / k elements, the tangents and out total;
-        // an absent tangent is never read.
+        let want_y = y.is_some() as i32;
+        match y {
+            Some(y) => g.out(&mut *y.data),
+            None => g.arg(&self.dummy),
+        };
+        g.arg(&want_y);
+        // SAFETY: a, b (and y, when given: the caller's [P, L]) hold P·L
+        // elements, the tangents and out K times as many; an absent tangent
+        // is never read, y written only when given.
         unsafe { g.launch(grid(tangent_units(a.numel(), k))) }
             .map_err(|e| dev_err("binary_tangent", e))?;
         Ok(out)
