@@ -34,8 +34,10 @@ pub struct CudaDual {
 pub struct CudaFwd {
     dev: Arc<CudaDevice>,
     k: usize,
-    /// The blocks of `constant_block` (a batch's inputs).
-    blocks: BlockStager,
+    /// The blocks of `constant_block`, one stager per source array (a
+    /// batch's inputs, a model's noise), keyed by its address and length;
+    /// the few most recent kept.
+    blocks: Vec<(usize, usize, BlockStager)>,
 }
 
 /// The `unary_fwd` kernel's op code and scalar for an op.
@@ -63,7 +65,7 @@ impl CudaFwd {
         CudaFwd {
             dev,
             k,
-            blocks: BlockStager::default(),
+            blocks: Vec::new(),
         }
     }
     pub fn k(&self) -> usize {
@@ -171,6 +173,10 @@ impl<T: Float> Ops<T> for CudaFwd {
         })
     }
 
+    fn block_steps(&self) -> usize {
+        BlockStager::CHUNK_BLOCKS
+    }
+
     /// A view of a chunk of `whole` staged on the device once for many
     /// blocks (see [`BlockStager`]).
     fn constant_block(
@@ -179,8 +185,23 @@ impl<T: Float> Ops<T> for CudaFwd {
         offset: usize,
         shape: &[usize],
     ) -> Result<CudaDual> {
+        // the stager of this array (a stager checks the values it serves,
+        // so an address reused by another array only costs an upload)
+        let key = (whole.data().as_ptr() as usize, whole.numel());
+        let i = match self.blocks.iter().position(|b| (b.0, b.1) == key) {
+            Some(i) => i,
+            None => {
+                if self.blocks.len() == 4 {
+                    self.blocks.remove(0);
+                }
+                self.blocks.push((key.0, key.1, BlockStager::default()));
+                self.blocks.len() - 1
+            }
+        };
         Ok(CudaDual {
-            primal: self.blocks.block(&self.dev, whole.data(), offset, shape)?,
+            primal: self.blocks[i]
+                .2
+                .block(&self.dev, whole.data(), offset, shape)?,
             tangent: None,
         })
     }

@@ -148,6 +148,12 @@ pub trait Ops<T: Float> {
 
     /// A value that carries no derivative (data, targets, fixed weights).
     fn constant(&mut self, t: Tensor<T>) -> Result<Self::V>;
+    /// How many steps' constants (inputs, noise) the engine would rather
+    /// take at once through [`Ops::constant_block`]: one on the host; many on
+    /// a device, where each copy is a round trip over the bus.
+    fn block_steps(&self) -> usize {
+        1
+    }
     /// The constant `shape` made of the elements [offset, offset + n) of
     /// `whole` (a step's block of a batch's inputs). An engine on a device
     /// may copy `whole` over a chunk of blocks at a time instead of one block

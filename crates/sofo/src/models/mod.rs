@@ -176,6 +176,25 @@ impl<T: Float> Trials<'_, T> {
         Ok(out)
     }
 
+    /// The noise of steps [t0, t0 + steps) (cut at the trial's end), [steps,
+    /// len, width]: step t's block is [`Trials::noise`]`(t, ..)`, so that a
+    /// model can hand its engine the blocks of many steps at once
+    /// ([`Ops::constant_block`]).
+    pub fn noise_steps(
+        &self,
+        t0: usize,
+        steps: usize,
+        width: usize,
+        range: Option<(f64, f64)>,
+    ) -> Result<Tensor<T>> {
+        let steps = steps.min(self.batch.steps.saturating_sub(t0));
+        let mut data = Vec::with_capacity(steps * self.len * width);
+        for t in t0..t0 + steps {
+            data.extend_from_slice(self.noise(t, width, range)?.data());
+        }
+        Ok(Tensor::from_vec(&[steps, self.len, width], data)?)
+    }
+
     /// Whether step t carries any loss for these trials.
     pub fn observed(&self, t: usize) -> bool {
         match &self.batch.weights {

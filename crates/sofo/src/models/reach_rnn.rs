@@ -136,15 +136,24 @@ impl<T: Float> Model<T> for ReachRnn {
         };
         let mut z = e.broadcast_to(&p[3], &[m, self.n])?;
         let width = self.noise_width();
+        // the noise of as many steps at a time as the engine takes (a GPU
+        // copies them in one upload): (first step, its blocks)
+        let noise_steps = e.block_steps().max(1);
+        let mut noise: Option<(usize, Tensor<T>)> = None;
         for t in 0..batch.steps() {
             let mut r = e.relu(&z)?;
             if width > 0.0 {
-                let mut eta = batch.noise(t, self.n, Some((1.0 - width, 1.0 + width)))?;
-                if width > 1.0 {
-                    // the clip at 0 only bites when the range reaches below it
-                    eta = eta.map(|v| v.max(T::zero()));
+                if noise.as_ref().is_none_or(|(t0, _)| t >= t0 + noise_steps) {
+                    let range = Some((1.0 - width, 1.0 + width));
+                    let mut eta = batch.noise_steps(t, noise_steps, self.n, range)?;
+                    if width > 1.0 {
+                        // the clip at 0 only bites when the range reaches below it
+                        eta = eta.map(|v| v.max(T::zero()));
+                    }
+                    noise = Some((t, eta));
                 }
-                let eta = e.constant(eta)?;
+                let (t0, eta) = noise.as_ref().expect("drawn above");
+                let eta = e.constant_block(eta, (t - t0) * m * self.n, &[m, self.n])?;
                 r = e.mul(&r, &eta)?;
             }
             let tau1 = e.linear(None, T::one(), &[(&r, &c[0])], Some(&d[0]))?;
