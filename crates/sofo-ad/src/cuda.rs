@@ -36,7 +36,7 @@ pub struct CudaFwd {
     k: usize,
     /// The blocks of `constant_block`, one stager per source array (a
     /// batch's inputs, a model's noise), keyed by its address and length;
-    /// the few most recent kept.
+    /// the three used last kept (a stager's chunk stays on the device).
     blocks: Vec<(usize, usize, BlockStager)>,
 }
 
@@ -188,20 +188,21 @@ impl<T: Float> Ops<T> for CudaFwd {
         // the stager of this array (a stager checks the values it serves,
         // so an address reused by another array only costs an upload)
         let key = (whole.data().as_ptr() as usize, whole.numel());
-        let i = match self.blocks.iter().position(|b| (b.0, b.1) == key) {
-            Some(i) => i,
+        // least recently used out first: the batch's inputs (every step)
+        // stay while a model's noise moves on to new arrays
+        let entry = match self.blocks.iter().position(|b| (b.0, b.1) == key) {
+            Some(i) => self.blocks.remove(i),
             None => {
-                if self.blocks.len() == 4 {
+                if self.blocks.len() == 3 {
                     self.blocks.remove(0);
                 }
-                self.blocks.push((key.0, key.1, BlockStager::default()));
-                self.blocks.len() - 1
+                (key.0, key.1, BlockStager::default())
             }
         };
+        self.blocks.push(entry);
+        let stager = &mut self.blocks.last_mut().expect("pushed").2;
         Ok(CudaDual {
-            primal: self.blocks[i]
-                .2
-                .block(&self.dev, whole.data(), offset, shape)?,
+            primal: stager.block(&self.dev, whole.data(), offset, shape)?,
             tangent: None,
         })
     }
@@ -448,8 +449,12 @@ impl<T: Float> Ops<T> for CudaFwd {
     /// likewise, K sitting before the last axis).
     fn slice(&mut self, x: &CudaDual, axis: usize, start: usize, len: usize) -> Result<CudaDual> {
         let s = x.primal.shape().to_vec();
-        if axis >= s.len() || len == 0 || start + len > s[axis] {
-            // the CPU engine's error
+        // rows of ≥ 2³¹ elements (the kernel's int columns): on the host
+        let too_wide = x.tangent.as_ref().is_some_and(|t| {
+            t.numel() / s.first().copied().unwrap_or(1).max(1) > i32::MAX as usize
+        }) || x.primal.numel() > i32::MAX as usize;
+        if axis >= s.len() || len == 0 || start + len > s[axis] || too_wide {
+            // (and the CPU engine's error for a bad slice)
             return self.on_host(&[x], |e, v| e.slice(&v[0], axis, start, len));
         }
         let mut out = s.clone();

@@ -313,6 +313,36 @@ fn binary_kernels_match_the_cpu_rules() {
                 }
             }
         }
+        // no tangents at all (K = 0): the value is still written
+        let want = Fwd::new(0)
+            .binary(&Dual::constant(a.clone()), &Dual::constant(b.clone()), op)
+            .unwrap();
+        for (grid, block) in SHAPES {
+            let mut y = vec![f32::NAN; a.numel()];
+            let mut none: [f32; 0] = [];
+            emu.launch(grid, block, || unsafe {
+                tan(
+                    a.data().as_ptr(),
+                    b.data().as_ptr(),
+                    ta.data().as_ptr(),
+                    tb.data().as_ptr(),
+                    none.as_mut_ptr(),
+                    a.numel() as i64,
+                    0,
+                    5,
+                    opc,
+                    1,
+                    1,
+                    y.as_mut_ptr(),
+                    1,
+                )
+            });
+            close(
+                want.primal.data(),
+                &y,
+                &format!("binary_tangent {op:?}, K = 0"),
+            );
+        }
     }
 }
 

@@ -158,7 +158,8 @@ extern "C" __global__ void binary_fwd(const float* a, const float* b, float* y, 
 extern "C" __global__ void binary_tangent(const float* a, const float* b, const float* ta, const float* tb,
                                           float* out, long long pl, int k, int l, int op,
                                           int has_a, int has_b, float* y, int want_y) {
-    GRID_LOOP(u, pl * tchunks_(k)) {
+    // (K = 0: one unit per entry, which writes y alone)
+    GRID_LOOP(u, pl * (k > 0 ? tchunks_(k) : 1)) {
         long long e, p, j; int k0, k1;
         tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
         float av = a[e], bv = b[e], da, db;
@@ -584,6 +585,10 @@ impl BlockStager {
         shape: &[usize],
     ) -> Result<DevTensor> {
         let n = shape.iter().product::<usize>();
+        if n == 0 && offset <= whole.len() {
+            // nothing to stage (a batch without input columns)
+            return dev.upload(&Tensor::zeros(shape));
+        }
         let Some(src) = whole.get(offset..offset + n).filter(|s| !s.is_empty()) else {
             return Err(TensorError::shape(
                 "device block",
@@ -1409,7 +1414,10 @@ impl CudaDevice {
         shape: &[usize],
     ) -> Result<DevTensor> {
         let rows = src.numel() / src_w.max(1);
+        let fits_i32 = |v: usize| i32::try_from(v).is_ok();
         if src_w == 0
+            || !fits_i32(src_w)
+            || !fits_i32(offset)
             || w == 0
             || offset + w > src_w
             || rows * src_w != src.numel()
