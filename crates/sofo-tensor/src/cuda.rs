@@ -1643,6 +1643,15 @@ impl CudaDevice {
         Ok((y, t))
     }
 
+    /// A tensor's buffer as a kernel argument, or the stand-in for an
+    /// absent operand (which the kernel never reads).
+    fn data_or_dummy<'a>(&'a self, v: Option<&'a DevTensor>) -> &'a CudaSlice<f32> {
+        match v {
+            Some(v) => &v.data,
+            None => &self.dummy,
+        }
+    }
+
     /// Adds one term `u · w` with a short inner dimension ku (at most
     /// [`CudaDevice::SMALL_TERM`]) to a linear op's output `y` [rows, n]
     /// and, where `t` [rows, K, n] is given, `ut · w + u · wt` to its
@@ -1690,12 +1699,6 @@ impl CudaDevice {
             ));
         }
         let want_t = t.is_some() && k > 0 && (u.1.is_some() || w.1.is_some());
-        let opt = |v: Option<&'a DevTensor>| -> &'a CudaSlice<f32> {
-            match v {
-                Some(v) => &v.data,
-                None => &self.dummy,
-            }
-        };
         let (r64, k32, n32, ku32) = (rows as i64, k as i32, n as i32, ku as i32);
         let flags = [want_t as i32, u.1.is_some() as i32, w.1.is_some() as i32];
         let units = tangent_units(rows * n, if want_t { k } else { 0 });
@@ -1706,9 +1709,9 @@ impl CudaDevice {
             _ => l.arg(&self.dummy),
         };
         l.arg(&*u.0.data)
-            .arg(opt(u.1))
+            .arg(self.data_or_dummy(u.1))
             .arg(&*w.0.data)
-            .arg(opt(w.1))
+            .arg(self.data_or_dummy(w.1))
             .arg(&scale)
             .arg(&r64)
             .arg(&k32)
@@ -1790,12 +1793,6 @@ impl CudaDevice {
             init as i32,
         ];
         let (r64, k32, kd32, n32) = (rows as i64, k as i32, kd as i32, n as i32);
-        let opt = |v: Option<&'a DevTensor>| -> &'a CudaSlice<f32> {
-            match v {
-                Some(v) => &v.data,
-                None => &self.dummy,
-            }
-        };
         let total = rows * (1 + if want_t { k } else { 0 });
         let mut l = Launch::new(&self.core, &self.k.linear_narrow);
         l.out(&mut *y.data);
@@ -1804,11 +1801,11 @@ impl CudaDevice {
             _ => l.arg(&self.dummy),
         };
         l.arg(&*a.0.data)
-            .arg(opt(a.1))
+            .arg(self.data_or_dummy(a.1))
             .arg(&*w.0.data)
-            .arg(opt(w.1))
-            .arg(opt(bias.map(|(b, _)| b)))
-            .arg(opt(bias.and_then(|(_, bt)| bt)))
+            .arg(self.data_or_dummy(w.1))
+            .arg(self.data_or_dummy(bias.map(|(b, _)| b)))
+            .arg(self.data_or_dummy(bias.and_then(|(_, bt)| bt)))
             .arg(&scale)
             .arg(&r64)
             .arg(&k32)
