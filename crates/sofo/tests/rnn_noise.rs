@@ -370,3 +370,30 @@ fn multiplicative_state_and_additive_rate_noise_have_their_moments() {
     let (_, jtg) = ggn_and_gradient(&m, &params, &batch);
     assert!(max_rel_diff(&g, &jtg) < 1e-12);
 }
+
+/// The noise of many steps at once (what a model hands a GPU engine in one
+/// block) is step by step the noise of each step, for any group of trials,
+/// and stops at the trial's end.
+#[test]
+fn noise_of_many_steps_is_each_steps_noise() {
+    let batch = quiet_batch(10, 6, 42);
+    let groups = batch.split(2).unwrap();
+    for trials in [batch.all(), groups[1]] {
+        for range in [None, Some((0.5, 1.5))] {
+            let block = trials.noise_steps(3, 4, 5, range).unwrap();
+            assert_eq!(block.shape(), &[4, trials.trials(), 5]);
+            for i in 0..4 {
+                let step = trials.noise(3 + i, 5, range).unwrap();
+                let n = step.numel();
+                assert_eq!(
+                    &block.data()[i * n..(i + 1) * n],
+                    step.data(),
+                    "step {}",
+                    3 + i
+                );
+            }
+            // cut at T = 10: steps 8 and 9 only
+            assert_eq!(trials.noise_steps(8, 64, 5, range).unwrap().shape()[0], 2);
+        }
+    }
+}
