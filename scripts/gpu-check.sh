@@ -2,8 +2,10 @@
 # Everything GPU-specific, in one run, on a machine with an NVIDIA GPU.
 # Prepare on a build machine with scripts/gpu-prepare.sh (fills gpu/), then
 # run from the repository root there:  bash scripts/gpu-check.sh
-# Results go to $OUT (default gpu/out); a short table is printed last and
-# written to $OUT/table.md.
+# Results go to $RESULTS (default gpu-out: outside gpu/, so that a second
+# call on the same machine, which brings gpu/ anew, keeps the first one's
+# results and its table covers both); a short table is printed last and
+# written to table.md there.
 #
 # PHASES (default "agree bench anchors") splits the work so that each device
 # call stays under its time limit, e.g. PHASES=agree, then PHASES="bench",
@@ -14,7 +16,7 @@ set -u
 PHASES=${PHASES:-agree bench anchors}
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu/out}
+OUT=${RESULTS:-gpu-out}
 mkdir -p "$OUT"
 G=gpu
 PY=${PY:-python3}
@@ -69,7 +71,7 @@ fi
 
 if has profile; then
 echo "== per-kernel device time of a few steps (Nsight Compute)"
-OUT="$OUT" bash scripts/gpu-profile.sh
+RESULTS="$OUT" bash scripts/gpu-profile.sh
 fi
 
 if has anchors; then

@@ -5,10 +5,10 @@
 # kernels by total time per step. Run on the GPU machine after
 # scripts/gpu-prepare.sh, from the repository root:
 #   bash scripts/gpu-profile.sh            (CONFIG=rnn-kalman STEPS=24 by default)
-# Output under $OUT (default gpu/out): ncu.csv and profile.md.
+# Output under $RESULTS (default gpu-out): ncu.csv and profile.md.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu/out}
+OUT=${RESULTS:-gpu-out}
 mkdir -p "$OUT"
 CONFIG=${CONFIG:-rnn-kalman}
 STEPS=${STEPS:-24}
