@@ -759,6 +759,36 @@ fn device_calls_per_time_step() {
     assert_eq!(short[6], 1, "one graph launch");
 }
 
+/// The device calls of one SOFO iteration (K = 4) of the test's reach
+/// network at T = 120, counted on the fake GPU: the arm plant's column
+/// arithmetic makes it launch-bound (≈ 70 small kernels per step). Pinned
+/// so that a change in the count shows; the README quotes it.
+#[test]
+fn reach_network_calls_per_iteration() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("reach_network_calls_per_iteration") else {
+        return;
+    };
+    if fake_gpu_counts().is_none() {
+        eprintln!("skipping reach_network_calls_per_iteration: counted on the fake GPU only");
+        return;
+    }
+    let (model, mut params, batch) = reach_case();
+    let s = Sofo::new(SofoConfig {
+        k: 4,
+        ..SofoConfig::default()
+    })
+    .unwrap()
+    .on(Device::Cuda(dev));
+    s.step(&model, &mut params, &batch, 0, 0).unwrap();
+    let before = fake_gpu_counts().unwrap();
+    s.step(&model, &mut params, &batch, 0, 1).unwrap();
+    let after = fake_gpu_counts().unwrap();
+    let calls: Vec<u64> = (0..7).map(|i| after[i] - before[i]).collect();
+    eprintln!("reach network, one iteration: {calls:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
+    assert_eq!(calls, [8260, 364, 21, 3, 4, 2, 0]);
+}
+
 /// Peak device bytes of one SOFO iteration: equal at T = 10 and T = 1000
 /// (each measured at its second iteration: the first also makes the
 /// buffers an iteration keeps on the device, and is run call by call).
