@@ -449,35 +449,37 @@ impl<T: Float> Ops<T> for CudaFwd {
     /// likewise, K sitting before the last axis).
     fn slice(&mut self, x: &CudaDual, axis: usize, start: usize, len: usize) -> Result<CudaDual> {
         let s = x.primal.shape().to_vec();
-        // rows of ≥ 2³¹ elements (the kernel's int columns): on the host
-        let too_wide = x.tangent.as_ref().is_some_and(|t| {
-            t.numel() / s.first().copied().unwrap_or(1).max(1) > i32::MAX as usize
-        }) || x.primal.numel() > i32::MAX as usize;
-        if axis >= s.len() || len == 0 || start + len > s[axis] || too_wide {
-            // (and the CPU engine's error for a bad slice)
+        if axis >= s.len() || len == 0 || start + len > s[axis] {
+            // the CPU engine's error
             return self.on_host(&[x], |e, v| e.slice(&v[0], axis, start, len));
         }
         let mut out = s.clone();
         out[axis] = len;
-        let block = |shape: &[usize], axis: usize| shape[axis + 1..].iter().product::<usize>();
-        let inner = block(&s, axis);
-        let primal =
-            self.dev
-                .take_block(&x.primal, s[axis] * inner, start * inner, len * inner, &out)?;
+        // a run of `shape[axis..]` elements per row: (its length, one index's)
+        let run = |shape: &[usize], axis: usize| {
+            let inner = shape[axis + 1..].iter().product::<usize>();
+            (shape[axis] * inner, inner)
+        };
+        let (src_w, inner) = run(&s, axis);
+        let ts = tangent_shape(&s, self.k);
+        // K sits at index rank − 1: the last axis moves one on
+        let ta = if axis == s.len() - 1 { s.len() } else { axis };
+        let (t_src_w, t_inner) = run(&ts, ta);
+        if src_w.max(t_src_w) > i32::MAX as usize {
+            // rows past the kernel's int columns
+            return self.on_host(&[x], |e, v| e.slice(&v[0], axis, start, len));
+        }
+        let primal = self
+            .dev
+            .take_block(&x.primal, src_w, start * inner, len * inner, &out)?;
         let tangent = match &x.tangent {
-            Some(t) => {
-                let ts = tangent_shape(&s, self.k);
-                // K sits at index rank − 1: the last axis moves one on
-                let ta = if axis == s.len() - 1 { s.len() } else { axis };
-                let inner = block(&ts, ta);
-                Some(self.dev.take_block(
-                    t,
-                    ts[ta] * inner,
-                    start * inner,
-                    len * inner,
-                    &tangent_shape(&out, self.k),
-                )?)
-            }
+            Some(t) => Some(self.dev.take_block(
+                t,
+                t_src_w,
+                start * t_inner,
+                len * t_inner,
+                &tangent_shape(&out, self.k),
+            )?),
             None => None,
         };
         Ok(CudaDual { primal, tangent })

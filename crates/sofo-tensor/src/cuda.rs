@@ -852,6 +852,43 @@ impl CudaDevice {
     pub const NARROW: usize = 8;
 }
 
+/// The operand sizes of one linear term `a · w` (a [rows, kd] with tangents
+/// [rows, K, kd], w [kd, n] with [kd, K, n]) against its output y [rows, n]
+/// and the output's tangents [rows, K, n]; (rows, n).
+fn term_sizes(
+    op: &'static str,
+    y: &DevTensor,
+    t: Option<&DevTensor>,
+    k: usize,
+    a: (&DevTensor, Option<&DevTensor>),
+    w: (&DevTensor, Option<&DevTensor>),
+) -> Result<(usize, usize)> {
+    let n = y.shape.last().copied().unwrap_or(1).max(1);
+    let rows = y.numel() / n;
+    let kd = w.0.shape.first().copied().unwrap_or(0);
+    let sizes = [
+        (Some(a.0.numel()), rows * kd, "a"),
+        (Some(w.0.numel()), kd * n, "w"),
+        (a.1.map(DevTensor::numel), rows * k * kd, "a's tangents"),
+        (w.1.map(DevTensor::numel), kd * k * n, "w's tangents"),
+        (
+            t.map(DevTensor::numel),
+            rows * k * n,
+            "the output's tangents",
+        ),
+    ];
+    for (got, want, what) in sizes {
+        if let Some(got) = got.filter(|&g| g != want) {
+            return Err(TensorError::shape(
+                op,
+                format!("{what} of {want} elements"),
+                format!("{got}"),
+            ));
+        }
+    }
+    Ok((rows, n))
+}
+
 /// The tangents one thread of a tangent kernel handles (`TCHUNK` of the
 /// kernel source): the number of threads to launch for a value of `pl`
 /// entries with `k` tangents each (at least one per entry).
@@ -1668,29 +1705,8 @@ impl CudaDevice {
         w: (&'a DevTensor, Option<&'a DevTensor>),
         scale: f32,
     ) -> Result<()> {
-        let n = y.shape.last().copied().unwrap_or(1).max(1);
-        let rows = y.numel() / n;
         let ku = w.0.shape.first().copied().unwrap_or(0);
-        let sizes = [
-            (Some(u.0.numel()), rows * ku, "u"),
-            (Some(w.0.numel()), ku * n, "w"),
-            (u.1.map(DevTensor::numel), rows * k * ku, "u's tangents"),
-            (w.1.map(DevTensor::numel), ku * k * n, "w's tangents"),
-            (
-                t.as_ref().map(|t| t.numel()),
-                rows * k * n,
-                "the output's tangents",
-            ),
-        ];
-        for (got, want, what) in sizes {
-            if got.is_some_and(|g| g != want) {
-                return Err(TensorError::shape(
-                    "device small linear term",
-                    format!("{what} of {want} elements"),
-                    format!("{}", got.unwrap_or(0)),
-                ));
-            }
-        }
+        let (rows, n) = term_sizes("device small linear term", y, t.as_deref(), k, u, w)?;
         if ku == 0 || ku > Self::SMALL_TERM || w.0.shape.len() != 2 {
             return Err(TensorError::shape(
                 "device small linear term",
@@ -1744,9 +1760,8 @@ impl CudaDevice {
         out: NarrowOut<'a>,
         scale: f32,
     ) -> Result<()> {
-        let n = y.shape.last().copied().unwrap_or(1).max(1);
-        let rows = y.numel() / n;
         let kd = w.0.shape.first().copied().unwrap_or(0);
+        let (rows, n) = term_sizes("device narrow linear", y, t.as_deref(), k, a, w)?;
         let bias = match out {
             NarrowOut::Write { bias } => bias,
             NarrowOut::Add => None,
@@ -1762,12 +1777,6 @@ impl CudaDevice {
             })
         };
         let checks = [
-            mismatch("a", rows * kd, a.0.numel()),
-            mismatch("w", kd * n, w.0.numel()),
-            a.1.and_then(|at| mismatch("a's tangents", rows * k * kd, at.numel())),
-            w.1.and_then(|wt| mismatch("w's tangents", kd * k * n, wt.numel())),
-            t.as_ref()
-                .and_then(|t| mismatch("the output's tangents", rows * k * n, t.numel())),
             bias.and_then(|(b, _)| mismatch("bias", n, b.numel())),
             bias.and_then(|(_, bt)| bt.and_then(|bt| mismatch("bias tangents", k * n, bt.numel()))),
         ];

@@ -160,9 +160,15 @@ impl<T: Float> Trials<'_, T> {
     /// N(0, 1) when `range` is `None`. Each trial's row comes from its own
     /// stream (see [`Batch::noise_seed`]). A constant with respect to θ.
     pub fn noise(&self, t: usize, width: usize, range: Option<(f64, f64)>) -> Result<Tensor<T>> {
-        use rand::RngExt;
         let mut out = Tensor::<T>::scratch(&[self.len, width]);
-        for (j, row) in out.data_mut().chunks_mut(width.max(1)).enumerate() {
+        self.fill_noise(t, width, range, out.data_mut());
+        Ok(out)
+    }
+
+    /// Step t's noise ([`Trials::noise`]) into `out` (len · width values).
+    fn fill_noise(&self, t: usize, width: usize, range: Option<(f64, f64)>, out: &mut [T]) {
+        use rand::RngExt;
+        for (j, row) in out.chunks_mut(width.max(1)).enumerate() {
             let trial = (self.start + j) as u64;
             let mut g = rng::generator(self.batch.noise_seed, rng::substream(t as u64, trial));
             for v in row {
@@ -173,7 +179,6 @@ impl<T: Float> Trials<'_, T> {
                 *v = T::from_f64(x);
             }
         }
-        Ok(out)
     }
 
     /// The noise of steps [t0, t0 + steps) (cut at the trial's end), [steps,
@@ -188,11 +193,12 @@ impl<T: Float> Trials<'_, T> {
         range: Option<(f64, f64)>,
     ) -> Result<Tensor<T>> {
         let steps = steps.min(self.batch.steps.saturating_sub(t0));
-        let mut data = Vec::with_capacity(steps * self.len * width);
-        for t in t0..t0 + steps {
-            data.extend_from_slice(self.noise(t, width, range)?.data());
+        let mut out = Tensor::<T>::scratch(&[steps, self.len, width]);
+        let block = (self.len * width).max(1);
+        for (i, step) in out.data_mut().chunks_mut(block).enumerate() {
+            self.fill_noise(t0 + i, width, range, step);
         }
-        Ok(Tensor::from_vec(&[steps, self.len, width], data)?)
+        Ok(out)
     }
 
     /// Whether step t carries any loss for these trials.
