@@ -10,9 +10,11 @@ pub mod cuda_rev;
 mod forward;
 pub mod layout;
 mod ops;
+pub mod pointwise;
 mod reverse;
 
 pub use forward::{linear_shapes, Dual, Fwd};
 pub use ops::{Binary, Ops, Unary};
+pub use pointwise::{Pointwise, Recorder, Reg};
 pub use reverse::{Rev, Var};
 pub use sofo_tensor::{Float, Result, Tensor, TensorError};

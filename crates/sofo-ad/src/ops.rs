@@ -1,3 +1,4 @@
+use crate::pointwise::Pointwise;
 use sofo_tensor::{Float, Result, Tensor};
 
 /// Elementwise unary ops.
@@ -193,6 +194,14 @@ pub trait Ops<T: Float> {
         terms: &[(&Self::V, &Self::V)],
         bias: Option<&Self::V>,
     ) -> Result<Self::V>;
+
+    /// Runs an elementwise program ([`Pointwise`]: a plant's column
+    /// arithmetic recorded once) on `inputs`, its outputs joined along the
+    /// last axis. By default op by op, exactly the ops the program recorded;
+    /// an engine on a device may run it as one kernel.
+    fn pointwise(&mut self, program: &Pointwise, inputs: &[&Self::V]) -> Result<Self::V> {
+        program.eval_ops::<T, Self>(self, inputs)
+    }
 
     /// Sum over `axes` (removed from the shape).
     fn sum(&mut self, x: &Self::V, axes: &[usize]) -> Result<Self::V>;

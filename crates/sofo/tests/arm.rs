@@ -253,6 +253,48 @@ fn arm_rollout<E: Ops<f64>>(e: &mut E, arm: &TwoJointArm, x: &[E::V]) -> E::V {
     e.concat(&refs, 1).unwrap()
 }
 
+/// The arm's step and hand as elementwise programs (one op each; one
+/// kernel on a GPU) give, on the host engines, bit for bit what the arm code
+/// gives op by op: values and tangents, over several steps.
+#[test]
+fn the_arm_programs_are_the_arm_code() {
+    let arm = TwoJointArm {
+        dt: 0.05,
+        ..TwoJointArm::li_todorov()
+    };
+    let (step, hand) = (arm.step_program().unwrap(), arm.hand_program().unwrap());
+    let (m, k) = (3, 4);
+    let mut e = Fwd::new(k);
+    let dual = |shape: &[usize], seed: u64| {
+        let mut ts = shape.to_vec();
+        ts.insert(1, k);
+        Dual {
+            primal: randn(shape, seed, 1),
+            tangent: Some(randn(&ts, seed, 2)),
+        }
+    };
+    let (theta, vel) = (dual(&[m, 2], 1), dual(&[m, 2], 2));
+    let mut s = ArmState::from_pairs(&mut e, &theta, &vel).unwrap();
+    let mut joined = e.concat(&[&theta, &vel], 1).unwrap();
+    let same = |a: &Dual<f64>, b: &Dual<f64>| {
+        assert_eq!(a.primal.data(), b.primal.data());
+        assert_eq!(
+            a.tangent.as_ref().unwrap().data(),
+            b.tangent.as_ref().unwrap().data()
+        );
+    };
+    for t in 0..3 {
+        let tau = dual(&[m, 2], 10 + t);
+        let t1 = e.slice(&tau, 1, 0, 1).unwrap();
+        let t2 = e.slice(&tau, 1, 1, 1).unwrap();
+        s = arm.step(&mut e, &s, [&t1, &t2]).unwrap();
+        joined = e.pointwise(&step, &[&joined, &tau]).unwrap();
+        same(&joined, &s.joined(&mut e).unwrap());
+        let h = e.pointwise(&hand, &[&joined]).unwrap();
+        same(&h, &arm.hand(&mut e, &s).unwrap());
+    }
+}
+
 #[test]
 fn the_plant_differentiates_alike_in_forward_reverse_and_finite_differences() {
     // a coarse dt so that a few steps move the arm far from linear

@@ -16,7 +16,7 @@
 //! parameters, so it never vanishes).
 
 use crate::Result;
-use sofo_ad::Ops;
+use sofo_ad::{Ops, Pointwise};
 use sofo_tensor::Float;
 
 /// Arm parameters (SI units).
@@ -166,6 +166,43 @@ impl TwoJointArm {
     /// Hand position and velocity `[M, 4]` = (x, y, ẋ, ẏ); the velocity is
     /// the Jacobian of the position times θ̇.
     pub fn hand<T: Float, E: Ops<T>>(&self, e: &mut E, s: &ArmState<E::V>) -> Result<E::V> {
+        let [x, y, vx, vy] = self.hand_columns(e, s)?;
+        Ok(e.concat(&[&x, &y, &vx, &vy], 1)?)
+    }
+
+    /// One Euler step as an elementwise program ([`Ops::pointwise`]): inputs
+    /// (θ1, θ2, θ̇1, θ̇2, τ1, τ2), outputs the new (θ1, θ2, θ̇1, θ̇2) — run on a
+    /// state `[M, 4]` and torques `[M, 2]`, it gives the new state `[M, 4]`:
+    /// one kernel on a GPU instead of ≈ 40 launches.
+    pub fn step_program(&self) -> Result<Pointwise> {
+        Pointwise::record(6, |rec, r| {
+            let s = ArmState {
+                theta: [r[0], r[1]],
+                vel: [r[2], r[3]],
+            };
+            let n = self.step::<f64, _>(rec, &s, [&r[4], &r[5]])?;
+            Ok(vec![n.theta[0], n.theta[1], n.vel[0], n.vel[1]])
+        })
+    }
+
+    /// [`TwoJointArm::hand`] as an elementwise program: the state `[M, 4]`
+    /// in, (x, y, ẋ, ẏ) `[M, 4]` out.
+    pub fn hand_program(&self) -> Result<Pointwise> {
+        Pointwise::record(4, |rec, r| {
+            let s = ArmState {
+                theta: [r[0], r[1]],
+                vel: [r[2], r[3]],
+            };
+            Ok(self.hand_columns::<f64, _>(rec, &s)?.to_vec())
+        })
+    }
+
+    /// The hand's (x, y, ẋ, ẏ), each `[M, 1]`.
+    pub fn hand_columns<T: Float, E: Ops<T>>(
+        &self,
+        e: &mut E,
+        s: &ArmState<E::V>,
+    ) -> Result<[E::V; 4]> {
         let [th1, th2] = &s.theta;
         let [v1, v2] = &s.vel;
         let th12 = e.add(th1, th2)?;
@@ -187,7 +224,7 @@ impl TwoJointArm {
         let c1v = e.mul(&c1, v1)?;
         let c12v = e.mul(&c12, &v12)?;
         let vy = lin(e, &c1v, self.l1, &c12v, self.l2)?;
-        Ok(e.concat(&[&x, &y, &vx, &vy], 1)?)
+        Ok([x, y, vx, vy])
     }
 }
 

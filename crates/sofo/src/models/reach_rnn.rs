@@ -13,7 +13,7 @@
 //! `C` [2,N], `d` [2] and the learned initial state `x0` [N]. The noise is
 //! drawn from the batch's noise seed (a constant with respect to θ).
 
-use super::arm::{ArmState, TwoJointArm};
+use super::arm::TwoJointArm;
 use super::init::{check_rnn, normal, param};
 use super::{Batch, Model, Trials};
 use crate::loss::Observer;
@@ -89,31 +89,22 @@ impl<T: Float> Model<T> for ReachRnn {
         ]))
     }
 
-    /// Prepared: `[Wᵀ, Bᵀ, b, x0, F1..F4, C1, C2, d1, d2]` (F1..F4 the rows
-    /// of Fᵀ, `[1,N]` each; C1, C2 the columns of Cᵀ, `[N,1]` each) — the
-    /// arm's four state columns and two torques each get their own weights,
-    /// so the time loop needs no slicing or concatenation.
+    /// Prepared: `[Wᵀ, Bᵀ, b, x0, Fᵀ, Cᵀ, d]`.
     fn prepare<E: Ops<T>>(&self, e: &mut E, p: &[E::V]) -> Result<Vec<E::V>> {
-        let ft = e.transpose(&p[2], 0, 1)?;
-        let ct = e.transpose(&p[4], 0, 1)?;
-        let mut out = vec![
+        Ok(vec![
             e.transpose(&p[0], 0, 1)?,
             e.transpose(&p[1], 0, 1)?,
             p[3].clone(),
             p[6].clone(),
-        ];
-        for i in 0..4 {
-            out.push(e.slice(&ft, 0, i, 1)?);
-        }
-        for i in 0..2 {
-            out.push(e.slice(&ct, 1, i, 1)?);
-        }
-        for i in 0..2 {
-            out.push(e.slice(&p[5], 0, i, 1)?);
-        }
-        Ok(out)
+            e.transpose(&p[2], 0, 1)?,
+            e.transpose(&p[4], 0, 1)?,
+            p[5].clone(),
+        ])
     }
 
+    /// The arm's state is one `[M, 4]` value (θ1, θ2, θ̇1, θ̇2) and the
+    /// torques one `[M, 2]`; the arm's step and the hand are elementwise
+    /// programs ([`TwoJointArm::step_program`]), each one op.
     fn run<E: Ops<T>>(
         &self,
         e: &mut E,
@@ -124,16 +115,19 @@ impl<T: Float> Model<T> for ReachRnn {
         let m = batch.trials();
         let a = T::from_f64(self.alpha);
         let (wt, bt, bias) = (&p[0], &p[1], &p[2]);
-        let f = &p[4..8];
-        let (c, d) = (&p[8..10], &p[10..12]);
+        let (ft, ct, d) = (&p[4], &p[5], &p[6]);
+        let (arm_step, hand_of) = (self.arm.step_program()?, self.arm.hand_program()?);
         let start = TwoJointArm::start_angles();
-        let column = |e: &mut E, v: f64| -> Result<E::V> {
-            Ok(e.constant(Tensor::full(&[m, 1], T::from_f64(v)))?)
-        };
-        let mut arm = ArmState {
-            theta: [column(e, start[0])?, column(e, start[1])?],
-            vel: [column(e, 0.0)?, column(e, 0.0)?],
-        };
+        let at_rest = [
+            T::from_f64(start[0]),
+            T::from_f64(start[1]),
+            T::zero(),
+            T::zero(),
+        ];
+        let mut arm = e.constant(Tensor::from_vec(
+            &[m, 4],
+            (0..m).flat_map(|_| at_rest).collect(),
+        )?)?;
         let mut z = e.broadcast_to(&p[3], &[m, self.n])?;
         let width = self.noise_width();
         // the noise of as many steps at a time as the engine takes (a GPU
@@ -156,21 +150,14 @@ impl<T: Float> Model<T> for ReachRnn {
                 let eta = e.constant_block(eta, (t - t0) * m * self.n, &[m, self.n])?;
                 r = e.mul(&r, &eta)?;
             }
-            let tau1 = e.linear(None, T::one(), &[(&r, &c[0])], Some(&d[0]))?;
-            let tau2 = e.linear(None, T::one(), &[(&r, &c[1])], Some(&d[1]))?;
-            arm = self.arm.step(e, &arm, [&tau1, &tau2])?;
+            let tau = e.linear(None, T::one(), &[(&r, ct)], Some(d))?;
+            arm = e.pointwise(&arm_step, &[&arm, &tau])?;
             if batch.observed(t) {
-                let hand = self.arm.hand(e, &arm)?;
+                let hand = e.pointwise(&hand_of, &[&arm])?;
                 obs.observe(e, &hand, &batch.step_loss(t)?)?;
             }
             let u = batch.input_on(e, t)?;
-            let mut terms = vec![
-                (&r, wt),
-                (&arm.theta[0], &f[0]),
-                (&arm.theta[1], &f[1]),
-                (&arm.vel[0], &f[2]),
-                (&arm.vel[1], &f[3]),
-            ];
+            let mut terms = vec![(&r, wt), (&arm, ft)];
             if let Some(u) = &u {
                 terms.push((u, bt));
             }

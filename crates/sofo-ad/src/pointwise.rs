@@ -1,0 +1,262 @@
+//! Elementwise programs: a plant's column arithmetic (an arm step: sines,
+//! products, a 2×2 solve) recorded once as a list of elementwise ops and then
+//! run as one op, [`Ops::pointwise`].
+//!
+//! A program is recorded by running the plant's own code (written against
+//! [`Ops`] like everything else) on a [`Recorder`], whose values are
+//! registers. Every engine can run the program op by op — the default of
+//! [`Ops::pointwise`], exactly the ops the plant code issues, so a host engine
+//! computes bit for bit what it computed before — and a GPU engine runs it as
+//! one kernel, value and K tangents, instead of one launch per op.
+//!
+//! Layout: a program with `n` inputs runs on `[.., L]` values; its inputs are
+//! the column blocks of width L of the given values in order (a `[M, 4]` arm
+//! state gives four `[M, 1]` inputs), L = (sum of the widths) / n. Its outputs
+//! are joined side by side along the last axis, `[.., outputs·L]`.
+
+use crate::ops::{Binary, Ops, Unary};
+use sofo_tensor::{Float, Result, Tensor, TensorError};
+
+/// A register of a program: input `i < inputs`, else the result of step
+/// `i - inputs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reg(usize);
+
+impl Reg {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// One step of a program, on earlier registers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Step {
+    Unary(Unary, usize),
+    Binary(Binary, usize, usize),
+}
+
+/// An elementwise program: `inputs` registers, then one register per step;
+/// `outputs` names the registers returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pointwise {
+    inputs: usize,
+    steps: Vec<Step>,
+    outputs: Vec<usize>,
+}
+
+impl Pointwise {
+    /// Records `f` run on `inputs` registers; `f` returns the output
+    /// registers. Any op that is not elementwise on equal shapes (a matmul,
+    /// a constant, a slice, …) is an error.
+    pub fn record<E: From<TensorError>>(
+        inputs: usize,
+        f: impl FnOnce(&mut Recorder, &[Reg]) -> std::result::Result<Vec<Reg>, E>,
+    ) -> std::result::Result<Pointwise, E> {
+        if inputs == 0 {
+            return Err(TensorError::arg("pointwise", "a program needs at least one input").into());
+        }
+        let mut rec = Recorder {
+            inputs,
+            steps: vec![],
+        };
+        let regs: Vec<Reg> = (0..inputs).map(Reg).collect();
+        let outputs = f(&mut rec, &regs)?;
+        if outputs.is_empty() {
+            return Err(
+                TensorError::arg("pointwise", "a program needs at least one output").into(),
+            );
+        }
+        let n = inputs + rec.steps.len();
+        if let Some(r) = outputs.iter().find(|r| r.0 >= n) {
+            return Err(TensorError::arg(
+                "pointwise",
+                format!("output register {} of a program with {n} registers", r.0),
+            )
+            .into());
+        }
+        Ok(Pointwise {
+            inputs,
+            steps: rec.steps,
+            outputs: outputs.iter().map(|r| r.0).collect(),
+        })
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+    /// The registers returned, in order.
+    pub fn outputs(&self) -> &[usize] {
+        &self.outputs
+    }
+    /// Inputs and steps.
+    pub fn registers(&self) -> usize {
+        self.inputs + self.steps.len()
+    }
+
+    /// The element width L and the output shape for inputs of these shapes
+    /// (see the module's layout), or why they do not fit the program.
+    pub fn layout(&self, shapes: &[&[usize]]) -> Result<(usize, Vec<usize>)> {
+        let bad = |why: String| TensorError::shape("pointwise", why, format!("{shapes:?}"));
+        let Some(first) = shapes.first().filter(|s| !s.is_empty()) else {
+            return Err(bad("at least one input of rank ≥ 1".into()));
+        };
+        let lead = &first[..first.len() - 1];
+        if shapes
+            .iter()
+            .any(|s| s.len() != first.len() || &s[..s.len() - 1] != lead)
+        {
+            return Err(bad(format!("inputs [{lead:?}.., w] alike but in width")));
+        }
+        let total: usize = shapes.iter().map(|s| s[s.len() - 1]).sum();
+        let l = total / self.inputs;
+        if l == 0 || l * self.inputs != total || shapes.iter().any(|s| s[s.len() - 1] % l != 0) {
+            return Err(bad(format!(
+                "widths that split into {} column blocks of one width",
+                self.inputs
+            )));
+        }
+        let mut out = lead.to_vec();
+        out.push(self.outputs.len() * l);
+        Ok((l, out))
+    }
+
+    /// Runs the program op by op on `e` (what [`Ops::pointwise`] does unless
+    /// an engine has a fused kernel for it).
+    pub fn eval_ops<T: Float, E: Ops<T> + ?Sized>(&self, e: &mut E, xs: &[&E::V]) -> Result<E::V> {
+        let shapes: Vec<&[usize]> = xs.iter().map(|x| e.shape(x)).collect();
+        let (l, _) = self.layout(&shapes)?;
+        let mut regs: Vec<E::V> = Vec::with_capacity(self.registers());
+        for x in xs {
+            let shape = e.shape(x);
+            let (axis, w) = (shape.len() - 1, shape[shape.len() - 1]);
+            if w == l {
+                regs.push((*x).clone());
+            } else {
+                for c in 0..w / l {
+                    let col = e.slice(x, axis, c * l, l)?;
+                    regs.push(col);
+                }
+            }
+        }
+        for s in &self.steps {
+            let v = match *s {
+                Step::Unary(op, a) => e.unary(&regs[a], op)?,
+                Step::Binary(op, a, b) => e.binary(&regs[a], &regs[b], op)?,
+            };
+            regs.push(v);
+        }
+        if let [o] = self.outputs[..] {
+            return Ok(regs.swap_remove(o));
+        }
+        let outs: Vec<&E::V> = self.outputs.iter().map(|&o| &regs[o]).collect();
+        let axis = e.shape(outs[0]).len() - 1;
+        e.concat(&outs, axis)
+    }
+
+    /// Which registers carry tangents when the inputs in `input_has` do:
+    /// a step has them if an operand has (as in the forward engines, where
+    /// an op on values without tangents gives none).
+    pub fn tangent_registers(&self, input_has: &[bool]) -> Vec<bool> {
+        let mut has = input_has.to_vec();
+        has.resize(self.inputs, false);
+        for s in &self.steps {
+            has.push(match *s {
+                Step::Unary(_, a) => has[a],
+                Step::Binary(_, a, b) => has[a] || has[b],
+            });
+        }
+        has
+    }
+}
+
+/// The engine that records a [`Pointwise`] program: its values are
+/// registers, its elementwise ops steps; other ops are errors.
+pub struct Recorder {
+    inputs: usize,
+    steps: Vec<Step>,
+}
+
+impl Recorder {
+    fn push(&mut self, s: Step) -> Result<Reg> {
+        let n = self.inputs + self.steps.len();
+        let ok = match s {
+            Step::Unary(_, a) => a < n,
+            Step::Binary(_, a, b) => a < n && b < n,
+        };
+        if !ok {
+            return Err(TensorError::arg(
+                "pointwise",
+                format!("{s:?} reads a register of another program ({n} so far)"),
+            ));
+        }
+        self.steps.push(s);
+        Ok(Reg(n))
+    }
+}
+
+fn not_elementwise<V>(op: &str) -> Result<V> {
+    Err(TensorError::arg(
+        "pointwise",
+        format!("{op} is not an elementwise op on equal shapes: it cannot be part of a program"),
+    ))
+}
+
+impl<T: Float> Ops<T> for Recorder {
+    type V = Reg;
+
+    fn constant(&mut self, _: Tensor<T>) -> Result<Reg> {
+        not_elementwise("a constant (pass it as an input)")
+    }
+    /// A register is one element of the program's grid.
+    fn shape<'a>(&self, _: &'a Reg) -> &'a [usize] {
+        &[]
+    }
+    fn to_host(&mut self, _: &Reg) -> Result<Tensor<T>> {
+        not_elementwise("to_host")
+    }
+    fn unary(&mut self, x: &Reg, op: Unary) -> Result<Reg> {
+        self.push(Step::Unary(op, x.0))
+    }
+    fn binary(&mut self, a: &Reg, b: &Reg, op: Binary) -> Result<Reg> {
+        self.push(Step::Binary(op, a.0, b.0))
+    }
+    fn matmul(&mut self, _: &Reg, _: &Reg) -> Result<Reg> {
+        not_elementwise("matmul")
+    }
+    fn linear(
+        &mut self,
+        _: Option<(&Reg, T)>,
+        _: T,
+        _: &[(&Reg, &Reg)],
+        _: Option<&Reg>,
+    ) -> Result<Reg> {
+        not_elementwise("linear")
+    }
+    fn sum(&mut self, _: &Reg, _: &[usize]) -> Result<Reg> {
+        not_elementwise("sum")
+    }
+    fn concat(&mut self, _: &[&Reg], _: usize) -> Result<Reg> {
+        not_elementwise("concat")
+    }
+    fn slice(&mut self, _: &Reg, _: usize, _: usize, _: usize) -> Result<Reg> {
+        not_elementwise("slice")
+    }
+    fn reshape(&mut self, _: &Reg, _: &[usize]) -> Result<Reg> {
+        not_elementwise("reshape")
+    }
+    fn transpose(&mut self, _: &Reg, _: usize, _: usize) -> Result<Reg> {
+        not_elementwise("transpose")
+    }
+    fn broadcast_to(&mut self, _: &Reg, _: &[usize]) -> Result<Reg> {
+        not_elementwise("broadcast_to")
+    }
+    fn softmax(&mut self, _: &Reg) -> Result<Reg> {
+        not_elementwise("softmax")
+    }
+    fn log_softmax(&mut self, _: &Reg) -> Result<Reg> {
+        not_elementwise("log_softmax")
+    }
+}

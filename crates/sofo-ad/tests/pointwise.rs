@@ -1,0 +1,178 @@
+//! Elementwise programs ([`Pointwise`]): recorded from ordinary op-vocabulary
+//! code, and run by the host engines as exactly the ops recorded — so their
+//! values, tangents and gradients are bit for bit those of the code itself
+//! (the GPU kernel that runs a program in one launch is checked against
+//! these engines in `kernel_emulation.rs` and `cuda_agreement.rs`).
+
+use sofo_ad::{Dual, Float, Fwd, Ops, Pointwise, Result, Rev, Tensor, Unary};
+use sofo_tensor::rng;
+
+const M: usize = 5;
+const K: usize = 4;
+
+/// Every elementwise op of the vocabulary on inputs (a, b, c, d), three
+/// outputs; the last depends on d alone.
+fn every_op<T: Float, E: Ops<T>>(e: &mut E, x: &[E::V]) -> Result<Vec<E::V>> {
+    let [a, b, c, d] = [&x[0], &x[1], &x[2], &x[3]];
+    let pos = e.square(b)?;
+    let pos = e.add_scalar(&pos, 0.5)?;
+    let mut acc = a.clone();
+    for op in Unary::all(0.3, -1.7) {
+        let arg = if matches!(op, Unary::Log | Unary::Sqrt) {
+            &pos
+        } else {
+            c
+        };
+        let y = e.unary(arg, op)?;
+        acc = e.add(&acc, &y)?;
+    }
+    let p = e.mul(&acc, d)?;
+    let q = e.div(&p, &pos)?;
+    let r = e.sub(&q, a)?;
+    let dd = e.mul(d, d)?;
+    Ok(vec![r, p, dd])
+}
+
+fn program() -> Pointwise {
+    Pointwise::record(4, |rec, r| {
+        let ins: Vec<_> = r.to_vec();
+        every_op::<f64, _>(rec, &ins)
+    })
+    .unwrap()
+}
+
+fn normal(shape: &[usize], stream: u64) -> Tensor<f64> {
+    let mut t = Tensor::zeros(shape);
+    rng::fill_normal(t.data_mut(), 7, stream);
+    t
+}
+
+/// (a, b, c) with K tangents each, d without, each `[M, w]`.
+fn inputs(e: &Fwd, w: usize) -> Vec<Dual<f64>> {
+    (0..4)
+        .map(|i| {
+            let v = normal(&[M, w], i);
+            if i < 3 {
+                e.dual(v, normal(&[M, K, w], 10 + i)).unwrap()
+            } else {
+                Dual::constant(v)
+            }
+        })
+        .collect()
+}
+
+fn same(got: &Dual<f64>, want: &Dual<f64>) {
+    assert_eq!(got.primal.shape(), want.primal.shape());
+    assert_eq!(got.primal.data(), want.primal.data(), "values");
+    let (g, w) = (got.tangent.as_ref(), want.tangent.as_ref());
+    assert_eq!(g.map(|t| t.data()), w.map(|t| t.data()), "tangents");
+}
+
+#[test]
+fn a_program_computes_what_its_code_computes_bit_for_bit() {
+    let p = program();
+    assert_eq!((p.inputs(), p.outputs().len()), (4, 3));
+    assert_eq!(p.registers(), 4 + p.steps().len());
+    let mut e = Fwd::new(K);
+    for w in [1, 3] {
+        let x = inputs(&e, w);
+        let outs = every_op::<f64, _>(&mut e, &x).unwrap();
+        let refs: Vec<&Dual<f64>> = outs.iter().collect();
+        let want = e.concat(&refs, 1).unwrap();
+        // the inputs one by one, and as column blocks of wider values
+        let xr: Vec<&Dual<f64>> = x.iter().collect();
+        same(&e.pointwise(&p, &xr).unwrap(), &want);
+        let ab = e.concat(&[&x[0], &x[1]], 1).unwrap();
+        let abc = e.concat(&[&x[0], &x[1], &x[2]], 1).unwrap();
+        same(&e.pointwise(&p, &[&ab, &x[2], &x[3]]).unwrap(), &want);
+        same(&e.pointwise(&p, &[&abc, &x[3]]).unwrap(), &want);
+        // the output that depends on d alone has zero tangents, as in concat
+        let got = e.pointwise(&p, &xr).unwrap();
+        let t = got.tangent.unwrap();
+        for (i, v) in t.data().iter().enumerate() {
+            if i % (3 * w) >= 2 * w {
+                assert_eq!(*v, 0.0);
+            }
+        }
+    }
+    // no tangents anywhere: none out
+    let x: Vec<Dual<f64>> = (0..4).map(|i| Dual::constant(normal(&[M, 1], i))).collect();
+    let xr: Vec<&Dual<f64>> = x.iter().collect();
+    assert!(e.pointwise(&p, &xr).unwrap().tangent.is_none());
+}
+
+#[test]
+fn tangents_flow_to_the_registers_that_read_them() {
+    let p = program();
+    let has = p.tangent_registers(&[true, true, true, false]);
+    let outs: Vec<bool> = p.outputs().iter().map(|&o| has[o]).collect();
+    assert_eq!(outs, [true, true, false]);
+    let has = p.tangent_registers(&[false, false, false, true]);
+    let outs: Vec<bool> = p.outputs().iter().map(|&o| has[o]).collect();
+    // r = q − a reads d through p; p = acc·d; d·d
+    assert_eq!(outs, [true, true, true]);
+}
+
+#[test]
+fn a_program_backpropagates_as_its_code_does() {
+    let p = program();
+    let grads = |use_program: bool| {
+        let mut e = Rev::<f64>::new();
+        let x: Vec<_> = (0..4)
+            .map(|i| {
+                let v = normal(&[M, 2], i);
+                if i < 3 {
+                    e.leaf(v)
+                } else {
+                    e.constant(v).unwrap()
+                }
+            })
+            .collect();
+        let y = if use_program {
+            let xr: Vec<_> = x.iter().collect();
+            e.pointwise(&p, &xr).unwrap()
+        } else {
+            let outs = every_op::<f64, _>(&mut e, &x).unwrap();
+            let refs: Vec<_> = outs.iter().collect();
+            e.concat(&refs, 1).unwrap()
+        };
+        let g = e.backward(vec![(y, normal(&[M, 6], 99))]).unwrap();
+        (0..3)
+            .map(|i| g[x[i].id()].clone().unwrap().data().to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(grads(true), grads(false));
+}
+
+#[test]
+fn what_is_not_elementwise_is_refused_by_name() {
+    let err = |f: &dyn Fn(&mut sofo_ad::Recorder, &[sofo_ad::Reg]) -> Result<sofo_ad::Reg>| {
+        Pointwise::record::<sofo_ad::TensorError>(2, |rec, r| Ok(vec![f(rec, r)?]))
+            .unwrap_err()
+            .to_string()
+    };
+    let msg = err(&|rec, r| Ops::<f64>::matmul(rec, &r[0], &r[1]));
+    assert!(msg.contains("matmul is not an elementwise op"), "{msg}");
+    let msg = err(&|rec, _| Ops::<f64>::constant(rec, Tensor::zeros(&[1])));
+    assert!(msg.contains("a constant"), "{msg}");
+    let msg = err(&|rec, r| Ops::<f64>::concat(rec, &[&r[0], &r[1]], 0));
+    assert!(msg.contains("concat"), "{msg}");
+    let msg = Pointwise::record::<sofo_ad::TensorError>(2, |_, _| Ok(vec![]))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("at least one output"), "{msg}");
+
+    // inputs that do not split into the program's column blocks
+    let p = program();
+    let mut e = Fwd::primal();
+    let c = |s: &[usize]| Dual::constant(Tensor::<f64>::zeros(s));
+    let (a3, b3, a2, other_rows) = (c(&[M, 3]), c(&[M, 3]), c(&[M, 2]), c(&[M + 1, 1]));
+    for xs in [
+        vec![&a3],
+        vec![&a3, &b3, &a2],
+        vec![&a2, &other_rows, &a2, &a2],
+    ] {
+        let msg = e.pointwise(&p, &xs).unwrap_err().to_string();
+        assert!(msg.contains("pointwise"), "{msg}");
+    }
+}
