@@ -17,6 +17,7 @@
 use crate::forward::linear_shapes;
 use crate::layout::tangent_shape;
 use crate::ops::{Binary, Ops, Unary};
+use crate::pointwise::{Pointwise, Step};
 use crate::{Dual, Fwd};
 use sofo_tensor::cuda::{BinaryCode, BlockStager, CudaDevice, DevTensor, NarrowOut, UnaryCode};
 use sofo_tensor::{Float, Result, Tensor};
@@ -406,6 +407,41 @@ impl<T: Float> Ops<T> for CudaFwd {
 
     /// Along the last axis (an output assembled from columns) on the
     /// device; other axes through the host.
+    /// One `pointwise` launch for the program, value and tangents (a
+    /// program over the kernel's limits runs op by op).
+    fn pointwise(&mut self, program: &Pointwise, xs: &[&CudaDual]) -> Result<CudaDual> {
+        let shapes: Vec<&[usize]> = xs.iter().map(|x| x.primal.shape()).collect();
+        let (l, _) = program.layout(&shapes)?;
+        if xs.len() > CudaDevice::PW_TENSORS || program.registers() > CudaDevice::PW_REGS {
+            return program.eval_ops::<T, Self>(self, xs);
+        }
+        let input_has: Vec<bool> = xs
+            .iter()
+            .flat_map(|x| {
+                let w = x.primal.shape().last().copied().unwrap_or(0);
+                std::iter::repeat_n(x.tangent.is_some(), w / l)
+            })
+            .collect();
+        let has = program.tangent_registers(&input_has);
+        let tmask = has
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (i, &h)| m | ((h as u64) << i));
+        let want_t = program.outputs().iter().any(|&o| has[o]);
+        let inputs: Vec<_> = xs.iter().map(|x| (&x.primal, x.tangent.as_ref())).collect();
+        let n_step = program.steps().len();
+        let (primal, tangent) = self.dev.pointwise(
+            &program_code(program),
+            n_step,
+            &inputs,
+            l,
+            self.k,
+            tmask,
+            want_t,
+        )?;
+        Ok(CudaDual { primal, tangent })
+    }
+
     fn concat(&mut self, xs: &[&CudaDual], axis: usize) -> Result<CudaDual> {
         let first = xs.first().map(|x| x.primal.shape().to_vec());
         if let Some(lead) = first.filter(|s| !s.is_empty() && axis == s.len() - 1) {
@@ -554,6 +590,23 @@ pub fn device_or_skip(test: &str) -> Option<Arc<CudaDevice>> {
             None
         }
     }
+}
+
+/// The `pointwise` kernel's words for a program: (op, a, b, scalar bits)
+/// per step, op a unary code or 32 + a binary code, then the outputs.
+pub fn program_code(p: &Pointwise) -> Vec<u32> {
+    let mut words = Vec::with_capacity(4 * p.steps().len() + p.outputs().len());
+    for s in p.steps() {
+        words.extend(match *s {
+            Step::Unary(op, a) => {
+                let (c, scalar) = code(op);
+                [c as u32, a as u32, 0, scalar.to_bits()]
+            }
+            Step::Binary(op, a, b) => [32 + binary_code(op) as u32, a as u32, b as u32, 0],
+        });
+    }
+    words.extend(p.outputs().iter().map(|&o| o as u32));
+    words
 }
 
 /// The `binary_fwd` / `binary_tangent` kernels' op code for an op.

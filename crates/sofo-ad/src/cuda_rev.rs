@@ -7,7 +7,8 @@
 //! from kernels like the forward engine's (φ′ ⊙ gy in one pass, the
 //! product rules of `binary_tangent`, cuBLAS GEMMs with transposed operands
 //! for `linear`, column sums as GEMMs against a row of ones, column slices for
-//! last-axis concat). Any other rule (broadcasting binary ops, general
+//! last-axis concat, a pointwise program's whole reverse sweep in one
+//! kernel). Any other rule (broadcasting binary ops, general
 //! matmul, sums, slices, softmax) replays the op on a one-op CPU tape
 //! ([`crate::Rev`]) and copies the gradients back: the CPU's rules, exactly,
 //! at the cost of a round trip; the models use those ops outside their
@@ -16,8 +17,9 @@
 //! The tape holds every value, so its device memory grows with T, as BPTT
 //! does on any device.
 
-use crate::cuda::{binary_code, code, CudaDual, CudaFwd};
+use crate::cuda::{binary_code, code, program_code, CudaDual, CudaFwd};
 use crate::ops::{Binary, Ops, Unary};
+use crate::pointwise::Pointwise;
 use crate::reverse::Op;
 use crate::{Rev, Var};
 use sofo_tensor::cuda::{BinaryCode, CudaDevice, DevTensor, UnaryCode};
@@ -199,7 +201,8 @@ impl CudaRev {
             | Op::Concat(..)
             | Op::Reshape(_)
             | Op::Transpose(..)
-            | Op::Broadcast(_)) => op.clone(),
+            | Op::Broadcast(_)
+            | Op::Pointwise(..)) => op.clone(),
             _ => return self.on_host(id, gy, g),
         };
         match op {
@@ -289,6 +292,39 @@ impl CudaRev {
                 let ones = self.ones.as_ref().expect("made above");
                 self.accumulate_gemm(g, x, (1, xs[0], rows), (ones, false), (gy, false), 1.0)?;
             }
+            Op::Pointwise(xs, program) => {
+                let shapes: Vec<&[usize]> = xs.iter().map(|&x| self.val(x).shape()).collect();
+                let (l, _) = program.layout(&shapes)?;
+                let want: Vec<bool> = xs.iter().map(|&x| self.nodes[x].needs_grad).collect();
+                let column_wants: Vec<bool> = xs
+                    .iter()
+                    .zip(&want)
+                    .flat_map(|(&x, &w)| std::iter::repeat_n(w, last(self.val(x).shape()) / l))
+                    .collect();
+                let gmask = program
+                    .tangent_registers(&column_wants)
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |m, (i, &h)| m | ((h as u64) << i));
+                let inputs: Vec<(&DevTensor, bool)> = xs
+                    .iter()
+                    .zip(&want)
+                    .map(|(&x, &w)| (self.val(x), w))
+                    .collect();
+                let grads = dev.pointwise_grad(
+                    &program_code(&program),
+                    program.steps().len(),
+                    &inputs,
+                    gy,
+                    l,
+                    gmask,
+                )?;
+                for (x, gx) in xs.into_iter().zip(grads) {
+                    if let Some(gx) = gx {
+                        self.accumulate(g, x, gx)?;
+                    }
+                }
+            }
             _ => unreachable!("the other ops went to the host above"),
         }
         Ok(())
@@ -310,7 +346,9 @@ impl CudaRev {
             | Op::LogSoftmax(x) => vec![*x],
             Op::Binary(a, b, _) | Op::Matmul(a, b) => vec![*a, *b],
             Op::Concat(xs, _) => xs.clone(),
-            Op::Linear { .. } => unreachable!("linear runs on the device"),
+            Op::Linear { .. } | Op::Pointwise(..) => {
+                unreachable!("linear ops and programs run on the device")
+            }
         };
         let yshape = self.val(id).shape().to_vec();
         let mut r = Rev::<f32>::new();
@@ -333,8 +371,8 @@ impl CudaRev {
             Op::Broadcast(_) => r.broadcast_to(&leaves[0], &yshape)?,
             Op::Softmax(_) => r.softmax(&leaves[0])?,
             Op::LogSoftmax(_) => r.log_softmax(&leaves[0])?,
-            Op::Leaf | Op::Linear { .. } => {
-                unreachable!("leaves and linear ops stay on the device")
+            Op::Leaf | Op::Linear { .. } | Op::Pointwise(..) => {
+                unreachable!("leaves, linear ops and programs stay on the device")
             }
         };
         let grads = r.backward(vec![(out, dev.download(gy)?)])?;
@@ -440,6 +478,20 @@ impl<T: Float> Ops<T> for CudaRev {
         let ids: Vec<usize> = xs.iter().map(|v| v.id).collect();
         let ng = self.needs(&ids);
         Ok(self.push(y, Op::Concat(ids, axis), ng))
+    }
+
+    /// One node for the program: its value in one kernel, its reverse rule
+    /// in one (a program over the kernels' limits is recorded op by op).
+    fn pointwise(&mut self, program: &Pointwise, xs: &[&Var]) -> Result<Var> {
+        if xs.len() > CudaDevice::PW_TENSORS || program.registers() > CudaDevice::PW_REGS {
+            return program.eval_ops::<T, Self>(self, xs);
+        }
+        let nodes = &self.nodes;
+        let parts: Vec<&CudaDual> = xs.iter().map(|x| v!(nodes, x)).collect();
+        let y = Ops::<T>::pointwise(&mut self.fwd, program, &parts)?;
+        let ids: Vec<usize> = xs.iter().map(|v| v.id).collect();
+        let ng = self.needs(&ids);
+        Ok(self.push(y, Op::Pointwise(ids, Arc::new(program.clone())), ng))
     }
 
     fn slice(&mut self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {

@@ -45,6 +45,10 @@ pub(crate) enum Op<T: Float> {
     Broadcast(usize),
     Softmax(usize),
     LogSoftmax(usize),
+    /// A program run as one op, its reverse rule in one kernel (the device
+    /// tape only: this tape records a program's ops one by one).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Pointwise(Vec<usize>, std::sync::Arc<crate::Pointwise>),
 }
 
 struct Node<T: Float> {
@@ -274,6 +278,7 @@ impl<T: Float> Rev<T> {
                 }
                 add(g, *x, gx)?;
             }
+            Op::Pointwise(..) => unreachable!("this tape records a program's ops one by one"),
         }
         Ok(())
     }

@@ -22,7 +22,7 @@
 
 use sofo_ad::cuda::code;
 use sofo_ad::layout::tangent_shape;
-use sofo_ad::{Binary, Dual, Fwd, Ops, Tensor, Unary};
+use sofo_ad::{Binary, Dual, Fwd, Ops, Pointwise, Tensor, Unary};
 use sofo_tensor::rng;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -34,6 +34,7 @@ mod fake_gpu;
 
 const SHIM: &str = r#"
 #include <math.h>
+#include <string.h>
 struct EmuDim { unsigned x, y, z; };
 // per test thread: the tests run in parallel
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
@@ -46,6 +47,7 @@ extern "C" void emu_set(unsigned b, unsigned t, unsigned bd, unsigned gd) {
 #define __forceinline__ inline
 #define __shared__ static thread_local
 #define __syncthreads() ((void)0)
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, sizeof f); return f; }
 "#;
 
 struct Emu {
@@ -1003,4 +1005,239 @@ fn mse_kernels_give_the_sketch_and_the_seed() {
         "mse_value {acc} vs {}",
         loss + 0.25
     );
+}
+
+/// Every elementwise op of the vocabulary on inputs (a, b, c, d, e); three
+/// outputs, the last of d and e alone.
+fn every_op<E: Ops<f32>>(e: &mut E, x: &[E::V]) -> sofo_ad::Result<Vec<E::V>> {
+    let [a, b, c, d, f] = [&x[0], &x[1], &x[2], &x[3], &x[4]];
+    let pos = e.square(b)?;
+    let pos = e.add_scalar(&pos, 0.5)?;
+    let mut acc = a.clone();
+    for op in Unary::all(0.3, -1.7) {
+        let arg = if matches!(op, Unary::Log | Unary::Sqrt) {
+            &pos
+        } else {
+            c
+        };
+        let y = e.unary(arg, op)?;
+        acc = e.add(&acc, &y)?;
+    }
+    let p = e.mul(&acc, d)?;
+    let q = e.div(&p, &pos)?;
+    let r = e.sub(&q, a)?;
+    let de = e.mul(d, f)?;
+    Ok(vec![r, p, de])
+}
+
+#[test]
+fn pointwise_runs_a_program_as_the_cpu_does() {
+    let Some(emu) = emu() else { return };
+    type In = (*const f32, *const f32, i32);
+    #[rustfmt::skip]
+    type Pw = unsafe extern "C" fn(
+        *const u32, i32, i32, i32,
+        *const f32, *const f32, i32, *const f32, *const f32, i32,
+        *const f32, *const f32, i32, *const f32, *const f32, i32,
+        *const f32, *const f32, i32, *const f32, *const f32, i32,
+        *const f32, *const f32, i32, *const f32, *const f32, i32,
+        *mut f32, *mut f32, i64, i32, i32, u64, i32,
+    );
+    let pw = emu.kernel::<Pw>("pointwise");
+    let program = Pointwise::record(5, |rec, r| every_op(rec, r)).unwrap();
+    let words = sofo_ad::cuda::program_code(&program);
+    let n_step = program.steps().len() as i32;
+    // width 2 (an element width L > 1), K = 11 (a full and a partial chunk);
+    // inputs: (a, b) [4, 4] with tangents, c [4, 2] with, (d, e) [4, 4]
+    // without — and with none at all
+    let (rows, l, k) = (4usize, 2usize, 11usize);
+    let ab = randn(&[rows, 2 * l], 6, 1).map(|v| v * 0.5);
+    let c = randn(&[rows, l], 6, 2);
+    let de = randn(&[rows, 2 * l], 6, 3);
+    let tangents = |w: usize, s: u64| randn(&[rows, k, w], 7, s);
+    for with_t in [true, false] {
+        let dual = |x: &Tensor<f32>, s: u64| Dual {
+            primal: x.clone(),
+            tangent: with_t.then(|| tangents(x.shape()[1], s)),
+        };
+        let xs = [dual(&ab, 1), dual(&c, 2), Dual::constant(de.clone())];
+        let refs: Vec<&Dual<f32>> = xs.iter().collect();
+        let want = Fwd::new(k).pointwise(&program, &refs).unwrap();
+        let has = program.tangent_registers(&[with_t, with_t, with_t, false, false]);
+        let tmask = (0..has.len()).fold(0u64, |m, i| m | ((has[i] as u64) << i));
+        let want_t = program.outputs().iter().any(|&o| has[o]);
+        assert_eq!(want_t, want.tangent.is_some());
+        let ptr =
+            |t: &Option<Tensor<f32>>| t.as_ref().map_or(std::ptr::null(), |t| t.data().as_ptr());
+        let mut ins: Vec<In> = xs
+            .iter()
+            .map(|x| {
+                (
+                    x.primal.data().as_ptr(),
+                    ptr(&x.tangent),
+                    x.primal.shape()[1] as i32,
+                )
+            })
+            .collect();
+        ins.resize(8, (std::ptr::null(), std::ptr::null(), 0));
+        for (grid, block) in SHAPES {
+            let mut y = vec![f32::NAN; rows * 3 * l];
+            let mut u = vec![f32::NAN; if want_t { rows * k * 3 * l } else { 0 }];
+            emu.launch(grid, block, || unsafe {
+                let i = &ins;
+                pw(
+                    words.as_ptr(),
+                    3,
+                    n_step,
+                    3,
+                    i[0].0,
+                    i[0].1,
+                    i[0].2,
+                    i[1].0,
+                    i[1].1,
+                    i[1].2,
+                    i[2].0,
+                    i[2].1,
+                    i[2].2,
+                    i[3].0,
+                    i[3].1,
+                    i[3].2,
+                    i[4].0,
+                    i[4].1,
+                    i[4].2,
+                    i[5].0,
+                    i[5].1,
+                    i[5].2,
+                    i[6].0,
+                    i[6].1,
+                    i[6].2,
+                    i[7].0,
+                    i[7].1,
+                    i[7].2,
+                    y.as_mut_ptr(),
+                    u.as_mut_ptr(),
+                    (rows * l) as i64,
+                    k as i32,
+                    l as i32,
+                    tmask,
+                    want_t as i32,
+                )
+            });
+            let what = format!("pointwise (tangents {with_t}, launch {grid}×{block})");
+            close(want.primal.data(), &y, &format!("{what} value"));
+            if let Some(t) = &want.tangent {
+                close(t.data(), &u, &format!("{what} tangents"));
+            }
+        }
+    }
+}
+
+#[test]
+fn pointwise_grad_backpropagates_a_program_as_the_cpu_does() {
+    let Some(emu) = emu() else { return };
+    type In = (*const f32, *mut f32, i32);
+    #[rustfmt::skip]
+    type PwGrad = unsafe extern "C" fn(
+        *const u32, i32, i32, i32,
+        *const f32, *mut f32, i32, *const f32, *mut f32, i32,
+        *const f32, *mut f32, i32, *const f32, *mut f32, i32,
+        *const f32, *mut f32, i32, *const f32, *mut f32, i32,
+        *const f32, *mut f32, i32, *const f32, *mut f32, i32,
+        *const f32, i64, i32, u64, i32,
+    );
+    let grad = emu.kernel::<PwGrad>("pointwise_grad");
+    let program = Pointwise::record(5, |rec, r| every_op(rec, r)).unwrap();
+    let words = sofo_ad::cuda::program_code(&program);
+    let n_step = program.steps().len() as i32;
+    // inputs (a, b) [4, 4], c [4, 2], (d, e) [4, 4] at element width 2;
+    // each group wanting a gradient or not
+    let (rows, l) = (4usize, 2usize);
+    let xs = [
+        randn(&[rows, 2 * l], 8, 1).map(|v| v * 0.5),
+        randn(&[rows, l], 8, 2),
+        randn(&[rows, 2 * l], 8, 3),
+    ];
+    let gy = randn(&[rows, 3 * l], 8, 4);
+    for wants in [
+        [true, true, true],
+        [true, false, false],
+        [false, true, false],
+        [false, false, true],
+    ] {
+        let mut r = sofo_ad::Rev::<f32>::new();
+        let vars: Vec<sofo_ad::Var> = xs
+            .iter()
+            .zip(wants)
+            .map(|(x, w)| {
+                if w {
+                    r.leaf(x.clone())
+                } else {
+                    r.constant(x.clone()).unwrap()
+                }
+            })
+            .collect();
+        let refs: Vec<&sofo_ad::Var> = vars.iter().collect();
+        let y = r.pointwise(&program, &refs).unwrap();
+        let want = r.backward(vec![(y, gy.clone())]).unwrap();
+        let cols = [2, 1, 2];
+        let col_wants: Vec<bool> = (0..3).flat_map(|i| vec![wants[i]; cols[i]]).collect();
+        let has = program.tangent_registers(&col_wants);
+        let gmask = (0..has.len()).fold(0u64, |m, i| m | ((has[i] as u64) << i));
+        let want_bits = (0..3).fold(0i32, |m, i| m | ((wants[i] as i32) << i));
+        for (grid, block) in SHAPES {
+            let mut gs: Vec<Vec<f32>> = xs.iter().map(|x| vec![f32::NAN; x.numel()]).collect();
+            let mut ins: Vec<In> = xs
+                .iter()
+                .zip(gs.iter_mut())
+                .map(|(x, g)| (x.data().as_ptr(), g.as_mut_ptr(), x.shape()[1] as i32))
+                .collect();
+            ins.resize(8, (std::ptr::null(), std::ptr::null_mut(), 0));
+            emu.launch(grid, block, || unsafe {
+                let i = &ins;
+                grad(
+                    words.as_ptr(),
+                    3,
+                    n_step,
+                    3,
+                    i[0].0,
+                    i[0].1,
+                    i[0].2,
+                    i[1].0,
+                    i[1].1,
+                    i[1].2,
+                    i[2].0,
+                    i[2].1,
+                    i[2].2,
+                    i[3].0,
+                    i[3].1,
+                    i[3].2,
+                    i[4].0,
+                    i[4].1,
+                    i[4].2,
+                    i[5].0,
+                    i[5].1,
+                    i[5].2,
+                    i[6].0,
+                    i[6].1,
+                    i[6].2,
+                    i[7].0,
+                    i[7].1,
+                    i[7].2,
+                    gy.data().as_ptr(),
+                    (rows * l) as i64,
+                    l as i32,
+                    gmask,
+                    want_bits,
+                )
+            });
+            for i in 0..3 {
+                let what =
+                    format!("pointwise_grad input {i} (wants {wants:?}, launch {grid}×{block})");
+                match want[vars[i].id()].as_ref() {
+                    Some(w) => close(w.data(), &gs[i], &what),
+                    None => assert!(gs[i].iter().all(|v| v.is_nan()), "{what}: written"),
+                }
+            }
+        }
+    }
 }

@@ -181,6 +181,155 @@ extern "C" __global__ void binary_tangent(const float* a, const float* b, const 
     }
 }
 
+// A pointwise program (sofo_ad::Pointwise) on a [P, L] grid. Registers
+// 0..n_in are its inputs: the column blocks of width l of up to PW_TENSORS
+// tensors x_i [P, w_i], in order (tangents t_i [P, K, w_i]); register
+// n_in + s is step s: words 4s..4s+3 of prog are (op, a, b, scalar bits),
+// op < 32 a unary code (UnaryCode) of register a, else 32 + a binary code
+// of registers a and b. The n_out registers named after the steps go side
+// by side into y [P, n_out·l], their tangents into u [P, K, n_out·l] when
+// want_t. A register whose bit in tmask is clear has no tangents (0, and
+// no term of its own), as in the CPU engine. Units as in unary_tangent:
+// the values once per unit, then its tangents one after the other.
+#define PW_REGS 64
+#define PW_TENSORS 8
+extern "C" __global__ void pointwise(const unsigned* prog, int n_tensors, int n_step, int n_out,
+        const float* x0, const float* t0, int w0, const float* x1, const float* t1, int w1,
+        const float* x2, const float* t2, int w2, const float* x3, const float* t3, int w3,
+        const float* x4, const float* t4, int w4, const float* x5, const float* t5, int w5,
+        const float* x6, const float* t6, int w6, const float* x7, const float* t7, int w7,
+        float* y, float* u, long long pl, int k, int l, unsigned long long tmask, int want_t) {
+    const float* xs[PW_TENSORS] = {x0, x1, x2, x3, x4, x5, x6, x7};
+    const float* ts[PW_TENSORS] = {t0, t1, t2, t3, t4, t5, t6, t7};
+    const int ws[PW_TENSORS] = {w0, w1, w2, w3, w4, w5, w6, w7};
+    const int kt = want_t ? k : 0;
+    const long long wy = (long long)n_out * l;
+    const unsigned* outs = prog + 4 * n_step;
+    GRID_LOOP(unit, pl * (kt > 0 ? tchunks_(kt) : 1)) {
+        long long e, p, j; int k0, k1;
+        tunit_(unit, pl, kt, l, &e, &p, &j, &k0, &k1);
+        float v[PW_REGS], t[PW_REGS];
+        int n_in = 0;
+        for (int i = 0; i < n_tensors; i++)
+            for (int c = 0; c < ws[i] / l; c++) v[n_in++] = xs[i][p * ws[i] + c * l + j];
+        for (int s = 0; s < n_step; s++) {
+            const unsigned* w = prog + 4 * s;
+            float o = 0.f, g;
+            if (w[0] < 32) unary_eval_(v[w[1]], (int)w[0], __int_as_float((int)w[3]), &o, &g);
+            else o = binary_op_(v[w[1]], v[w[2]], (int)w[0] - 32);
+            v[n_in + s] = o;
+        }
+        if (k0 == 0) for (int o = 0; o < n_out; o++) y[p * wy + o * l + j] = v[outs[o]];
+        for (int kk = k0; kk < k1; kk++) {
+            int r = 0;
+            for (int i = 0; i < n_tensors; i++)
+                for (int c = 0; c < ws[i] / l; c++, r++)
+                    t[r] = (tmask >> r & 1ULL) ? ts[i][(p * k + kk) * ws[i] + c * l + j] : 0.f;
+            for (int s = 0; s < n_step; s++) {
+                const int d = n_in + s;
+                const unsigned* w = prog + 4 * s;
+                const unsigned a = w[1], b = w[2];
+                float x = 0.f;
+                if (tmask >> d & 1ULL) {
+                    if (w[0] < 32) {
+                        float o, g;
+                        unary_eval_(v[a], (int)w[0], __int_as_float((int)w[3]), &o, &g);
+                        x = g * t[a];
+                    } else {
+                        float da, db;
+                        switch (w[0] - 32) {
+                            case 0: da = 1.f; db = 1.f; break;
+                            case 1: da = 1.f; db = -1.f; break;
+                            case 2: da = v[b]; db = v[a]; break;
+                            default: da = 1.f / v[b]; db = -v[a] / (v[b] * v[b]); break;
+                        }
+                        if (tmask >> a & 1ULL) x += da * t[a];
+                        if (tmask >> b & 1ULL) x += db * t[b];
+                    }
+                }
+                t[d] = x;
+            }
+            for (int o = 0; o < n_out; o++) u[(p * k + kk) * wy + o * l + j] = t[outs[o]];
+        }
+    }
+}
+
+// The reverse rule of a pointwise program (as in `pointwise`): from gy
+// [P, n_out·l], the gradient g_i [P, w_i] of each input tensor whose bit is
+// set in want. Adjoints flow only into registers with their bit set in
+// gmask (those that depend on an input that wants a gradient) and only from
+// registers that received one, as on the CPU tape; an input column that
+// received none gets 0. One thread per entry (p, j): the values again, then
+// the adjoints from the last step to the first — every gradient element is
+// written by its entry's thread alone.
+extern "C" __global__ void pointwise_grad(const unsigned* prog, int n_tensors, int n_step, int n_out,
+        const float* x0, float* g0, int w0, const float* x1, float* g1, int w1,
+        const float* x2, float* g2, int w2, const float* x3, float* g3, int w3,
+        const float* x4, float* g4, int w4, const float* x5, float* g5, int w5,
+        const float* x6, float* g6, int w6, const float* x7, float* g7, int w7,
+        const float* gy, long long pl, int l, unsigned long long gmask, int want) {
+    const float* xs[PW_TENSORS] = {x0, x1, x2, x3, x4, x5, x6, x7};
+    float* gs[PW_TENSORS] = {g0, g1, g2, g3, g4, g5, g6, g7};
+    const int ws[PW_TENSORS] = {w0, w1, w2, w3, w4, w5, w6, w7};
+    const long long wy = (long long)n_out * l;
+    const unsigned* outs = prog + 4 * n_step;
+    GRID_LOOP(e, pl) {
+        long long p, j;
+        divmod_(e, l, &p, &j);
+        float v[PW_REGS], a[PW_REGS];
+        int n_in = 0;
+        for (int i = 0; i < n_tensors; i++)
+            for (int c = 0; c < ws[i] / l; c++) v[n_in++] = xs[i][p * ws[i] + c * l + j];
+        for (int s = 0; s < n_step; s++) {
+            const unsigned* w = prog + 4 * s;
+            float o = 0.f, g;
+            if (w[0] < 32) unary_eval_(v[w[1]], (int)w[0], __int_as_float((int)w[3]), &o, &g);
+            else o = binary_op_(v[w[1]], v[w[2]], (int)w[0] - 32);
+            v[n_in + s] = o;
+        }
+        unsigned long long got = 0;
+        for (int o = 0; o < n_out; o++) {
+            const unsigned r = outs[o];
+            if (!(gmask >> r & 1ULL)) continue;
+            const float x = gy[p * wy + o * l + j];
+            a[r] = (got >> r & 1ULL) ? a[r] + x : x;
+            got |= 1ULL << r;
+        }
+        for (int s = n_step - 1; s >= 0; s--) {
+            const int d = n_in + s;
+            if (!(got >> d & 1ULL)) continue;
+            const unsigned* w = prog + 4 * s;
+            const unsigned ra = w[1], rb = w[2];
+            float da, db = 0.f;
+            if (w[0] < 32) {
+                float o;
+                unary_eval_(v[ra], (int)w[0], __int_as_float((int)w[3]), &o, &da);
+            } else {
+                switch (w[0] - 32) {
+                    case 0: da = 1.f; db = 1.f; break;
+                    case 1: da = 1.f; db = -1.f; break;
+                    case 2: da = v[rb]; db = v[ra]; break;
+                    default: da = 1.f / v[rb]; db = -v[ra] / (v[rb] * v[rb]); break;
+                }
+            }
+            if (gmask >> ra & 1ULL) {
+                const float x = da * a[d];
+                a[ra] = (got >> ra & 1ULL) ? a[ra] + x : x;
+                got |= 1ULL << ra;
+            }
+            if (w[0] >= 32 && (gmask >> rb & 1ULL)) {
+                const float x = db * a[d];
+                a[rb] = (got >> rb & 1ULL) ? a[rb] + x : x;
+                got |= 1ULL << rb;
+            }
+        }
+        int r = 0;
+        for (int i = 0; i < n_tensors; i++)
+            for (int c = 0; c < ws[i] / l; c++, r++)
+                if (want >> i & 1) gs[i][p * ws[i] + c * l + j] = (got >> r & 1ULL) ? a[r] : 0.f;
+    }
+}
+
 // dst[r, offset + j] = src[r, j] for src [rows, w], dst [rows, dst_w]
 extern "C" __global__ void copy_columns(const float* src, float* dst, long long rows, int w, int dst_w, int offset) {
     long long total = rows * w;
@@ -522,6 +671,8 @@ struct Kernels {
     normal_fill: CudaFunction,
     gather_param: CudaFunction,
     fill_nan: CudaFunction,
+    pointwise: CudaFunction,
+    pointwise_grad: CudaFunction,
 }
 
 /// A SOFO sketch of weighted-MSE little losses, accumulated on the device
@@ -624,6 +775,9 @@ impl BlockStager {
     }
 }
 
+/// A pointwise program's words and their device copy.
+type Program = (Vec<u32>, Arc<CudaSlice<u32>>);
+
 /// An open GPU: context, stream, cuBLAS handle and compiled kernels.
 pub struct CudaDevice {
     ordinal: usize,
@@ -648,6 +802,9 @@ pub struct CudaDevice {
     /// Fill every buffer handed out by `scratch` with NaN (SOFO_GPU_POISON
     /// set: tests), so that reading an element nobody wrote shows.
     poison: bool,
+    /// The instruction words of the pointwise programs run so far, each
+    /// uploaded once and kept (a graph's launches point at them).
+    programs: std::sync::Mutex<Vec<Program>>,
 }
 
 /// Whether the CUDA driver library can be loaded on this machine.
@@ -850,6 +1007,11 @@ impl CudaDevice {
     /// The widest output of a linear op whose terms `linear_narrow` computes
     /// (a readout) instead of cuBLAS GEMMs.
     pub const NARROW: usize = 8;
+    /// The most registers (inputs and steps) of a pointwise program the
+    /// `pointwise` kernel runs.
+    pub const PW_REGS: usize = 64;
+    /// The most input tensors of a `pointwise` launch.
+    pub const PW_TENSORS: usize = 8;
 }
 
 /// The operand sizes of one linear term `a · w` (a [rows, kd] with tangents
@@ -887,6 +1049,84 @@ fn term_sizes(
         }
     }
     Ok((rows, n))
+}
+
+/// A pointwise launch's shapes and counts, checked against its program.
+struct ProgramShape {
+    out_shape: Vec<usize>,
+    widths: Vec<i32>,
+    n_tensors: i32,
+    n_step: i32,
+    n_out: i32,
+    pl: i64,
+    l: i32,
+}
+
+/// Checks a pointwise program's words against its inputs [.., w_i]: every
+/// width a multiple of `l`, at most `PW_REGS` registers, each step reading
+/// earlier registers, at least one output and every output a register — so
+/// that the kernels stay inside their register file and buffers.
+fn check_program(
+    code: &[u32],
+    n_step: usize,
+    inputs: &[&DevTensor],
+    l: usize,
+) -> Result<ProgramShape> {
+    let bad = |why: String| TensorError::arg("device pointwise", why);
+    let first = inputs.first().map(|x| x.shape.clone()).unwrap_or_default();
+    if inputs.is_empty() || inputs.len() > CudaDevice::PW_TENSORS || first.is_empty() || l == 0 {
+        return Err(bad(format!(
+            "1 to {} inputs of rank ≥ 1 and l ≥ 1, got {} (l = {l})",
+            CudaDevice::PW_TENSORS,
+            inputs.len()
+        )));
+    }
+    let lead = &first[..first.len() - 1];
+    let mut widths = Vec::with_capacity(inputs.len());
+    for x in inputs {
+        let w = *x.shape.last().unwrap_or(&0);
+        if x.shape.len() != first.len() || &x.shape[..lead.len()] != lead || w % l != 0 {
+            return Err(TensorError::shape(
+                "device pointwise",
+                format!("[{lead:?}.., a multiple of {l}]"),
+                format!("{:?}", x.shape),
+            ));
+        }
+        widths.push(i32::try_from(w).map_err(|_| bad(format!("width {w}")))?);
+    }
+    let n_in: usize = widths.iter().map(|&w| w as usize / l).sum();
+    let regs = n_in + n_step;
+    let n_out = code.len().saturating_sub(4 * n_step);
+    let steps_ok = code.len() >= 4 * n_step
+        && (0..n_step).all(|s| {
+            let w = &code[4 * s..4 * s + 4];
+            let before = |r: u32| (r as usize) < n_in + s;
+            before(w[1]) && (w[0] < 32 || before(w[2]))
+        });
+    if regs > CudaDevice::PW_REGS
+        || n_out == 0
+        || !steps_ok
+        || !code[4 * n_step..].iter().all(|&r| (r as usize) < regs)
+    {
+        return Err(bad(format!(
+            "a program of at most {} registers, each step reading earlier ones, and at \
+             least one output: {n_in} inputs, {n_step} steps, {n_out} outputs",
+            CudaDevice::PW_REGS
+        )));
+    }
+    let rows: usize = lead.iter().product();
+    let mut out_shape = lead.to_vec();
+    out_shape.push(n_out * l);
+    let count = |n: usize| i32::try_from(n).map_err(|_| bad(format!("count {n}")));
+    Ok(ProgramShape {
+        out_shape,
+        n_tensors: count(inputs.len())?,
+        widths,
+        n_step: count(n_step)?,
+        n_out: count(n_out)?,
+        pl: i64::try_from(rows * l).map_err(|_| bad(format!("{rows} rows")))?,
+        l: count(l)?,
+    })
 }
 
 /// The tangents one thread of a tangent kernel handles (`TCHUNK` of the
@@ -1055,6 +1295,8 @@ impl CudaDevice {
             normal_fill: f("normal_fill")?,
             gather_param: f("gather_param")?,
             fill_nan: f("fill_nan")?,
+            pointwise: f("pointwise")?,
+            pointwise_grad: f("pointwise_grad")?,
         };
         let dummy = stream
             .alloc_zeros::<f32>(1)
@@ -1072,6 +1314,7 @@ impl CudaDevice {
             dummy,
             tf32: std::sync::atomic::AtomicBool::new(false),
             poison: std::env::var_os("SOFO_GPU_POISON").is_some(),
+            programs: Default::default(),
         }))
     }
 
@@ -1397,6 +1640,155 @@ impl CudaDevice {
         unsafe { g.launch(grid(tangent_units(a.numel(), k))) }
             .map_err(|e| dev_err("binary_tangent", e))?;
         Ok(out)
+    }
+
+    /// Runs a pointwise program (see the `pointwise` kernel) on `inputs`
+    /// (values [.., w_i] and their tangents [.., K, w_i], if any): `code` is
+    /// 4 words per step (op, a, b, scalar bits) and then the output
+    /// registers; `l` the element width; `tmask` bit r set where register r
+    /// carries tangents. Returns y [.., outputs·l] and, with `want_t`, its
+    /// tangents [.., K, outputs·l].
+    #[allow(clippy::too_many_arguments)]
+    pub fn pointwise(
+        &self,
+        code: &[u32],
+        n_step: usize,
+        inputs: &[(&DevTensor, Option<&DevTensor>)],
+        l: usize,
+        k: usize,
+        tmask: u64,
+        want_t: bool,
+    ) -> Result<(DevTensor, Option<DevTensor>)> {
+        let values: Vec<&DevTensor> = inputs.iter().map(|(x, _)| *x).collect();
+        let pg = check_program(code, n_step, &values, l)?;
+        for (x, t) in inputs {
+            if t.is_some_and(|t| t.numel() != k * x.numel()) {
+                return Err(TensorError::arg(
+                    "device pointwise",
+                    format!("{k} tangents of {:?}", x.shape),
+                ));
+            }
+        }
+        let mut y = self.scratch(&pg.out_shape)?;
+        let mut u = match want_t {
+            true => {
+                let mut ts = pg.out_shape.clone();
+                ts.insert(ts.len() - 1, k);
+                Some(self.scratch(&ts)?)
+            }
+            false => None,
+        };
+        let prog = self.program(code)?;
+        let mut g = Launch::new(&self.core, &self.k.pointwise);
+        g.arg(&*prog)
+            .arg(&pg.n_tensors)
+            .arg(&pg.n_step)
+            .arg(&pg.n_out);
+        for i in 0..Self::PW_TENSORS {
+            match (inputs.get(i), pg.widths.get(i)) {
+                (Some((x, t)), Some(w)) => {
+                    g.arg(&*x.data);
+                    match t {
+                        Some(t) => g.arg(&*t.data),
+                        None => g.arg(&self.dummy),
+                    };
+                    g.arg(w)
+                }
+                _ => g.arg(&self.dummy).arg(&self.dummy).arg(&0i32),
+            };
+        }
+        g.out(&mut *y.data);
+        match u.as_mut() {
+            Some(u) => g.out(&mut *u.data),
+            None => g.arg(&self.dummy),
+        };
+        let (k32, want) = (k as i32, want_t as i32);
+        g.arg(&pg.pl).arg(&k32).arg(&pg.l).arg(&tmask).arg(&want);
+        let kt = if want_t { k } else { 0 };
+        // SAFETY: every input holds rows·w_i values (and K times as many
+        // tangents where tmask reads them: the caller sets bits only for
+        // inputs with tangents), y rows·n_out·l, u K times as many (written
+        // only with want_t); registers and outputs were checked.
+        unsafe { g.launch(grid(tangent_units(pg.pl as usize, kt))) }
+            .map_err(|e| dev_err("pointwise", e))?;
+        Ok((y, u))
+    }
+
+    /// The reverse rule of a pointwise program (see the `pointwise_grad`
+    /// kernel): from the gradient `gy` [.., outputs·l] of its output, the
+    /// gradient of each input whose `want` is set. `gmask`: bit r set where
+    /// register r depends on an input that wants a gradient.
+    pub fn pointwise_grad(
+        &self,
+        code: &[u32],
+        n_step: usize,
+        inputs: &[(&DevTensor, bool)],
+        gy: &DevTensor,
+        l: usize,
+        gmask: u64,
+    ) -> Result<Vec<Option<DevTensor>>> {
+        let values: Vec<&DevTensor> = inputs.iter().map(|(x, _)| *x).collect();
+        let pg = check_program(code, n_step, &values, l)?;
+        if gy.shape != pg.out_shape {
+            return Err(TensorError::shape(
+                "device pointwise_grad",
+                format!("{:?}", pg.out_shape),
+                format!("{:?}", gy.shape),
+            ));
+        }
+        let mut grads: Vec<Option<DevTensor>> = inputs
+            .iter()
+            .map(|(x, want)| want.then(|| self.scratch(&x.shape)).transpose())
+            .collect::<Result<_>>()?;
+        let want = inputs
+            .iter()
+            .enumerate()
+            .fold(0i32, |m, (i, (_, w))| m | ((*w as i32) << i));
+        let prog = self.program(code)?;
+        let mut g = Launch::new(&self.core, &self.k.pointwise_grad);
+        g.arg(&*prog)
+            .arg(&pg.n_tensors)
+            .arg(&pg.n_step)
+            .arg(&pg.n_out);
+        for i in 0..Self::PW_TENSORS {
+            match (inputs.get(i), grads.get_mut(i), pg.widths.get(i)) {
+                (Some((x, _)), Some(gx), Some(w)) => {
+                    g.arg(&*x.data);
+                    match gx {
+                        Some(gx) => g.out(&mut *gx.data),
+                        None => g.arg(&self.dummy),
+                    };
+                    g.arg(w)
+                }
+                _ => g.arg(&self.dummy).arg(&self.dummy).arg(&0i32),
+            };
+        }
+        g.arg(&*gy.data)
+            .arg(&pg.pl)
+            .arg(&pg.l)
+            .arg(&gmask)
+            .arg(&want);
+        // SAFETY: as for `pointwise`; a gradient is written only where its
+        // want bit is set, into a buffer of its input's size.
+        unsafe { g.launch(grid(pg.pl as usize)) }.map_err(|e| dev_err("pointwise_grad", e))?;
+        Ok(grads)
+    }
+
+    /// The device copy of a program's words, uploaded the first time.
+    fn program(&self, code: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
+        let mut programs = self.programs.lock().expect("programs lock");
+        if let Some((_, d)) = programs.iter().find(|(c, _)| c == code) {
+            return Ok(d.clone());
+        }
+        // a new program: uploaded directly, never inside a graph
+        self.core.setup_call("pointwise program")?;
+        let d = Arc::new(
+            self.stream
+                .clone_htod(code)
+                .map_err(|e| dev_err("upload", e))?,
+        );
+        programs.push((code.to_vec(), d.clone()));
+        Ok(d)
     }
 
     /// Writes `src` [rows, w] into columns [offset, offset + w) of `dst`
@@ -2176,6 +2568,8 @@ mod tests {
             ("TCHUNK", super::TCHUNK),
             ("SMALL_TERM", super::CudaDevice::SMALL_TERM),
             ("NARROW", super::CudaDevice::NARROW),
+            ("PW_REGS", super::CudaDevice::PW_REGS),
+            ("PW_TENSORS", super::CudaDevice::PW_TENSORS),
         ] {
             let line = format!("#define {name} {value}\n");
             assert!(

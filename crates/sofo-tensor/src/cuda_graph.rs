@@ -214,6 +214,21 @@ impl Core {
         matches!(r.mode, Mode::Record | Mode::Capture)
     }
 
+    /// Before a call that sets up something kept beyond the pass (a
+    /// program's words uploaded once): made directly outside a graph and
+    /// while a pass is recorded (nothing of it belongs in the graph; the
+    /// capture will find it done), an error while capturing or replaying
+    /// (the pass differs from its graph: it runs again directly).
+    pub(crate) fn setup_call(&self, what: &'static str) -> Result<()> {
+        match self.lock().mode {
+            Mode::Direct | Mode::Record => Ok(()),
+            Mode::Capture | Mode::Replay | Mode::Abandoned => Err(TensorError::Device {
+                op: what,
+                message: "the pass sets up what its graph did not: it runs directly".into(),
+            }),
+        }
+    }
+
     /// Before the host reads device memory (or waits for the device): fine
     /// outside a graph, marks a recorded pass as not capturable, an error
     /// while capturing or replaying.

@@ -241,6 +241,70 @@ fn every_op_agrees_with_the_cpu() {
             same(&c.slice(&x, axis, start, len).unwrap(), &b, &what);
         }
     }
+    // pointwise programs in one kernel: the arm's step on a state with and
+    // without tangents (a trial's start) under torques with and without, its
+    // hand; a program of more registers than the kernel holds, op by op
+    let arm = TwoJointArm::li_todorov();
+    let (step, hand) = (arm.step_program().unwrap(), arm.hand_program().unwrap());
+    for mask in 0..4u32 {
+        let state = dual(&[6, 4], k, 50, mask & 1 != 0);
+        let tau = dual(&[6, 2], k, 51, mask & 2 != 0);
+        let cpu = c.pointwise(&step, &[&state, &tau]).unwrap();
+        let gpu = on_gpu(&mut g, &[&state, &tau], |g, v| {
+            Ops::<f32>::pointwise(g, &step, &[&v[0], &v[1]])
+        });
+        same(&cpu, &gpu, &format!("arm step, tangent mask {mask:02b}"));
+        let cpu = c.pointwise(&hand, &[&state]).unwrap();
+        let gpu = on_gpu(&mut g, &[&state], |g, v| {
+            Ops::<f32>::pointwise(g, &hand, &[&v[0]])
+        });
+        same(&cpu, &gpu, &format!("arm hand, tangent mask {mask:02b}"));
+    }
+    let long = sofo_ad::Pointwise::record::<sofo_tensor::TensorError>(2, |rec, r| {
+        let mut x = r[0];
+        for _ in 0..70 {
+            x = Ops::<f32>::mul(rec, &x, &r[1])?;
+            x = Ops::<f32>::add_scalar(rec, &x, 0.1)?;
+        }
+        Ok(vec![x, r[1]])
+    })
+    .unwrap();
+    assert!(long.registers() > sofo_tensor::cuda::CudaDevice::PW_REGS);
+    let (a, b) = (dual(&[3, 2], k, 52, true), dual(&[3, 2], k, 53, true));
+    let b = Dual {
+        primal: b.primal.map(|v| v.tanh()),
+        tangent: b.tangent,
+    };
+    let cpu = c.pointwise(&long, &[&a, &b]).unwrap();
+    let gpu = on_gpu(&mut g, &[&a, &b], |g, v| {
+        Ops::<f32>::pointwise(g, &long, &[&v[0], &v[1]])
+    });
+    same(&cpu, &gpu, "a program over the kernel's registers");
+    // the device refuses words that would read outside the registers
+    let x = g.upload(&dual(&[3, 2], k, 54, false)).unwrap().primal;
+    let dev = g.device().clone();
+    let run = |code: &[u32], n_step: usize| {
+        dev.pointwise(code, n_step, &[(&x, None)], 1, k, 0, false)
+            .map(|_| ())
+    };
+    assert!(
+        run(&[32, 0, 1, 0, 2], 1).is_ok(),
+        "x0 + x1, out: register 2"
+    );
+    for (code, n_step, what) in [
+        (&[32, 0, 2, 0, 2][..], 1, "a step reading itself"),
+        (&[32, 0, 1, 0, 3][..], 1, "an output past the registers"),
+        (&[32, 0, 1, 0][..], 1, "no output"),
+        (&[32, 0, 1][..], 1, "a step cut short"),
+    ] {
+        assert!(run(code, n_step).is_err(), "{what}");
+    }
+    let many: Vec<u32> = (0..63u32).flat_map(|s| [0, s, 0, 0]).chain([64]).collect();
+    assert!(run(&many, 63).is_err(), "65 registers");
+    assert!(
+        run(&many[..4 * 62], 62).is_err(),
+        "no output after 62 steps"
+    );
     let b = on_gpu(&mut g, &[&w], |g, v| Ops::<f32>::softmax(g, &v[0]));
     same(&c.softmax(&w).unwrap(), &b, "softmax");
     let b = on_gpu(&mut g, &[&w, &y], |g, v| {
@@ -760,9 +824,11 @@ fn device_calls_per_time_step() {
 }
 
 /// The device calls of one SOFO iteration (K = 4) of the test's reach
-/// network at T = 120, counted on the fake GPU: the arm plant's column
-/// arithmetic makes it launch-bound (≈ 70 small kernels per step). Pinned
-/// so that a change in the count shows; the README quotes it.
+/// network at T = 120, counted on the fake GPU. The arm plant's column
+/// arithmetic was ≈ 70 small kernels per step (8 260 kernels at 3673f91);
+/// as two pointwise programs (the arm step, the hand) it is two, and a step
+/// is ≈ 7 kernels and 3 GEMMs. Pinned so that a change in the count shows;
+/// the README quotes it.
 #[test]
 fn reach_network_calls_per_iteration() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -786,7 +852,7 @@ fn reach_network_calls_per_iteration() {
     let after = fake_gpu_counts().unwrap();
     let calls: Vec<u64> = (0..7).map(|i| after[i] - before[i]).collect();
     eprintln!("reach network, one iteration: {calls:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
-    assert_eq!(calls, [8260, 364, 21, 3, 4, 2, 0]);
+    assert_eq!(calls, [874, 364, 18, 3, 6, 1, 0]);
 }
 
 /// Peak device bytes of one SOFO iteration: equal at T = 10 and T = 1000
@@ -988,6 +1054,98 @@ fn every_reverse_rule_agrees_with_the_cpu() {
         let d = rel(want.data(), got.data());
         assert!(d < 1e-5, "∂/∂{name} differs by {d:e}");
         eprintln!("reverse rules: ∂/∂{name} agrees to {d:.1e}");
+    }
+}
+
+/// The device tape's node for a pointwise program (the arm's step, then
+/// its hand): values from the `pointwise` kernel, gradients from
+/// `pointwise_grad`, against the CPU tape running the programs op by op —
+/// with the state, the torques or both wanting gradients, and for a program
+/// too long for the kernels (recorded op by op on the device too).
+#[test]
+fn pointwise_reverse_rule_agrees_with_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("pointwise_reverse_rule_agrees_with_the_cpu") else {
+        return;
+    };
+    let arm = TwoJointArm {
+        dt: 0.05,
+        ..TwoJointArm::li_todorov()
+    };
+    let (step, hand) = (arm.step_program().unwrap(), arm.hand_program().unwrap());
+    let long = sofo_ad::Pointwise::record::<sofo_tensor::TensorError>(2, |rec, r| {
+        let mut x = r[0];
+        for _ in 0..40 {
+            x = Ops::<f32>::mul(rec, &x, &r[1])?;
+            x = Ops::<f32>::add_scalar(rec, &x, 0.1)?;
+        }
+        Ok(vec![x, r[1]])
+    })
+    .unwrap();
+    let state = randn(&[6, 4], 60, 1).scale(0.5);
+    let tau = randn(&[6, 2], 60, 2).scale(0.5);
+    let seed = randn(&[6, 4], 60, 3);
+    let seed_long = randn(&[6, 4], 60, 4);
+    // (the arm's state, the torques) leaves or constants; the long
+    // program runs on the torques and the hand's first two columns
+    fn run<E: Ops<f32>>(
+        e: &mut E,
+        x: [&E::V; 2],
+        programs: [&sofo_ad::Pointwise; 3],
+    ) -> (E::V, E::V) {
+        let s = e.pointwise(programs[0], &[x[0], x[1]]).unwrap();
+        let h = e.pointwise(programs[1], &[&s]).unwrap();
+        let h2 = e.slice(&h, 1, 0, 2).unwrap();
+        let y = e.pointwise(programs[2], &[x[1], &h2]).unwrap();
+        (h, y)
+    }
+    for (state_wants, tau_wants) in [(true, true), (true, false), (false, true)] {
+        let mut cpu = Rev::<f32>::new();
+        let leaf = |r: &mut Rev<f32>, t: &Tensor<f32>, wants: bool| match wants {
+            true => r.leaf(t.clone()),
+            false => r.constant(t.clone()).unwrap(),
+        };
+        let x = [
+            leaf(&mut cpu, &state, state_wants),
+            leaf(&mut cpu, &tau, tau_wants),
+        ];
+        let (h, y) = run(&mut cpu, [&x[0], &x[1]], [&step, &hand, &long]);
+        let ga = cpu
+            .backward(vec![(h, seed.clone()), (y, seed_long.clone())])
+            .unwrap();
+        let mut gpu = CudaRev::new(dev.clone());
+        let gleaf = |r: &mut CudaRev, t: &Tensor<f32>, wants: bool| match wants {
+            true => r.leaf(dev.upload(t).unwrap()),
+            false => r.constant(t.clone()).unwrap(),
+        };
+        let gx = [
+            gleaf(&mut gpu, &state, state_wants),
+            gleaf(&mut gpu, &tau, tau_wants),
+        ];
+        let (gh, gy) = run(&mut gpu, [&gx[0], &gx[1]], [&step, &hand, &long]);
+        let gb = gpu
+            .backward(vec![
+                (gh, dev.upload(&seed).unwrap()),
+                (gy, dev.upload(&seed_long).unwrap()),
+            ])
+            .unwrap();
+        for (i, wants) in [state_wants, tau_wants].into_iter().enumerate() {
+            let what = format!(
+                "∂/∂{} (state {state_wants}, torques {tau_wants})",
+                ["state", "torques"][i]
+            );
+            match wants {
+                true => {
+                    let want = ga[x[i].id()].as_ref().expect("a gradient on the CPU");
+                    let got = dev
+                        .download(gb[gx[i].id()].as_ref().expect("one on the GPU"))
+                        .unwrap();
+                    let d = rel(want.data(), got.data());
+                    assert!(d < 1e-5, "{what} differs by {d:e}");
+                }
+                false => assert!(gb[gx[i].id()].is_none(), "{what}: none wanted"),
+            }
+        }
     }
 }
 

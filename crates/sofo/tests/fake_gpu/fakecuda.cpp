@@ -47,6 +47,7 @@ static std::barrier<>* emu_block_barrier = nullptr;
 #define __forceinline__ inline
 #define __shared__ static
 #define __syncthreads() emu_block_barrier->arrive_and_wait()
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
 
 struct Kernel {
     const char* name;
