@@ -95,6 +95,16 @@ impl Fwd {
     }
 }
 
+/// The axis of a value's tangents ([`crate::layout`]) that holds its axis
+/// `axis` (of `rank`): the same, but for the last axis, which K precedes.
+fn tangent_axis(rank: usize, axis: usize) -> usize {
+    if axis + 1 == rank {
+        axis + 1
+    } else {
+        axis
+    }
+}
+
 /// Checks the shapes of a `linear` op: (input, weight) pairs, bias, leak.
 /// Returns (output shape, rows before the last axis, output width n).
 pub fn linear_shapes(
@@ -531,15 +541,40 @@ impl<T: Float> Ops<T> for Fwd {
         self.linear_rule(y, &[x], |c| c[0].sum_axes(&shifted))
     }
 
+    /// The tangents in their own layout (K before the last axis, so a value
+    /// axis keeps its index but the last moves one on): no K-first copies.
     fn concat(&mut self, xs: &[&Dual<T>], axis: usize) -> Result<Dual<T>> {
         let ps: Vec<&Tensor<T>> = xs.iter().map(|v| &v.primal).collect();
         let y = Tensor::concat(&ps, axis)?;
-        self.linear_rule(y, xs, |c| Tensor::concat(c, axis + 1))
+        if xs.iter().all(|v| v.tangent.is_none()) {
+            return Ok(Dual::constant(y));
+        }
+        let zeros: Vec<Option<Tensor<T>>> = xs
+            .iter()
+            .map(|v| match v.tangent {
+                Some(_) => None,
+                None => Some(Tensor::zeros(&tangent_shape(v.primal.shape(), self.k))),
+            })
+            .collect();
+        let ts: Vec<&Tensor<T>> = xs
+            .iter()
+            .zip(&zeros)
+            .map(|(v, z)| v.tangent.as_ref().or(z.as_ref()).expect("one of the two"))
+            .collect();
+        let tangent = Tensor::concat(&ts, tangent_axis(y.rank(), axis))?;
+        Ok(Dual {
+            primal: y,
+            tangent: Some(tangent),
+        })
     }
 
     fn slice(&mut self, x: &Dual<T>, axis: usize, start: usize, len: usize) -> Result<Dual<T>> {
         let y = x.primal.slice(axis, start, len)?;
-        self.linear_rule(y, &[x], |c| c[0].slice(axis + 1, start, len))
+        let tangent = match &x.tangent {
+            Some(t) => Some(t.slice(tangent_axis(y.rank(), axis), start, len)?),
+            None => None,
+        };
+        Ok(Dual { primal: y, tangent })
     }
 
     fn reshape(&mut self, x: &Dual<T>, shape: &[usize]) -> Result<Dual<T>> {

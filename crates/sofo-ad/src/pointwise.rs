@@ -172,6 +172,173 @@ impl Pointwise {
     }
 }
 
+/// A program's registers at every entry of its `[.., L]` grid: what the
+/// host tape keeps of a program node (its inputs) and recomputes the rest
+/// from, entry by entry, with the scalar rules of the op-by-op engines.
+pub(crate) struct Grid<'a, T: Float> {
+    program: &'a Pointwise,
+    inputs: Vec<&'a Tensor<T>>,
+    /// Each input's width, the element width L and the rows before it.
+    widths: Vec<usize>,
+    l: usize,
+    rows: usize,
+}
+
+impl<'a, T: Float> Grid<'a, T> {
+    pub(crate) fn new(program: &'a Pointwise, inputs: Vec<&'a Tensor<T>>) -> Result<Self> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|x| x.shape()).collect();
+        let (l, out) = program.layout(&shapes)?;
+        let widths = shapes.iter().map(|s| s[s.len() - 1]).collect();
+        let rows = out[..out.len() - 1].iter().product();
+        Ok(Grid {
+            program,
+            inputs,
+            widths,
+            l,
+            rows,
+        })
+    }
+
+    /// The values of every register at entry (p, j), into `v`.
+    fn values(&self, p: usize, j: usize, v: &mut Vec<T>) {
+        v.clear();
+        for (x, &w) in self.inputs.iter().zip(&self.widths) {
+            for c in 0..w / self.l {
+                v.push(x.data()[p * w + c * self.l + j]);
+            }
+        }
+        for s in &self.program.steps {
+            let y = match *s {
+                Step::Unary(op, a) => op.apply(v[a]),
+                Step::Binary(op, a, b) => op.apply(v[a], v[b]),
+            };
+            v.push(y);
+        }
+    }
+
+    /// The outputs `[.., outputs·L]`.
+    pub(crate) fn output(&self) -> Tensor<T> {
+        let n = self.program.outputs.len();
+        let mut y = Tensor::scratch(&self.out_shape());
+        let mut v = Vec::with_capacity(self.program.registers());
+        for p in 0..self.rows {
+            for j in 0..self.l {
+                self.values(p, j, &mut v);
+                for (o, &r) in self.program.outputs.iter().enumerate() {
+                    y.data_mut()[(p * n + o) * self.l + j] = v[r];
+                }
+            }
+        }
+        y
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        let s = self.inputs[0].shape();
+        let mut out = s[..s.len() - 1].to_vec();
+        out.push(self.program.outputs.len() * self.l);
+        out
+    }
+
+    /// The reverse rule: from the output's gradient `gy` and each input's
+    /// gradient so far (`priors`, from ops after the program), each wanted
+    /// input's gradient with the program's part added. The adjoints follow
+    /// the reverse tape's rules and order (a register takes contributions
+    /// only if it depends on an input that wants a gradient, passes them on
+    /// only if it received any; later steps first; an input of width L adds
+    /// its contributions onto its prior one by one, a column of a wider
+    /// input adds their sum), so that a program node gives what its ops give
+    /// one by one, bit for bit (but for the same value passed twice).
+    pub(crate) fn gradients(
+        &self,
+        gy: &Tensor<T>,
+        wants: &[bool],
+        priors: Vec<Option<Tensor<T>>>,
+    ) -> Vec<Option<Tensor<T>>> {
+        let prog = self.program;
+        let column_wants: Vec<bool> = self
+            .widths
+            .iter()
+            .zip(wants)
+            .flat_map(|(&w, &want)| std::iter::repeat_n(want, w / self.l))
+            .collect();
+        let needs = prog.tangent_registers(&column_wants);
+        let had_prior: Vec<bool> = priors.iter().map(Option::is_some).collect();
+        let mut grads: Vec<Option<Tensor<T>>> = self
+            .inputs
+            .iter()
+            .zip(priors.into_iter().chain(std::iter::repeat_with(|| None)))
+            .zip(wants)
+            .map(|((x, prior), &w)| w.then(|| prior.unwrap_or_else(|| Tensor::zeros(x.shape()))))
+            .collect();
+        let whole = |i: usize| had_prior.get(i) == Some(&true) && self.widths[i] == self.l;
+        let n_out = prog.outputs.len();
+        let n_in = prog.inputs;
+        let mut v = Vec::with_capacity(prog.registers());
+        let mut adj: Vec<Option<T>> = vec![None; prog.registers()];
+        let add = |adj: &mut [Option<T>], r: usize, x: T| {
+            if needs[r] {
+                adj[r] = Some(match adj[r] {
+                    Some(s) => s + x,
+                    None => x,
+                });
+            }
+        };
+        for p in 0..self.rows {
+            for j in 0..self.l {
+                self.values(p, j, &mut v);
+                adj.iter_mut().for_each(|a| *a = None);
+                // inputs of width L start from their prior (one register,
+                // entry p·L + j)
+                let mut r = 0;
+                for (i, &w) in self.widths.iter().enumerate() {
+                    if let (true, Some(gx)) = (whole(i), &grads[i]) {
+                        adj[r] = Some(gx.data()[p * w + j]);
+                    }
+                    r += w / self.l;
+                }
+                for (o, &r) in prog.outputs.iter().enumerate() {
+                    add(&mut adj, r, gy.data()[(p * n_out + o) * self.l + j]);
+                }
+                for (s, step) in prog.steps.iter().enumerate().rev() {
+                    let Some(g) = adj[n_in + s] else { continue };
+                    match *step {
+                        Step::Unary(op, a) => {
+                            add(&mut adj, a, g * op.derivative(v[a], v[n_in + s]))
+                        }
+                        Step::Binary(op, a, b) => {
+                            let (x, y) = (v[a], v[b]);
+                            let ga = match op {
+                                Binary::Add | Binary::Sub => g,
+                                Binary::Mul => g * y,
+                                Binary::Div => g / y,
+                            };
+                            add(&mut adj, a, ga);
+                            let gb = match op {
+                                Binary::Add => g,
+                                Binary::Sub => g * -T::one(),
+                                Binary::Mul => g * x,
+                                Binary::Div => g * (-x / (y * y)),
+                            };
+                            add(&mut adj, b, gb);
+                        }
+                    }
+                }
+                let mut r = 0;
+                for (i, (gx, &w)) in grads.iter_mut().zip(&self.widths).enumerate() {
+                    for c in 0..w / self.l {
+                        if let (Some(gx), Some(a)) = (gx.as_mut(), adj[r]) {
+                            let e = &mut gx.data_mut()[p * w + c * self.l + j];
+                            *e = if whole(i) || !had_prior[i] { a } else { *e + a };
+                        }
+                        r += 1;
+                    }
+                }
+            }
+        }
+        grads
+    }
+}
+
 /// The engine that records a [`Pointwise`] program: its values are
 /// registers, its elementwise ops steps; other ops are errors.
 pub struct Recorder {

@@ -9,6 +9,7 @@
 
 use crate::forward::linear_shapes;
 use crate::ops::{Binary, Ops, Unary};
+use crate::pointwise::{Grid, Pointwise};
 use sofo_tensor::backend::{Cpu, Gemm, Kernels, Mat};
 use sofo_tensor::{Float, Result, Tensor, TensorError};
 
@@ -45,9 +46,8 @@ pub(crate) enum Op<T: Float> {
     Broadcast(usize),
     Softmax(usize),
     LogSoftmax(usize),
-    /// A program run as one op, its reverse rule in one kernel (the device
-    /// tape only: this tape records a program's ops one by one).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// A program run as one op: a node instead of one per op and its
+    /// slices and concat (the rules are the same, entry by entry).
     Pointwise(Vec<usize>, std::sync::Arc<crate::Pointwise>),
 }
 
@@ -278,7 +278,19 @@ impl<T: Float> Rev<T> {
                 }
                 add(g, *x, gx)?;
             }
-            Op::Pointwise(..) => unreachable!("this tape records a program's ops one by one"),
+            Op::Pointwise(xs, program) => {
+                let inputs = xs.iter().map(|&x| self.val(x)).collect();
+                let wants: Vec<bool> = xs.iter().map(|&x| self.nodes[x].needs_grad).collect();
+                // each input's gradient so far: the program adds to it, one
+                // contribution after the other, as its ops would
+                let priors = xs.iter().map(|&x| g[x].take()).collect();
+                let grads = Grid::new(program, inputs)?.gradients(gy, &wants, priors);
+                for (&x, gx) in xs.iter().zip(grads) {
+                    if let Some(gx) = gx {
+                        accumulate(&mut g[x], gx)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -483,6 +495,20 @@ impl<T: Float> Ops<T> for Rev<T> {
         let ids: Vec<usize> = xs.iter().map(|v| v.id).collect();
         let ng = self.needs(&ids);
         Ok(self.push(y, Op::Concat(ids, axis), ng))
+    }
+
+    /// One node for the program (its values and reverse rule entry by
+    /// entry, with the scalar rules of the ops it records).
+    fn pointwise(&mut self, program: &Pointwise, xs: &[&Var]) -> Result<Var> {
+        let inputs = xs.iter().map(|x| self.val(x.id)).collect();
+        let y = Grid::new(program, inputs)?.output();
+        let ids: Vec<usize> = xs.iter().map(|v| v.id).collect();
+        let ng = self.needs(&ids);
+        Ok(self.push(
+            y,
+            Op::Pointwise(ids, std::sync::Arc::new(program.clone())),
+            ng,
+        ))
     }
 
     fn slice(&mut self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {

@@ -113,35 +113,61 @@ fn tangents_flow_to_the_registers_that_read_them() {
     assert_eq!(outs, [true, true, true]);
 }
 
+/// The host tape runs a program as one node; its values and gradients are
+/// those of the code's ops one by one: inputs of the element width, and
+/// inputs cut into columns (a [M, 3] value giving three inputs) that are
+/// also used after the program.
 #[test]
 fn a_program_backpropagates_as_its_code_does() {
     let p = program();
-    let grads = |use_program: bool| {
+    // (values, gradients of a, b, c) for the program or the code, the
+    // inputs (a, b, c) separate [M, 2] or joined [M, 3] at width 1
+    let run = |use_program: bool, joined: bool| {
         let mut e = Rev::<f64>::new();
-        let x: Vec<_> = (0..4)
-            .map(|i| {
-                let v = normal(&[M, 2], i);
-                if i < 3 {
-                    e.leaf(v)
-                } else {
-                    e.constant(v).unwrap()
-                }
-            })
-            .collect();
-        let y = if use_program {
-            let xr: Vec<_> = x.iter().collect();
-            e.pointwise(&p, &xr).unwrap()
+        let w = if joined { 1 } else { 2 };
+        let leaves: Vec<_> = if joined {
+            vec![e.leaf(normal(&[M, 3], 0))]
         } else {
-            let outs = every_op::<f64, _>(&mut e, &x).unwrap();
+            (0..3).map(|i| e.leaf(normal(&[M, w], i))).collect()
+        };
+        let d = e.constant(normal(&[M, w], 3)).unwrap();
+        let mut ins: Vec<_> = leaves.iter().collect();
+        ins.push(&d);
+        let y = if use_program {
+            e.pointwise(&p, &ins).unwrap()
+        } else {
+            let mut cols = vec![];
+            for x in &ins {
+                let width = e.shape(x)[1];
+                for c in 0..width / w {
+                    cols.push(if width == w {
+                        (*x).clone()
+                    } else {
+                        e.slice(x, 1, c * w, w).unwrap()
+                    });
+                }
+            }
+            let outs = every_op::<f64, _>(&mut e, &cols).unwrap();
             let refs: Vec<_> = outs.iter().collect();
             e.concat(&refs, 1).unwrap()
         };
-        let g = e.backward(vec![(y, normal(&[M, 6], 99))]).unwrap();
-        (0..3)
-            .map(|i| g[x[i].id()].clone().unwrap().data().to_vec())
-            .collect::<Vec<_>>()
+        // a later use of the first input
+        let later = e.mul(&leaves[0], &leaves[0]).unwrap();
+        let value = e.value_of(&y).data().to_vec();
+        let seeds = vec![
+            (y, normal(&[M, 3 * w], 99)),
+            (later, normal(e.value_of(&leaves[0]).shape(), 98)),
+        ];
+        let g = e.backward(seeds).unwrap();
+        let grads: Vec<Vec<f64>> = leaves
+            .iter()
+            .map(|x| g[x.id()].clone().unwrap().data().to_vec())
+            .collect();
+        (value, grads)
     };
-    assert_eq!(grads(true), grads(false));
+    for joined in [false, true] {
+        assert_eq!(run(true, joined), run(false, joined), "joined {joined}");
+    }
 }
 
 #[test]

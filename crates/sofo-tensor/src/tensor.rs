@@ -366,10 +366,15 @@ impl<T: Float> Tensor<T> {
         shape[axis] = len;
         let mut out = Self::scratch(&shape);
         let n = self.shape[axis];
-        for o in 0..outer {
-            let src = &self.data()[(o * n + start) * inner..(o * n + start + len) * inner];
-            out.data_mut()[o * len * inner..(o + 1) * len * inner].copy_from_slice(src);
-        }
+        let w = len * inner;
+        copy_blocks(
+            out.data_mut(),
+            (w, 0),
+            self.data(),
+            (n * inner, start * inner),
+            w,
+            outer,
+        );
         Ok(out)
     }
 
@@ -402,14 +407,18 @@ impl<T: Float> Tensor<T> {
         let mut shape = first.shape.clone();
         shape[axis] = total;
         let mut out = Self::scratch(&shape);
-        let od = out.data_mut();
-        for o in 0..outer {
-            let mut off = o * total * inner;
-            for p in parts {
-                let w = p.shape[axis] * inner;
-                od[off..off + w].copy_from_slice(&p.data()[o * w..(o + 1) * w]);
-                off += w;
-            }
+        let mut off = 0;
+        for p in parts {
+            let w = p.shape[axis] * inner;
+            copy_blocks(
+                out.data_mut(),
+                (total * inner, off),
+                p.data(),
+                (w, 0),
+                w,
+                outer,
+            );
+            off += w;
         }
         Ok(out)
     }
@@ -480,5 +489,29 @@ pub(crate) fn strided_copy<T: Copy>(src: &[T], st: &[usize], shape: &[usize], ds
             base -= st[ax] * shape[ax];
             idx[ax] = 0;
         }
+    }
+}
+
+/// `outer` blocks of `w` elements from `src` to `dst`, block o from
+/// `src[o·src_stride + src_off ..]` to `dst[o·dst_stride + dst_off ..]`.
+/// One-element blocks (the columns of a plant's state) are copied one by
+/// one: a memmove call per element would cost more than the copy.
+fn copy_blocks<T: Copy>(
+    dst: &mut [T],
+    (dst_stride, dst_off): (usize, usize),
+    src: &[T],
+    (src_stride, src_off): (usize, usize),
+    w: usize,
+    outer: usize,
+) {
+    if w == 1 {
+        for o in 0..outer {
+            dst[o * dst_stride + dst_off] = src[o * src_stride + src_off];
+        }
+        return;
+    }
+    for o in 0..outer {
+        let (d, s) = (o * dst_stride + dst_off, o * src_stride + src_off);
+        dst[d..d + w].copy_from_slice(&src[s..s + w]);
     }
 }
