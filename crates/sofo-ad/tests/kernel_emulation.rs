@@ -27,6 +27,9 @@ use sofo_tensor::rng;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+mod common;
+use common::every_op;
+
 // only its C++ compile step is used here
 #[allow(dead_code)]
 #[path = "../../sofo/tests/fake_gpu/mod.rs"]
@@ -1007,29 +1010,6 @@ fn mse_kernels_give_the_sketch_and_the_seed() {
     );
 }
 
-/// Every elementwise op of the vocabulary on inputs (a, b, c, d, e); three
-/// outputs, the last of d and e alone.
-fn every_op<E: Ops<f32>>(e: &mut E, x: &[E::V]) -> sofo_ad::Result<Vec<E::V>> {
-    let [a, b, c, d, f] = [&x[0], &x[1], &x[2], &x[3], &x[4]];
-    let pos = e.square(b)?;
-    let pos = e.add_scalar(&pos, 0.5)?;
-    let mut acc = a.clone();
-    for op in Unary::all(0.3, -1.7) {
-        let arg = if matches!(op, Unary::Log | Unary::Sqrt) {
-            &pos
-        } else {
-            c
-        };
-        let y = e.unary(arg, op)?;
-        acc = e.add(&acc, &y)?;
-    }
-    let p = e.mul(&acc, d)?;
-    let q = e.div(&p, &pos)?;
-    let r = e.sub(&q, a)?;
-    let de = e.mul(d, f)?;
-    Ok(vec![r, p, de])
-}
-
 #[test]
 fn pointwise_runs_a_program_as_the_cpu_does() {
     let Some(emu) = emu() else { return };
@@ -1044,7 +1024,7 @@ fn pointwise_runs_a_program_as_the_cpu_does() {
         *mut f32, *mut f32, i64, i32, i32, u64, i32,
     );
     let pw = emu.kernel::<Pw>("pointwise");
-    let program = Pointwise::record(5, |rec, r| every_op(rec, r)).unwrap();
+    let program = Pointwise::record(5, |rec, r| every_op::<f32, _>(rec, r)).unwrap();
     let words = sofo_ad::cuda::program_code(&program);
     let n_step = program.steps().len() as i32;
     // width 2 (an element width L > 1), K = 11 (a full and a partial chunk);
@@ -1146,7 +1126,7 @@ fn pointwise_grad_backpropagates_a_program_as_the_cpu_does() {
         *const f32, i64, i32, u64, i32,
     );
     let grad = emu.kernel::<PwGrad>("pointwise_grad");
-    let program = Pointwise::record(5, |rec, r| every_op(rec, r)).unwrap();
+    let program = Pointwise::record(5, |rec, r| every_op::<f32, _>(rec, r)).unwrap();
     let words = sofo_ad::cuda::program_code(&program);
     let n_step = program.steps().len() as i32;
     // inputs (a, b) [4, 4], c [4, 2], (d, e) [4, 4] at element width 2;

@@ -4,37 +4,17 @@
 //! (the GPU kernel that runs a program in one launch is checked against
 //! these engines in `kernel_emulation.rs` and `cuda_agreement.rs`).
 
-use sofo_ad::{Dual, Float, Fwd, Ops, Pointwise, Result, Rev, Tensor, Unary};
+use sofo_ad::{Dual, Fwd, Ops, Pointwise, Result, Rev, Tensor};
+
+mod common;
+use common::every_op;
 use sofo_tensor::rng;
 
 const M: usize = 5;
 const K: usize = 4;
 
-/// Every elementwise op of the vocabulary on inputs (a, b, c, d), three
-/// outputs; the last depends on d alone.
-fn every_op<T: Float, E: Ops<T>>(e: &mut E, x: &[E::V]) -> Result<Vec<E::V>> {
-    let [a, b, c, d] = [&x[0], &x[1], &x[2], &x[3]];
-    let pos = e.square(b)?;
-    let pos = e.add_scalar(&pos, 0.5)?;
-    let mut acc = a.clone();
-    for op in Unary::all(0.3, -1.7) {
-        let arg = if matches!(op, Unary::Log | Unary::Sqrt) {
-            &pos
-        } else {
-            c
-        };
-        let y = e.unary(arg, op)?;
-        acc = e.add(&acc, &y)?;
-    }
-    let p = e.mul(&acc, d)?;
-    let q = e.div(&p, &pos)?;
-    let r = e.sub(&q, a)?;
-    let dd = e.mul(d, d)?;
-    Ok(vec![r, p, dd])
-}
-
 fn program() -> Pointwise {
-    Pointwise::record(4, |rec, r| {
+    Pointwise::record(5, |rec, r| {
         let ins: Vec<_> = r.to_vec();
         every_op::<f64, _>(rec, &ins)
     })
@@ -47,9 +27,9 @@ fn normal(shape: &[usize], stream: u64) -> Tensor<f64> {
     t
 }
 
-/// (a, b, c) with K tangents each, d without, each `[M, w]`.
+/// (a, b, c) with K tangents each, d and e without, each `[M, w]`.
 fn inputs(e: &Fwd, w: usize) -> Vec<Dual<f64>> {
-    (0..4)
+    (0..5)
         .map(|i| {
             let v = normal(&[M, w], i);
             if i < 3 {
@@ -71,8 +51,8 @@ fn same(got: &Dual<f64>, want: &Dual<f64>) {
 #[test]
 fn a_program_computes_what_its_code_computes_bit_for_bit() {
     let p = program();
-    assert_eq!((p.inputs(), p.outputs().len()), (4, 3));
-    assert_eq!(p.registers(), 4 + p.steps().len());
+    assert_eq!((p.inputs(), p.outputs().len()), (5, 3));
+    assert_eq!(p.registers(), 5 + p.steps().len());
     let mut e = Fwd::new(K);
     for w in [1, 3] {
         let x = inputs(&e, w);
@@ -84,9 +64,13 @@ fn a_program_computes_what_its_code_computes_bit_for_bit() {
         same(&e.pointwise(&p, &xr).unwrap(), &want);
         let ab = e.concat(&[&x[0], &x[1]], 1).unwrap();
         let abc = e.concat(&[&x[0], &x[1], &x[2]], 1).unwrap();
-        same(&e.pointwise(&p, &[&ab, &x[2], &x[3]]).unwrap(), &want);
-        same(&e.pointwise(&p, &[&abc, &x[3]]).unwrap(), &want);
-        // the output that depends on d alone has zero tangents, as in concat
+        same(
+            &e.pointwise(&p, &[&ab, &x[2], &x[3], &x[4]]).unwrap(),
+            &want,
+        );
+        let de = e.concat(&[&x[3], &x[4]], 1).unwrap();
+        same(&e.pointwise(&p, &[&abc, &de]).unwrap(), &want);
+        // the output that depends on d and e alone has zero tangents, as in concat
         let got = e.pointwise(&p, &xr).unwrap();
         let t = got.tangent.unwrap();
         for (i, v) in t.data().iter().enumerate() {
@@ -96,7 +80,7 @@ fn a_program_computes_what_its_code_computes_bit_for_bit() {
         }
     }
     // no tangents anywhere: none out
-    let x: Vec<Dual<f64>> = (0..4).map(|i| Dual::constant(normal(&[M, 1], i))).collect();
+    let x: Vec<Dual<f64>> = (0..5).map(|i| Dual::constant(normal(&[M, 1], i))).collect();
     let xr: Vec<&Dual<f64>> = x.iter().collect();
     assert!(e.pointwise(&p, &xr).unwrap().tangent.is_none());
 }
@@ -104,12 +88,12 @@ fn a_program_computes_what_its_code_computes_bit_for_bit() {
 #[test]
 fn tangents_flow_to_the_registers_that_read_them() {
     let p = program();
-    let has = p.tangent_registers(&[true, true, true, false]);
+    let has = p.tangent_registers(&[true, true, true, false, false]);
     let outs: Vec<bool> = p.outputs().iter().map(|&o| has[o]).collect();
     assert_eq!(outs, [true, true, false]);
-    let has = p.tangent_registers(&[false, false, false, true]);
+    let has = p.tangent_registers(&[false, false, false, true, false]);
     let outs: Vec<bool> = p.outputs().iter().map(|&o| has[o]).collect();
-    // r = q − a reads d through p; p = acc·d; d·d
+    // r = q − a reads d through p; p = acc·d; d·e
     assert_eq!(outs, [true, true, true]);
 }
 
@@ -131,8 +115,9 @@ fn a_program_backpropagates_as_its_code_does() {
             (0..3).map(|i| e.leaf(normal(&[M, w], i))).collect()
         };
         let d = e.constant(normal(&[M, w], 3)).unwrap();
+        let f = e.constant(normal(&[M, w], 4)).unwrap();
         let mut ins: Vec<_> = leaves.iter().collect();
-        ins.push(&d);
+        ins.extend([&d, &f]);
         let y = if use_program {
             e.pointwise(&p, &ins).unwrap()
         } else {

@@ -151,6 +151,15 @@ __device__ float binary_op_(float a, float b, int op) {
 extern "C" __global__ void binary_fwd(const float* a, const float* b, float* y, long long n, int op) {
     GRID_LOOP(i, n) { y[i] = binary_op_(a[i], b[i], op); }
 }
+// ∂y/∂a and ∂y/∂b of y = a op b
+__device__ __forceinline__ void binary_partials_(float a, float b, int op, float* da, float* db) {
+    switch (op) {
+        case 0: *da = 1.f; *db = 1.f; break;
+        case 1: *da = 1.f; *db = -1.f; break;
+        case 2: *da = b; *db = a; break;
+        default: *da = 1.f / b; *db = -a / (b * b); break;
+    }
+}
 
 // out[p, k, l] = ∂y/∂a[p, l] · ta[p, k, l] + ∂y/∂b[p, l] · tb[p, k, l] for
 // y = a op b on equal shapes [P, L]; a tangent absent when has_* = 0; with
@@ -164,12 +173,7 @@ extern "C" __global__ void binary_tangent(const float* a, const float* b, const 
         tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
         float av = a[e], bv = b[e], da, db;
         if (want_y && k0 == 0) y[e] = binary_op_(av, bv, op);
-        switch (op) {
-            case 0: da = 1.f; db = 1.f; break;
-            case 1: da = 1.f; db = -1.f; break;
-            case 2: da = bv; db = av; break;
-            default: da = 1.f / bv; db = -av / (bv * bv); break;
-        }
+        binary_partials_(av, bv, op, &da, &db);
         const long long row = p * k * l + j;
         for (int kk = k0; kk < k1; kk++) {
             long long i = row + (long long)kk * l;
@@ -193,6 +197,22 @@ extern "C" __global__ void binary_tangent(const float* a, const float* b, const 
 // the values once per unit, then its tangents one after the other.
 #define PW_REGS 64
 #define PW_TENSORS 8
+// A program's registers at entry (p, j) into v: its inputs, then its
+// steps' values; returns the number of inputs.
+__device__ __forceinline__ int pw_values_(const unsigned* prog, int n_tensors, int n_step,
+        const float* const* xs, const int* ws, int l, long long p, long long j, float* v) {
+    int n_in = 0;
+    for (int i = 0; i < n_tensors; i++)
+        for (int c = 0; c < ws[i] / l; c++) v[n_in++] = xs[i][p * ws[i] + c * l + j];
+    for (int s = 0; s < n_step; s++) {
+        const unsigned* w = prog + 4 * s;
+        float o = 0.f, g;
+        if (w[0] < 32) unary_eval_(v[w[1]], (int)w[0], __int_as_float((int)w[3]), &o, &g);
+        else o = binary_op_(v[w[1]], v[w[2]], (int)w[0] - 32);
+        v[n_in + s] = o;
+    }
+    return n_in;
+}
 extern "C" __global__ void pointwise(const unsigned* prog, int n_tensors, int n_step, int n_out,
         const float* x0, const float* t0, int w0, const float* x1, const float* t1, int w1,
         const float* x2, const float* t2, int w2, const float* x3, const float* t3, int w3,
@@ -209,16 +229,7 @@ extern "C" __global__ void pointwise(const unsigned* prog, int n_tensors, int n_
         long long e, p, j; int k0, k1;
         tunit_(unit, pl, kt, l, &e, &p, &j, &k0, &k1);
         float v[PW_REGS], t[PW_REGS];
-        int n_in = 0;
-        for (int i = 0; i < n_tensors; i++)
-            for (int c = 0; c < ws[i] / l; c++) v[n_in++] = xs[i][p * ws[i] + c * l + j];
-        for (int s = 0; s < n_step; s++) {
-            const unsigned* w = prog + 4 * s;
-            float o = 0.f, g;
-            if (w[0] < 32) unary_eval_(v[w[1]], (int)w[0], __int_as_float((int)w[3]), &o, &g);
-            else o = binary_op_(v[w[1]], v[w[2]], (int)w[0] - 32);
-            v[n_in + s] = o;
-        }
+        const int n_in = pw_values_(prog, n_tensors, n_step, xs, ws, l, p, j, v);
         if (k0 == 0) for (int o = 0; o < n_out; o++) y[p * wy + o * l + j] = v[outs[o]];
         for (int kk = k0; kk < k1; kk++) {
             int r = 0;
@@ -237,12 +248,7 @@ extern "C" __global__ void pointwise(const unsigned* prog, int n_tensors, int n_
                         x = g * t[a];
                     } else {
                         float da, db;
-                        switch (w[0] - 32) {
-                            case 0: da = 1.f; db = 1.f; break;
-                            case 1: da = 1.f; db = -1.f; break;
-                            case 2: da = v[b]; db = v[a]; break;
-                            default: da = 1.f / v[b]; db = -v[a] / (v[b] * v[b]); break;
-                        }
+                        binary_partials_(v[a], v[b], (int)w[0] - 32, &da, &db);
                         if (tmask >> a & 1ULL) x += da * t[a];
                         if (tmask >> b & 1ULL) x += db * t[b];
                     }
@@ -277,16 +283,7 @@ extern "C" __global__ void pointwise_grad(const unsigned* prog, int n_tensors, i
         long long p, j;
         divmod_(e, l, &p, &j);
         float v[PW_REGS], a[PW_REGS];
-        int n_in = 0;
-        for (int i = 0; i < n_tensors; i++)
-            for (int c = 0; c < ws[i] / l; c++) v[n_in++] = xs[i][p * ws[i] + c * l + j];
-        for (int s = 0; s < n_step; s++) {
-            const unsigned* w = prog + 4 * s;
-            float o = 0.f, g;
-            if (w[0] < 32) unary_eval_(v[w[1]], (int)w[0], __int_as_float((int)w[3]), &o, &g);
-            else o = binary_op_(v[w[1]], v[w[2]], (int)w[0] - 32);
-            v[n_in + s] = o;
-        }
+        const int n_in = pw_values_(prog, n_tensors, n_step, xs, ws, l, p, j, v);
         unsigned long long got = 0;
         for (int o = 0; o < n_out; o++) {
             const unsigned r = outs[o];
@@ -305,12 +302,7 @@ extern "C" __global__ void pointwise_grad(const unsigned* prog, int n_tensors, i
                 float o;
                 unary_eval_(v[ra], (int)w[0], __int_as_float((int)w[3]), &o, &da);
             } else {
-                switch (w[0] - 32) {
-                    case 0: da = 1.f; db = 1.f; break;
-                    case 1: da = 1.f; db = -1.f; break;
-                    case 2: da = v[rb]; db = v[ra]; break;
-                    default: da = 1.f / v[rb]; db = -v[ra] / (v[rb] * v[rb]); break;
-                }
+                binary_partials_(v[ra], v[rb], (int)w[0] - 32, &da, &db);
             }
             if (gmask >> ra & 1ULL) {
                 const float x = da * a[d];
