@@ -5,9 +5,12 @@
 //! A program is recorded by running the plant's own code (written against
 //! [`Ops`] like everything else) on a [`Recorder`], whose values are
 //! registers. Every engine can run the program op by op — the default of
-//! [`Ops::pointwise`], exactly the ops the plant code issues, so a host engine
-//! computes bit for bit what it computed before — and a GPU engine runs it as
-//! one kernel, value and K tangents, instead of one launch per op.
+//! [`Ops::pointwise`], exactly the ops the plant code issues, as the host's
+//! forward engine does. The host's reverse tape keeps it as one node (values
+//! and gradients entry by entry with its own scalar rules, in its own order:
+//! the same numbers bit for bit, without a node per op); the GPU engines run
+//! it as one kernel, value and K tangents (or its reverse sweep), instead of
+//! one launch per op.
 //!
 //! Layout: a program with `n` inputs runs on `[.., L]` values; its inputs are
 //! the column blocks of width L of the given values in order (a `[M, 4]` arm

@@ -1024,7 +1024,7 @@ fn pointwise_runs_a_program_as_the_cpu_does() {
         *mut f32, *mut f32, i64, i32, i32, u64, i32,
     );
     let pw = emu.kernel::<Pw>("pointwise");
-    let program = Pointwise::record(5, |rec, r| every_op::<f32, _>(rec, r)).unwrap();
+    let program = Pointwise::record(5, every_op::<f32, _>).unwrap();
     let words = sofo_ad::cuda::program_code(&program);
     let n_step = program.steps().len() as i32;
     // width 2 (an element width L > 1), K = 11 (a full and a partial chunk);
@@ -1126,7 +1126,7 @@ fn pointwise_grad_backpropagates_a_program_as_the_cpu_does() {
         *const f32, i64, i32, u64, i32,
     );
     let grad = emu.kernel::<PwGrad>("pointwise_grad");
-    let program = Pointwise::record(5, |rec, r| every_op::<f32, _>(rec, r)).unwrap();
+    let program = Pointwise::record(5, every_op::<f32, _>).unwrap();
     let words = sofo_ad::cuda::program_code(&program);
     let n_step = program.steps().len() as i32;
     // inputs (a, b) [4, 4], c [4, 2], (d, e) [4, 4] at element width 2;
