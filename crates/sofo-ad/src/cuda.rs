@@ -37,8 +37,16 @@ pub struct CudaFwd {
     k: usize,
     /// The blocks of `constant_block`, one stager per source array (a
     /// batch's inputs, a model's noise), keyed by its address and length;
-    /// the three used last kept (a stager's chunk stays on the device).
+    /// the [`CudaFwd::STAGERS`] used last kept (a stager's chunk stays on
+    /// the device).
     blocks: Vec<(usize, usize, BlockStager)>,
+}
+
+impl CudaFwd {
+    /// How many arrays' stagers are kept: more than a step reads blocks of
+    /// (the constrained network's inputs and five kinds of noise), so that
+    /// none is evicted mid-chunk and copied again every step.
+    pub const STAGERS: usize = 8;
 }
 
 /// The `unary_fwd` kernel's op code and scalar for an op.
@@ -194,7 +202,7 @@ impl<T: Float> Ops<T> for CudaFwd {
         let entry = match self.blocks.iter().position(|b| (b.0, b.1) == key) {
             Some(i) => self.blocks.remove(i),
             None => {
-                if self.blocks.len() == 3 {
+                if self.blocks.len() == Self::STAGERS {
                     self.blocks.remove(0);
                 }
                 (key.0, key.1, BlockStager::default())

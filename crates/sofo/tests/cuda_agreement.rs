@@ -1429,6 +1429,70 @@ fn agreement_tests_pass_on_the_fake_gpu() {
 /// with masks, learned time constants, state/rate/input noise and the three
 /// regularisers; and a low-rank recurrence with per-unit time constants and
 /// the multiplicative state and additive rate noises.
+/// The constrained network's noise (all five kinds on, with inputs) is
+/// drawn and copied to the device a chunk of 64 steps at a time, like the
+/// targets: 128 more steps are two more chunks, each a copy per noise kind
+/// (the inputs with their noise one of them) and one of the targets — where
+/// each step copied its inputs and four kinds of noise before (and with
+/// only three arrays' stagers kept, 5 of the 6 were copied again per step).
+#[test]
+fn constrained_noise_is_copied_per_chunk() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("constrained_noise_is_copied_per_chunk") else {
+        return;
+    };
+    if fake_gpu_counts().is_none() {
+        eprintln!("skipping constrained_noise_is_copied_per_chunk: counted on the fake GPU only");
+        return;
+    }
+    drop(dev);
+    let rnn = RateRnn {
+        n: 12,
+        inputs: 3,
+        outputs: 2,
+        alpha: 0.2,
+        activation: Activation::Tanh,
+        learn_x0: false,
+        gain: 0.9,
+    };
+    let model = ConstrainedRnn::new(rnn, Constraints::default())
+        .unwrap()
+        .with_noise(Noise {
+            state: 0.05,
+            rates: 0.1,
+            input: 0.05,
+            state_multiplicative: 0.05,
+            rates_additive: 0.05,
+        })
+        .unwrap();
+    let batch = |t: usize| Batch {
+        steps: t,
+        trials: 8,
+        inputs: Some(randn(&[t, 8, 3], 5, 1)),
+        initial: None,
+        targets: randn(&[t, 8, 2], 5, 2),
+        weights: None,
+        loss_norm: (t * 8 * 2) as f64,
+        noise_seed: 3,
+    };
+    let uploads = |t: usize| {
+        let dev = device_or_skip("constrained_noise_is_copied_per_chunk").unwrap();
+        dev.set_graphs(false);
+        let s = Sofo::new(SofoConfig {
+            k: 4,
+            ..SofoConfig::default()
+        })
+        .unwrap()
+        .on(Device::Cuda(dev));
+        let mut params = Model::<f32>::init(&model, 0).unwrap();
+        let before = fake_gpu_counts().unwrap();
+        s.step(&model, &mut params, &batch(t), 0, 0).unwrap();
+        fake_gpu_counts().unwrap()[2] - before[2]
+    };
+    let more = uploads(138) - uploads(10);
+    assert_eq!(more, 2 * (5 + 1), "uploads for 128 more steps");
+}
+
 fn constrained_cases() -> Vec<(&'static str, ConstrainedRnn)> {
     let rnn = RateRnn {
         n: 24,

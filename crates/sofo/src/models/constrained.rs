@@ -364,6 +364,12 @@ pub enum TimeConstants {
     Learned { tau_min: f64 },
 }
 
+impl TimeConstants {
+    pub fn is_learned(&self) -> bool {
+        matches!(self, TimeConstants::Learned { .. })
+    }
+}
+
 /// A low-rank recurrence W = m nᵀ/N with m, n [N, rank] trained, plus a
 /// fixed random part W0 ~ N(0, g²/N) (the model's gain, a pinned tensor)
 /// when `fixed` is set.
@@ -675,7 +681,107 @@ impl ConstrainedRnn {
 /// The effective [W, B, b, C, d, (x0)] and the per-unit α, if any.
 type Effective<V> = (Vec<V>, Option<V>);
 
-/// Columns [start, start + len) of a [m, width] host tensor, column j
+/// The constants the noise of a chunk of steps adds, each kind
+/// `[steps, m, cols]` (`None`: off): the inputs with their noise, the state
+/// increment, the state factor, the rate factor (clipped at 0) and the rate
+/// increment. Under learned time constants the state kinds are the unit
+/// draws ξ, scaled by √(2α(θ)) in the pass.
+struct NoiseChunk<T: Float> {
+    t0: usize,
+    steps: usize,
+    input: Option<Tensor<T>>,
+    state: Option<Tensor<T>>,
+    state_multiplicative: Option<Tensor<T>>,
+    rates: Option<Tensor<T>>,
+    rates_additive: Option<Tensor<T>>,
+}
+
+impl ConstrainedRnn {
+    /// The noise of steps [t0, t0 + steps) (cut at the trial's end): one
+    /// draw per (step, trial) for every kind — state [0, N), rates [N, 2N),
+    /// inputs [2N, 2N + I), multiplicative state [2N + I, 3N + I), additive
+    /// rates [3N + I, 4N + I) — scaled for the step.
+    fn noise_chunk<T: Float>(
+        &self,
+        batch: &Trials<'_, T>,
+        t0: usize,
+        steps: usize,
+    ) -> Result<NoiseChunk<T>> {
+        let (noise, n, inputs) = (&self.noise, self.rnn.n, self.rnn.inputs);
+        let alpha = self.rnn.alpha;
+        let xi = batch.noise_steps(t0, steps, 4 * n + inputs, None)?;
+        let steps = xi.shape()[0];
+        let (mult_at, radd_at) = (2 * n + inputs, 3 * n + inputs);
+        let learned = self.time_constants.is_learned();
+        // σ·√(2α_i) per unit (1 under learned α: scaled in the pass)
+        let unit_scale = |s: f64| -> Vec<f64> {
+            (0..n)
+                .map(|j| match &self.time_constants {
+                    TimeConstants::Scalar => s * (2.0 * alpha).sqrt(),
+                    TimeConstants::PerUnit(al) => s * (2.0 * al[j]).sqrt(),
+                    TimeConstants::Learned { .. } => 1.0,
+                })
+                .collect()
+        };
+        let on = |s: f64| s > 0.0;
+        let input = match on(noise.input) && batch.batch.inputs.is_some() {
+            true => {
+                let in_scale = noise.input * (2.0 / alpha).sqrt();
+                let mut data = Vec::with_capacity(steps * batch.trials() * inputs);
+                for t in t0..t0 + steps {
+                    let u = batch.input(t)?.expect("the batch has inputs");
+                    data.extend_from_slice(u.data());
+                }
+                let mut u = Tensor::from_vec(&[steps, batch.trials(), inputs], data)?;
+                u.axpy(T::one(), &columns(&xi, 2 * n, inputs, 0.0, |_| in_scale)?)?;
+                Some(u)
+            }
+            false => None,
+        };
+        let state = match on(noise.state) {
+            true => {
+                let sc = unit_scale(noise.state);
+                Some(columns(&xi, 0, n, 0.0, |j| sc[j])?)
+            }
+            false => None,
+        };
+        let state_multiplicative = match on(noise.state_multiplicative) {
+            true => {
+                let sc = unit_scale(noise.state_multiplicative);
+                let shift = if learned { 0.0 } else { 1.0 };
+                Some(columns(&xi, mult_at, n, shift, |j| sc[j])?)
+            }
+            false => None,
+        };
+        let rates = match on(noise.rates) {
+            // clipped at 0: a negative factor would flip the sign a unit
+            // transmits (and Dale's law with it)
+            true => {
+                let s = noise.rates * (2.0 / alpha).sqrt();
+                Some(columns(&xi, n, n, 1.0, |_| s)?.map(|v| v.max(T::zero())))
+            }
+            false => None,
+        };
+        let rates_additive = match on(noise.rates_additive) {
+            true => {
+                let s = noise.rates_additive * (2.0 / alpha).sqrt();
+                Some(columns(&xi, radd_at, n, 0.0, |_| s)?)
+            }
+            false => None,
+        };
+        Ok(NoiseChunk {
+            t0,
+            steps,
+            input,
+            state,
+            state_multiplicative,
+            rates,
+            rates_additive,
+        })
+    }
+}
+
+/// Columns [start, start + len) of a [.., width] host tensor, column j
 /// scaled by `scale(j)` and shifted by `shift`.
 fn columns<T: Float>(
     x: &Tensor<T>,
@@ -684,10 +790,11 @@ fn columns<T: Float>(
     shift: f64,
     scale: impl Fn(usize) -> f64,
 ) -> Result<Tensor<T>> {
-    let width = x.shape()[1];
-    let m = x.shape()[0];
+    let width = x.shape()[x.rank() - 1];
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank ≥ 1") = len;
     let s: Vec<T> = (0..len).map(|j| T::from_f64(scale(j))).collect();
-    let mut out = Tensor::<T>::scratch(&[m, len]);
+    let mut out = Tensor::<T>::scratch(&shape);
     for (r, row) in out.data_mut().chunks_mut(len.max(1)).enumerate() {
         for (j, v) in row.iter_mut().enumerate() {
             *v = T::from_f64(shift) + s[j] * x.data()[r * width + start + j];
@@ -847,28 +954,24 @@ impl<T: Float> Model<T> for ConstrainedRnn {
         let phi = self.rnn.activation.op();
         let mut r = e.unary(&x, phi)?;
         let inputs = self.rnn.inputs;
-        // one draw per (step, trial) for every kind of noise: state [0, N),
-        // rates [N, 2N), inputs [2N, 2N + I), multiplicative state
-        // [2N + I, 3N + I), additive rates [3N + I, 4N + I)
-        let width = 4 * n + inputs;
-        let (mult_at, radd_at) = (2 * n + inputs, 3 * n + inputs);
-        let in_scale = noise.input * (2.0 / alpha).sqrt();
-        let rate_scale = noise.rates * (2.0 / alpha).sqrt();
+        // the noise's constants a chunk of steps at a time (a GPU copies a
+        // chunk's blocks at once; the host takes one step per chunk)
+        let chunk_steps = e.block_steps().max(1);
+        let mut chunk: Option<NoiseChunk<T>> = None;
         let mut rsum: Option<E::V> = None;
         for t in 0..steps {
-            let xi = if noise.any() {
-                Some(batch.noise(t, width, None)?)
-            } else {
-                None
+            if noise.any() && chunk.as_ref().is_none_or(|c| t >= c.t0 + c.steps) {
+                chunk = Some(self.noise_chunk(batch, t, chunk_steps)?);
+            }
+            // kind `x` of the chunk at step t, [m, cols]
+            let block = |e: &mut E, x: &Tensor<T>, cols: usize| -> Result<E::V> {
+                let t0 = chunk.as_ref().map_or(t, |c| c.t0);
+                Ok(e.constant_block(x, (t - t0) * m * cols, &[m, cols])?)
             };
-            let u = match batch.input(t)? {
-                Some(mut u) => {
-                    if let (Some(xi), true) = (&xi, noise.input > 0.0) {
-                        u.axpy(T::one(), &columns(xi, 2 * n, inputs, 0.0, |_| in_scale)?)?;
-                    }
-                    Some(e.constant(u)?)
-                }
-                None => None,
+            let kinds = chunk.as_ref();
+            let u = match kinds.and_then(|c| c.input.as_ref()) {
+                Some(u) => Some(block(e, u, inputs)?),
+                None => batch.input_on(e, t)?,
             };
             let mut terms = vec![(&r, wt)];
             if let Some(u) = &u {
@@ -884,41 +987,27 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                     e.add(&x, &step)?
                 }
             };
-            if let (Some(xi), true) = (&xi, noise.state > 0.0) {
-                let s = noise.state;
-                let inc = match &self.time_constants {
-                    TimeConstants::Scalar => {
-                        e.constant(columns(xi, 0, n, 0.0, |_| s * (2.0 * alpha).sqrt())?)?
-                    }
-                    TimeConstants::PerUnit(al) => {
-                        e.constant(columns(xi, 0, n, 0.0, |j| s * (2.0 * al[j]).sqrt())?)?
-                    }
-                    TimeConstants::Learned { .. } => {
+            if let Some(z) = kinds.and_then(|c| c.state.as_ref()) {
+                let z = block(e, z, n)?;
+                let inc = match av.filter(|_| self.time_constants.is_learned()) {
+                    None => z,
+                    Some(av) => {
                         // σ·√(2α(θ))·ξ: ξ is constant, the scale depends on θ
-                        let av = av.expect("learned α is prepared");
                         let sq = e.sqrt(av)?;
-                        let sq = e.mul_scalar(&sq, s * 2f64.sqrt())?;
-                        let z = e.constant(columns(xi, 0, n, 0.0, |_| 1.0)?)?;
+                        let sq = e.mul_scalar(&sq, noise.state * 2f64.sqrt())?;
                         e.mul(&z, &sq)?
                     }
                 };
                 x = e.add(&x, &inc)?;
             }
-            if let (Some(xi), true) = (&xi, noise.state_multiplicative > 0.0) {
-                let s = noise.state_multiplicative;
-                let factor = match &self.time_constants {
-                    TimeConstants::Scalar => {
-                        e.constant(columns(xi, mult_at, n, 1.0, |_| s * (2.0 * alpha).sqrt())?)?
-                    }
-                    TimeConstants::PerUnit(al) => {
-                        e.constant(columns(xi, mult_at, n, 1.0, |j| s * (2.0 * al[j]).sqrt())?)?
-                    }
-                    TimeConstants::Learned { .. } => {
+            if let Some(z) = kinds.and_then(|c| c.state_multiplicative.as_ref()) {
+                let z = block(e, z, n)?;
+                let factor = match av.filter(|_| self.time_constants.is_learned()) {
+                    None => z,
+                    Some(av) => {
                         // 1 + σ·√(2α(θ))·ξ
-                        let av = av.expect("learned α is prepared");
                         let sq = e.sqrt(av)?;
-                        let sq = e.mul_scalar(&sq, s * 2f64.sqrt())?;
-                        let z = e.constant(columns(xi, mult_at, n, 0.0, |_| 1.0)?)?;
+                        let sq = e.mul_scalar(&sq, noise.state_multiplicative * 2f64.sqrt())?;
                         let z = e.mul(&z, &sq)?;
                         e.add_scalar(&z, 1.0)?
                     }
@@ -926,16 +1015,12 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                 x = e.mul(&x, &factor)?;
             }
             r = e.unary(&x, phi)?;
-            if let (Some(xi), true) = (&xi, noise.rates > 0.0) {
-                // clipped at 0: a negative factor would flip the sign a
-                // unit transmits (and Dale's law with it)
-                let eta = columns(xi, n, n, 1.0, |_| rate_scale)?.map(|v| v.max(T::zero()));
-                let eta = e.constant(eta)?;
+            if let Some(eta) = kinds.and_then(|c| c.rates.as_ref()) {
+                let eta = block(e, eta, n)?;
                 r = e.mul(&r, &eta)?;
             }
-            if let (Some(xi), true) = (&xi, noise.rates_additive > 0.0) {
-                let s = noise.rates_additive * (2.0 / alpha).sqrt();
-                let z = e.constant(columns(xi, radd_at, n, 0.0, |_| s)?)?;
+            if let Some(z) = kinds.and_then(|c| c.rates_additive.as_ref()) {
+                let z = block(e, z, n)?;
                 r = e.add(&r, &z)?;
             }
             if reg.rates_l2 > 0.0 {
