@@ -59,6 +59,10 @@ timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method pass --json --iters 
 if [ -x $G/sofo-base ]; then
 echo "== the same SOFO bench with the baseline build $(cat $G/BASE 2>/dev/null) (scripts/gpu-prepare.sh BASE=...)"
 timeout 150 $G/sofo-base bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_base.jsonl"
+# the arm's step as one kernel (reach2) against the baseline's ≈ 45 launches
+for c in ${BASE_TASKS:-reach2}; do
+  timeout 120 $G/sofo-base bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_base.jsonl"
+done
 fi
 
 echo "== sofo bench --device cuda --gpu-matmul tf32 (SOFO; TF32 GEMMs as JAX's default)"

@@ -199,6 +199,34 @@ fn time_forward<M: Model<f32>>(
     }
 }
 
+/// Times Adam through BPTT on `model` and `batch`: median and minimum of
+/// `iters` iterations after 2 warm-up ones.
+fn time_adam<M: Model<f32>>(
+    device: &Device,
+    model: &M,
+    batch: &Batch<f32>,
+    iters: usize,
+    name: &'static str,
+    n: usize,
+) -> Result<Record> {
+    let mut params = model.init(0)?;
+    let mut adam = Adam::<f32>::new(AdamConfig::default())?.on(device.clone());
+    let (median, min, peak_device_bytes) =
+        time_steps(device, &mut adam, model, &mut params, batch, iters)?;
+    Ok(Record {
+        method: "adam",
+        peak_device_bytes,
+        name,
+        n,
+        m: batch.trials,
+        k: 0,
+        t: batch.steps,
+        median,
+        min,
+        flops: 0.0,
+    })
+}
+
 /// Times one forward-K pass with its sketch (`Device::pass`) on random
 /// tangents: median and minimum of `iters` after 2 warm-up passes.
 fn time_pass<M: Model<f32>>(
@@ -353,27 +381,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let batch = random_batch(t, m, 3, 3, 0)?;
         // Adam through BPTT on the same model and batch
         if a.method == "adam" || a.method == "all" {
-            let mut params = model.init(0)?;
-            let mut adam = Adam::<f32>::new(AdamConfig::default())?.on(device.clone());
-            let (median, min, peak_device_bytes) =
-                time_steps(&device, &mut adam, &model, &mut params, &batch, iters)?;
-            emit(
-                &a,
-                &Record {
-                    method: "adam",
-                    peak_device_bytes,
-                    name,
-                    n,
-                    m,
-                    k: 0,
-                    t,
-                    median,
-                    min,
-                    flops: 0.0,
-                },
-                threads,
-                &device,
-            );
+            let r = time_adam(&device, &model, &batch, iters, name, n)?;
+            emit(&a, &r, threads, &device);
         }
         if a.method == "adam" {
             continue;
@@ -394,12 +403,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // the loop (reach2) and the leaky network over T = 5000 (kalman-long);
     // GPU work, timed on the CPU only when named with --only
     let long_ok = on_gpu || a.only.is_some();
-    if want("reach2") && a.method != "adam" && long_ok {
+    if want("reach2") && long_ok {
         let task = ReachTask::double();
         let model = ReachRnn::paper(task.inputs());
         let batch = Task::<f32>::train_batch(&task, 0, 0, 256)?;
-        let r = time_forward(&a, &device, &model, &batch, 128, "reach2", model.n)?;
-        emit(&a, &r, threads, &device);
+        // BPTT through the arm as well: its step and hand are one node each
+        if a.method == "adam" || a.method == "all" {
+            let r = time_adam(&device, &model, &batch, iters, "reach2", model.n)?;
+            emit(&a, &r, threads, &device);
+        }
+        if a.method != "adam" {
+            let r = time_forward(&a, &device, &model, &batch, 128, "reach2", model.n)?;
+            emit(&a, &r, threads, &device);
+        }
     }
     if want("kalman-long") && a.method != "adam" && long_ok {
         let task = KalmanTask::long();
