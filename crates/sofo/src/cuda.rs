@@ -60,6 +60,18 @@ pub struct CudaSketch<'a, T: Float> {
     /// The batch whose step losses are observed, if known: their targets
     /// and weights are then staged a chunk of steps at a time.
     staged: Option<StagedTargets<'a, T>>,
+    /// Targets of one value throughout (a regulariser's zeros) on the
+    /// device, by (value bits, length): copied once per pass, not per step.
+    uniform: Vec<(u32, usize, DevTensor)>,
+}
+
+/// The one value all of `t` holds, if it does (as the device's f32).
+fn uniform_value<T: Float>(t: &Tensor<T>) -> Option<f32> {
+    let first = t.data().first()?;
+    t.data()
+        .iter()
+        .all(|v| v == first)
+        .then(|| first.to_f64() as f32)
 }
 
 /// A batch's targets and weights on the device a chunk of steps at a time
@@ -119,6 +131,7 @@ impl<'a, T: Float> CudaSketch<'a, T> {
             dev,
             k,
             staged: None,
+            uniform: Vec::new(),
         })
     }
 
@@ -177,6 +190,30 @@ impl<T: Float> Observer<T, CudaFwd> for CudaSketch<'_, T> {
                 y.tangent.as_ref(),
                 &target.slice().slice(..),
                 w.as_ref(),
+                mse.n,
+            )?);
+        }
+        if let (None, Some(c)) = (&mse.weights, uniform_value(&mse.target)) {
+            let len = mse.target.numel();
+            let i = match self
+                .uniform
+                .iter()
+                .position(|u| (u.0, u.1) == (c.to_bits(), len))
+            {
+                Some(i) => i,
+                None => {
+                    let t = self.dev.upload(&Tensor::full(&[len], c))?;
+                    self.uniform.push((c.to_bits(), len, t));
+                    self.uniform.len() - 1
+                }
+            };
+            let target = self.uniform[i].2.slice().slice(..);
+            return Ok(self.dev.mse_sketch_add(
+                self.acc,
+                &y.primal,
+                y.tangent.as_ref(),
+                &target,
+                None,
                 mse.n,
             )?);
         }

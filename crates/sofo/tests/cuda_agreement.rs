@@ -1435,6 +1435,8 @@ fn agreement_tests_pass_on_the_fake_gpu() {
 /// (the inputs with their noise one of them) and one of the targets — where
 /// each step copied its inputs and four kinds of noise before (and with
 /// only three arrays' stagers kept, 5 of the 6 were copied again per step).
+/// The rate regulariser's zero targets are copied once per pass, not per
+/// step.
 #[test]
 fn constrained_noise_is_copied_per_chunk() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -1463,6 +1465,11 @@ fn constrained_noise_is_copied_per_chunk() {
             input: 0.05,
             state_multiplicative: 0.05,
             rates_additive: 0.05,
+        })
+        .unwrap()
+        .with_regularizers(Regularizers {
+            rates_l2: 1e-3,
+            ..Regularizers::default()
         })
         .unwrap();
     let batch = |t: usize| Batch {
