@@ -19,7 +19,9 @@ use crate::layout::tangent_shape;
 use crate::ops::{Binary, Ops, Unary};
 use crate::pointwise::{Pointwise, Step};
 use crate::{Dual, Fwd};
-use sofo_tensor::cuda::{BinaryCode, BlockStager, CudaDevice, DevTensor, NarrowOut, UnaryCode};
+use sofo_tensor::cuda::{
+    BinaryCode, BlockStager, CudaDevice, DevTensor, NarrowOut, ProgramWords, UnaryCode,
+};
 use sofo_tensor::{Float, Result, Tensor};
 use std::sync::Arc;
 
@@ -182,8 +184,8 @@ impl<T: Float> Ops<T> for CudaFwd {
         })
     }
 
-    fn block_steps(&self) -> usize {
-        BlockStager::CHUNK_BLOCKS
+    fn block_steps(&self, block_len: usize) -> usize {
+        BlockStager::chunk_blocks(block_len)
     }
 
     /// A view of a chunk of `whole` staged on the device once for many
@@ -413,8 +415,6 @@ impl<T: Float> Ops<T> for CudaFwd {
         self.on_host(&[x], |e, v| e.sum(&v[0], axes))
     }
 
-    /// Along the last axis (an output assembled from columns) on the
-    /// device; other axes through the host.
     /// One `pointwise` launch for the program, value and tangents (a
     /// program over the kernel's limits runs op by op).
     fn pointwise(&mut self, program: &Pointwise, xs: &[&CudaDual]) -> Result<CudaDual> {
@@ -438,18 +438,20 @@ impl<T: Float> Ops<T> for CudaFwd {
         let want_t = program.outputs().iter().any(|&o| has[o]);
         let inputs: Vec<_> = xs.iter().map(|x| (&x.primal, x.tangent.as_ref())).collect();
         let n_step = program.steps().len();
-        let (primal, tangent) = self.dev.pointwise(
-            &program_code(program),
-            n_step,
-            &inputs,
-            l,
-            self.k,
-            tmask,
-            want_t,
-        )?;
+        let words = program_code(program);
+        let prog = ProgramWords {
+            words: &words,
+            inputs: program.inputs(),
+            steps: n_step,
+        };
+        let (primal, tangent) = self
+            .dev
+            .pointwise(prog, &inputs, l, self.k, tmask, want_t)?;
         Ok(CudaDual { primal, tangent })
     }
 
+    /// Along the last axis (an output assembled from columns) on the
+    /// device; other axes through the host.
     fn concat(&mut self, xs: &[&CudaDual], axis: usize) -> Result<CudaDual> {
         let first = xs.first().map(|x| x.primal.shape().to_vec());
         if let Some(lead) = first.filter(|s| !s.is_empty() && axis == s.len() - 1) {

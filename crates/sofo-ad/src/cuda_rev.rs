@@ -22,7 +22,7 @@ use crate::ops::{Binary, Ops, Unary};
 use crate::pointwise::Pointwise;
 use crate::reverse::Op;
 use crate::{Rev, Var};
-use sofo_tensor::cuda::{BinaryCode, CudaDevice, DevTensor, UnaryCode};
+use sofo_tensor::cuda::{BinaryCode, CudaDevice, DevTensor, ProgramWords, UnaryCode};
 use sofo_tensor::{Float, Result, Tensor, TensorError};
 use std::sync::Arc;
 
@@ -311,14 +311,13 @@ impl CudaRev {
                     .zip(&want)
                     .map(|(&x, &w)| (self.val(x), w))
                     .collect();
-                let grads = dev.pointwise_grad(
-                    &program_code(&program),
-                    program.steps().len(),
-                    &inputs,
-                    gy,
-                    l,
-                    gmask,
-                )?;
+                let words = program_code(&program);
+                let prog = ProgramWords {
+                    words: &words,
+                    inputs: program.inputs(),
+                    steps: program.steps().len(),
+                };
+                let grads = dev.pointwise_grad(prog, &inputs, gy, l, gmask)?;
                 for (x, gx) in xs.into_iter().zip(grads) {
                     if let Some(gx) = gx {
                         self.accumulate(g, x, gx)?;

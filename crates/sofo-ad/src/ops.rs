@@ -149,10 +149,12 @@ pub trait Ops<T: Float> {
 
     /// A value that carries no derivative (data, targets, fixed weights).
     fn constant(&mut self, t: Tensor<T>) -> Result<Self::V>;
-    /// How many steps' constants (inputs, noise) the engine would rather
-    /// take at once through [`Ops::constant_block`]: one on the host; many on
-    /// a device, where each copy is a round trip over the bus.
-    fn block_steps(&self) -> usize {
+    /// How many steps' constants (inputs, noise) of `block_len` elements
+    /// each the engine would rather take at once through
+    /// [`Ops::constant_block`]: one on the host; many on a device, where each
+    /// copy is a round trip over the bus (fewer of large blocks).
+    fn block_steps(&self, block_len: usize) -> usize {
+        let _ = block_len;
         1
     }
     /// The constant `shape` made of the elements [offset, offset + n) of

@@ -249,8 +249,11 @@ impl<'a, T: Float> Grid<'a, T> {
     /// only if it depends on an input that wants a gradient, passes them on
     /// only if it received any; later steps first; an input of width L adds
     /// its contributions onto its prior one by one, a column of a wider
-    /// input adds their sum), so that a program node gives what its ops give
-    /// one by one, bit for bit (but for the same value passed twice).
+    /// input adds their sum; an input that receives none and had none keeps
+    /// none), so that a program node gives what its ops give one by one, bit
+    /// for bit — but for the same value passed twice (summed apart) and the
+    /// sign of a zero (a column's −0 stays −0 here, where the ops' zero-filled
+    /// columns may add +0 to it).
     pub(crate) fn gradients(
         &self,
         gy: &Tensor<T>,
@@ -265,7 +268,8 @@ impl<'a, T: Float> Grid<'a, T> {
             .flat_map(|(&w, &want)| std::iter::repeat_n(want, w / self.l))
             .collect();
         let needs = prog.tangent_registers(&column_wants);
-        let had_prior: Vec<bool> = priors.iter().map(Option::is_some).collect();
+        let mut had_prior: Vec<bool> = priors.iter().map(Option::is_some).collect();
+        had_prior.resize(self.inputs.len(), false);
         let mut grads: Vec<Option<Tensor<T>>> = self
             .inputs
             .iter()
@@ -274,6 +278,7 @@ impl<'a, T: Float> Grid<'a, T> {
             .map(|((x, prior), &w)| w.then(|| prior.unwrap_or_else(|| Tensor::zeros(x.shape()))))
             .collect();
         let whole = |i: usize| had_prior.get(i) == Some(&true) && self.widths[i] == self.l;
+        let mut received = vec![false; self.inputs.len()];
         let n_out = prog.outputs.len();
         let n_in = prog.inputs;
         let mut v = Vec::with_capacity(prog.registers());
@@ -332,10 +337,17 @@ impl<'a, T: Float> Grid<'a, T> {
                         if let (Some(gx), Some(a)) = (gx.as_mut(), adj[r]) {
                             let e = &mut gx.data_mut()[p * w + c * self.l + j];
                             *e = if whole(i) || !had_prior[i] { a } else { *e + a };
+                            received[i] = true;
                         }
                         r += 1;
                     }
                 }
+            }
+        }
+        // nothing received and nothing before: no gradient, as on the tape
+        for (gx, (&got, &had)) in grads.iter_mut().zip(received.iter().zip(&had_prior)) {
+            if !got && !had {
+                *gx = None;
             }
         }
         grads

@@ -153,6 +153,16 @@ fn a_program_backpropagates_as_its_code_does() {
     for joined in [false, true] {
         assert_eq!(run(true, joined), run(false, joined), "joined {joined}");
     }
+    // an input no output reads gets no gradient, as from the ops
+    let square_first = Pointwise::record::<sofo_ad::TensorError>(2, |rec, r| {
+        Ok(vec![Ops::<f64>::mul(rec, &r[0], &r[0])?])
+    })
+    .unwrap();
+    let mut e = Rev::<f64>::new();
+    let (a, b) = (e.leaf(normal(&[M, 1], 1)), e.leaf(normal(&[M, 1], 2)));
+    let y = e.pointwise(&square_first, &[&a, &b]).unwrap();
+    let g = e.backward(vec![(y, normal(&[M, 1], 3))]).unwrap();
+    assert!(g[a.id()].is_some() && g[b.id()].is_none());
 }
 
 #[test]

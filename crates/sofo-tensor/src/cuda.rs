@@ -698,7 +698,8 @@ impl Drop for MseSketch {
 }
 
 /// Hands out blocks of a host array as device tensors, copying the array
-/// [`BlockStager::CHUNK_BLOCKS`] blocks at a time: one upload per chunk
+/// a chunk of blocks at a time ([`BlockStager::chunk_blocks`]: up to 64
+/// within 16 MiB): one upload per chunk
 /// instead of one per block (a batch's inputs or targets, step by step;
 /// each upload is a round trip over the bus between two kernels), with
 /// device memory bounded by the chunk, not the array. A block is served
@@ -714,8 +715,17 @@ pub struct BlockStager {
 }
 
 impl BlockStager {
-    /// Blocks per chunk.
+    /// The most blocks per chunk.
     pub const CHUNK_BLOCKS: usize = 64;
+    /// The most bytes of a chunk (f32) unless one block is larger: large
+    /// blocks (a big network's noise, [M, N] per step) come fewer at a time.
+    pub const CHUNK_BYTES: usize = 16 << 20;
+
+    /// Blocks per chunk for blocks of `block_len` elements: as many as fit
+    /// in [`BlockStager::CHUNK_BYTES`], 1 to [`BlockStager::CHUNK_BLOCKS`].
+    pub fn chunk_blocks(block_len: usize) -> usize {
+        (Self::CHUNK_BYTES / (4 * block_len.max(1))).clamp(1, Self::CHUNK_BLOCKS)
+    }
 
     /// Elements [offset, offset + n) of `whole` as a device tensor of
     /// `shape` (n elements): a read-only view of the staged chunk, which is
@@ -751,14 +761,15 @@ impl BlockStager {
                 .zip(&self.host[offset - self.start..])
                 .all(|(a, b)| f32_of(a).to_bits() == b.to_bits());
         if !held {
-            let end = (offset + n * Self::CHUNK_BLOCKS).min(whole.len());
+            let blocks = Self::chunk_blocks(n);
+            let end = (offset + n * blocks).min(whole.len());
             self.host = whole[offset..end].iter().map(f32_of).collect();
             self.start = offset;
             // always a whole chunk (zeros past the array's end), so that
             // device memory and the buffers a pass asks for are the same
             // at every T
             let mut up = self.host.clone();
-            up.resize(n * Self::CHUNK_BLOCKS, 0.0);
+            up.resize(n * blocks, 0.0);
             let up = dev.upload(&Tensor::from_vec(&[up.len()], up)?)?;
             self.chunk = Some(Arc::new(up));
         }
@@ -795,7 +806,9 @@ pub struct CudaDevice {
     /// set: tests), so that reading an element nobody wrote shows.
     poison: bool,
     /// The instruction words of the pointwise programs run so far, each
-    /// uploaded once and kept (a graph's launches point at them).
+    /// uploaded once and kept for the device's life (a graph's launches
+    /// point at them; a process runs a handful: one per plant and its
+    /// parameters), found by their words.
     programs: std::sync::Mutex<Vec<Program>>,
 }
 
@@ -1043,6 +1056,16 @@ fn term_sizes(
     Ok((rows, n))
 }
 
+/// A pointwise program as the kernels read it: `words` (op, a, b, scalar
+/// bits) per step, then the output registers; its number of inputs (the
+/// column blocks its operands must give) and of steps.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgramWords<'a> {
+    pub words: &'a [u32],
+    pub inputs: usize,
+    pub steps: usize,
+}
+
 /// A pointwise launch's shapes and counts, checked against its program.
 struct ProgramShape {
     out_shape: Vec<usize>,
@@ -1055,15 +1078,12 @@ struct ProgramShape {
 }
 
 /// Checks a pointwise program's words against its inputs [.., w_i]: every
-/// width a multiple of `l`, at most `PW_REGS` registers, each step reading
-/// earlier registers, at least one output and every output a register — so
-/// that the kernels stay inside their register file and buffers.
-fn check_program(
-    code: &[u32],
-    n_step: usize,
-    inputs: &[&DevTensor],
-    l: usize,
-) -> Result<ProgramShape> {
+/// width a multiple of `l`, as many column blocks as the program has
+/// inputs, at most `PW_REGS` registers, each step reading earlier
+/// registers, at least one output and every output a register — so that the
+/// kernels stay inside their register file and buffers.
+fn check_program(prog: ProgramWords, inputs: &[&DevTensor], l: usize) -> Result<ProgramShape> {
+    let (code, n_step) = (prog.words, prog.steps);
     let bad = |why: String| TensorError::arg("device pointwise", why);
     let first = inputs.first().map(|x| x.shape.clone()).unwrap_or_default();
     if inputs.is_empty() || inputs.len() > CudaDevice::PW_TENSORS || first.is_empty() || l == 0 {
@@ -1087,6 +1107,12 @@ fn check_program(
         widths.push(i32::try_from(w).map_err(|_| bad(format!("width {w}")))?);
     }
     let n_in: usize = widths.iter().map(|&w| w as usize / l).sum();
+    if n_in != prog.inputs {
+        return Err(bad(format!(
+            "{} column blocks of width {l} for the program's inputs, got {n_in}",
+            prog.inputs
+        )));
+    }
     let regs = n_in + n_step;
     let n_out = code.len().saturating_sub(4 * n_step);
     let steps_ok = code.len() >= 4 * n_step
@@ -1635,16 +1661,13 @@ impl CudaDevice {
     }
 
     /// Runs a pointwise program (see the `pointwise` kernel) on `inputs`
-    /// (values [.., w_i] and their tangents [.., K, w_i], if any): `code` is
-    /// 4 words per step (op, a, b, scalar bits) and then the output
-    /// registers; `l` the element width; `tmask` bit r set where register r
-    /// carries tangents. Returns y [.., outputs·l] and, with `want_t`, its
-    /// tangents [.., K, outputs·l].
-    #[allow(clippy::too_many_arguments)]
+    /// (values [.., w_i] and their tangents [.., K, w_i], if any); `l` the
+    /// element width; `tmask` bit r set where register r carries tangents
+    /// (an input register only where its input has them). Returns y
+    /// [.., outputs·l] and, with `want_t`, its tangents [.., K, outputs·l].
     pub fn pointwise(
         &self,
-        code: &[u32],
-        n_step: usize,
+        prog: ProgramWords,
         inputs: &[(&DevTensor, Option<&DevTensor>)],
         l: usize,
         k: usize,
@@ -1652,7 +1675,9 @@ impl CudaDevice {
         want_t: bool,
     ) -> Result<(DevTensor, Option<DevTensor>)> {
         let values: Vec<&DevTensor> = inputs.iter().map(|(x, _)| *x).collect();
-        let pg = check_program(code, n_step, &values, l)?;
+        let pg = check_program(prog, &values, l)?;
+        let code = prog.words;
+        let mut r = 0;
         for (x, t) in inputs {
             if t.is_some_and(|t| t.numel() != k * x.numel()) {
                 return Err(TensorError::arg(
@@ -1660,6 +1685,19 @@ impl CudaDevice {
                     format!("{k} tangents of {:?}", x.shape),
                 ));
             }
+            // the kernel reads an input register's tangents where its bit is set
+            let cols = x.shape.last().copied().unwrap_or(0) / l;
+            let bits = ((1u128 << (r + cols)) - (1u128 << r)) as u64;
+            if t.is_none() && tmask & bits != 0 {
+                return Err(TensorError::arg(
+                    "device pointwise",
+                    format!(
+                        "tangent bits {:#x} set for an input without tangents",
+                        tmask & bits
+                    ),
+                ));
+            }
+            r += cols;
         }
         let mut y = self.scratch(&pg.out_shape)?;
         let mut u = match want_t {
@@ -1670,9 +1708,9 @@ impl CudaDevice {
             }
             false => None,
         };
-        let prog = self.program(code)?;
+        let on_device = self.program(code)?;
         let mut g = Launch::new(&self.core, &self.k.pointwise);
-        g.arg(&*prog)
+        g.arg(&*on_device)
             .arg(&pg.n_tensors)
             .arg(&pg.n_step)
             .arg(&pg.n_out);
@@ -1712,15 +1750,15 @@ impl CudaDevice {
     /// register r depends on an input that wants a gradient.
     pub fn pointwise_grad(
         &self,
-        code: &[u32],
-        n_step: usize,
+        prog: ProgramWords,
         inputs: &[(&DevTensor, bool)],
         gy: &DevTensor,
         l: usize,
         gmask: u64,
     ) -> Result<Vec<Option<DevTensor>>> {
         let values: Vec<&DevTensor> = inputs.iter().map(|(x, _)| *x).collect();
-        let pg = check_program(code, n_step, &values, l)?;
+        let pg = check_program(prog, &values, l)?;
+        let code = prog.words;
         if gy.shape != pg.out_shape {
             return Err(TensorError::shape(
                 "device pointwise_grad",
@@ -1736,9 +1774,9 @@ impl CudaDevice {
             .iter()
             .enumerate()
             .fold(0i32, |m, (i, (_, w))| m | ((*w as i32) << i));
-        let prog = self.program(code)?;
+        let on_device = self.program(code)?;
         let mut g = Launch::new(&self.core, &self.k.pointwise_grad);
-        g.arg(&*prog)
+        g.arg(&*on_device)
             .arg(&pg.n_tensors)
             .arg(&pg.n_step)
             .arg(&pg.n_out);
@@ -2569,6 +2607,12 @@ mod tests {
                 "{name}: {line:?} not in the kernels"
             );
         }
+        // staging chunks: 64 small blocks, fewer large ones, at least one
+        use super::BlockStager as B;
+        assert_eq!(B::chunk_blocks(256 * 64), 64);
+        assert_eq!(B::chunk_blocks(1024 * 1000), 4);
+        assert_eq!(B::chunk_blocks(8 << 20), 1);
+        assert!(B::chunk_blocks(1024 * 1000) * 1024 * 1000 * 4 <= B::CHUNK_BYTES);
         // at least one thread per entry, a partial chunk counted
         assert_eq!(super::tangent_units(10, 0), 10);
         assert_eq!(super::tangent_units(10, 8), 10);

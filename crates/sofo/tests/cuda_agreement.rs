@@ -20,6 +20,7 @@ use sofo_ad::cuda_rev::CudaRev;
 use sofo_ad::layout::tangent_shape;
 use sofo_ad::{Binary, Unary};
 use sofo_ad::{Rev, Var};
+use sofo_tensor::cuda::ProgramWords;
 use sofo_tensor::rng;
 
 mod fake_gpu;
@@ -280,29 +281,63 @@ fn every_op_agrees_with_the_cpu() {
         Ops::<f32>::pointwise(g, &long, &[&v[0], &v[1]])
     });
     same(&cpu, &gpu, "a program over the kernel's registers");
-    // the device refuses words that would read outside the registers
+    // the device refuses words that would read outside the registers, and
+    // tangents of an input that has none
     let x = g.upload(&dual(&[3, 2], k, 54, false)).unwrap().primal;
     let dev = g.device().clone();
-    let run = |code: &[u32], n_step: usize| {
-        dev.pointwise(code, n_step, &[(&x, None)], 1, k, 0, false)
+    let run = |words: &[u32], inputs: usize, steps: usize, tmask: u64| {
+        let prog = ProgramWords {
+            words,
+            inputs,
+            steps,
+        };
+        dev.pointwise(prog, &[(&x, None)], 1, k, tmask, tmask != 0)
             .map(|_| ())
     };
     assert!(
-        run(&[32, 0, 1, 0, 2], 1).is_ok(),
+        run(&[32, 0, 1, 0, 2], 2, 1, 0).is_ok(),
         "x0 + x1, out: register 2"
     );
-    for (code, n_step, what) in [
-        (&[32, 0, 2, 0, 2][..], 1, "a step reading itself"),
-        (&[32, 0, 1, 0, 3][..], 1, "an output past the registers"),
-        (&[32, 0, 1, 0][..], 1, "no output"),
-        (&[32, 0, 1][..], 1, "a step cut short"),
+    for (words, inputs, steps, tmask, what) in [
+        (&[32, 0, 2, 0, 2][..], 2, 1, 0, "a step reading itself"),
+        (
+            &[32, 0, 1, 0, 3][..],
+            2,
+            1,
+            0,
+            "an output past the registers",
+        ),
+        (&[32, 0, 1, 0][..], 2, 1, 0, "no output"),
+        (&[32, 0, 1][..], 2, 1, 0, "a step cut short"),
+        (
+            &[32, 0, 1, 0, 2][..],
+            3,
+            1,
+            0,
+            "three inputs from two columns",
+        ),
+        (
+            &[32, 0, 1, 0, 2][..],
+            2,
+            1,
+            0b010,
+            "tangents of an input without",
+        ),
     ] {
-        assert!(run(code, n_step).is_err(), "{what}");
+        assert!(run(words, inputs, steps, tmask).is_err(), "{what}");
     }
-    let many: Vec<u32> = (0..63u32).flat_map(|s| [0, s, 0, 0]).chain([64]).collect();
-    assert!(run(&many, 63).is_err(), "65 registers");
+    // 64 registers are the most: 2 inputs and 62 steps run, 63 steps not
+    let many = |steps: u32| -> Vec<u32> {
+        (0..steps)
+            .flat_map(|s| [0, s, 0, 0])
+            .chain([steps + 1])
+            .collect()
+    };
+    let most = many(62);
+    assert!(run(&most, 2, 62, 0).is_ok(), "64 registers");
+    assert!(run(&many(63), 2, 63, 0).is_err(), "65 registers");
     assert!(
-        run(&many[..4 * 62], 62).is_err(),
+        run(&most[..4 * 62], 2, 62, 0).is_err(),
         "no output after 62 steps"
     );
     let b = on_gpu(&mut g, &[&w], |g, v| Ops::<f32>::softmax(g, &v[0]));
@@ -1059,7 +1094,8 @@ fn every_reverse_rule_agrees_with_the_cpu() {
 
 /// The device tape's node for a pointwise program (the arm's step, then
 /// its hand): values from the `pointwise` kernel, gradients from
-/// `pointwise_grad`, against the CPU tape running the programs op by op —
+/// `pointwise_grad`, against the CPU tape (whose program node is checked
+/// against the ops one by one in `sofo-ad/tests/pointwise.rs`) —
 /// with the state, the torques or both wanting gradients, and for a program
 /// too long for the kernels (recorded op by op on the device too).
 #[test]
@@ -1425,10 +1461,6 @@ fn agreement_tests_pass_on_the_fake_gpu() {
     eprintln!("{text}");
 }
 
-/// The constrained rate network with its options on: Dale's law (softplus)
-/// with masks, learned time constants, state/rate/input noise and the three
-/// regularisers; and a low-rank recurrence with per-unit time constants and
-/// the multiplicative state and additive rate noises.
 /// The constrained network's noise (all five kinds on, with inputs) is
 /// drawn and copied to the device a chunk of 64 steps at a time, like the
 /// targets: 128 more steps are two more chunks, each a copy per noise kind
@@ -1500,6 +1532,10 @@ fn constrained_noise_is_copied_per_chunk() {
     assert_eq!(more, 2 * (5 + 1), "uploads for 128 more steps");
 }
 
+/// The constrained rate network with its options on: Dale's law (softplus)
+/// with masks, learned time constants, state/rate/input noise and the three
+/// regularisers; and a low-rank recurrence with per-unit time constants and
+/// the multiplicative state and additive rate noises.
 fn constrained_cases() -> Vec<(&'static str, ConstrainedRnn)> {
     let rnn = RateRnn {
         n: 24,

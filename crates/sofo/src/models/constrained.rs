@@ -955,8 +955,9 @@ impl<T: Float> Model<T> for ConstrainedRnn {
         let mut r = e.unary(&x, phi)?;
         let inputs = self.rnn.inputs;
         // the noise's constants a chunk of steps at a time (a GPU copies a
-        // chunk's blocks at once; the host takes one step per chunk)
-        let chunk_steps = e.block_steps().max(1);
+        // chunk's blocks at once; the host takes one step per chunk), as many
+        // steps as the engine takes of the widest array, the draw
+        let chunk_steps = e.block_steps(m * (4 * n + inputs)).max(1);
         let mut chunk: Option<NoiseChunk<T>> = None;
         let mut rsum: Option<E::V> = None;
         for t in 0..steps {
@@ -989,10 +990,11 @@ impl<T: Float> Model<T> for ConstrainedRnn {
             };
             if let Some(z) = kinds.and_then(|c| c.state.as_ref()) {
                 let z = block(e, z, n)?;
-                let inc = match av.filter(|_| self.time_constants.is_learned()) {
-                    None => z,
-                    Some(av) => {
+                let inc = match self.time_constants.is_learned() {
+                    false => z,
+                    true => {
                         // σ·√(2α(θ))·ξ: ξ is constant, the scale depends on θ
+                        let av = av.expect("learned α is prepared");
                         let sq = e.sqrt(av)?;
                         let sq = e.mul_scalar(&sq, noise.state * 2f64.sqrt())?;
                         e.mul(&z, &sq)?
@@ -1002,10 +1004,11 @@ impl<T: Float> Model<T> for ConstrainedRnn {
             }
             if let Some(z) = kinds.and_then(|c| c.state_multiplicative.as_ref()) {
                 let z = block(e, z, n)?;
-                let factor = match av.filter(|_| self.time_constants.is_learned()) {
-                    None => z,
-                    Some(av) => {
+                let factor = match self.time_constants.is_learned() {
+                    false => z,
+                    true => {
                         // 1 + σ·√(2α(θ))·ξ
+                        let av = av.expect("learned α is prepared");
                         let sq = e.sqrt(av)?;
                         let sq = e.mul_scalar(&sq, noise.state_multiplicative * 2f64.sqrt())?;
                         let z = e.mul(&z, &sq)?;

@@ -132,7 +132,7 @@ impl<T: Float> Model<T> for ReachRnn {
         let width = self.noise_width();
         // the noise of as many steps at a time as the engine takes (a GPU
         // copies them in one upload): (first step, its blocks)
-        let noise_steps = e.block_steps().max(1);
+        let noise_steps = e.block_steps(m * self.n).max(1);
         let mut noise: Option<(usize, Tensor<T>)> = None;
         for t in 0..batch.steps() {
             let mut r = e.relu(&z)?;
