@@ -195,8 +195,18 @@ impl<T: Float> Trials<'_, T> {
         let steps = steps.min(self.batch.steps.saturating_sub(t0));
         let mut out = Tensor::<T>::scratch(&[steps, self.len, width]);
         let block = (self.len * width).max(1);
-        for (i, step) in out.data_mut().chunks_mut(block).enumerate() {
-            self.fill_noise(t0 + i, width, range, step);
+        // each step's block from its own streams: the same numbers however
+        // the steps are shared out (a GPU pass draws many steps on the host
+        // at once, in one group of trials)
+        if sofo_tensor::parallel::threads() > 1 && steps > 1 {
+            out.data_mut()
+                .par_chunks_mut(block)
+                .enumerate()
+                .for_each(|(i, step)| self.fill_noise(t0 + i, width, range, step));
+        } else {
+            for (i, step) in out.data_mut().chunks_mut(block).enumerate() {
+                self.fill_noise(t0 + i, width, range, step);
+            }
         }
         Ok(out)
     }
