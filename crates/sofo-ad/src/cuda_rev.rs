@@ -406,6 +406,17 @@ impl<T: Float> Ops<T> for CudaRev {
         Ok(self.push(v, Op::Leaf, false))
     }
 
+    fn block_steps(&self, block_len: usize) -> usize {
+        Ops::<T>::block_steps(&self.fwd, block_len)
+    }
+
+    /// A view of the forward engine's staged chunk (the tape keeps the
+    /// chunk alive while a value needs it).
+    fn constant_block(&mut self, whole: &Tensor<T>, offset: usize, shape: &[usize]) -> Result<Var> {
+        let v = Ops::<T>::constant_block(&mut self.fwd, whole, offset, shape)?;
+        Ok(self.push(v, Op::Leaf, false))
+    }
+
     fn shape<'a>(&self, v: &'a Var) -> &'a [usize] {
         &v.shape
     }

@@ -85,6 +85,15 @@ struct StagedTargets<'a, T: Float> {
 }
 
 impl<'a, T: Float> StagedTargets<'a, T> {
+    fn new(batch: &'a Batch<T>) -> Self {
+        StagedTargets {
+            batch,
+            next: 0,
+            targets: BlockStager::default(),
+            weights: BlockStager::default(),
+        }
+    }
+
     /// Step t ≥ next whose loss `mse` is (the first observed step, when its
     /// target and weights hold exactly `mse`'s values), as device views of
     /// the target and the weights.
@@ -140,12 +149,7 @@ impl<'a, T: Float> CudaSketch<'a, T> {
     /// observation that is not the next observed step's loss is uploaded on
     /// its own, as without this).
     pub fn staging(mut self, batch: &'a Batch<T>) -> Self {
-        self.staged = Some(StagedTargets {
-            batch,
-            next: 0,
-            targets: BlockStager::default(),
-            weights: BlockStager::default(),
-        });
+        self.staged = Some(StagedTargets::new(batch));
         self
     }
 
@@ -418,25 +422,39 @@ pub fn sofo_step<T: Float, M: Model<T>>(
 /// Under reverse mode on the GPU, an observation adds the loss (on the
 /// device for the weighted-MSE family, on the host for the others) and
 /// records the seed ∂ℓ/∂y.
-struct CudaSeeds {
+struct CudaSeeds<'a, T: Float> {
     dev: Arc<CudaDevice>,
     device_loss: CudaSlice<f64>,
     host_loss: f64,
     seeds: Vec<(Var, DevTensor)>,
+    /// The batch's targets and weights, a chunk of steps at a time.
+    staged: StagedTargets<'a, T>,
 }
 
-impl<T: Float> Observer<T, CudaRev> for CudaSeeds {
+impl<T: Float> Observer<T, CudaRev> for CudaSeeds<'_, T> {
     fn observe(&mut self, e: &mut CudaRev, y: &Var, loss: &dyn LittleLoss<T>) -> Result<()> {
         let yv = e.value_of(y);
         let on_device = loss.as_weighted_mse().filter(|m| device_mse(m, yv.shape()));
         let seed = match on_device {
-            Some(mse) => {
-                let (up, cols) = upload_mse(&self.dev, mse)?;
-                let target = up.slice().slice(..cols);
-                let w = (up.numel() > cols).then(|| up.slice().slice(cols..));
-                self.dev
-                    .mse_seed(yv, &target, w.as_ref(), mse.n, &mut self.device_loss)?
-            }
+            Some(mse) => match self.staged.find(&self.dev, mse)? {
+                Some((target, w)) => {
+                    let w = w.as_ref().map(|w| w.slice().slice(..));
+                    self.dev.mse_seed(
+                        yv,
+                        &target.slice().slice(..),
+                        w.as_ref(),
+                        mse.n,
+                        &mut self.device_loss,
+                    )?
+                }
+                None => {
+                    let (up, cols) = upload_mse(&self.dev, mse)?;
+                    let target = up.slice().slice(..cols);
+                    let w = (up.numel() > cols).then(|| up.slice().slice(cols..));
+                    self.dev
+                        .mse_seed(yv, &target, w.as_ref(), mse.n, &mut self.device_loss)?
+                }
+            },
             None => {
                 // any other little loss: its value and gradient on the host
                 let host = self.dev.download(yv)?.convert::<T>();
@@ -468,6 +486,7 @@ pub fn gradient_pass_cuda<T: Float, M: Model<T>>(
         device_loss: dev.zeros_f64(1)?,
         host_loss: 0.0,
         seeds: vec![],
+        staged: StagedTargets::new(batch),
     };
     model.run(&mut r, &prepared, &batch.all(), &mut seeds)?;
     drop(prepared);

@@ -858,6 +858,57 @@ fn device_calls_per_time_step() {
     assert_eq!(short[6], 1, "one graph launch");
 }
 
+/// BPTT on the device tape copies the inputs (and any noise) and the
+/// targets a chunk of steps at a time too: one Adam iteration of a rate RNN
+/// makes 4 more uploads for 128 more steps (two chunks of each), where it
+/// made two per step.
+#[test]
+fn bptt_copies_inputs_and_targets_per_chunk() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("bptt_copies_inputs_and_targets_per_chunk") else {
+        return;
+    };
+    if fake_gpu_counts().is_none() {
+        eprintln!(
+            "skipping bptt_copies_inputs_and_targets_per_chunk: counted on the fake GPU only"
+        );
+        return;
+    }
+    let model = RateRnn {
+        n: 16,
+        inputs: 3,
+        outputs: 2,
+        alpha: 0.1,
+        activation: Activation::Tanh,
+        learn_x0: false,
+        gain: 0.9,
+    };
+    let uploads = |t: usize| {
+        let batch = Batch {
+            steps: t,
+            trials: 8,
+            inputs: Some(randn(&[t, 8, 3], 3, 1)),
+            initial: None,
+            targets: randn(&[t, 8, 2], 3, 2),
+            weights: None,
+            loss_norm: (t * 8 * 2) as f64,
+            noise_seed: 0,
+        };
+        let mut adam = Adam::<f32>::new(AdamConfig::default())
+            .unwrap()
+            .on(Device::Cuda(dev.clone()));
+        let mut params = model.init(0).unwrap();
+        let before = fake_gpu_counts().unwrap();
+        adam.step(&model, &mut params, &batch, 0, 0).unwrap();
+        fake_gpu_counts().unwrap()[2] - before[2]
+    };
+    assert_eq!(
+        uploads(138) - uploads(10),
+        2 * 2,
+        "uploads for 128 more steps"
+    );
+}
+
 /// The device calls of one SOFO iteration (K = 4) of the test's reach
 /// network at T = 120, counted on the fake GPU. The arm plant's column
 /// arithmetic was ≈ 70 small kernels per step (8 260 kernels at 3673f91);
