@@ -51,6 +51,38 @@ impl Pointwise {
     /// Records `f` run on `inputs` registers; `f` returns the output
     /// registers. Any op that is not elementwise on equal shapes (a matmul,
     /// a constant, a slice, …) is an error.
+    ///
+    /// A damped spring's Euler step, written once against [`Ops`] and run
+    /// both ways:
+    ///
+    /// ```
+    /// use sofo_ad::{Dual, Fwd, Ops, Pointwise, Result, Tensor, TensorError};
+    ///
+    /// /// (x, v) ← (x + dt·v, v − dt·(k·x + c·v))
+    /// fn spring<E: Ops<f64>>(e: &mut E, x: &E::V, v: &E::V) -> Result<[E::V; 2]> {
+    ///     let dt = 0.01;
+    ///     let dx = e.mul_scalar(v, dt)?;
+    ///     let kx = e.mul_scalar(x, 4.0)?;
+    ///     let cv = e.mul_scalar(v, 0.5)?;
+    ///     let f = e.add(&kx, &cv)?;
+    ///     let dv = e.mul_scalar(&f, -dt)?;
+    ///     Ok([e.add(x, &dx)?, e.add(v, &dv)?])
+    /// }
+    ///
+    /// let step = Pointwise::record::<TensorError>(2, |rec, r| {
+    ///     Ok(spring::<_>(rec, &r[0], &r[1])?.to_vec())
+    /// })?;
+    /// // a state [M, 2] (x, v per row) in, the next state [M, 2] out
+    /// let mut e = Fwd::primal();
+    /// let s = Dual::constant(Tensor::from_vec(&[2, 2], vec![1.0, 0.0, 0.5, 0.2])?);
+    /// let next = e.pointwise(&step, &[&s])?;
+    /// assert_eq!(next.primal.shape(), &[2, 2]);
+    /// // the same as the code run op by op on columns
+    /// let (x, v) = (e.slice(&s, 1, 0, 1)?, e.slice(&s, 1, 1, 1)?);
+    /// let [x1, v1] = spring(&mut e, &x, &v)?;
+    /// assert_eq!(next.primal.data(), e.concat(&[&x1, &v1], 1)?.primal.data());
+    /// # Ok::<(), TensorError>(())
+    /// ```
     pub fn record<E: From<TensorError>>(
         inputs: usize,
         f: impl FnOnce(&mut Recorder, &[Reg]) -> std::result::Result<Vec<Reg>, E>,
