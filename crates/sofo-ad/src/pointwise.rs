@@ -12,6 +12,10 @@
 //! it as one kernel, value and K tangents (or its reverse sweep), instead of
 //! one launch per op.
 //!
+//! The GPU kernels hold up to 64 registers (inputs and steps: the arm's
+//! step takes 48, its hand 26) and 8 input values; a longer program runs op
+//! by op there too — correct, one launch per op.
+//!
 //! Layout: a program with `n` inputs runs on `[.., L]` values; its inputs are
 //! the column blocks of width L of the given values in order (a `[M, 4]` arm
 //! state gives four `[M, 1]` inputs), L = (sum of the widths) / n. Its outputs

@@ -263,6 +263,8 @@ fn the_arm_programs_are_the_arm_code() {
         ..TwoJointArm::li_todorov()
     };
     let (step, hand) = (arm.step_program().unwrap(), arm.hand_program().unwrap());
+    // both fit the GPU's pointwise kernel (64 registers: one launch each)
+    assert_eq!((step.registers(), hand.registers()), (48, 26));
     let (m, k) = (3, 4);
     let mut e = Fwd::new(k);
     let dual = |shape: &[usize], seed: u64| {
