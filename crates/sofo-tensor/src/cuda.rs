@@ -193,8 +193,7 @@ extern "C" __global__ void binary_tangent(const float* a, const float* b, const 
 // of registers a and b. The n_out registers named after the steps go side
 // by side into y [P, n_out·l], their tangents into u [P, K, n_out·l] when
 // want_t. A register whose bit in tmask is clear has no tangents (0, and
-// no term of its own), as in the CPU engine. Units as in unary_tangent:
-// the values once per unit, then its tangents one after the other.
+// no term of its own), as in the CPU engine.
 #define PW_REGS 64
 #define PW_TENSORS 8
 // A program's registers at entry (p, j) into v: its inputs, then its
@@ -213,6 +212,12 @@ __device__ __forceinline__ int pw_values_(const unsigned* prog, int n_tensors, i
     }
     return n_in;
 }
+// One thread per entry and tangent (u = e·K + k: consecutive threads take
+// consecutive tangents of an entry), values and that tangent in one sweep
+// over the steps (forward mode on dual numbers: each step's derivative
+// once); the values written by tangent 0's thread. Not the tangent kernels'
+// chunks of 8: a program's work per entry is small, and the parallelism of
+// one thread per tangent is what keeps the GPU busy on a plant's columns.
 extern "C" __global__ void pointwise(const unsigned* prog, int n_tensors, int n_step, int n_out,
         const float* x0, const float* t0, int w0, const float* x1, const float* t1, int w1,
         const float* x2, const float* t2, int w2, const float* x3, const float* t3, int w3,
@@ -222,41 +227,45 @@ extern "C" __global__ void pointwise(const unsigned* prog, int n_tensors, int n_
     const float* xs[PW_TENSORS] = {x0, x1, x2, x3, x4, x5, x6, x7};
     const float* ts[PW_TENSORS] = {t0, t1, t2, t3, t4, t5, t6, t7};
     const int ws[PW_TENSORS] = {w0, w1, w2, w3, w4, w5, w6, w7};
-    const int kt = want_t ? k : 0;
+    const int kt = want_t && k > 0 ? k : 1;
     const long long wy = (long long)n_out * l;
     const unsigned* outs = prog + 4 * n_step;
-    GRID_LOOP(unit, pl * (kt > 0 ? tchunks_(kt) : 1)) {
-        long long e, p, j; int k0, k1;
-        tunit_(unit, pl, kt, l, &e, &p, &j, &k0, &k1);
+    GRID_LOOP(unit, pl * kt) {
+        long long e, kk, p, j;
+        divmod_(unit, kt, &e, &kk);
+        divmod_(e, l, &p, &j);
+        const bool tan = want_t && k > 0;
         float v[PW_REGS], t[PW_REGS];
-        const int n_in = pw_values_(prog, n_tensors, n_step, xs, ws, l, p, j, v);
-        if (k0 == 0) for (int o = 0; o < n_out; o++) y[p * wy + o * l + j] = v[outs[o]];
-        for (int kk = k0; kk < k1; kk++) {
-            int r = 0;
-            for (int i = 0; i < n_tensors; i++)
-                for (int c = 0; c < ws[i] / l; c++, r++)
-                    t[r] = (tmask >> r & 1ULL) ? ts[i][(p * k + kk) * ws[i] + c * l + j] : 0.f;
-            for (int s = 0; s < n_step; s++) {
-                const int d = n_in + s;
-                const unsigned* w = prog + 4 * s;
-                const unsigned a = w[1], b = w[2];
-                float x = 0.f;
-                if (tmask >> d & 1ULL) {
-                    if (w[0] < 32) {
-                        float o, g;
-                        unary_eval_(v[a], (int)w[0], __int_as_float((int)w[3]), &o, &g);
-                        x = g * t[a];
-                    } else {
-                        float da, db;
-                        binary_partials_(v[a], v[b], (int)w[0] - 32, &da, &db);
-                        if (tmask >> a & 1ULL) x += da * t[a];
-                        if (tmask >> b & 1ULL) x += db * t[b];
-                    }
-                }
-                t[d] = x;
+        int n_in = 0;
+        for (int i = 0; i < n_tensors; i++)
+            for (int c = 0; c < ws[i] / l; c++, n_in++) {
+                v[n_in] = xs[i][p * ws[i] + c * l + j];
+                t[n_in] = tan && (tmask >> n_in & 1ULL) ? ts[i][(p * k + kk) * ws[i] + c * l + j] : 0.f;
             }
-            for (int o = 0; o < n_out; o++) u[(p * k + kk) * wy + o * l + j] = t[outs[o]];
+        for (int s = 0; s < n_step; s++) {
+            const int d = n_in + s;
+            const unsigned* w = prog + 4 * s;
+            const unsigned a = w[1], b = w[2];
+            const bool has = tan && (tmask >> d & 1ULL);
+            float o, x = 0.f;
+            if (w[0] < 32) {
+                float g;
+                unary_eval_(v[a], (int)w[0], __int_as_float((int)w[3]), &o, &g);
+                if (has) x = g * t[a];
+            } else {
+                o = binary_op_(v[a], v[b], (int)w[0] - 32);
+                if (has) {
+                    float da, db;
+                    binary_partials_(v[a], v[b], (int)w[0] - 32, &da, &db);
+                    if (tmask >> a & 1ULL) x += da * t[a];
+                    if (tmask >> b & 1ULL) x += db * t[b];
+                }
+            }
+            v[d] = o;
+            t[d] = x;
         }
+        if (kk == 0) for (int o = 0; o < n_out; o++) y[p * wy + o * l + j] = v[outs[o]];
+        if (tan) for (int o = 0; o < n_out; o++) u[(p * k + kk) * wy + o * l + j] = t[outs[o]];
     }
 }
 
@@ -1734,13 +1743,13 @@ impl CudaDevice {
         };
         let (k32, want) = (k as i32, want_t as i32);
         g.arg(&pg.pl).arg(&k32).arg(&pg.l).arg(&tmask).arg(&want);
-        let kt = if want_t { k } else { 0 };
+        // one thread per entry and tangent (per entry without tangents)
+        let units = pg.pl as usize * if want_t { k.max(1) } else { 1 };
         // SAFETY: every input holds rows·w_i values (and K times as many
-        // tangents where tmask reads them: the caller sets bits only for
-        // inputs with tangents), y rows·n_out·l, u K times as many (written
-        // only with want_t); registers and outputs were checked.
-        unsafe { g.launch(grid(tangent_units(pg.pl as usize, kt))) }
-            .map_err(|e| dev_err("pointwise", e))?;
+        // tangents where tmask reads them: checked above to be only inputs
+        // with tangents), y rows·n_out·l, u K times as many (written only
+        // with want_t); registers and outputs were checked.
+        unsafe { g.launch(grid(units)) }.map_err(|e| dev_err("pointwise", e))?;
         Ok((y, u))
     }
 
