@@ -788,6 +788,34 @@ fn staged_blocks_are_the_host_blocks() {
     assert!(st.block(&dev, &whole, blocks * n - 1, &[n]).is_err());
 }
 
+/// The small rate RNN of the call-count tests.
+fn counted_rnn() -> RateRnn {
+    RateRnn {
+        n: 16,
+        inputs: 3,
+        outputs: 2,
+        alpha: 0.1,
+        activation: Activation::Tanh,
+        learn_x0: false,
+        gain: 0.9,
+    }
+}
+
+/// A batch of 8 trials of T steps for the call-count tests: 3 inputs, 2
+/// outputs.
+fn counted_batch(t: usize) -> Batch<f32> {
+    Batch {
+        steps: t,
+        trials: 8,
+        inputs: Some(randn(&[t, 8, 3], 3, 1)),
+        initial: None,
+        targets: randn(&[t, 8, 2], 3, 2),
+        weights: None,
+        loss_norm: (t * 8 * 2) as f64,
+        noise_seed: 0,
+    }
+}
+
 /// The device calls of one time step of the rate RNN's SOFO pass, counted
 /// on the fake GPU (the difference between T = 138 and T = 10, over 128
 /// steps): 4 kernels (the hidden layer's bias, leak and input terms u·B and
@@ -807,25 +835,8 @@ fn device_calls_per_time_step() {
         eprintln!("skipping device_calls_per_time_step: counted on the fake GPU only");
         return;
     }
-    let model = RateRnn {
-        n: 16,
-        inputs: 3,
-        outputs: 2,
-        alpha: 0.1,
-        activation: Activation::Tanh,
-        learn_x0: false,
-        gain: 0.9,
-    };
-    let batch = |t: usize| Batch {
-        steps: t,
-        trials: 8,
-        inputs: Some(randn(&[t, 8, 3], 3, 1)),
-        initial: None,
-        targets: randn(&[t, 8, 2], 3, 2),
-        weights: None,
-        loss_norm: (t * 8 * 2) as f64,
-        noise_seed: 0,
-    };
+    let model = counted_rnn();
+    let batch = counted_batch;
     // the calls of iteration `it` (after `it` others) on a fresh device
     let calls = |t: usize, graphs: bool, it: u64| {
         let dev = device_or_skip("device_calls_per_time_step").unwrap();
@@ -874,26 +885,9 @@ fn bptt_copies_inputs_and_targets_per_chunk() {
         );
         return;
     }
-    let model = RateRnn {
-        n: 16,
-        inputs: 3,
-        outputs: 2,
-        alpha: 0.1,
-        activation: Activation::Tanh,
-        learn_x0: false,
-        gain: 0.9,
-    };
+    let model = counted_rnn();
     let uploads = |t: usize| {
-        let batch = Batch {
-            steps: t,
-            trials: 8,
-            inputs: Some(randn(&[t, 8, 3], 3, 1)),
-            initial: None,
-            targets: randn(&[t, 8, 2], 3, 2),
-            weights: None,
-            loss_norm: (t * 8 * 2) as f64,
-            noise_seed: 0,
-        };
+        let batch = counted_batch(t);
         let mut adam = Adam::<f32>::new(AdamConfig::default())
             .unwrap()
             .on(Device::Cuda(dev.clone()));
@@ -1531,16 +1525,7 @@ fn constrained_noise_is_copied_per_chunk() {
         return;
     }
     drop(dev);
-    let rnn = RateRnn {
-        n: 12,
-        inputs: 3,
-        outputs: 2,
-        alpha: 0.2,
-        activation: Activation::Tanh,
-        learn_x0: false,
-        gain: 0.9,
-    };
-    let model = ConstrainedRnn::new(rnn, Constraints::default())
+    let model = ConstrainedRnn::new(counted_rnn(), Constraints::default())
         .unwrap()
         .with_noise(Noise {
             state: 0.05,
@@ -1556,14 +1541,8 @@ fn constrained_noise_is_copied_per_chunk() {
         })
         .unwrap();
     let batch = |t: usize| Batch {
-        steps: t,
-        trials: 8,
-        inputs: Some(randn(&[t, 8, 3], 5, 1)),
-        initial: None,
-        targets: randn(&[t, 8, 2], 5, 2),
-        weights: None,
-        loss_norm: (t * 8 * 2) as f64,
         noise_seed: 3,
+        ..counted_batch(t)
     };
     let uploads = |t: usize| {
         let dev = device_or_skip("constrained_noise_is_copied_per_chunk").unwrap();
