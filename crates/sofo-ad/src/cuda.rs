@@ -231,7 +231,7 @@ impl<T: Float> Ops<T> for CudaFwd {
         match &x.tangent {
             // f and f′ ⊙ ẋ in one pass
             Some(t) if self.k > 0 => {
-                let (y, out) = self.dev.unary_tangent(&x.primal, t, c, s)?;
+                let (y, out) = self.dev.unary_tangent(&x.primal, t, c, s, None)?;
                 Ok(CudaDual {
                     primal: y,
                     tangent: Some(out),
@@ -243,6 +243,27 @@ impl<T: Float> Ops<T> for CudaFwd {
                     primal: y,
                     tangent: None,
                 })
+            }
+        }
+    }
+
+    /// f(x) ⊙ c and its tangents in one pass where c is a constant of x's
+    /// shape and x has tangents; else `unary` then `mul`.
+    fn unary_mul(&mut self, x: &CudaDual, op: Unary, c: &CudaDual) -> Result<CudaDual> {
+        match (&x.tangent, &c.tangent) {
+            (Some(t), None) if self.k > 0 && c.primal.shape() == x.primal.shape() => {
+                let (code, s) = code(op);
+                let (y, out) = self
+                    .dev
+                    .unary_tangent(&x.primal, t, code, s, Some(&c.primal))?;
+                Ok(CudaDual {
+                    primal: y,
+                    tangent: Some(out),
+                })
+            }
+            _ => {
+                let y = Ops::<T>::unary(self, x, op)?;
+                Ops::<T>::mul(self, &y, c)
             }
         }
     }

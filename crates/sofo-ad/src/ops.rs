@@ -197,6 +197,14 @@ pub trait Ops<T: Float> {
         bias: Option<&Self::V>,
     ) -> Result<Self::V>;
 
+    /// `f(x) ⊙ c` for a value `c` of x's shape (a noise mask): by default
+    /// `unary` then `mul`, exactly; an engine on a device may fuse the two
+    /// where `c` is a constant.
+    fn unary_mul(&mut self, x: &Self::V, op: Unary, c: &Self::V) -> Result<Self::V> {
+        let y = self.unary(x, op)?;
+        self.mul(&y, c)
+    }
+
     /// Runs an elementwise program ([`Pointwise`]: a plant's column
     /// arithmetic recorded once) on `inputs`, its outputs joined along the
     /// last axis. By default op by op, exactly the ops the program recorded;

@@ -144,8 +144,10 @@ fn input_for(op: Unary, shape: &[usize], seed: u64) -> Tensor<f32> {
 fn unary_kernels_match_the_cpu_rules() {
     let Some(emu) = emu() else { return };
     type UnaryFwd = unsafe extern "C" fn(*const f32, *mut f32, *mut f32, i64, i32, f32, i32);
-    type UnaryTangent =
-        unsafe extern "C" fn(*const f32, *const f32, *mut f32, *mut f32, i64, i32, i32, i32, f32);
+    #[rustfmt::skip]
+    type UnaryTangent = unsafe extern "C" fn(
+        *const f32, *const f32, *mut f32, *mut f32, i64, i32, i32, i32, f32, *const f32, i32,
+    );
     type UnaryGrad = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i64, i32, f32);
     let fwd = emu.kernel::<UnaryFwd>("unary_fwd");
     let tan = emu.kernel::<UnaryTangent>("unary_tangent");
@@ -187,30 +189,34 @@ fn unary_kernels_match_the_cpu_rules() {
             });
             close(want.primal.data(), &y, &format!("unary_fwd {op:?} value"));
             close(&dwant, &d, &format!("unary_fwd {op:?} derivative"));
-            let (mut y2, mut out) = (vec![f32::NAN; n], vec![f32::NAN; t.numel()]);
-            emu.launch(grid, block, || unsafe {
-                tan(
-                    x.data().as_ptr(),
-                    t.data().as_ptr(),
-                    y2.as_mut_ptr(),
-                    out.as_mut_ptr(),
-                    n as i64,
-                    k as i32,
-                    7,
-                    c as i32,
-                    s,
-                )
-            });
-            close(
-                want.primal.data(),
-                &y2,
-                &format!("unary_tangent {op:?} value"),
-            );
-            close(
-                want.tangent.as_ref().unwrap().data(),
-                &out,
-                &format!("unary_tangent {op:?} tangents"),
-            );
+            // f alone, and f times a constant factor (a noise mask) as the
+            // CPU's unary then mul
+            let factor = randn(&shape, 5, 3);
+            let times = Fwd::new(k)
+                .mul(&want, &Dual::constant(factor.clone()))
+                .unwrap();
+            for (has_c, want) in [(0, &want), (1, &times)] {
+                let (mut y2, mut out) = (vec![f32::NAN; n], vec![f32::NAN; t.numel()]);
+                emu.launch(grid, block, || unsafe {
+                    tan(
+                        x.data().as_ptr(),
+                        t.data().as_ptr(),
+                        y2.as_mut_ptr(),
+                        out.as_mut_ptr(),
+                        n as i64,
+                        k as i32,
+                        7,
+                        c as i32,
+                        s,
+                        factor.data().as_ptr(),
+                        has_c,
+                    )
+                });
+                let what = format!("unary_tangent {op:?} (factor {has_c})");
+                close(want.primal.data(), &y2, &format!("{what} value"));
+                let wt = want.tangent.as_ref().unwrap().data();
+                close(wt, &out, &format!("{what} tangents"));
+            }
             // the reverse rule: f′(x) ⊙ gy
             let gy = randn(&shape, 4, 2);
             let gx_want: Vec<f32> = dwant.iter().zip(gy.data()).map(|(d, g)| d * g).collect();

@@ -114,17 +114,26 @@ extern "C" __global__ void unary_grad(const float* x, const float* gy, float* gx
 }
 
 // y = f(x) [P, L] and out[p, k, l] = f'(x[p, l]) t[p, k, l] in one pass
-// (f and f' once per entry; the primal written by the units of chunk 0)
+// (f and f' once per entry; the primal written by the units of chunk 0).
+// With has_c, both times a constant c [P, L] (a noise mask), in the order
+// of a product after the op: y = f(x)·c, out = c·(f'(x)·t).
 extern "C" __global__ void unary_tangent(const float* x, const float* t, float* y, float* out,
-                                         long long pl, int k, int l, int op, float s) {
+                                         long long pl, int k, int l, int op, float s,
+                                         const float* c, int has_c) {
     GRID_LOOP(u, pl * tchunks_(k)) {
         long long e, p, j; int k0, k1;
         tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
         float o, g;
         unary_eval_(x[e], op, s, &o, &g);
-        if (k0 == 0) y[e] = o;
         const long long row = p * k * l + j;
-        for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = g * t[row + (long long)kk * l];
+        if (has_c) {
+            const float cv = c[e];
+            if (k0 == 0) y[e] = o * cv;
+            for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = cv * (g * t[row + (long long)kk * l]);
+        } else {
+            if (k0 == 0) y[e] = o;
+            for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = g * t[row + (long long)kk * l];
+        }
     }
 }
 
@@ -1516,6 +1525,7 @@ impl CudaDevice {
         t: &DevTensor,
         op: UnaryCode,
         s: f32,
+        times: Option<&DevTensor>,
     ) -> Result<(DevTensor, DevTensor)> {
         let l = x.shape.last().copied().unwrap_or(1).max(1);
         let k = t.numel() / x.numel().max(1);
@@ -1524,6 +1534,13 @@ impl CudaDevice {
                 "device unary tangents",
                 format!("K ≥ 1 tangents of {:?}", x.shape),
                 format!("{:?}", t.shape),
+            ));
+        }
+        if let Some(c) = times.filter(|c| c.shape != x.shape) {
+            return Err(TensorError::shape(
+                "device unary tangents",
+                format!("a factor of {:?}", x.shape),
+                format!("{:?}", c.shape),
             ));
         }
         let mut y = self.scratch(&x.shape)?;
@@ -1539,7 +1556,10 @@ impl CudaDevice {
             .arg(&l32)
             .arg(&opc)
             .arg(&s);
-        // SAFETY: t and out hold k·numel(x) elements, x and y numel(x).
+        let has_c = times.is_some() as i32;
+        b.arg(self.data_or_dummy(times)).arg(&has_c);
+        // SAFETY: t and out hold k·numel(x) elements, x and y (and the
+        // factor, read only when given) numel(x).
         unsafe { b.launch(grid(tangent_units(x.numel(), k))) }
             .map_err(|e| dev_err("unary_tangent", e))?;
         Ok((y, out))

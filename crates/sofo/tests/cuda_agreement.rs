@@ -109,6 +109,20 @@ fn every_op_agrees_with_the_cpu() {
         let a = c.unary(input, op).unwrap();
         let b = on_gpu(&mut g, &[input], |g, v| Ops::<f32>::unary(g, &v[0], op));
         same(&a, &b, &format!("{op:?}"));
+        // times a constant factor in one pass; a factor with tangents as
+        // two ops
+        for factor_tangents in [false, true] {
+            let f = dual(&[6, 7], k, 9, factor_tangents);
+            let a = c.unary_mul(input, op, &f).unwrap();
+            let b = on_gpu(&mut g, &[input, &f], |g, v| {
+                Ops::<f32>::unary_mul(g, &v[0], op, &v[1])
+            });
+            same(
+                &a,
+                &b,
+                &format!("{op:?} times a factor ({factor_tangents})"),
+            );
+        }
     }
     // linear with bias and two terms, with a leak and without, every tangent
     // present or not; outputs of 3 columns (the narrow kernel) and 11 (GEMMs)
@@ -906,9 +920,10 @@ fn bptt_copies_inputs_and_targets_per_chunk() {
 /// The device calls of one SOFO iteration (K = 4) of the test's reach
 /// network at T = 120, counted on the fake GPU. The arm plant's column
 /// arithmetic was ≈ 70 small kernels per step (8 260 kernels at 3673f91);
-/// as two pointwise programs (the arm step, the hand) it is two, and a step
-/// is ≈ 7 kernels and 3 GEMMs. Pinned so that a change in the count shows;
-/// the README quotes it.
+/// as two pointwise programs (the arm step, the hand) it is two (874 at
+/// 3b78f6e), and with φ and the rate noise's factor in one pass
+/// (`unary_mul`) a step is ≈ 6 kernels and 3 GEMMs. Pinned so that a change
+/// in the count shows; the README quotes it.
 #[test]
 fn reach_network_calls_per_iteration() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -932,7 +947,7 @@ fn reach_network_calls_per_iteration() {
     let after = fake_gpu_counts().unwrap();
     let calls: Vec<u64> = (0..7).map(|i| after[i] - before[i]).collect();
     eprintln!("reach network, one iteration: {calls:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
-    assert_eq!(calls, [874, 364, 18, 3, 6, 1, 0]);
+    assert_eq!(calls, [754, 364, 18, 3, 6, 1, 0]);
 }
 
 /// Peak device bytes of one SOFO iteration: equal at T = 10 and T = 1000

@@ -1017,11 +1017,13 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                 };
                 x = e.mul(&x, &factor)?;
             }
-            r = e.unary(&x, phi)?;
-            if let Some(eta) = kinds.and_then(|c| c.rates.as_ref()) {
-                let eta = block(e, eta, n)?;
-                r = e.mul(&r, &eta)?;
-            }
+            r = match kinds.and_then(|c| c.rates.as_ref()) {
+                Some(eta) => {
+                    let eta = block(e, eta, n)?;
+                    e.unary_mul(&x, phi, &eta)?
+                }
+                None => e.unary(&x, phi)?,
+            };
             if let Some(z) = kinds.and_then(|c| c.rates_additive.as_ref()) {
                 let z = block(e, z, n)?;
                 r = e.add(&r, &z)?;

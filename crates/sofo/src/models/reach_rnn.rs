@@ -19,7 +19,7 @@ use super::{Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::ParamSet;
 use crate::{Error, Result};
-use sofo_ad::Ops;
+use sofo_ad::{Ops, Unary};
 use sofo_tensor::{Float, Tensor};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -135,8 +135,7 @@ impl<T: Float> Model<T> for ReachRnn {
         let noise_steps = e.block_steps(m * self.n).max(1);
         let mut noise: Option<(usize, Tensor<T>)> = None;
         for t in 0..batch.steps() {
-            let mut r = e.relu(&z)?;
-            if width > 0.0 {
+            let r = if width > 0.0 {
                 if noise.as_ref().is_none_or(|(t0, _)| t >= t0 + noise_steps) {
                     let range = Some((1.0 - width, 1.0 + width));
                     let mut eta = batch.noise_steps(t, noise_steps, self.n, range)?;
@@ -148,8 +147,10 @@ impl<T: Float> Model<T> for ReachRnn {
                 }
                 let (t0, eta) = noise.as_ref().expect("drawn above");
                 let eta = e.constant_block(eta, (t - t0) * m * self.n, &[m, self.n])?;
-                r = e.mul(&r, &eta)?;
-            }
+                e.unary_mul(&z, Unary::Relu, &eta)?
+            } else {
+                e.relu(&z)?
+            };
             let tau = e.linear(None, T::one(), &[(&r, ct)], Some(d))?;
             arm = e.pointwise(&arm_step, &[&arm, &tau])?;
             if batch.observed(t) {
