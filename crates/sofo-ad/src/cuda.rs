@@ -459,9 +459,9 @@ impl<T: Float> Ops<T> for CudaFwd {
         let want_t = program.outputs().iter().any(|&o| has[o]);
         let inputs: Vec<_> = xs.iter().map(|x| (&x.primal, x.tangent.as_ref())).collect();
         let n_step = program.steps().len();
-        let words = program_code(program);
+        let words = program.words(program_code);
         let prog = ProgramWords {
-            words: &words,
+            words,
             inputs: program.inputs(),
             steps: n_step,
         };

@@ -311,9 +311,9 @@ impl CudaRev {
                     .zip(&want)
                     .map(|(&x, &w)| (self.val(x), w))
                     .collect();
-                let words = program_code(&program);
+                let words = program.words(program_code);
                 let prog = ProgramWords {
-                    words: &words,
+                    words,
                     inputs: program.inputs(),
                     steps: program.steps().len(),
                 };
@@ -501,7 +501,7 @@ impl<T: Float> Ops<T> for CudaRev {
         let y = Ops::<T>::pointwise(&mut self.fwd, program, &parts)?;
         let ids: Vec<usize> = xs.iter().map(|v| v.id).collect();
         let ng = self.needs(&ids);
-        Ok(self.push(y, Op::Pointwise(ids, Arc::new(program.clone())), ng))
+        Ok(self.push(y, Op::Pointwise(ids, program.clone()), ng))
     }
 
     fn slice(&mut self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {

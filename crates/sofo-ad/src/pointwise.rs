@@ -23,6 +23,7 @@
 
 use crate::ops::{Binary, Ops, Unary};
 use sofo_tensor::{Float, Result, Tensor, TensorError};
+use std::sync::{Arc, OnceLock};
 
 /// A register of a program: input `i < inputs`, else the result of step
 /// `i - inputs`.
@@ -43,12 +44,23 @@ pub enum Step {
 }
 
 /// An elementwise program: `inputs` registers, then one register per step;
-/// `outputs` names the registers returned.
-#[derive(Clone, Debug, PartialEq)]
+/// `outputs` names the registers returned. Cheap to clone (shared, never
+/// changed): a tape keeps one per node, every step.
+#[derive(Clone, Debug)]
 pub struct Pointwise {
     inputs: usize,
-    steps: Vec<Step>,
-    outputs: Vec<usize>,
+    steps: Arc<[Step]>,
+    outputs: Arc<[usize]>,
+    /// The GPU kernels' words for it, made on first use and shared by the
+    /// clones (not encoded again every time step).
+    words: Arc<OnceLock<Vec<u32>>>,
+}
+
+/// Programs are equal when they compute the same: inputs, steps, outputs.
+impl PartialEq for Pointwise {
+    fn eq(&self, other: &Self) -> bool {
+        (self.inputs, &self.steps, &self.outputs) == (other.inputs, &other.steps, &other.outputs)
+    }
 }
 
 impl Pointwise {
@@ -115,8 +127,9 @@ impl Pointwise {
         }
         Ok(Pointwise {
             inputs,
-            steps: rec.steps,
+            steps: rec.steps.into(),
             outputs: outputs.iter().map(|r| r.0).collect(),
+            words: Arc::default(),
         })
     }
 
@@ -133,6 +146,13 @@ impl Pointwise {
     /// Inputs and steps.
     pub fn registers(&self) -> usize {
         self.inputs + self.steps.len()
+    }
+
+    /// The GPU kernels' words for the program (`cuda::program_code`, the
+    /// one encoding there is), made by `encode` the first time and then
+    /// kept with the program and its clones.
+    pub fn words(&self, encode: impl FnOnce(&Pointwise) -> Vec<u32>) -> &[u32] {
+        self.words.get_or_init(|| encode(self))
     }
 
     /// The element width L and the output shape for inputs of these shapes
@@ -180,7 +200,7 @@ impl Pointwise {
                 }
             }
         }
-        for s in &self.steps {
+        for s in self.steps.iter() {
             let v = match *s {
                 Step::Unary(op, a) => e.unary(&regs[a], op)?,
                 Step::Binary(op, a, b) => e.binary(&regs[a], &regs[b], op)?,
@@ -201,7 +221,7 @@ impl Pointwise {
     pub fn tangent_registers(&self, input_has: &[bool]) -> Vec<bool> {
         let mut has = input_has.to_vec();
         has.resize(self.inputs, false);
-        for s in &self.steps {
+        for s in self.steps.iter() {
             has.push(match *s {
                 Step::Unary(_, a) => has[a],
                 Step::Binary(_, a, b) => has[a] || has[b],
@@ -246,7 +266,7 @@ impl<'a, T: Float> Grid<'a, T> {
                 v.push(x.data()[p * w + c * self.l + j]);
             }
         }
-        for s in &self.program.steps {
+        for s in self.program.steps.iter() {
             let y = match *s {
                 Step::Unary(op, a) => op.apply(v[a]),
                 Step::Binary(op, a, b) => op.apply(v[a], v[b]),

@@ -48,7 +48,7 @@ pub(crate) enum Op<T: Float> {
     LogSoftmax(usize),
     /// A program run as one op: a node instead of one per op and its
     /// slices and concat (the rules are the same, entry by entry).
-    Pointwise(Vec<usize>, std::sync::Arc<crate::Pointwise>),
+    Pointwise(Vec<usize>, crate::Pointwise),
 }
 
 struct Node<T: Float> {
@@ -504,11 +504,7 @@ impl<T: Float> Ops<T> for Rev<T> {
         let y = Grid::new(program, inputs)?.output();
         let ids: Vec<usize> = xs.iter().map(|v| v.id).collect();
         let ng = self.needs(&ids);
-        Ok(self.push(
-            y,
-            Op::Pointwise(ids, std::sync::Arc::new(program.clone())),
-            ng,
-        ))
+        Ok(self.push(y, Op::Pointwise(ids, program.clone()), ng))
     }
 
     fn slice(&mut self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
