@@ -340,33 +340,61 @@ impl<T: Float> Ops<T> for CudaFwd {
                 && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
                 && a.primal.shape().last() == Some(&w.primal.shape()[0])
         });
-        // bias, leak and the small term (primal and tangents) in one launch,
-        // then the GEMMs
-        let (mut y, t) = dev.linear_init(
-            &out_shape,
-            want_k,
-            bias.map(|b| (&b.primal, b.tangent.as_ref())),
-            leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c)),
-            small.map(|i| {
-                (
-                    &terms[i].0.primal,
-                    &terms[i].1.primal,
-                    terms[i].1.tangent.as_ref(),
-                )
-            }),
-            scale,
-        )?;
         // the other terms with a few columns (a plant's state feeding the
         // network: they have tangents) in one launch each; the rest as GEMMs
         let is_small = |w: &CudaDual| {
             w.primal.shape().len() == 2 && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
         };
+        let terms_all = terms;
         let (small_adds, terms): (Vec<_>, Vec<_>) = terms
             .iter()
             .enumerate()
             .filter(|(i, _)| Some(*i) != small)
             .map(|(_, t)| t)
             .partition(|(_, w)| is_small(w));
+        let bias = bias.map(|b| (&b.primal, b.tangent.as_ref()));
+        let leak = leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c));
+        let small = small.map(|i| {
+            (
+                &terms_all[i].0.primal,
+                &terms_all[i].1.primal,
+                terms_all[i].1.tangent.as_ref(),
+            )
+        });
+        // one dense term (a recurrence's r · W) whose inner dimension the
+        // fused kernel serves: value, tangents and everything linear_init
+        // folds in, in one launch
+        if let [(a, w)] = terms.as_slice() {
+            if w.primal.shape().len() == 2 && dev.fuses_linear(w.primal.shape()[0]) {
+                let (mut y, mut t) = dev.linear_dense(
+                    &out_shape,
+                    want_k,
+                    (&a.primal, a.tangent.as_ref()),
+                    (&w.primal, w.tangent.as_ref()),
+                    bias,
+                    leak,
+                    small,
+                    scale,
+                )?;
+                for (a, w) in &small_adds {
+                    dev.linear_small_add(
+                        &mut y,
+                        t.as_mut(),
+                        k,
+                        (&a.primal, a.tangent.as_ref()),
+                        (&w.primal, w.tangent.as_ref()),
+                        scale,
+                    )?;
+                }
+                return Ok(CudaDual {
+                    primal: y,
+                    tangent: t,
+                });
+            }
+        }
+        // bias, leak and the small term (primal and tangents) in one launch,
+        // then the GEMMs
+        let (mut y, t) = dev.linear_init(&out_shape, want_k, bias, leak, small, scale)?;
         for (a, w) in &terms {
             let kd = w.primal.shape()[0];
             dev.gemm(

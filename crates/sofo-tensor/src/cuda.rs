@@ -504,6 +504,108 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
     }
 }
 
+// A linear op with one dense term a · w (a [rows, kd] with tangents
+// [rows, K, kd], w [kd, n] with [kd, K, n]) and the terms linear_init folds
+// in, value and tangents in one launch:
+//   y[r, j]     = scale * (b[j] + Σ_q u[r, q] uw[q, j] + Σ_i a[r, i] w[i, j]) + c * x[r, j]
+//   t[r, kk, j] = scale * (bt[kk, j] + Σ_q u[r, q] uwt[q, kk, j]
+//                 + Σ_i at[r, kk, i] w[i, j] + Σ_i a[r, i] wt[i, kk, j]) + c * xt[r, kk, j]
+// (absent terms 0), instead of linear_init and three GEMMs that each read
+// and write the whole output: at a recurrent network's sizes (kd = n = 64
+// to 128) those GEMMs stream the [rows, K, n] tangents through memory again
+// for an inner dimension of a few dozen, and a step's time is its passes over
+// the tangents and its launches. Each block computes a DENSE_TILE × DENSE_TILE tile of one
+// slot: a tangent kk < K, or the value (the last slot), for
+// blockIdx.x = slot · tiles + tile; the reduction (at · w, then a · wt, both
+// over kd: one GEMM of inner dimension 2·kd) runs in chunks of DENSE_K through
+// shared memory; each of the DENSE_THREADS threads keeps a 4 × 4 block of the
+// tile in registers, read from shared memory as float4.
+#define DENSE_TILE 64
+#define DENSE_K 16
+#define DENSE_THREADS 256
+#define DENSE_WANT_T 1
+#define DENSE_AT 2
+#define DENSE_WT 4
+#define DENSE_B 8
+#define DENSE_BT 16
+#define DENSE_X 32
+#define DENSE_XT 64
+#define DENSE_UWT 128
+extern "C" __global__ void linear_dense(float* y, float* t, const float* a, const float* at,
+                                        const float* w, const float* wt, const float* b,
+                                        const float* bt, const float* x, const float* xt,
+                                        const float* u, const float* uw, const float* uwt,
+                                        float c, float scale, int rows, int k, int kd, int n,
+                                        int ku, int flags) {
+    __shared__ float4 As[DENSE_K][DENSE_TILE / 4 + 1];  // the chunk of A, transposed: row r of i at As[i][r/4]
+    __shared__ float4 Bs[DENSE_K][DENSE_TILE / 4];      // the chunk of B: column j of i at Bs[i][j/4]
+    const int tiles_c = (n + DENSE_TILE - 1) / DENSE_TILE;
+    const int tiles = ((rows + DENSE_TILE - 1) / DENSE_TILE) * tiles_c;
+    const int slot = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+    const int kk = slot;  // a tangent, unless this is the value's slot
+    const bool value = slot == ((flags & DENSE_WANT_T) ? k : 0);
+    const int r0 = (tile / tiles_c) * DENSE_TILE, j0 = (tile % tiles_c) * DENSE_TILE;
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    float acc[4][4];
+    for (int p = 0; p < 4; p++)
+        for (int q = 0; q < 4; q++) acc[p][q] = 0.f;
+    // phase 0: at · w (a · w for the value); phase 1: a · wt. The branches
+    // depend on the block's slot only: the whole block takes them together.
+    for (int ph = 0; ph < 2; ph++) {
+        if (value ? ph == 1 : !(flags & (ph == 0 ? DENSE_AT : DENSE_WT))) continue;
+        const bool tangent_a = !value && ph == 0;
+        const float* src_a = tangent_a ? at : a;
+        const float* src_b = ph == 0 ? w : wt + (long long)kk * n;
+        const long long ldb = ph == 0 ? n : (long long)k * n;
+        for (int i0 = 0; i0 < kd; i0 += DENSE_K) {
+            for (int e = tid; e < DENSE_TILE * DENSE_K; e += DENSE_THREADS) {
+                const int rr = e / DENSE_K, ii = e % DENSE_K, r = r0 + rr, i = i0 + ii;
+                float v = 0.f;
+                if (r < rows && i < kd)
+                    v = src_a[(tangent_a ? (long long)r * k + kk : (long long)r) * kd + i];
+                ((float*)&As[ii][0])[rr] = v;
+            }
+            for (int e = tid; e < DENSE_K * DENSE_TILE; e += DENSE_THREADS) {
+                const int ii = e / DENSE_TILE, jj = e % DENSE_TILE, i = i0 + ii, j = j0 + jj;
+                ((float*)&Bs[ii][0])[jj] = i < kd && j < n ? src_b[(long long)i * ldb + j] : 0.f;
+            }
+            __syncthreads();
+            for (int ii = 0; ii < DENSE_K; ii++) {
+                const float4 av = As[ii][ty], bv = Bs[ii][tx];
+                const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+                for (int p = 0; p < 4; p++)
+                    for (int q = 0; q < 4; q++) acc[p][q] = fmaf(ar[p], br[q], acc[p][q]);
+            }
+            __syncthreads();
+        }
+    }
+    for (int p = 0; p < 4; p++) {
+        const int r = r0 + ty * 4 + p;
+        if (r >= rows) break;
+        for (int q = 0; q < 4; q++) {
+            const int j = j0 + tx * 4 + q;
+            if (j >= n) break;
+            float v = acc[p][q];
+            if (value) {
+                if (flags & DENSE_B) v += b[j];
+                for (int s = 0; s < ku; s++) v += u[(long long)r * ku + s] * uw[(long long)s * n + j];
+                v *= scale;
+                if (flags & DENSE_X) v += c * x[(long long)r * n + j];
+                y[(long long)r * n + j] = v;
+            } else {
+                const long long o = ((long long)r * k + kk) * n + j;
+                if (flags & DENSE_BT) v += bt[(long long)kk * n + j];
+                if (flags & DENSE_UWT)
+                    for (int s = 0; s < ku; s++)
+                        v += u[(long long)r * ku + s] * uwt[((long long)s * k + kk) * n + j];
+                v *= scale;
+                if (flags & DENSE_XT) v += c * xt[o];
+                t[o] = v;
+            }
+        }
+    }
+}
+
 // dst[z, y, x] = src[x, y, z] for src [a, b, c]
 extern "C" __global__ void permute_210(const float* src, float* dst, int a, int b, int c) {
     long long total = (long long)a * b * c;
@@ -672,6 +774,7 @@ struct Kernels {
     linear_init: CudaFunction,
     linear_narrow: CudaFunction,
     linear_small_add: CudaFunction,
+    linear_dense: CudaFunction,
     unary_tangent: CudaFunction,
     unary_grad: CudaFunction,
     permute_210: CudaFunction,
@@ -818,6 +921,9 @@ pub struct CudaDevice {
     _blas_workspace: CudaSlice<u8>,
     /// Whether passes run as CUDA graphs ([`CudaDevice::set_graphs`]).
     graphs: std::sync::atomic::AtomicBool,
+    /// Which kernels compute a linear op's dense term
+    /// ([`CudaDevice::set_dense_linear`]).
+    dense_linear: std::sync::atomic::AtomicU8,
     /// Values kept between calls ([`CudaDevice::keep`]).
     kept: std::sync::Mutex<std::collections::HashMap<&'static str, Box<dyn std::any::Any + Send>>>,
     /// Fill every buffer handed out by `scratch` with NaN (SOFO_GPU_POISON
@@ -828,6 +934,93 @@ pub struct CudaDevice {
     /// point at them; a process runs a handful: one per plant and its
     /// parameters), found by their words.
     programs: std::sync::Mutex<Vec<Program>>,
+}
+
+/// Which kernels compute the dense term of a linear op (a recurrence's
+/// `r · W`) on the device: chosen with SOFO_GPU_LINEAR (`auto`, the default;
+/// `fused`; `gemm`) or [`CudaDevice::set_dense_linear`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DenseLinear {
+    /// The fused `linear_dense` kernel where the term's inner dimension is
+    /// at most [`DenseLinear::AUTO_MAX_INNER`] (a network of up to that many
+    /// units: each GEMM there streams the tangents through memory for
+    /// little arithmetic), cuBLAS above (large GEMMs, where cuBLAS's tiles
+    /// win).
+    Auto,
+    /// Always the fused kernel (a linear op with one dense term).
+    Fused,
+    /// Always `linear_init` and cuBLAS GEMMs.
+    Gemm,
+}
+
+impl DenseLinear {
+    /// The largest inner dimension `Auto` fuses.
+    pub const AUTO_MAX_INNER: usize = 128;
+
+    /// Parses SOFO_GPU_LINEAR's value.
+    pub fn parse(v: &str) -> Result<Self> {
+        match v {
+            "auto" => Ok(DenseLinear::Auto),
+            "fused" => Ok(DenseLinear::Fused),
+            "gemm" => Ok(DenseLinear::Gemm),
+            _ => Err(TensorError::Device {
+                op: "open",
+                message: format!(
+                    "SOFO_GPU_LINEAR is {v:?}: auto (the fused kernel up to {} inner \
+                     columns, cuBLAS above), fused or gemm",
+                    Self::AUTO_MAX_INNER
+                ),
+            }),
+        }
+    }
+
+    fn from_env() -> Result<Self> {
+        match std::env::var("SOFO_GPU_LINEAR") {
+            Err(_) => Ok(DenseLinear::Auto),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => DenseLinear::Fused,
+            2 => DenseLinear::Gemm,
+            _ => DenseLinear::Auto,
+        }
+    }
+
+    /// Whether a dense term of inner dimension `kd` runs fused.
+    pub fn fuses(self, kd: usize) -> bool {
+        match self {
+            DenseLinear::Auto => kd <= Self::AUTO_MAX_INNER,
+            DenseLinear::Fused => true,
+            DenseLinear::Gemm => false,
+        }
+    }
+}
+
+impl CudaDevice {
+    /// Chooses the kernels of a linear op's dense term (see [`DenseLinear`]).
+    pub fn set_dense_linear(&self, choice: DenseLinear) {
+        self.dense_linear.store(choice as u8, Ordering::Relaxed);
+    }
+
+    /// The kernels of a linear op's dense term.
+    pub fn dense_linear(&self) -> DenseLinear {
+        DenseLinear::from_u8(self.dense_linear.load(Ordering::Relaxed))
+    }
+
+    /// Whether a linear op's one dense term of inner dimension `kd` runs in
+    /// the fused `linear_dense` kernel: as [`DenseLinear`] says, except that
+    /// `Auto` leaves the term to cuBLAS where its GEMMs may use TF32 tensor
+    /// cores (the fused kernel computes in full f32 on the CUDA cores).
+    pub fn fuses_linear(&self, kd: usize) -> bool {
+        match self.dense_linear() {
+            DenseLinear::Auto if self.tf32() => false,
+            choice => choice.fuses(kd),
+        }
+    }
 }
 
 /// Whether the CUDA driver library can be loaded on this machine.
@@ -1035,6 +1228,10 @@ impl CudaDevice {
     pub const PW_REGS: usize = 64;
     /// The most input tensors of a `pointwise` launch.
     pub const PW_TENSORS: usize = 8;
+    /// The rows and columns of the output tile of one `linear_dense` block.
+    pub const DENSE_TILE: usize = 64;
+    /// The threads of a `linear_dense` block.
+    const DENSE_THREADS: u32 = 256;
 }
 
 /// The operand sizes of one linear term `a · w` (a [rows, kd] with tangents
@@ -1322,6 +1519,7 @@ impl CudaDevice {
             linear_init: f("linear_init")?,
             linear_narrow: f("linear_narrow")?,
             linear_small_add: f("linear_small_add")?,
+            linear_dense: f("linear_dense")?,
             unary_tangent: f("unary_tangent")?,
             unary_grad: f("unary_grad")?,
             permute_210: f("permute_210")?,
@@ -1346,6 +1544,7 @@ impl CudaDevice {
             _blas_workspace: workspace,
             kept: Default::default(),
             graphs: std::sync::atomic::AtomicBool::new(graph::graphs_by_default()?),
+            dense_linear: std::sync::atomic::AtomicU8::new(DenseLinear::from_env()? as u8),
             k,
             dummy,
             tf32: std::sync::atomic::AtomicBool::new(false),
@@ -2032,18 +2231,10 @@ impl CudaDevice {
         small: Option<(&DevTensor, &DevTensor, Option<&DevTensor>)>,
         scale: f32,
     ) -> Result<(DevTensor, Option<DevTensor>)> {
-        let mut y = self.scratch(shape)?;
+        let (mut y, mut t) = self.linear_outputs(shape, k_tangents)?;
         let n = shape.last().copied().unwrap_or(1).max(1);
         let rows = y.numel() / n;
         let k = k_tangents.unwrap_or(0);
-        let mut t = match k_tangents {
-            Some(k) => {
-                let mut ts = shape.to_vec();
-                ts.insert(shape.len().saturating_sub(1), k);
-                Some(self.scratch(&ts)?)
-            }
-            None => None,
-        };
         let (bd, btd) = match bias {
             Some((b, bt)) => (&*b.data, bt.map_or(&self.dummy, |t| &*t.data)),
             None => (&self.dummy, &self.dummy),
@@ -2059,6 +2250,166 @@ impl CudaDevice {
             leak.is_some_and(|(_, t, _)| t.is_some()) as i32,
             t.is_some() as i32,
         ];
+        let ku = self.check_linear_terms(rows, n, k, bias, leak, small)?;
+        let (ud, wd, wtd) = match small {
+            Some((u, w, wt)) => (&*u.data, &*w.data, wt.map_or(&self.dummy, |t| &*t.data)),
+            None => (&self.dummy, &self.dummy, &self.dummy),
+        };
+        let ku32 = ku as i32;
+        let has_wt = (small.is_some_and(|(_, _, wt)| wt.is_some()) && t.is_some()) as i32;
+        let (r64, k32, n32) = (rows as i64, k as i32, n as i32);
+        let units = tangent_units(rows * n, t.as_ref().map_or(0, |_| k));
+        let mut b = Launch::new(&self.core, &self.k.linear_init);
+        b.out(&mut *y.data);
+        match t.as_mut() {
+            Some(t) => b.out(&mut *t.data),
+            None => b.arg(&self.dummy),
+        };
+        b.arg(bd)
+            .arg(btd)
+            .arg(xd)
+            .arg(xtd)
+            .arg(&c)
+            .arg(&scale)
+            .arg(&r64)
+            .arg(&k32)
+            .arg(&n32);
+        for f in &flags {
+            b.arg(f);
+        }
+        b.arg(ud).arg(wd).arg(wtd).arg(&ku32).arg(&has_wt);
+        // SAFETY: sizes checked above; absent operands are never read and
+        // t is written only when present.
+        unsafe { b.launch(grid(units)) }.map_err(|e| dev_err("linear", e))?;
+        Ok((y, t))
+    }
+
+    /// A linear op with one dense term `a · w` (`a` [rows, kd] with tangents
+    /// [rows, K, kd], `w` [kd, n] with [kd, K, n]; either's tangents may be
+    /// absent) and what [`CudaDevice::linear_init`] folds in (`bias`,
+    /// `leak`, `small`, as there), value and tangents in one launch of
+    /// `linear_dense`: `y = scale · (b + u·w_u + a·w) + c · x` and, with
+    /// `k_tangents = Some(k)`, `t = scale · (ḃ + u·ẇ_u + ȧ·w + a·ẇ) + c · ẋ`
+    /// — instead of `linear_init` and three GEMMs, each of which reads and
+    /// writes the whole output.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    pub fn linear_dense(
+        &self,
+        shape: &[usize],
+        k_tangents: Option<usize>,
+        a: (&DevTensor, Option<&DevTensor>),
+        w: (&DevTensor, Option<&DevTensor>),
+        bias: Option<(&DevTensor, Option<&DevTensor>)>,
+        leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
+        small: Option<(&DevTensor, &DevTensor, Option<&DevTensor>)>,
+        scale: f32,
+    ) -> Result<(DevTensor, Option<DevTensor>)> {
+        let (mut y, mut t) = self.linear_outputs(shape, k_tangents)?;
+        let k = k_tangents.unwrap_or(0);
+        if w.0.shape.len() != 2 {
+            return Err(TensorError::shape(
+                "device dense linear",
+                "w [kd, n]".to_string(),
+                format!("{:?}", w.0.shape),
+            ));
+        }
+        let (rows, n) = term_sizes("device dense linear", &y, t.as_ref(), k, a, w)?;
+        let kd = w.0.shape[0];
+        let ku = self.check_linear_terms(rows, n, k, bias, leak, small)?;
+        let want_t = t.is_some();
+        let tiles = rows.div_ceil(Self::DENSE_TILE) * n.div_ceil(Self::DENSE_TILE);
+        let blocks = tiles * if want_t { k + 1 } else { 1 };
+        let int = |v: usize| i32::try_from(v).ok();
+        let (Some(r32), Some(k32), Some(kd32), Some(n32), Some(_)) =
+            (int(rows), int(k), int(kd), int(n), int(blocks))
+        else {
+            return Err(TensorError::shape(
+                "device dense linear",
+                "rows, K, kd, n and the launch's blocks below 2³¹".to_string(),
+                format!("rows {rows}, K {k}, kd {kd}, n {n}, {blocks} blocks"),
+            ));
+        };
+        let bits = [
+            (want_t, 1),
+            (want_t && a.1.is_some(), 2),
+            (want_t && w.1.is_some(), 4),
+            (bias.is_some(), 8),
+            (want_t && bias.is_some_and(|(_, bt)| bt.is_some()), 16),
+            (leak.is_some(), 32),
+            (want_t && leak.is_some_and(|(_, xt, _)| xt.is_some()), 64),
+            (want_t && small.is_some_and(|(_, _, wt)| wt.is_some()), 128),
+        ];
+        let flags: i32 = bits.iter().filter(|(on, _)| *on).map(|(_, bit)| bit).sum();
+        let c = leak.map_or(0.0, |(_, _, c)| c);
+        let ku32 = ku as i32;
+        let mut l = Launch::new(&self.core, &self.k.linear_dense);
+        l.out(&mut *y.data);
+        match t.as_mut() {
+            Some(t) => l.out(&mut *t.data),
+            None => l.arg(&self.dummy),
+        };
+        l.arg(&*a.0.data)
+            .arg(self.data_or_dummy(a.1))
+            .arg(&*w.0.data)
+            .arg(self.data_or_dummy(w.1))
+            .arg(self.data_or_dummy(bias.map(|(b, _)| b)))
+            .arg(self.data_or_dummy(bias.and_then(|(_, bt)| bt)))
+            .arg(self.data_or_dummy(leak.map(|(x, _, _)| x)))
+            .arg(self.data_or_dummy(leak.and_then(|(_, xt, _)| xt)))
+            .arg(self.data_or_dummy(small.map(|(u, _, _)| u)))
+            .arg(self.data_or_dummy(small.map(|(_, uw, _)| uw)))
+            .arg(self.data_or_dummy(small.and_then(|(_, _, uwt)| uwt)))
+            .arg(&c)
+            .arg(&scale)
+            .arg(&r32)
+            .arg(&k32)
+            .arg(&kd32)
+            .arg(&n32)
+            .arg(&ku32)
+            .arg(&flags);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1) as u32, 1, 1),
+            block_dim: (Self::DENSE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: sizes checked above (term_sizes, check_linear_terms); the
+        // kernel reads an operand only where its flag is set (or, for the
+        // small term, ku > 0) and writes t only with DENSE_WANT_T.
+        unsafe { l.launch(cfg) }.map_err(|e| dev_err("linear_dense", e))?;
+        Ok((y, t))
+    }
+
+    /// A linear op's output of `shape` [.., n] and, with `k_tangents`, its
+    /// tangents [.., K, n] (scratch: every element is written by the caller).
+    fn linear_outputs(
+        &self,
+        shape: &[usize],
+        k_tangents: Option<usize>,
+    ) -> Result<(DevTensor, Option<DevTensor>)> {
+        let y = self.scratch(shape)?;
+        let t = match k_tangents {
+            Some(k) => {
+                let mut ts = shape.to_vec();
+                ts.insert(shape.len().saturating_sub(1), k);
+                Some(self.scratch(&ts)?)
+            }
+            None => None,
+        };
+        Ok((y, t))
+    }
+
+    /// The sizes of a linear op's bias, leak and small term against its
+    /// output [rows, n] with K tangents; the small term's width ku (0: none).
+    #[allow(clippy::type_complexity)]
+    fn check_linear_terms(
+        &self,
+        rows: usize,
+        n: usize,
+        k: usize,
+        bias: Option<(&DevTensor, Option<&DevTensor>)>,
+        leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
+        small: Option<(&DevTensor, &DevTensor, Option<&DevTensor>)>,
+    ) -> Result<usize> {
         for (v, len, what) in [
             (bias.map(|(b, _)| b.numel()), n, "bias"),
             (
@@ -2098,37 +2449,7 @@ impl CudaDevice {
                 ));
             }
         }
-        let (ud, wd, wtd) = match small {
-            Some((u, w, wt)) => (&*u.data, &*w.data, wt.map_or(&self.dummy, |t| &*t.data)),
-            None => (&self.dummy, &self.dummy, &self.dummy),
-        };
-        let ku32 = ku as i32;
-        let has_wt = (small.is_some_and(|(_, _, wt)| wt.is_some()) && t.is_some()) as i32;
-        let (r64, k32, n32) = (rows as i64, k as i32, n as i32);
-        let units = tangent_units(rows * n, t.as_ref().map_or(0, |_| k));
-        let mut b = Launch::new(&self.core, &self.k.linear_init);
-        b.out(&mut *y.data);
-        match t.as_mut() {
-            Some(t) => b.out(&mut *t.data),
-            None => b.arg(&self.dummy),
-        };
-        b.arg(bd)
-            .arg(btd)
-            .arg(xd)
-            .arg(xtd)
-            .arg(&c)
-            .arg(&scale)
-            .arg(&r64)
-            .arg(&k32)
-            .arg(&n32);
-        for f in &flags {
-            b.arg(f);
-        }
-        b.arg(ud).arg(wd).arg(wtd).arg(&ku32).arg(&has_wt);
-        // SAFETY: sizes checked above; absent operands are never read and
-        // t is written only when present.
-        unsafe { b.launch(grid(units)) }.map_err(|e| dev_err("linear", e))?;
-        Ok((y, t))
+        Ok(ku)
     }
 
     /// A tensor's buffer as a kernel argument, or the stand-in for an
@@ -2629,6 +2950,8 @@ mod tests {
             ("NARROW", super::CudaDevice::NARROW),
             ("PW_REGS", super::CudaDevice::PW_REGS),
             ("PW_TENSORS", super::CudaDevice::PW_TENSORS),
+            ("DENSE_TILE", super::CudaDevice::DENSE_TILE),
+            ("DENSE_THREADS", super::CudaDevice::DENSE_THREADS as usize),
         ] {
             let line = format!("#define {name} {value}\n");
             assert!(
@@ -2646,6 +2969,26 @@ mod tests {
         assert_eq!(super::tangent_units(10, 0), 10);
         assert_eq!(super::tangent_units(10, 8), 10);
         assert_eq!(super::tangent_units(10, 9), 20);
+    }
+
+    /// SOFO_GPU_LINEAR's values, and `auto`'s rule: the fused kernel up to
+    /// AUTO_MAX_INNER inner columns; anything else refused by name.
+    #[test]
+    fn dense_linear_choices() {
+        use super::DenseLinear as D;
+        assert_eq!(D::parse("auto").unwrap(), D::Auto);
+        assert_eq!(D::parse("fused").unwrap(), D::Fused);
+        assert_eq!(D::parse("gemm").unwrap(), D::Gemm);
+        for choice in [D::Auto, D::Fused, D::Gemm] {
+            assert_eq!(D::from_u8(choice as u8), choice);
+        }
+        assert!(D::Auto.fuses(D::AUTO_MAX_INNER) && !D::Auto.fuses(D::AUTO_MAX_INNER + 1));
+        assert!(D::Fused.fuses(4096) && !D::Gemm.fuses(1));
+        let e = D::parse("cublas").unwrap_err().to_string();
+        assert!(
+            e.contains("SOFO_GPU_LINEAR") && e.contains("\"cublas\"") && e.contains("fused"),
+            "{e}"
+        );
     }
 
     /// The kernel source compiles (runs wherever libnvrtc loads, GPU or not:

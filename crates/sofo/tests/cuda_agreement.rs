@@ -20,7 +20,7 @@ use sofo_ad::cuda_rev::CudaRev;
 use sofo_ad::layout::tangent_shape;
 use sofo_ad::{Binary, Unary};
 use sofo_ad::{Rev, Var};
-use sofo_tensor::cuda::ProgramWords;
+use sofo_tensor::cuda::{DenseLinear, ProgramWords};
 use sofo_tensor::rng;
 
 mod fake_gpu;
@@ -360,6 +360,72 @@ fn every_op_agrees_with_the_cpu() {
         Ops::<f32>::matmul(g, &v[0], &v[1])
     });
     same(&c.matmul(&w, &y).unwrap(), &b, "matmul");
+}
+
+/// A linear op with a dense term (inner dimension over `SMALL_TERM`: a
+/// recurrence's r·W) gives the CPU's numbers through the fused
+/// `linear_dense` kernel and through `linear_init` and the GEMMs: every
+/// tangent present or not (the dense term's a and w, the input term's w, the
+/// bias, the leak), with a leak and without, with a term whose input has
+/// tangents (a plant's state: added after), on shapes that leave partial
+/// tiles and reduction chunks (130 rows and 67 columns: 3 × 2 tiles;
+/// inner 37), and without any tangents (only the value's blocks).
+#[test]
+fn dense_linear_agrees_with_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("dense_linear_agrees_with_the_cpu") else {
+        return;
+    };
+    let k = 3;
+    let mut c = Fwd::new(k);
+    let mut g = CudaFwd::new(dev.clone(), k);
+    for dense in [DenseLinear::Fused, DenseLinear::Gemm] {
+        dev.set_dense_linear(dense);
+        for (rows, kd, n) in [(130, 37, 67), (5, 20, 11)] {
+            for (leak, plant, mask) in [true, false]
+                .into_iter()
+                .flat_map(|l| [false, true].map(|p| (l, p)))
+                .flat_map(|(l, p)| (0..32u32).map(move |m| (l, p, m)))
+            {
+                // the cases with a plant term: every tangent, or none
+                if plant && mask != 0 && mask != 31 {
+                    continue;
+                }
+                let has = |i: u32| mask & (1 << i) != 0;
+                let a = dual(&[rows, kd], k, 50, has(0));
+                let w = dual(&[kd, n], k, 51, has(1));
+                let u = dual(&[rows, 3], k, 52, false);
+                let wu = dual(&[3, n], k, 53, has(2));
+                let b = dual(&[n], k, 54, has(3));
+                let x = dual(&[rows, n], k, 55, has(4));
+                let s = dual(&[rows, 2], k, 56, plant && mask != 0);
+                let ws = dual(&[2, n], k, 57, false);
+                let mut terms = vec![(&a, &w), (&u, &wu)];
+                if plant {
+                    terms.push((&s, &ws));
+                }
+                let cpu = c
+                    .linear(leak.then_some((&x, 0.8)), 0.2, &terms, Some(&b))
+                    .unwrap();
+                let gpu = on_gpu(&mut g, &[&a, &w, &u, &wu, &b, &x, &s, &ws], |g, v| {
+                    let mut terms = vec![(&v[0], &v[1]), (&v[2], &v[3])];
+                    if plant {
+                        terms.push((&v[6], &v[7]));
+                    }
+                    Ops::<f32>::linear(g, leak.then_some((&v[5], 0.8)), 0.2, &terms, Some(&v[4]))
+                });
+                same(
+                    &cpu,
+                    &gpu,
+                    &format!(
+                        "{dense:?} linear [{rows}, {kd}] · [{kd}, {n}], leak {leak}, \
+                         plant {plant}, tangent mask {mask:05b}"
+                    ),
+                );
+            }
+        }
+    }
+    dev.set_dense_linear(DenseLinear::Auto);
 }
 
 fn rnn_case(act: Activation) -> (RateRnn, ParamSet<f32>, Batch<f32>) {
@@ -832,13 +898,15 @@ fn counted_batch(t: usize) -> Batch<f32> {
 
 /// The device calls of one time step of the rate RNN's SOFO pass, counted
 /// on the fake GPU (the difference between T = 138 and T = 10, over 128
-/// steps): 4 kernels (the hidden layer's bias, leak and input terms u·B and
-/// u·Ḃ; φ with φ′⊙ẋ; the readout, y = r·C + d with its tangents ṙ·C + r·Ċ +
-/// ḋ, a narrow output; the sketch's scaled rows), 3 GEMMs (r·W, ṙ·W, r·Ẇ),
-/// and the inputs and targets uploaded once per 64 steps (two chunks of
-/// each more) instead of once per step — and none at all when the pass is
-/// replayed as a CUDA graph: a replayed iteration makes the same calls at
-/// T = 10 and T = 138.
+/// steps): 4 kernels — the hidden layer's `linear_dense` (r·W, ṙ·W + r·Ẇ,
+/// the bias, the leak and the input terms u·B and u·Ḃ, value and tangents);
+/// φ with φ′⊙ẋ; the readout, y = r·C + d with its tangents ṙ·C + r·Ċ + ḋ,
+/// a narrow output; the sketch's scaled rows — and no GEMM, where the
+/// hidden layer was `linear_init` and 3 GEMMs (r·W, ṙ·W, r·Ẇ) before, as it
+/// still is with SOFO_GPU_LINEAR=gemm; the inputs and targets uploaded once
+/// per 64 steps (two chunks of each more) instead of once per step — and
+/// none at all when the pass is replayed as a CUDA graph: a replayed
+/// iteration makes the same calls at T = 10 and T = 138.
 #[test]
 fn device_calls_per_time_step() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -852,9 +920,10 @@ fn device_calls_per_time_step() {
     let model = counted_rnn();
     let batch = counted_batch;
     // the calls of iteration `it` (after `it` others) on a fresh device
-    let calls = |t: usize, graphs: bool, it: u64| {
+    let calls = |t: usize, graphs: bool, it: u64, dense: DenseLinear| {
         let dev = device_or_skip("device_calls_per_time_step").unwrap();
         dev.set_graphs(graphs);
+        dev.set_dense_linear(dense);
         let s = Sofo::new(SofoConfig {
             k: 4,
             ..SofoConfig::default()
@@ -872,13 +941,16 @@ fn device_calls_per_time_step() {
         std::array::from_fn::<u64, 7, _>(|i| after[i] - before[i])
     };
     drop(dev);
-    let (short, long) = (calls(10, false, 0), calls(138, false, 0));
-    let more: Vec<u64> = (0..7).map(|i| long[i] - short[i]).collect();
-    eprintln!("device calls of 128 more steps: {more:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
-    assert_eq!(more, [4 * 128, 3 * 128, 2 * 2, 0, 0, 0, 0]);
+    for (dense, gemms) in [(DenseLinear::Auto, 0), (DenseLinear::Gemm, 3)] {
+        let (short, long) = (calls(10, false, 0, dense), calls(138, false, 0, dense));
+        let more: Vec<u64> = (0..7).map(|i| long[i] - short[i]).collect();
+        eprintln!("device calls of 128 more steps ({dense:?}): {more:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
+        assert_eq!(more, [4 * 128, gemms * 128, 2 * 2, 0, 0, 0, 0], "{dense:?}");
+    }
     // replayed (the third iteration: recorded, captured, replayed): the
     // same calls whatever T, one graph launch among them
-    let (short, long) = (calls(10, true, 2), calls(138, true, 2));
+    let auto = DenseLinear::Auto;
+    let (short, long) = (calls(10, true, 2, auto), calls(138, true, 2, auto));
     assert_eq!(short, long, "a replayed iteration's calls");
     assert_eq!(short[6], 1, "one graph launch");
 }
@@ -922,8 +994,11 @@ fn bptt_copies_inputs_and_targets_per_chunk() {
 /// arithmetic was ≈ 70 small kernels per step (8 260 kernels at 3673f91);
 /// as two pointwise programs (the arm step, the hand) it is two (874 at
 /// 3b78f6e), and with φ and the rate noise's factor in one pass
-/// (`unary_mul`) a step is ≈ 6 kernels and 3 GEMMs. Pinned so that a change
-/// in the count shows; the README quotes it.
+/// (`unary_mul`) a step is ≈ 6 kernels and 3 GEMMs (754 kernels, 364
+/// GEMMs); with the hidden layer in `linear_dense` instead of
+/// `linear_init` and 3 GEMMs, ≈ 6 kernels and no GEMM (754 and 4: the
+/// GEMMs left are the sketch's). Pinned so that a change in the count
+/// shows; the README quotes it.
 #[test]
 fn reach_network_calls_per_iteration() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -947,7 +1022,7 @@ fn reach_network_calls_per_iteration() {
     let after = fake_gpu_counts().unwrap();
     let calls: Vec<u64> = (0..7).map(|i| after[i] - before[i]).collect();
     eprintln!("reach network, one iteration: {calls:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
-    assert_eq!(calls, [754, 364, 18, 3, 6, 1, 0]);
+    assert_eq!(calls, [754, 4, 18, 3, 6, 1, 0]);
 }
 
 /// Peak device bytes of one SOFO iteration: equal at T = 10 and T = 1000

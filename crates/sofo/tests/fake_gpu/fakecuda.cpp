@@ -8,8 +8,10 @@
 //
 // "Device" memory is host memory (a CUdeviceptr is a host address), filled
 // with NaN bytes when allocated so that reading an element nobody wrote shows
-// up. Kernels run thread by thread (grid-stride kernels), or with one OS
-// thread per CUDA thread of a block where the kernel synchronises its block.
+// up. Kernels run thread by thread (grid-stride kernels), or, where the
+// kernel synchronises its block, each CUDA thread of a block as a fiber
+// (ucontext) on the calling thread: __syncthreads switches to the next
+// fiber, and a block runs round by round until every fiber has returned.
 // The stream is the caller's thread: everything is synchronous, except
 // while a stream is captured into a graph: then its work is recorded (kernel
 // arguments and GEMM scalars copied, memory read when the graph runs) and
@@ -24,16 +26,16 @@
 // sofo uses is here; anything else is missing on purpose,
 // so that cudarc names the symbol it wanted.
 #include <math.h>
-#include <barrier>
 #include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 
 struct EmuDim {
@@ -41,12 +43,15 @@ struct EmuDim {
 };
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
-static std::barrier<>* emu_block_barrier = nullptr;
+// the fibers of the block being run (a kernel that synchronises its block)
+static ucontext_t emu_scheduler;
+static ucontext_t* emu_fiber = nullptr;  // the running fiber's context
+static void emu_syncthreads() { swapcontext(emu_fiber, &emu_scheduler); }
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
-#define __syncthreads() emu_block_barrier->arrive_and_wait()
+#define __syncthreads() emu_syncthreads()
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
 
 struct Kernel {
@@ -82,21 +87,51 @@ static void run_kernel(const Kernel& k, unsigned grid, unsigned block, void** pa
         }
         return;
     }
+    // one fiber per CUDA thread; each round runs every unfinished fiber to
+    // its next __syncthreads (or its end), so a round is a barrier
+    static const Kernel* kernel;
+    static void** args;
+    static std::vector<char> done;
+    kernel = &k;
+    args = params;
+    const size_t stack_bytes = 64 << 10;
+    std::vector<ucontext_t> fibers(block);
+    static std::unique_ptr<char[]> stacks;  // kept: allocated once, never cleared
+    static size_t stacks_for = 0;
+    if (stacks_for < block) {
+        stacks.reset(new char[(size_t)block * stack_bytes]);
+        stacks_for = block;
+    }
+    done.assign(block, 0);
+    auto set_thread = [&](unsigned b, unsigned t) {
+        blockIdx = {b, 0, 0};
+        threadIdx = {t, 0, 0};
+        blockDim = {block, 1, 1};
+        gridDim = {grid, 1, 1};
+    };
     for (unsigned b = 0; b < grid; b++) {
-        std::barrier<> bar(block);
-        emu_block_barrier = &bar;
-        std::vector<std::thread> threads;
         for (unsigned t = 0; t < block; t++) {
-            threads.emplace_back([&, t] {
-                blockIdx = {b, 0, 0};
-                threadIdx = {t, 0, 0};
-                blockDim = {block, 1, 1};
-                gridDim = {grid, 1, 1};
-                k.call(params);
-            });
+            done[t] = 0;
+            getcontext(&fibers[t]);
+            fibers[t].uc_stack.ss_sp = stacks.get() + (size_t)t * stack_bytes;
+            fibers[t].uc_stack.ss_size = stack_bytes;
+            fibers[t].uc_link = &emu_scheduler;
+            makecontext(&fibers[t], (void (*)())+[](unsigned t) {
+                kernel->call(args);
+                done[t] = 1;
+            }, 1, t);
         }
-        for (auto& th : threads) th.join();
-        emu_block_barrier = nullptr;
+        for (bool running = true; running;) {
+            running = false;
+            for (unsigned t = 0; t < block; t++) {
+                if (done[t]) continue;
+                set_thread(b, t);
+                emu_fiber = &fibers[t];
+                swapcontext(&emu_scheduler, &fibers[t]);
+                running |= !done[t];
+            }
+        }
+        emu_fiber = nullptr;
     }
 }
 
