@@ -53,6 +53,14 @@ for c in ${GRAPH_TASKS:-reach2 kalman-long}; do
   SOFO_GPU_GRAPHS=1 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_graphs.jsonl"
 done
 
+echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and cuBLAS (SOFO_GPU_LINEAR=gemm), and always fused (=fused)"
+# the default (auto) fuses up to 128 inner columns: these runs say where the
+# fused kernel wins and where cuBLAS does
+for choice in gemm fused; do
+  SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_linear_$choice.jsonl"
+done
+SOFO_GPU_LINEAR=gemm timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only reach2 2>&1 | tee -a "$OUT/sofo_linear_gemm.jsonl"
+
 echo "== sofo bench --device cuda --method pass (the forward-K pass and its sketch alone: the rest of an iteration is the difference)"
 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method pass --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_pass.jsonl"
 
@@ -128,8 +136,10 @@ tf32 = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in line
 graphs = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_graphs.jsonl") if "name" in r}
 passes = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_pass.jsonl") if "name" in r}
 base = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_base.jsonl") if "name" in r}
-print("| config | sofo SOFO | its pass alone | baseline build | sofo SOFO, graphs | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+lin_gemm = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_linear_gemm.jsonl") if "name" in r}
+lin_fused = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_linear_fused.jsonl") if "name" in r}
+print("| config | sofo SOFO | its pass alone | baseline build | dense terms on cuBLAS | dense terms always fused | sofo SOFO, graphs | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 own_adam = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in sofo if r.get("method") == "adam"}
 for r in sofo:
     if r.get("method") == "adam":
@@ -143,7 +153,7 @@ for r in sofo:
     oa, st, gr = own_adam.get(key), tf32.get(key), graphs.get(key)
     f = lambda v: f"{v:.4g}" if v else "—"
     q = lambda x, y: f"{x / y:.2f}" if x and y else "—"
-    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(passes.get(key))} | {f(base.get(key))} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} |")
+    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(passes.get(key))} | {f(base.get(key))} | {f(lin_gemm.get(key))} | {f(lin_fused.get(key))} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} |")
 print()
 print("| method | T | sofo peak device MiB | s/iter |")
 print("|---|---|---|---|")

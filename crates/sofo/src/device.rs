@@ -92,10 +92,15 @@ impl Device {
             Device::Cpu => "cpu".into(),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => format!(
-                "cuda:{} ({}{})",
+                "cuda:{} ({}{}{})",
                 d.ordinal(),
                 d.name(),
-                if d.tf32() { ", TF32 GEMMs" } else { "" }
+                if d.tf32() { ", TF32 GEMMs" } else { "" },
+                match d.dense_linear() {
+                    sofo_tensor::cuda::DenseLinear::Auto => "",
+                    sofo_tensor::cuda::DenseLinear::Fused => ", SOFO_GPU_LINEAR=fused",
+                    sofo_tensor::cuda::DenseLinear::Gemm => ", SOFO_GPU_LINEAR=gemm",
+                }
             ),
         }
     }
