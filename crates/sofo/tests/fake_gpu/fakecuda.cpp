@@ -57,7 +57,7 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); ret
 struct Kernel {
     const char* name;
     void (*call)(void** params);
-    bool syncs;  // uses __syncthreads: one OS thread per CUDA thread
+    bool syncs;  // uses __syncthreads: its block runs as fibers
     int nargs;
     const unsigned char* sizes;  // of each parameter (copied when captured)
 };
