@@ -10,8 +10,10 @@
 // with NaN bytes when allocated so that reading an element nobody wrote shows
 // up. Kernels run thread by thread (grid-stride kernels), or, where the
 // kernel synchronises its block, each CUDA thread of a block as a fiber
-// (ucontext) on the calling thread: __syncthreads switches to the next
-// fiber, and a block runs round by round until every fiber has returned.
+// on the calling thread: __syncthreads switches to the next fiber, and a
+// block runs round by round until every fiber has returned (a fiber starts
+// on its own stack through ucontext, and switches with _setjmp/_longjmp,
+// which unlike swapcontext make no system call).
 // The stream is the caller's thread: everything is synchronous, except
 // while a stream is captured into a graph: then its work is recorded (kernel
 // arguments and GEMM scalars copied, memory read when the graph runs) and
@@ -25,7 +27,10 @@
 // double, with f32 inputs rounded to TF32 under the TF32 math mode. Only what
 // sofo uses is here; anything else is missing on purpose,
 // so that cudarc names the symbol it wanted.
+// _longjmp between the fibers' stacks is what the fortified longjmp refuses
+#undef _FORTIFY_SOURCE
 #include <math.h>
+#include <setjmp.h>
 #include <cmath>
 #include <atomic>
 #include <cstdint>
@@ -44,9 +49,16 @@ struct EmuDim {
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
 // the fibers of the block being run (a kernel that synchronises its block)
-static ucontext_t emu_scheduler;
-static ucontext_t* emu_fiber = nullptr;  // the running fiber's context
-static void emu_syncthreads() { swapcontext(emu_fiber, &emu_scheduler); }
+struct EmuFiber {
+    ucontext_t start;  // its entry, on its own stack
+    jmp_buf resume;    // where it waits in __syncthreads
+    bool started, done;
+};
+static jmp_buf emu_scheduler;
+static EmuFiber* emu_fiber = nullptr;  // the running one
+static void emu_syncthreads() {
+    if (!_setjmp(emu_fiber->resume)) _longjmp(emu_scheduler, 1);
+}
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -91,18 +103,16 @@ static void run_kernel(const Kernel& k, unsigned grid, unsigned block, void** pa
     // its next __syncthreads (or its end), so a round is a barrier
     static const Kernel* kernel;
     static void** args;
-    static std::vector<char> done;
     kernel = &k;
     args = params;
     const size_t stack_bytes = 64 << 10;
-    std::vector<ucontext_t> fibers(block);
+    std::vector<EmuFiber> fibers(block);
     static std::unique_ptr<char[]> stacks;  // kept: allocated once, never cleared
     static size_t stacks_for = 0;
     if (stacks_for < block) {
         stacks.reset(new char[(size_t)block * stack_bytes]);
         stacks_for = block;
     }
-    done.assign(block, 0);
     auto set_thread = [&](unsigned b, unsigned t) {
         blockIdx = {b, 0, 0};
         threadIdx = {t, 0, 0};
@@ -111,24 +121,31 @@ static void run_kernel(const Kernel& k, unsigned grid, unsigned block, void** pa
     };
     for (unsigned b = 0; b < grid; b++) {
         for (unsigned t = 0; t < block; t++) {
-            done[t] = 0;
-            getcontext(&fibers[t]);
-            fibers[t].uc_stack.ss_sp = stacks.get() + (size_t)t * stack_bytes;
-            fibers[t].uc_stack.ss_size = stack_bytes;
-            fibers[t].uc_link = &emu_scheduler;
-            makecontext(&fibers[t], (void (*)())+[](unsigned t) {
+            EmuFiber& f = fibers[t];
+            f.started = f.done = false;
+            getcontext(&f.start);
+            f.start.uc_stack.ss_sp = stacks.get() + (size_t)t * stack_bytes;
+            f.start.uc_stack.ss_size = stack_bytes;
+            f.start.uc_link = nullptr;  // never returns: jumps back when done
+            makecontext(&f.start, (void (*)())+[] {
                 kernel->call(args);
-                done[t] = 1;
-            }, 1, t);
+                emu_fiber->done = true;
+                _longjmp(emu_scheduler, 1);
+            }, 0);
         }
         for (bool running = true; running;) {
             running = false;
             for (unsigned t = 0; t < block; t++) {
-                if (done[t]) continue;
+                EmuFiber& f = fibers[t];
+                if (f.done) continue;
                 set_thread(b, t);
-                emu_fiber = &fibers[t];
-                swapcontext(&emu_scheduler, &fibers[t]);
-                running |= !done[t];
+                emu_fiber = &f;
+                if (!_setjmp(emu_scheduler)) {
+                    if (f.started) _longjmp(f.resume, 1);
+                    f.started = true;
+                    setcontext(&f.start);
+                }
+                running |= !f.done;
             }
         }
         emu_fiber = nullptr;
