@@ -5,7 +5,7 @@
 # kernels by total time per step. Run on the GPU machine after
 # scripts/gpu-prepare.sh, from the repository root:
 #   bash scripts/gpu-profile.sh            (CONFIG=rnn-kalman STEPS=24 by default)
-# Output under $RESULTS (default gpu-out): ncu.csv and profile.md.
+# Output under $RESULTS (default gpu-out): ncu_<choice>.csv and profile_<choice>.md.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${RESULTS:-gpu-out}
@@ -20,19 +20,22 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/
 echo "ncu: $NCU"
 # the pass alone (no warm-up iterations beyond bench's own), STEPS steps;
 # skip the set-up launches (tangent draw, parameter gathers) and the first
-# steps, then time COUNT launches (a step is ≈ 7: 4 kernels and 3 GEMMs)
-timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
+# steps, then time COUNT launches (a step is 4 kernels with the hidden layer
+# in linear_dense; 4 kernels and 3 GEMMs with SOFO_GPU_LINEAR=gemm), once per
+# choice in LINEARS (default: auto, then gemm: which of the two is faster)
+for choice in ${LINEARS:-auto gemm}; do
+echo "== SOFO_GPU_LINEAR=$choice"
+SOFO_GPU_LINEAR=$choice timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
   --launch-skip ${SKIP:-60} --launch-count ${COUNT:-70} \
   gpu/sofo bench --device cuda --method pass --only "$CONFIG" --steps "$STEPS" --iters 1 \
-  > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  > "$OUT/ncu_$choice.csv" 2> "$OUT/ncu_$choice.err"
 echo "ncu exit $?"
-tail -n 5 "$OUT/ncu.err"
-python3 - "$OUT" <<'PY' | tee "$OUT/profile.md"
-import csv, sys, os, collections
-out = sys.argv[1]
-rows = [r for r in csv.reader(open(os.path.join(out, "ncu.csv"))) if len(r) > 5]
+tail -n 5 "$OUT/ncu_$choice.err"
+python3 - "$OUT/ncu_$choice.csv" <<'PY' | tee "$OUT/profile_$choice.md"
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
 if not rows:
-    print("no kernel rows (see ncu.err)"); sys.exit()
+    print("no kernel rows (see the .err file)"); sys.exit()
 head = rows[0]
 k, m, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
 tot, n = collections.Counter(), collections.Counter()
@@ -49,3 +52,4 @@ for name, t in tot.most_common():
     print(f"| {name} | {n[name]} | {t / n[name] / 1e3:.2f} | {t / steps / 1e3:.2f} |")
 print(f"| all | {sum(n.values())} | | {sum(tot.values()) / steps / 1e3:.2f} |")
 PY
+done
