@@ -171,3 +171,35 @@ fn graphs_are_switched_on_by_the_environment() {
         "{err}"
     );
 }
+
+/// SOFO_GPU_LINEAR=gemm moves the dense linear terms back to cuBLAS (the
+/// bench's device string names the choice); another value is refused,
+/// naming the variable and the value.
+#[test]
+fn dense_linear_kernels_are_chosen_by_the_environment() {
+    let Some(sofo) = on_a_gpu_with_env() else {
+        return;
+    };
+    let args = [
+        "bench", "--device", "cuda", "--method", "pass", "--only", "rnn-n128", "--steps", "4",
+        "--iters", "1", "--json",
+    ];
+    let o = sofo(&args, &[("SOFO_GPU_LINEAR", "gemm")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let r: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(
+        r["device"]
+            .as_str()
+            .unwrap()
+            .contains("SOFO_GPU_LINEAR=gemm"),
+        "{r}"
+    );
+    let o = sofo(&args, &[("SOFO_GPU_LINEAR", "cublas")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("SOFO_GPU_LINEAR") && err.contains("\"cublas\"") && err.contains("gemm"),
+        "{err}"
+    );
+}
