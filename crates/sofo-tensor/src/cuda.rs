@@ -531,6 +531,9 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 #define DENSE_X 32
 #define DENSE_XT 64
 #define DENSE_UWT 128
+#if DENSE_TILE * DENSE_K != 4 * DENSE_THREADS
+#error "linear_dense: each thread stages 4 elements of each operand's chunk"
+#endif
 extern "C" __global__ void linear_dense(float* y, float* t, const float* a, const float* at,
                                         const float* w, const float* wt, const float* b,
                                         const float* bt, const float* x, const float* xt,
@@ -549,35 +552,47 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
     float acc[4][4];
     for (int p = 0; p < 4; p++)
         for (int q = 0; q < 4; q++) acc[p][q] = 0.f;
-    // phase 0: at · w (a · w for the value); phase 1: a · wt. The branches
-    // depend on the block's slot only: the whole block takes them together.
-    for (int ph = 0; ph < 2; ph++) {
-        if (value ? ph == 1 : !(flags & (ph == 0 ? DENSE_AT : DENSE_WT))) continue;
+    // The reduction's chunks: phase 0, at · w (a · w for the value), then
+    // phase 1, a · wt, each over kd in chunks of DENSE_K; a phase without
+    // its operands' tangents is skipped. Which ones run depends on the
+    // block's slot only: the whole block takes the same branches.
+    const bool ph0 = value || (flags & DENSE_AT), ph1 = !value && (flags & DENSE_WT);
+    const int per = (kd + DENSE_K - 1) / DENSE_K, chunks = (ph0 + ph1) * per;
+    // the elements of chunk c this thread stages (zero outside the
+    // operands), loaded into registers one chunk ahead: the next chunk's
+    // loads are in flight while this one is multiplied
+    float pa[4], pb[4];
+    auto load = [&](int c) {
+        const int ph = ph0 && ph1 ? c / per : (ph0 ? 0 : 1), i0 = (c % per) * DENSE_K;
         const bool tangent_a = !value && ph == 0;
         const float* src_a = tangent_a ? at : a;
         const float* src_b = ph == 0 ? w : wt + (long long)kk * n;
         const long long ldb = ph == 0 ? n : (long long)k * n;
-        for (int i0 = 0; i0 < kd; i0 += DENSE_K) {
-            for (int e = tid; e < DENSE_TILE * DENSE_K; e += DENSE_THREADS) {
-                const int rr = e / DENSE_K, ii = e % DENSE_K, r = r0 + rr, i = i0 + ii;
-                float v = 0.f;
-                if (r < rows && i < kd)
-                    v = src_a[(tangent_a ? (long long)r * k + kk : (long long)r) * kd + i];
-                ((float*)&As[ii][0])[rr] = v;
-            }
-            for (int e = tid; e < DENSE_K * DENSE_TILE; e += DENSE_THREADS) {
-                const int ii = e / DENSE_TILE, jj = e % DENSE_TILE, i = i0 + ii, j = j0 + jj;
-                ((float*)&Bs[ii][0])[jj] = i < kd && j < n ? src_b[(long long)i * ldb + j] : 0.f;
-            }
-            __syncthreads();
-            for (int ii = 0; ii < DENSE_K; ii++) {
-                const float4 av = As[ii][ty], bv = Bs[ii][tx];
-                const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
-                for (int p = 0; p < 4; p++)
-                    for (int q = 0; q < 4; q++) acc[p][q] = fmaf(ar[p], br[q], acc[p][q]);
-            }
-            __syncthreads();
+        for (int q = 0; q < 4; q++) {
+            const int e = tid + q * DENSE_THREADS;
+            const int rr = e / DENSE_K, ia = i0 + e % DENSE_K, r = r0 + rr;
+            pa[q] = r < rows && ia < kd
+                ? src_a[(tangent_a ? (long long)r * k + kk : (long long)r) * kd + ia] : 0.f;
+            const int ib = i0 + e / DENSE_TILE, j = j0 + e % DENSE_TILE;
+            pb[q] = ib < kd && j < n ? src_b[(long long)ib * ldb + j] : 0.f;
         }
+    };
+    if (chunks > 0) load(0);
+    for (int c = 0; c < chunks; c++) {
+        for (int q = 0; q < 4; q++) {
+            const int e = tid + q * DENSE_THREADS;
+            ((float*)&As[e % DENSE_K][0])[e / DENSE_K] = pa[q];
+            ((float*)&Bs[e / DENSE_TILE][0])[e % DENSE_TILE] = pb[q];
+        }
+        __syncthreads();
+        if (c + 1 < chunks) load(c + 1);
+        for (int ii = 0; ii < DENSE_K; ii++) {
+            const float4 av = As[ii][ty], bv = Bs[ii][tx];
+            const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+            for (int p = 0; p < 4; p++)
+                for (int q = 0; q < 4; q++) acc[p][q] = fmaf(ar[p], br[q], acc[p][q]);
+        }
+        __syncthreads();
     }
     for (int p = 0; p < 4; p++) {
         const int r = r0 + ty * 4 + p;
