@@ -376,16 +376,7 @@ impl<T: Float> Ops<T> for CudaFwd {
                     small,
                     scale,
                 )?;
-                for (a, w) in &small_adds {
-                    dev.linear_small_add(
-                        &mut y,
-                        t.as_mut(),
-                        k,
-                        (&a.primal, a.tangent.as_ref()),
-                        (&w.primal, w.tangent.as_ref()),
-                        scale,
-                    )?;
-                }
+                add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
                 return Ok(CudaDual {
                     primal: y,
                     tangent: t,
@@ -409,16 +400,7 @@ impl<T: Float> Ops<T> for CudaFwd {
             )?;
         }
         let mut t = t;
-        for (a, w) in &small_adds {
-            dev.linear_small_add(
-                &mut y,
-                t.as_mut(),
-                k,
-                (&a.primal, a.tangent.as_ref()),
-                (&w.primal, w.tangent.as_ref()),
-                scale,
-            )?;
-        }
+        add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
         let Some(mut t) = t else {
             return Ok(CudaDual {
                 primal: y,
@@ -633,6 +615,30 @@ impl<T: Float> Ops<T> for CudaFwd {
     fn log_softmax(&mut self, x: &CudaDual) -> Result<CudaDual> {
         self.on_host(&[x], |e, v| e.log_softmax(&v[0]))
     }
+}
+
+/// Adds a linear op's terms with a few inner columns whose inputs have
+/// tangents (a plant's state feeding a network) to its output `y` and
+/// tangents `t`, one `linear_small_add` launch each.
+fn add_small_terms(
+    dev: &CudaDevice,
+    y: &mut DevTensor,
+    mut t: Option<&mut DevTensor>,
+    k: usize,
+    terms: &[(&CudaDual, &CudaDual)],
+    scale: f32,
+) -> Result<()> {
+    for (a, w) in terms {
+        dev.linear_small_add(
+            y,
+            t.as_deref_mut(),
+            k,
+            (&a.primal, a.tangent.as_ref()),
+            (&w.primal, w.tangent.as_ref()),
+            scale,
+        )?;
+    }
+    Ok(())
 }
 
 /// Checks that a device exists, for tests that need one: prints a notice
