@@ -2333,6 +2333,9 @@ impl CudaDevice {
         let ku = self.check_linear_terms(rows, n, k, bias, leak, small)?;
         let want_t = t.is_some();
         let tiles = rows.div_ceil(Self::DENSE_TILE) * n.div_ceil(Self::DENSE_TILE);
+        if tiles == 0 {
+            return Ok((y, t)); // nothing to write (and no launch dividing by 0 tiles)
+        }
         let blocks = tiles * if want_t { k + 1 } else { 1 };
         let int = |v: usize| i32::try_from(v).ok();
         let (Some(r32), Some(k32), Some(kd32), Some(n32), Some(_)) =
@@ -2383,7 +2386,7 @@ impl CudaDevice {
             .arg(&ku32)
             .arg(&flags);
         let cfg = LaunchConfig {
-            grid_dim: (blocks.max(1) as u32, 1, 1),
+            grid_dim: (blocks as u32, 1, 1),
             block_dim: (Self::DENSE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
