@@ -53,10 +53,11 @@ for c in ${GRAPH_TASKS:-reach2 kalman-long}; do
   SOFO_GPU_GRAPHS=1 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_graphs.jsonl"
 done
 
-echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and cuBLAS (SOFO_GPU_LINEAR=gemm), and always fused (=fused)"
-# the default (auto) fuses up to 128 inner columns: these runs say where the
-# fused kernel wins and where cuBLAS does
-for choice in gemm fused; do
+echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and cuBLAS (SOFO_GPU_LINEAR=gemm)"
+# the default (auto) fuses up to 128 inner columns: this says whether the
+# fused kernel wins there (LINEAR_CHOICES="gemm fused" also times it at
+# N = 400, where auto leaves the term to cuBLAS)
+for choice in ${LINEAR_CHOICES:-gemm}; do
   SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_linear_$choice.jsonl"
 done
 SOFO_GPU_LINEAR=gemm timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only reach2 2>&1 | tee -a "$OUT/sofo_linear_gemm.jsonl"
