@@ -558,12 +558,12 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
     // block's slot only: the whole block takes the same branches.
     const bool ph0 = value || (flags & DENSE_AT), ph1 = !value && (flags & DENSE_WT);
     const int per = (kd + DENSE_K - 1) / DENSE_K, chunks = (ph0 + ph1) * per;
-    // the elements of chunk c this thread stages (zero outside the
+    // the elements of a chunk this thread stages (zero outside the
     // operands), loaded into registers one chunk ahead: the next chunk's
     // loads are in flight while this one is multiplied
     float pa[4], pb[4];
-    auto load = [&](int c) {
-        const int ph = ph0 && ph1 ? c / per : (ph0 ? 0 : 1), i0 = (c % per) * DENSE_K;
+    auto load = [&](int chunk) {
+        const int ph = ph0 && ph1 ? chunk / per : (ph0 ? 0 : 1), i0 = (chunk % per) * DENSE_K;
         const bool tangent_a = !value && ph == 0;
         const float* src_a = tangent_a ? at : a;
         const float* src_b = ph == 0 ? w : wt + (long long)kk * n;
@@ -578,14 +578,14 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
         }
     };
     if (chunks > 0) load(0);
-    for (int c = 0; c < chunks; c++) {
+    for (int chunk = 0; chunk < chunks; chunk++) {
         for (int q = 0; q < 4; q++) {
             const int e = tid + q * DENSE_THREADS;
             ((float*)&As[e % DENSE_K][0])[e / DENSE_K] = pa[q];
             ((float*)&Bs[e / DENSE_TILE][0])[e % DENSE_TILE] = pb[q];
         }
         __syncthreads();
-        if (c + 1 < chunks) load(c + 1);
+        if (chunk + 1 < chunks) load(chunk + 1);
         for (int ii = 0; ii < DENSE_K; ii++) {
             const float4 av = As[ii][ty], bv = Bs[ii][tx];
             const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
