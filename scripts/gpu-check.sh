@@ -12,6 +12,15 @@
 # then PHASES=anchors; the table is printed after every call from whatever
 # $OUT holds by then. PHASES=profile (not in the default) runs
 # scripts/gpu-profile.sh: the kernels' device time per step.
+#
+# A dry run of the script itself on the fake GPU of the tests (no GPU; after
+# the agreement tests have built it): BENCH_STEPS=2 shortens every timed
+# trial, e.g.
+#   LD_LIBRARY_PATH=$PWD/target/tmp/fake_gpu_sofo BENCH_STEPS=2 BENCH_ONLY=rnn-n128 \
+#     GRAPH_TASKS= BASE_TASKS= LINEAR_TASKS= MEMORY_STEPS=2,4 RESULTS=/tmp/dry \
+#     PHASES=bench bash scripts/gpu-check.sh
+# (the baseline build, gpu/sofo-base, fails there: the fake GPU holds this
+# build's kernels, and a kernel whose arguments changed since reads garbage)
 set -u
 PHASES=${PHASES:-agree bench anchors}
 has() { [[ " $PHASES " == *" $1 "* ]]; }
@@ -43,14 +52,14 @@ fi
 
 if has bench; then
 echo "== sofo bench --device cuda"
-timeout 300 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
+timeout 300 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --json --iters 10 ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/sofo.jsonl"
 
 echo "== sofo bench --device cuda, SOFO with CUDA graphs (SOFO_GPU_GRAPHS=1)"
-SOFO_GPU_GRAPHS=1 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_graphs.jsonl"
+SOFO_GPU_GRAPHS=1 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_graphs.jsonl"
 # the arm and Kalman networks: ≈ 100 small launches per step, where graphs
 # should matter most (their passes are capturable since slices run on the device)
-for c in ${GRAPH_TASKS:-reach2 kalman-long}; do
-  SOFO_GPU_GRAPHS=1 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_graphs.jsonl"
+for c in ${GRAPH_TASKS-reach2 kalman-long}; do
+  SOFO_GPU_GRAPHS=1 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_graphs.jsonl"
 done
 
 echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and cuBLAS (SOFO_GPU_LINEAR=gemm)"
@@ -58,27 +67,29 @@ echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and 
 # fused kernel wins there (LINEAR_CHOICES="gemm fused" also times it at
 # N = 400, where auto leaves the term to cuBLAS)
 for choice in ${LINEAR_CHOICES:-gemm}; do
-  SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_linear_$choice.jsonl"
+  SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_linear_$choice.jsonl"
 done
-SOFO_GPU_LINEAR=gemm timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only reach2 2>&1 | tee -a "$OUT/sofo_linear_gemm.jsonl"
+for c in ${LINEAR_TASKS-reach2}; do
+  SOFO_GPU_LINEAR=gemm timeout 120 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_linear_gemm.jsonl"
+done
 
 echo "== sofo bench --device cuda --method pass (the forward-K pass and its sketch alone: the rest of an iteration is the difference)"
-timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --method pass --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_pass.jsonl"
+timeout 120 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method pass --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_pass.jsonl"
 
 if [ -x $G/sofo-base ]; then
 echo "== the same SOFO bench with the baseline build $(cat $G/BASE 2>/dev/null) (scripts/gpu-prepare.sh BASE=...)"
-timeout 150 $G/sofo-base bench --device ${DEVICE:-cuda} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_base.jsonl"
+timeout 150 $G/sofo-base bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_base.jsonl"
 # the arm's step as one kernel (reach2) against the baseline's ≈ 45 launches
-for c in ${BASE_TASKS:-reach2}; do
-  timeout 120 $G/sofo-base bench --device ${DEVICE:-cuda} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_base.jsonl"
+for c in ${BASE_TASKS-reach2}; do
+  timeout 120 $G/sofo-base bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_base.jsonl"
 done
 fi
 
 echo "== sofo bench --device cuda --gpu-matmul tf32 (SOFO; TF32 GEMMs as JAX's default)"
-timeout 150 $G/sofo bench --device ${DEVICE:-cuda} --gpu-matmul tf32 --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_tf32.jsonl"
+timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --gpu-matmul tf32 --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_tf32.jsonl"
 
 echo "== memory against T (rate RNN N=128 M=64 K=64)"
-timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 2 --only rnn-n128 --steps 32,256,1024,4096,16384 2>&1 | tee "$OUT/sofo_memory.jsonl"
+timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 2 --only rnn-n128 --steps ${MEMORY_STEPS:-32,256,1024,4096,16384} 2>&1 | tee "$OUT/sofo_memory.jsonl"
 
 fi
 
