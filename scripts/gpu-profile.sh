@@ -20,7 +20,7 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/
 echo "ncu: $NCU"
 # the pass alone (no warm-up iterations beyond bench's own), STEPS steps;
 # skip the set-up launches (tangent draw, parameter gathers) and the first
-# steps, then time COUNT launches (a step is 4 kernels with the hidden layer
+# steps, then time COUNT launches (a step is 3 kernels with the hidden layer
 # in linear_dense; 4 kernels and 3 GEMMs with SOFO_GPU_LINEAR=gemm), once per
 # choice in LINEARS (default: auto, then gemm: which of the two is faster)
 for choice in ${LINEARS:-auto gemm}; do
@@ -44,8 +44,9 @@ for r in rows[1:]:
         name = r[k][:70]
         tot[name] += float(r[v].replace(",", ""))
         n[name] += 1
-# φ with φ′⊙ẋ runs once per step of the rate RNN: the steps covered
-steps = max(n.get(next((x for x in n if x.startswith("unary_tangent")), ""), 0), 1)
+# the hidden layer runs once per step of the rate RNN (linear_dense, or,
+# with its dense term on cuBLAS, φ with φ′⊙ẋ first): the steps covered
+steps = max([v for x, v in n.items() if x.startswith(("linear_dense", "unary_tangent"))] + [1])
 print(f"| kernel | launches | mean µs | µs per step ({steps} steps) |")
 print("|---|---|---|---|")
 for name, t in tot.most_common():

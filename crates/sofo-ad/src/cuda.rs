@@ -110,7 +110,9 @@ impl CudaFwd {
 
     /// A linear op with at most [`CudaDevice::NARROW`] output columns (a
     /// readout): one `linear_narrow` launch per term, the first writing the
-    /// output with its bias (unless a leak term needs `linear_init` first).
+    /// output with its bias (unless a leak term needs `linear_init` first);
+    /// `act` applies to the first term's input.
+    #[allow(clippy::too_many_arguments)]
     fn narrow_linear(
         &self,
         out_shape: &[usize],
@@ -119,6 +121,7 @@ impl CudaFwd {
         scale: f32,
         terms: &[(&CudaDual, &CudaDual)],
         bias: Option<&CudaDual>,
+        act: Option<(UnaryCode, f32)>,
     ) -> Result<CudaDual> {
         let dev = &self.dev;
         let bias = bias.map(|b| (&b.primal, b.tangent.as_ref()));
@@ -153,11 +156,183 @@ impl CudaFwd {
                 (&w.primal, w.tangent.as_ref()),
                 out,
                 scale,
+                if i == 0 { act } else { None },
             )?;
         }
         Ok(CudaDual {
             primal: y,
             tangent: t,
+        })
+    }
+
+    /// Whether the first term of a linear op with `terms` goes through a
+    /// kernel that can apply an activation to its input as it reads it: the
+    /// narrow kernel (every term's weights a matrix, at most
+    /// [`CudaDevice::NARROW`] output columns) or `linear_dense` (the first
+    /// term the only one with more than [`CudaDevice::SMALL_TERM`] inner
+    /// columns, fused at its size) — the paths [`CudaFwd::linear_f32`]
+    /// takes.
+    fn reads_first_term_on_the_fly(&self, terms: &[(&CudaDual, &CudaDual)]) -> bool {
+        let Some((_, w0)) = terms.first() else {
+            return false;
+        };
+        let matrices = terms.iter().all(|(_, w)| w.primal.shape().len() == 2);
+        if !matrices {
+            return false;
+        }
+        let (kd, n) = (w0.primal.shape()[0], w0.primal.shape()[1]);
+        let dense = |w: &&CudaDual| w.primal.shape()[0] > CudaDevice::SMALL_TERM;
+        n <= CudaDevice::NARROW
+            || (dense(w0) && terms[1..].iter().all(|(_, w)| !dense(w)) && self.dev.fuses_linear(kd))
+    }
+
+    /// `linear` in f32, with the first term's input read as f(a) where
+    /// `act` is given (only on the paths of
+    /// [`CudaFwd::reads_first_term_on_the_fly`]).
+    fn linear_f32(
+        &mut self,
+        leak: Option<(&CudaDual, f32)>,
+        scale: f32,
+        terms: &[(&CudaDual, &CudaDual)],
+        bias: Option<&CudaDual>,
+        act: Option<(UnaryCode, f32)>,
+    ) -> Result<CudaDual> {
+        let shapes: Vec<(&[usize], &[usize])> = terms
+            .iter()
+            .map(|(a, w)| (a.primal.shape(), w.primal.shape()))
+            .collect();
+        let (out_shape, rows, n) = linear_shapes(
+            &shapes,
+            bias.map(|b| b.primal.shape()),
+            leak.map(|(x, _)| x.primal.shape()),
+        )?;
+        let dev = self.dev.clone();
+        let any_tangent = terms
+            .iter()
+            .any(|(a, w)| a.tangent.is_some() || w.tangent.is_some())
+            || bias.is_some_and(|b| b.tangent.is_some())
+            || leak.is_some_and(|(x, _)| x.tangent.is_some());
+        let k = self.k;
+        let want_k = (any_tangent && k > 0).then_some(k);
+        if n <= CudaDevice::NARROW
+            && !terms.is_empty()
+            && terms.iter().all(|(_, w)| w.primal.shape().len() == 2)
+        {
+            return self.narrow_linear(&out_shape, want_k, leak, scale, terms, bias, act);
+        }
+        // a term with a few columns and no tangents (a network's input) is
+        // folded into the first launch instead of two GEMMs that would each
+        // read and write the whole output for a rank-few update
+        let small = terms.iter().position(|(a, w)| {
+            a.tangent.is_none()
+                && w.primal.shape().len() == 2
+                && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
+                && a.primal.shape().last() == Some(&w.primal.shape()[0])
+        });
+        // the other terms with a few columns (a plant's state feeding the
+        // network: they have tangents) in one launch each; the rest as GEMMs
+        let is_small = |w: &CudaDual| {
+            w.primal.shape().len() == 2 && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
+        };
+        let terms_all = terms;
+        let (small_adds, terms): (Vec<_>, Vec<_>) = terms
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != small)
+            .map(|(_, t)| t)
+            .partition(|(_, w)| is_small(w));
+        let bias = bias.map(|b| (&b.primal, b.tangent.as_ref()));
+        let leak = leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c));
+        let small = small.map(|i| {
+            (
+                &terms_all[i].0.primal,
+                &terms_all[i].1.primal,
+                terms_all[i].1.tangent.as_ref(),
+            )
+        });
+        // one dense term (a recurrence's r · W) whose inner dimension the
+        // fused kernel serves: value, tangents and everything linear_init
+        // folds in, in one launch
+        if let [(a, w)] = terms.as_slice() {
+            if w.primal.shape().len() == 2 && dev.fuses_linear(w.primal.shape()[0]) {
+                // an activation is the first term's (and then it is this one)
+                debug_assert!(act.is_none() || std::ptr::eq(*a, terms_all[0].0));
+                let (mut y, mut t) = dev.linear_dense(
+                    &out_shape,
+                    want_k,
+                    (&a.primal, a.tangent.as_ref()),
+                    act,
+                    (&w.primal, w.tangent.as_ref()),
+                    bias,
+                    leak,
+                    small,
+                    scale,
+                )?;
+                add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
+                return Ok(CudaDual {
+                    primal: y,
+                    tangent: t,
+                });
+            }
+        }
+        // bias, leak and the small term (primal and tangents) in one launch,
+        // then the GEMMs (never with an activation: see
+        // reads_first_term_on_the_fly)
+        debug_assert!(act.is_none());
+        let (mut y, t) = dev.linear_init(&out_shape, want_k, bias, leak, small, scale)?;
+        for (a, w) in &terms {
+            let kd = w.primal.shape()[0];
+            dev.gemm(
+                rows,
+                n,
+                kd,
+                &a.primal.slice().slice(..),
+                &w.primal.slice().slice(..),
+                &mut y.slice_mut().slice_mut(..),
+                scale,
+                1.0,
+            )?;
+        }
+        let mut t = t;
+        add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
+        let Some(mut t) = t else {
+            return Ok(CudaDual {
+                primal: y,
+                tangent: None,
+            });
+        };
+        for (a, w) in &terms {
+            let kd = w.primal.shape()[0];
+            if let Some(at) = &a.tangent {
+                // ȧ · W over all rows·K rows
+                dev.gemm(
+                    rows * k,
+                    n,
+                    kd,
+                    &at.slice().slice(..),
+                    &w.primal.slice().slice(..),
+                    &mut t.slice_mut().slice_mut(..),
+                    scale,
+                    1.0,
+                )?;
+            }
+            if let Some(wt) = &w.tangent {
+                // a · [ẇ_1 … ẇ_K], already in the output's layout
+                dev.gemm(
+                    rows,
+                    k * n,
+                    kd,
+                    &a.primal.slice().slice(..),
+                    &wt.slice().slice(..),
+                    &mut t.slice_mut().slice_mut(..),
+                    scale,
+                    1.0,
+                )?;
+            }
+        }
+        Ok(CudaDual {
+            primal: y,
+            tangent: Some(t),
         })
     }
 
@@ -306,140 +481,36 @@ impl<T: Float> Ops<T> for CudaFwd {
         terms: &[(&CudaDual, &CudaDual)],
         bias: Option<&CudaDual>,
     ) -> Result<CudaDual> {
-        let scale = scale.to_f64() as f32;
         let leak = leak.map(|(x, c)| (x, c.to_f64() as f32));
-        let shapes: Vec<(&[usize], &[usize])> = terms
-            .iter()
-            .map(|(a, w)| (a.primal.shape(), w.primal.shape()))
-            .collect();
-        let (out_shape, rows, n) = linear_shapes(
-            &shapes,
-            bias.map(|b| b.primal.shape()),
-            leak.map(|(x, _)| x.primal.shape()),
-        )?;
-        let dev = self.dev.clone();
-        let any_tangent = terms
-            .iter()
-            .any(|(a, w)| a.tangent.is_some() || w.tangent.is_some())
-            || bias.is_some_and(|b| b.tangent.is_some())
-            || leak.is_some_and(|(x, _)| x.tangent.is_some());
-        let k = self.k;
-        let want_k = (any_tangent && k > 0).then_some(k);
-        if n <= CudaDevice::NARROW
-            && !terms.is_empty()
-            && terms.iter().all(|(_, w)| w.primal.shape().len() == 2)
-        {
-            return self.narrow_linear(&out_shape, want_k, leak, scale, terms, bias);
+        self.linear_f32(leak, scale.to_f64() as f32, terms, bias, None)
+    }
+
+    /// f(x) read by the kernel of the term's path where that is the narrow
+    /// kernel (a readout) or `linear_dense` (a recurrence's one dense term);
+    /// else `unary` then `linear`.
+    fn linear_of_unary(
+        &mut self,
+        leak: Option<(&CudaDual, T)>,
+        scale: T,
+        first: (&CudaDual, Unary, &CudaDual),
+        terms: &[(&CudaDual, &CudaDual)],
+        bias: Option<&CudaDual>,
+    ) -> Result<CudaDual> {
+        let (x, op, w) = first;
+        let mut all = Vec::with_capacity(terms.len() + 1);
+        all.push((x, w));
+        all.extend_from_slice(terms);
+        if !self.reads_first_term_on_the_fly(&all) {
+            let fx = Ops::<T>::unary(self, x, op)?;
+            all[0] = (&fx, w);
+            return Ops::<T>::linear(self, leak, scale, &all, bias);
         }
-        // a term with a few columns and no tangents (a network's input) is
-        // folded into the first launch instead of two GEMMs that would each
-        // read and write the whole output for a rank-few update
-        let small = terms.iter().position(|(a, w)| {
-            a.tangent.is_none()
-                && w.primal.shape().len() == 2
-                && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
-                && a.primal.shape().last() == Some(&w.primal.shape()[0])
-        });
-        // the other terms with a few columns (a plant's state feeding the
-        // network: they have tangents) in one launch each; the rest as GEMMs
-        let is_small = |w: &CudaDual| {
-            w.primal.shape().len() == 2 && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
-        };
-        let terms_all = terms;
-        let (small_adds, terms): (Vec<_>, Vec<_>) = terms
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| Some(*i) != small)
-            .map(|(_, t)| t)
-            .partition(|(_, w)| is_small(w));
-        let bias = bias.map(|b| (&b.primal, b.tangent.as_ref()));
-        let leak = leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c));
-        let small = small.map(|i| {
-            (
-                &terms_all[i].0.primal,
-                &terms_all[i].1.primal,
-                terms_all[i].1.tangent.as_ref(),
-            )
-        });
-        // one dense term (a recurrence's r · W) whose inner dimension the
-        // fused kernel serves: value, tangents and everything linear_init
-        // folds in, in one launch
-        if let [(a, w)] = terms.as_slice() {
-            if w.primal.shape().len() == 2 && dev.fuses_linear(w.primal.shape()[0]) {
-                let (mut y, mut t) = dev.linear_dense(
-                    &out_shape,
-                    want_k,
-                    (&a.primal, a.tangent.as_ref()),
-                    (&w.primal, w.tangent.as_ref()),
-                    bias,
-                    leak,
-                    small,
-                    scale,
-                )?;
-                add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
-                return Ok(CudaDual {
-                    primal: y,
-                    tangent: t,
-                });
-            }
-        }
-        // bias, leak and the small term (primal and tangents) in one launch,
-        // then the GEMMs
-        let (mut y, t) = dev.linear_init(&out_shape, want_k, bias, leak, small, scale)?;
-        for (a, w) in &terms {
-            let kd = w.primal.shape()[0];
-            dev.gemm(
-                rows,
-                n,
-                kd,
-                &a.primal.slice().slice(..),
-                &w.primal.slice().slice(..),
-                &mut y.slice_mut().slice_mut(..),
-                scale,
-                1.0,
-            )?;
-        }
-        let mut t = t;
-        add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
-        let Some(mut t) = t else {
-            return Ok(CudaDual {
-                primal: y,
-                tangent: None,
-            });
-        };
-        for (a, w) in &terms {
-            let kd = w.primal.shape()[0];
-            if let Some(at) = &a.tangent {
-                // ȧ · W over all rows·K rows
-                dev.gemm(
-                    rows * k,
-                    n,
-                    kd,
-                    &at.slice().slice(..),
-                    &w.primal.slice().slice(..),
-                    &mut t.slice_mut().slice_mut(..),
-                    scale,
-                    1.0,
-                )?;
-            }
-            if let Some(wt) = &w.tangent {
-                // a · [ẇ_1 … ẇ_K], already in the output's layout
-                dev.gemm(
-                    rows,
-                    k * n,
-                    kd,
-                    &a.primal.slice().slice(..),
-                    &wt.slice().slice(..),
-                    &mut t.slice_mut().slice_mut(..),
-                    scale,
-                    1.0,
-                )?;
-            }
-        }
-        Ok(CudaDual {
-            primal: y,
-            tangent: Some(t),
-        })
+        let leak = leak.map(|(x, c)| (x, c.to_f64() as f32));
+        self.linear_f32(leak, scale.to_f64() as f32, &all, bias, Some(code(op)))
+    }
+
+    fn fuses_unary_into_linear(&self) -> bool {
+        true
     }
 
     fn sum(&mut self, x: &CudaDual, axes: &[usize]) -> Result<CudaDual> {

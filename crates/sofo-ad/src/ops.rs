@@ -197,6 +197,36 @@ pub trait Ops<T: Float> {
         bias: Option<&Self::V>,
     ) -> Result<Self::V>;
 
+    /// `linear` whose first term's input is `f(x)`: `leak_c · l + scale ·
+    /// (f(x) · W + Σ_i a_i · W_i + bias)` for `first = (x, f, W)` (a rate
+    /// network's φ(x) · W, its readout φ(x) · C). By default `unary` then
+    /// `linear`, exactly. An engine that says so with
+    /// [`Ops::fuses_unary_into_linear`] applies f (and f′ to the tangents)
+    /// as it reads x, so that f(x) and its tangents are never stored.
+    fn linear_of_unary(
+        &mut self,
+        leak: Option<(&Self::V, T)>,
+        scale: T,
+        first: (&Self::V, Unary, &Self::V),
+        terms: &[(&Self::V, &Self::V)],
+        bias: Option<&Self::V>,
+    ) -> Result<Self::V> {
+        let (x, op, w) = first;
+        let fx = self.unary(x, op)?;
+        let mut all = Vec::with_capacity(terms.len() + 1);
+        all.push((&fx, w));
+        all.extend_from_slice(terms);
+        self.linear(leak, scale, &all, bias)
+    }
+
+    /// Whether [`Ops::linear_of_unary`] reads f(x) on the fly instead of
+    /// computing and storing it: then a model that uses f(x) in several
+    /// linear ops should pass x to each rather than compute f(x) once.
+    /// False by default (computing f(x) once is cheaper there).
+    fn fuses_unary_into_linear(&self) -> bool {
+        false
+    }
+
     /// `f(x) ⊙ c` for a value `c` of x's shape (a noise mask): by default
     /// `unary` then `mul`, exactly; an engine on a device may fuse the two
     /// where `c` is a constant.

@@ -640,6 +640,9 @@ fn linear_narrow_matches_its_rule() {
         i32,
         i32,
         i32,
+        i32,
+        i32,
+        f32,
     );
     let narrow = emu.kernel::<Narrow>("linear_narrow");
     // K = 11 tangents; inner dimensions of 9 (rows read as float4 where they
@@ -660,7 +663,17 @@ fn linear_narrow_matches_its_rule() {
         // what a previous term left in the outputs (added to unless init)
         let y0 = randn(&[rows, n], 9, 7);
         let t0 = randn(&[rows, k, n], 9, 8);
-        for flags in 0..64u32 {
+        // the term's input read as is, or as tanh(a) with tangents
+        // tanh′(a) ⊙ at (a readout of rates read from the pre-activation)
+        for (flags, act) in (0..64u32).flat_map(|f| [(f, false), (f, true)]) {
+            let fa = |v: f32| if act { (v as f64).tanh() } else { v as f64 };
+            let da = |v: f32| {
+                if act {
+                    1.0 - (v as f64).tanh().powi(2)
+                } else {
+                    1.0
+                }
+            };
             let f = |bit: u32| (flags >> bit & 1) as i32;
             let (want_t, has_at, has_wt, has_b, has_bt, init) =
                 (f(0), f(1), f(2), f(3), f(4) & f(3), f(5));
@@ -671,7 +684,7 @@ fn linear_narrow_matches_its_rule() {
                 .map(|i| {
                     let (r, o) = (i / n, i % n);
                     let mut v: f64 = (0..kd)
-                        .map(|q| a.data()[r * kd + q] as f64 * w.data()[q * n + o] as f64)
+                        .map(|q| fa(a.data()[r * kd + q]) * w.data()[q * n + o] as f64)
                         .sum();
                     if has_b == 1 {
                         v += b.data()[o] as f64;
@@ -689,13 +702,14 @@ fn linear_narrow_matches_its_rule() {
                     let (r, kk, o) = (i / (k * n), i / n % k, i % n);
                     let mut v = 0f64;
                     for q in 0..kd {
+                        let aq = a.data()[r * kd + q];
                         if has_at == 1 {
-                            v += at.data()[(r * k + kk) * kd + q] as f64
+                            v += da(aq)
+                                * at.data()[(r * k + kk) * kd + q] as f64
                                 * w.data()[q * n + o] as f64;
                         }
                         if has_wt == 1 {
-                            v += a.data()[r * kd + q] as f64
-                                * wt.data()[(q * k + kk) * n + o] as f64;
+                            v += fa(aq) * wt.data()[(q * k + kk) * n + o] as f64;
                         }
                     }
                     if has_bt == 1 {
@@ -741,9 +755,13 @@ fn linear_narrow_matches_its_rule() {
                         has_b,
                         has_bt,
                         init,
+                        act as i32,
+                        code(Unary::Tanh).0 as i32,
+                        0.0,
                     )
                 });
-                let what = format!("linear_narrow kd = {kd}, n = {n}, flags {flags:06b}");
+                let what =
+                    format!("linear_narrow kd = {kd}, n = {n}, flags {flags:06b}, tanh {act}");
                 close(&y_want, &y, &format!("{what}: primal"));
                 if want_t == 1 {
                     close(&t_want, &t, &format!("{what}: tangents"));

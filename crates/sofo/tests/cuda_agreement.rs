@@ -428,6 +428,73 @@ fn dense_linear_agrees_with_the_cpu() {
     dev.set_dense_linear(DenseLinear::Auto);
 }
 
+/// `linear_of_unary` (a linear op of φ(x), φ′(x) ⊙ ẋ read from x by the
+/// kernel) gives the CPU's numbers — the default there, `unary` then
+/// `linear` — through each path: the narrow kernel (3 output columns), the
+/// fused dense kernel (with an input term, a leak, a partial tile), and the
+/// fallback where the kernel cannot read f(x) (the dense term on cuBLAS; a
+/// second dense term), every tangent of x and w present or not, for tanh,
+/// relu and softplus.
+#[test]
+fn linear_of_unary_agrees_with_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("linear_of_unary_agrees_with_the_cpu") else {
+        return;
+    };
+    let k = 3;
+    let mut c = Fwd::new(k);
+    let mut g = CudaFwd::new(dev.clone(), k);
+    assert!(Ops::<f32>::fuses_unary_into_linear(&g));
+    let (rows, kd) = (70, 21);
+    for (dense, n, second) in [
+        (DenseLinear::Auto, 3, false),
+        (DenseLinear::Auto, 67, false),
+        (DenseLinear::Gemm, 67, false),
+        (DenseLinear::Auto, 67, true),
+    ] {
+        dev.set_dense_linear(dense);
+        for (op, mask, leak) in [Unary::Tanh, Unary::Relu, Unary::Softplus]
+            .into_iter()
+            .flat_map(|op| (0..4u32).map(move |m| (op, m)))
+            .flat_map(|(op, m)| [false, true].map(|l| (op, m, l)))
+        {
+            let x = dual(&[rows, kd], k, 60, mask & 1 != 0);
+            let w = dual(&[kd, n], k, 61, mask & 2 != 0);
+            let u = dual(&[rows, 2], k, 62, false);
+            let wu = dual(&[2, n], k, 63, true);
+            let a2 = dual(&[rows, 12], k, 64, true);
+            let w2 = dual(&[12, n], k, 65, true);
+            let b = dual(&[n], k, 66, true);
+            let l = dual(&[rows, n], k, 67, true);
+            let mut rest = vec![(&u, &wu)];
+            if second {
+                rest.push((&a2, &w2));
+            }
+            let leak_of = |l| leak.then_some((l, 0.9f32));
+            let cpu = c
+                .linear_of_unary(leak_of(&l), 0.1, (&x, op, &w), &rest, Some(&b))
+                .unwrap();
+            let gpu = on_gpu(&mut g, &[&x, &w, &u, &wu, &a2, &w2, &b, &l], |g, v| {
+                let mut rest = vec![(&v[2], &v[3])];
+                if second {
+                    rest.push((&v[4], &v[5]));
+                }
+                let leak = leak.then_some((&v[7], 0.9f32));
+                g.linear_of_unary(leak, 0.1, (&v[0], op, &v[1]), &rest, Some(&v[6]))
+            });
+            same(
+                &cpu,
+                &gpu,
+                &format!(
+                    "{dense:?} {op:?}(x [{rows}, {kd}]) · [{kd}, {n}], second dense term \
+                     {second}, leak {leak}, tangent mask {mask:02b}"
+                ),
+            );
+        }
+    }
+    dev.set_dense_linear(DenseLinear::Auto);
+}
+
 fn rnn_case(act: Activation) -> (RateRnn, ParamSet<f32>, Batch<f32>) {
     let model = RateRnn {
         n: 48,
@@ -898,12 +965,13 @@ fn counted_batch(t: usize) -> Batch<f32> {
 
 /// The device calls of one time step of the rate RNN's SOFO pass, counted
 /// on the fake GPU (the difference between T = 138 and T = 10, over 128
-/// steps): 4 kernels — the hidden layer's `linear_dense` (r·W, ṙ·W + r·Ẇ,
-/// the bias, the leak and the input terms u·B and u·Ḃ, value and tangents);
-/// φ with φ′⊙ẋ; the readout, y = r·C + d with its tangents ṙ·C + r·Ċ + ḋ,
-/// a narrow output; the sketch's scaled rows — and no GEMM, where the
-/// hidden layer was `linear_init` and 3 GEMMs (r·W, ṙ·W, r·Ẇ) before, as it
-/// still is with SOFO_GPU_LINEAR=gemm; the inputs and targets uploaded once
+/// steps): 3 kernels — the hidden layer's `linear_dense` (r·W, ṙ·W + r·Ẇ
+/// with r = φ(x) and ṙ = φ′(x)⊙ẋ read from x, the bias, the leak and the
+/// input terms u·B and u·Ḃ, value and tangents); the readout, y = r·C + d
+/// with its tangents ṙ·C + r·Ċ + ḋ, a narrow output, r again read from x;
+/// the sketch's scaled rows — and no GEMM. With SOFO_GPU_LINEAR=gemm the
+/// hidden layer is φ with φ′⊙ẋ, `linear_init` and 3 GEMMs (r·W, ṙ·W, r·Ẇ),
+/// as it was before `linear_dense`: 4 kernels and 3 GEMMs. The inputs and targets uploaded once
 /// per 64 steps (two chunks of each more) instead of once per step — and
 /// none at all when the pass is replayed as a CUDA graph: a replayed
 /// iteration makes the same calls at T = 10 and T = 138.
@@ -941,11 +1009,15 @@ fn device_calls_per_time_step() {
         std::array::from_fn::<u64, 7, _>(|i| after[i] - before[i])
     };
     drop(dev);
-    for (dense, gemms) in [(DenseLinear::Auto, 0), (DenseLinear::Gemm, 3)] {
+    for (dense, kernels, gemms) in [(DenseLinear::Auto, 3, 0), (DenseLinear::Gemm, 4, 3)] {
         let (short, long) = (calls(10, false, 0, dense), calls(138, false, 0, dense));
         let more: Vec<u64> = (0..7).map(|i| long[i] - short[i]).collect();
         eprintln!("device calls of 128 more steps ({dense:?}): {more:?} (kernels, GEMMs, uploads, downloads, copies, memsets, graphs)");
-        assert_eq!(more, [4 * 128, gemms * 128, 2 * 2, 0, 0, 0, 0], "{dense:?}");
+        assert_eq!(
+            more,
+            [kernels * 128, gemms * 128, 2 * 2, 0, 0, 0, 0],
+            "{dense:?}"
+        );
     }
     // replayed (the third iteration: recorded, captured, replayed): the
     // same calls whatever T, one graph launch among them

@@ -27,6 +27,33 @@ use rayon::prelude::*;
 use sofo_ad::{Dual, Fwd, Ops, Rev, Var};
 use sofo_tensor::{parallel, rng, Float, Tensor};
 
+/// `leak + scale · (φ(x) · w + Σ rest + bias)` for `rates = (x, φ, r)`:
+/// from `r = φ(x)` where the model computed it, else from x itself through
+/// [`Ops::linear_of_unary`] (an engine that applies φ as it reads x and
+/// says so with [`Ops::fuses_unary_into_linear`]; φ(x)'s tangents are then
+/// never stored). The terms are in the same order either way.
+#[allow(clippy::type_complexity)]
+pub(crate) fn linear_of_rates<T: Float, E: Ops<T>>(
+    e: &mut E,
+    rates: (&E::V, sofo_ad::Unary, Option<&E::V>),
+    leak: Option<(&E::V, T)>,
+    scale: T,
+    w: &E::V,
+    rest: &[(&E::V, &E::V)],
+    bias: Option<&E::V>,
+) -> Result<E::V> {
+    let (x, phi, r) = rates;
+    Ok(match r {
+        Some(r) => {
+            let mut terms = Vec::with_capacity(rest.len() + 1);
+            terms.push((r, w));
+            terms.extend_from_slice(rest);
+            e.linear(leak, scale, &terms, bias)?
+        }
+        None => e.linear_of_unary(leak, scale, (x, phi, w), rest, bias)?,
+    })
+}
+
 /// A batch of trials for a sequence model.
 #[derive(Debug, Clone)]
 pub struct Batch<T: Float> {

@@ -4,7 +4,7 @@
 //! and, when learned, `x0` [N].
 
 use super::init::{check_rnn, param, rnn_weights};
-use super::{Batch, Model, Trials};
+use super::{linear_of_rates, Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::ParamSet;
 use crate::{Error, Result};
@@ -111,21 +111,21 @@ impl<T: Float> Model<T> for RateRnn {
             e.constant(Tensor::zeros(&[m, self.n]))?
         };
         let phi = self.activation.op();
-        let mut r = e.unary(&x, phi)?;
+        // r = φ(x) for the two linear ops that read it: computed once, or,
+        // where the engine applies φ as it reads x, never stored
+        let fused = e.fuses_unary_into_linear();
+        let mut r = if fused { None } else { Some(e.unary(&x, phi)?) };
         for t in 0..batch.steps() {
-            let drive = match batch.input_on(e, t)? {
-                Some(ut) => e.linear(
-                    Some((&x, T::one() - a)),
-                    a,
-                    &[(&r, wt), (&ut, bt)],
-                    Some(&p[2]),
-                )?,
-                None => e.linear(Some((&x, T::one() - a)), a, &[(&r, wt)], Some(&p[2]))?,
-            };
-            x = drive;
-            r = e.unary(&x, phi)?;
+            let ut = batch.input_on(e, t)?;
+            let input: Vec<(&E::V, &E::V)> = ut.iter().map(|u| (u, bt)).collect();
+            let leak = Some((&x, T::one() - a));
+            x = linear_of_rates(e, (&x, phi, r.as_ref()), leak, a, wt, &input, Some(&p[2]))?;
+            if !fused {
+                r = Some(e.unary(&x, phi)?);
+            }
             if batch.observed(t) {
-                let y = e.linear(None, T::one(), &[(&r, ct)], Some(&p[4]))?;
+                let rates = (&x, phi, r.as_ref());
+                let y = linear_of_rates(e, rates, None, T::one(), ct, &[], Some(&p[4]))?;
                 obs.observe(e, &y, &batch.step_loss(t)?)?;
             }
         }
