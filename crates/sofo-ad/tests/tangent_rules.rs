@@ -1720,3 +1720,49 @@ fn matmul_with_empty_inner_dimension_is_zero() {
         }
     }
 }
+
+/// `linear_of_unary` is `unary` then `linear` on the host engines, value and
+/// tangents bit for bit (the rate RNN relies on it: an engine that applies
+/// f as it reads x must give these numbers, and the CPU takes this path
+/// only when an engine asks for it), and its tangents match finite
+/// differences, each input with tangents or without.
+#[test]
+fn linear_of_unary_is_unary_then_linear() {
+    let mut rng = Rng::new(503);
+    let mut e = Fwd::new(K);
+    assert!(!Ops::<f64>::fuses_unary_into_linear(&e));
+    let mut d = |s: &[usize]| rand_dual(&mut rng, &Fwd::new(K), s);
+    let (x, w, u, wu, b, l) = (
+        d(&[3, 4]),
+        d(&[4, 5]),
+        d(&[3, 2]),
+        d(&[2, 5]),
+        d(&[5]),
+        d(&[3, 5]),
+    );
+    for op in [Unary::Tanh, Unary::Relu, Unary::Softplus] {
+        let fused = e
+            .linear_of_unary(Some((&l, 0.9)), 0.1, (&x, op, &w), &[(&u, &wu)], Some(&b))
+            .unwrap();
+        let fx = e.unary(&x, op).unwrap();
+        let plain = e
+            .linear(Some((&l, 0.9)), 0.1, &[(&fx, &w), (&u, &wu)], Some(&b))
+            .unwrap();
+        assert_eq!(fused.primal.data(), plain.primal.data(), "{op:?}: values");
+        assert_eq!(
+            fused.tangent.as_ref().unwrap().data(),
+            plain.tangent.as_ref().unwrap().data(),
+            "{op:?}: tangents"
+        );
+    }
+    let inputs: Vec<Tensor<f64>> = [x, w, u, wu].into_iter().map(|v| v.primal).collect();
+    check_all_subsets("linear_of_unary", &inputs, 504, |e, v| {
+        e.linear_of_unary(
+            None,
+            0.7,
+            (&v[0], Unary::Tanh, &v[1]),
+            &[(&v[2], &v[3])],
+            None,
+        )
+    });
+}
