@@ -20,7 +20,8 @@ use crate::ops::{Binary, Ops, Unary};
 use crate::pointwise::{Pointwise, Step};
 use crate::{Dual, Fwd};
 use sofo_tensor::cuda::{
-    BinaryCode, BlockStager, CudaDevice, DevTensor, NarrowOut, ProgramWords, UnaryCode,
+    BinaryCode, BlockStager, CudaDevice, DevTensor, NarrowOut, ProgramWords, TermActivation,
+    UnaryCode,
 };
 use sofo_tensor::{Float, Result, Tensor};
 use std::sync::Arc;
@@ -121,7 +122,7 @@ impl CudaFwd {
         scale: f32,
         terms: &[(&CudaDual, &CudaDual)],
         bias: Option<&CudaDual>,
-        act: Option<(UnaryCode, f32)>,
+        act: Option<TermActivation<'_>>,
     ) -> Result<CudaDual> {
         let dev = &self.dev;
         let bias = bias.map(|b| (&b.primal, b.tangent.as_ref()));
@@ -195,7 +196,7 @@ impl CudaFwd {
         scale: f32,
         terms: &[(&CudaDual, &CudaDual)],
         bias: Option<&CudaDual>,
-        act: Option<(UnaryCode, f32)>,
+        act: Option<TermActivation<'_>>,
     ) -> Result<CudaDual> {
         let shapes: Vec<(&[usize], &[usize])> = terms
             .iter()
@@ -485,28 +486,40 @@ impl<T: Float> Ops<T> for CudaFwd {
         self.linear_f32(leak, scale.to_f64() as f32, terms, bias, None)
     }
 
-    /// f(x) read by the kernel of the term's path where that is the narrow
-    /// kernel (a readout) or `linear_dense` (a recurrence's one dense term);
-    /// else `unary` then `linear`.
+    /// f(x) (⊙ c) read by the kernel of the term's path where that is the
+    /// narrow kernel (a readout) or `linear_dense` (a recurrence's one dense
+    /// term) and c, if any, a constant of x's shape; else `unary` (or
+    /// `unary_mul`) then `linear`.
     fn linear_of_unary(
         &mut self,
         leak: Option<(&CudaDual, T)>,
         scale: T,
-        first: (&CudaDual, Unary, &CudaDual),
+        first: (&CudaDual, Unary, Option<&CudaDual>, &CudaDual),
         terms: &[(&CudaDual, &CudaDual)],
         bias: Option<&CudaDual>,
     ) -> Result<CudaDual> {
-        let (x, op, w) = first;
+        let (x, op, c, w) = first;
         let mut all = Vec::with_capacity(terms.len() + 1);
         all.push((x, w));
         all.extend_from_slice(terms);
-        if !self.reads_first_term_on_the_fly(&all) {
-            let fx = Ops::<T>::unary(self, x, op)?;
+        let constant_factor =
+            c.is_none_or(|c| c.tangent.is_none() && c.primal.shape() == x.primal.shape());
+        if !constant_factor || !self.reads_first_term_on_the_fly(&all) {
+            let fx = match c {
+                Some(c) => Ops::<T>::unary_mul(self, x, op, c)?,
+                None => Ops::<T>::unary(self, x, op)?,
+            };
             all[0] = (&fx, w);
             return Ops::<T>::linear(self, leak, scale, &all, bias);
         }
+        let (f, scalar) = code(op);
+        let act = TermActivation {
+            op: f,
+            scalar,
+            factor: c.map(|c| &c.primal),
+        };
         let leak = leak.map(|(x, c)| (x, c.to_f64() as f32));
-        self.linear_f32(leak, scale.to_f64() as f32, &all, bias, Some(code(op)))
+        self.linear_f32(leak, scale.to_f64() as f32, &all, bias, Some(act))
     }
 
     fn fuses_unary_into_linear(&self) -> bool {

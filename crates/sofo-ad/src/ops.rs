@@ -197,22 +197,26 @@ pub trait Ops<T: Float> {
         bias: Option<&Self::V>,
     ) -> Result<Self::V>;
 
-    /// `linear` whose first term's input is `f(x)`: `leak_c · l + scale ·
-    /// (f(x) · W + Σ_i a_i · W_i + bias)` for `first = (x, f, W)` (a rate
-    /// network's φ(x) · W, its readout φ(x) · C). By default `unary` then
-    /// `linear`, exactly. An engine that says so with
+    /// `linear` whose first term's input is `f(x)`, or `f(x) ⊙ c` with a
+    /// factor: `leak_c · l + scale · (f(x) ⊙ c · W + Σ_i a_i · W_i + bias)`
+    /// for `first = (x, f, c, W)` (a rate network's φ(x) · W, its readout
+    /// φ(x) · C, the rates' noise c). By default `unary` (or `unary_mul`)
+    /// then `linear`, exactly. An engine that says so with
     /// [`Ops::fuses_unary_into_linear`] applies f (and f′ to the tangents)
     /// as it reads x, so that f(x) and its tangents are never stored.
     fn linear_of_unary(
         &mut self,
         leak: Option<(&Self::V, T)>,
         scale: T,
-        first: (&Self::V, Unary, &Self::V),
+        first: (&Self::V, Unary, Option<&Self::V>, &Self::V),
         terms: &[(&Self::V, &Self::V)],
         bias: Option<&Self::V>,
     ) -> Result<Self::V> {
-        let (x, op, w) = first;
-        let fx = self.unary(x, op)?;
+        let (x, op, c, w) = first;
+        let fx = match c {
+            Some(c) => self.unary_mul(x, op, c)?,
+            None => self.unary(x, op)?,
+        };
         let mut all = Vec::with_capacity(terms.len() + 1);
         all.push((&fx, w));
         all.extend_from_slice(terms);

@@ -643,6 +643,8 @@ fn linear_narrow_matches_its_rule() {
         i32,
         i32,
         f32,
+        *const f32,
+        i32,
     );
     let narrow = emu.kernel::<Narrow>("linear_narrow");
     // K = 11 tangents; inner dimensions of 9 (rows read as float4 where they
@@ -663,13 +665,25 @@ fn linear_narrow_matches_its_rule() {
         // what a previous term left in the outputs (added to unless init)
         let y0 = randn(&[rows, n], 9, 7);
         let t0 = randn(&[rows, k, n], 9, 8);
-        // the term's input read as is, or as tanh(a) with tangents
-        // tanh′(a) ⊙ at (a readout of rates read from the pre-activation)
-        for (flags, act) in (0..64u32).flat_map(|f| [(f, false), (f, true)]) {
-            let fa = |v: f32| if act { (v as f64).tanh() } else { v as f64 };
-            let da = |v: f32| {
+        // the term's input read as is, or as tanh(a) ⊙ c with tangents
+        // tanh′(a) ⊙ at ⊙ c (a readout of rates read from the
+        // pre-activation; c the rates' noise, or none)
+        let c = randn(&[rows, kd], 9, 9);
+        let cases = (0..64u32).flat_map(|f| [(f, false, false), (f, true, false), (f, true, true)]);
+        for (flags, act, has_c) in cases {
+            let cf = |i: usize| if has_c { c.data()[i] as f64 } else { 1.0 };
+            let fa = |i: usize| {
+                let v = a.data()[i] as f64;
                 if act {
-                    1.0 - (v as f64).tanh().powi(2)
+                    v.tanh() * cf(i)
+                } else {
+                    v
+                }
+            };
+            let da = |i: usize| {
+                let v = a.data()[i] as f64;
+                if act {
+                    (1.0 - v.tanh().powi(2)) * cf(i)
                 } else {
                     1.0
                 }
@@ -684,7 +698,7 @@ fn linear_narrow_matches_its_rule() {
                 .map(|i| {
                     let (r, o) = (i / n, i % n);
                     let mut v: f64 = (0..kd)
-                        .map(|q| fa(a.data()[r * kd + q]) * w.data()[q * n + o] as f64)
+                        .map(|q| fa(r * kd + q) * w.data()[q * n + o] as f64)
                         .sum();
                     if has_b == 1 {
                         v += b.data()[o] as f64;
@@ -702,7 +716,7 @@ fn linear_narrow_matches_its_rule() {
                     let (r, kk, o) = (i / (k * n), i / n % k, i % n);
                     let mut v = 0f64;
                     for q in 0..kd {
-                        let aq = a.data()[r * kd + q];
+                        let aq = r * kd + q;
                         if has_at == 1 {
                             v += da(aq)
                                 * at.data()[(r * k + kk) * kd + q] as f64
@@ -758,10 +772,13 @@ fn linear_narrow_matches_its_rule() {
                         act as i32,
                         code(Unary::Tanh).0 as i32,
                         0.0,
+                        c.data().as_ptr(),
+                        has_c as i32,
                     )
                 });
-                let what =
-                    format!("linear_narrow kd = {kd}, n = {n}, flags {flags:06b}, tanh {act}");
+                let what = format!(
+                    "linear_narrow kd = {kd}, n = {n}, flags {flags:06b}, tanh {act}, c {has_c}"
+                );
                 close(&y_want, &y, &format!("{what}: primal"));
                 if want_t == 1 {
                     close(&t_want, &t, &format!("{what}: tangents"));

@@ -1740,29 +1740,39 @@ fn linear_of_unary_is_unary_then_linear() {
         d(&[5]),
         d(&[3, 5]),
     );
-    for op in [Unary::Tanh, Unary::Relu, Unary::Softplus] {
+    // a factor without tangents (the rates' noise)
+    let c = Dual {
+        primal: d(&[3, 4]).primal,
+        tangent: None,
+    };
+    for (op, factor) in [Unary::Tanh, Unary::Relu, Unary::Softplus]
+        .into_iter()
+        .flat_map(|op| [None, Some(&c)].map(|f| (op, f)))
+    {
+        let first = (&x, op, factor, &w);
         let fused = e
-            .linear_of_unary(Some((&l, 0.9)), 0.1, (&x, op, &w), &[(&u, &wu)], Some(&b))
+            .linear_of_unary(Some((&l, 0.9)), 0.1, first, &[(&u, &wu)], Some(&b))
             .unwrap();
-        let fx = e.unary(&x, op).unwrap();
+        let fx = match factor {
+            Some(c) => e.unary_mul(&x, op, c).unwrap(),
+            None => e.unary(&x, op).unwrap(),
+        };
         let plain = e
             .linear(Some((&l, 0.9)), 0.1, &[(&fx, &w), (&u, &wu)], Some(&b))
             .unwrap();
-        assert_eq!(fused.primal.data(), plain.primal.data(), "{op:?}: values");
+        let what = format!("{op:?}, factor {}", factor.is_some());
+        assert_eq!(fused.primal.data(), plain.primal.data(), "{what}: values");
         assert_eq!(
             fused.tangent.as_ref().unwrap().data(),
             plain.tangent.as_ref().unwrap().data(),
-            "{op:?}: tangents"
+            "{what}: tangents"
         );
     }
     let inputs: Vec<Tensor<f64>> = [x, w, u, wu].into_iter().map(|v| v.primal).collect();
-    check_all_subsets("linear_of_unary", &inputs, 504, |e, v| {
-        e.linear_of_unary(
-            None,
-            0.7,
-            (&v[0], Unary::Tanh, &v[1]),
-            &[(&v[2], &v[3])],
-            None,
-        )
-    });
+    for factor in [None, Some(&c)] {
+        check_all_subsets("linear_of_unary", &inputs, 504, |e, v| {
+            let first = (&v[0], Unary::Tanh, factor, &v[1]);
+            e.linear_of_unary(None, 0.7, first, &[(&v[2], &v[3])], None)
+        });
+    }
 }

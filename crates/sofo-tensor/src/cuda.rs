@@ -447,24 +447,30 @@ extern "C" __global__ void linear_small_add(float* y, float* t, const float* u, 
 // at[r, k, i] w[i, o] + a[r, i] wt[i, k, o]) over the tangent rows; init:
 // written (bias included where has_b / has_bt), else added to (no bias).
 // With has_act the term's input is f(a) (op act, scalar act_s), its
-// tangents f′(a) ⊙ at: a rate network's φ(x) · C, read from x as it goes.
+// tangents f′(a) ⊙ at: a rate network's φ(x) · C, read from x as it goes;
+// with has_c too, f(a) ⊙ c and f′(a) ⊙ at ⊙ c for a factor c of a's shape
+// without tangents (the rates' noise).
 // GEMMs with n ≤ 8 columns fit cuBLAS's tiles badly and take three launches
 // (a·w, at·w, a·wt); here one thread per row keeps its n sums in registers.
 #define NARROW 8
 // an input element as a term reads it (mode 0: x[i]; 1: f(x[i]); 2:
-// f′(xa[i]) · x[i], the tangent of f at xa)
-__device__ __forceinline__ float act_load_(const float* x, const float* xa, long long i, int mode, int op, float s) {
+// f′(xa[i]) · x[i], the tangent of f at xa), times cf[i] where a factor row
+// cf is given (modes 1 and 2)
+__device__ __forceinline__ float act_load_(const float* x, const float* xa, const float* cf, long long i,
+                                           int mode, int op, float s) {
     if (mode == 0) return x[i];
     float o, g;
     unary_eval_(mode == 1 ? x[i] : xa[i], op, s, &o, &g);
-    return mode == 1 ? o : g * x[i];
+    const float v = mode == 1 ? o : g * x[i];
+    return cf ? v * cf[i] : v;
 }
 // acc[o] += Σ_i x[i] w[i * ws + o] for o < n (x's elements as act_load_
 // reads them): one row x of the input per thread, read as float4 where it
 // is 16-byte aligned and plain (a row's loads then take whole 32-byte
 // sectors two at a time, however the L1 fares)
-__device__ __forceinline__ void narrow_row_(const float* x, const float* xa, int mode, int op, float s,
-                                            int kd, const float* w, long long ws, int n, float* acc) {
+__device__ __forceinline__ void narrow_row_(const float* x, const float* xa, const float* cf, int mode,
+                                            int op, float s, int kd, const float* w, long long ws, int n,
+                                            float* acc) {
     int i = 0;
     if (mode == 0 && (((unsigned long long)x) & 15) == 0) {
         for (; i + 4 <= kd; i += 4) {
@@ -479,7 +485,7 @@ __device__ __forceinline__ void narrow_row_(const float* x, const float* xa, int
     }
     for (; i < kd; i++) {
         const float* wr = w + (long long)i * ws;
-        const float v = act_load_(x, xa, i, mode, op, s);
+        const float v = act_load_(x, xa, cf, i, mode, op, s);
         for (int o = 0; o < NARROW; o++)
             if (o < n) acc[o] += v * wr[o];
     }
@@ -489,13 +495,14 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
                                          const float* bt, float scale, long long rows, int k,
                                          int kd, int n, int want_t, int has_at, int has_wt,
                                          int has_b, int has_bt, int init, int has_act, int act,
-                                         float act_s) {
+                                         float act_s, const float* ac, int has_c) {
     const long long total = rows * (1 + (want_t ? (long long)k : 0));
     GRID_LOOP(q, total) {
         float acc[NARROW];
         for (int o = 0; o < NARROW; o++) acc[o] = 0.f;
         if (q < rows) {
-            narrow_row_(a + q * kd, a, has_act, act, act_s, kd, w, n, n, acc);
+            const float* cq = has_act && has_c ? ac + q * kd : nullptr;
+            narrow_row_(a + q * kd, a, cq, has_act, act, act_s, kd, w, n, n, acc);
             for (int o = 0; o < NARROW; o++) {
                 if (o >= n) break;
                 float* dst = y + q * n + o;
@@ -506,8 +513,9 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
             const long long rk = q - rows;  // = r * k + kk
             long long r, kk;
             divmod_(rk, k, &r, &kk);
-            if (has_at) narrow_row_(at + rk * kd, a + r * kd, 2 * has_act, act, act_s, kd, w, n, n, acc);
-            if (has_wt) narrow_row_(a + r * kd, a, has_act, act, act_s, kd, wt + kk * n, (long long)k * n, n, acc);
+            const float* cr = has_act && has_c ? ac + r * kd : nullptr;
+            if (has_at) narrow_row_(at + rk * kd, a + r * kd, cr, 2 * has_act, act, act_s, kd, w, n, n, acc);
+            if (has_wt) narrow_row_(a + r * kd, a, cr, has_act, act, act_s, kd, wt + kk * n, (long long)k * n, n, acc);
             for (int o = 0; o < NARROW; o++) {
                 if (o >= n) break;
                 float* dst = t + rk * n + o;
@@ -536,7 +544,8 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 // tile in registers, read from shared memory as float4. With DENSE_ACT the
 // dense term's input is f(a) (op act, scalar act_s) and its tangents
 // f′(a) ⊙ at, applied as the chunks are loaded: a rate network's φ(x) · W
-// without φ(x)'s tangents ever stored.
+// without φ(x)'s tangents ever stored; with DENSE_ACT_C as well, f(a) ⊙ ac
+// and f′(a) ⊙ at ⊙ ac for a factor ac of a's shape (the rates' noise).
 #define DENSE_TILE 64
 #define DENSE_K 16
 #define DENSE_THREADS 256
@@ -549,6 +558,7 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 #define DENSE_XT 64
 #define DENSE_UWT 128
 #define DENSE_ACT 256
+#define DENSE_ACT_C 512
 #if DENSE_TILE * DENSE_K != 4 * DENSE_THREADS
 #error "linear_dense: each thread stages 4 elements of each operand's chunk"
 #endif
@@ -557,7 +567,7 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
                                         const float* bt, const float* x, const float* xt,
                                         const float* u, const float* uw, const float* uwt,
                                         float c, float scale, int rows, int k, int kd, int n,
-                                        int ku, int flags, int act, float act_s) {
+                                        int ku, int flags, int act, float act_s, const float* ac) {
     __shared__ float4 As[DENSE_K][DENSE_TILE / 4 + 1];  // the chunk of A, transposed: row r of i at As[i][r/4]
     __shared__ float4 Bs[DENSE_K][DENSE_TILE / 4];      // the chunk of B: column j of i at Bs[i][j/4]
     const int tiles_c = (n + DENSE_TILE - 1) / DENSE_TILE;
@@ -591,7 +601,8 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
             const int rr = e / DENSE_K, ia = i0 + e % DENSE_K, r = r0 + rr;
             pa[q] = r < rows && ia < kd
                 ? act_load_(src_a + (tangent_a ? (long long)r * k + kk : (long long)r) * kd,
-                            a + (long long)r * kd, ia,
+                            a + (long long)r * kd,
+                            (flags & DENSE_ACT_C) ? ac + (long long)r * kd : nullptr, ia,
                             (flags & DENSE_ACT) ? (tangent_a ? 2 : 1) : 0, act, act_s)
                 : 0.f;
             const int ib = i0 + e / DENSE_TILE, j = j0 + e % DENSE_TILE;
@@ -1418,12 +1429,35 @@ fn grid(n: usize) -> LaunchConfig {
     }
 }
 
-/// A term's activation as kernel arguments: (whether, op code, scalar).
-fn act_args(act: Option<(UnaryCode, f32)>) -> (i32, i32, f32) {
-    match act {
-        Some((op, s)) => (1, op as i32, s),
-        None => (0, 0, 0.0),
+/// The input of a linear term read through an elementwise function by the
+/// kernel (`linear_dense`, `linear_narrow`): `f(a) ⊙ c`, its tangents
+/// `f′(a) ⊙ ȧ ⊙ c`, for the op `f` with its scalar and an optional factor
+/// `c` of a's shape without tangents (a rate network's φ(x), the rates'
+/// noise).
+#[derive(Clone, Copy, Debug)]
+pub struct TermActivation<'a> {
+    pub op: UnaryCode,
+    pub scalar: f32,
+    pub factor: Option<&'a DevTensor>,
+}
+
+/// A term's activation as kernel arguments: (whether, op code, scalar,
+/// whether a factor), after checking the factor's size against the term's
+/// input of `numel` elements.
+fn act_args(act: Option<TermActivation<'_>>, numel: usize) -> Result<(i32, i32, f32, i32)> {
+    let Some(act) = act else {
+        return Ok((0, 0, 0.0, 0));
+    };
+    if let Some(c) = act.factor {
+        if c.numel() != numel {
+            return Err(TensorError::shape(
+                "device linear term's factor",
+                format!("{numel} elements (the term's input)"),
+                format!("{:?}", c.shape),
+            ));
+        }
     }
+    Ok((1, act.op as i32, act.scalar, act.factor.is_some() as i32))
 }
 
 fn one_block() -> LaunchConfig {
@@ -2335,16 +2369,17 @@ impl CudaDevice {
     /// `linear_dense`: `y = scale · (b + u·w_u + a·w) + c · x` and, with
     /// `k_tangents = Some(k)`, `t = scale · (ḃ + u·ẇ_u + ȧ·w + a·ẇ) + c · ẋ`
     /// — instead of `linear_init` and three GEMMs, each of which reads and
-    /// writes the whole output. With `act = Some((f, s))` the dense term's
-    /// input is `f(a)` and its tangents `f′(a) ⊙ ȧ`, applied as `a` and `ȧ`
-    /// are read (a rate network's φ(x) · W: φ(x)'s tangents never stored).
+    /// writes the whole output. With `act` the dense term's input is `f(a) ⊙
+    /// c` and its tangents `f′(a) ⊙ ȧ ⊙ c` ([`TermActivation`]), applied as
+    /// `a` and `ȧ` are read (a rate network's φ(x) · W: φ(x)'s tangents
+    /// never stored).
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     pub fn linear_dense(
         &self,
         shape: &[usize],
         k_tangents: Option<usize>,
         a: (&DevTensor, Option<&DevTensor>),
-        act: Option<(UnaryCode, f32)>,
+        act: Option<TermActivation<'_>>,
         w: (&DevTensor, Option<&DevTensor>),
         bias: Option<(&DevTensor, Option<&DevTensor>)>,
         leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
@@ -2389,6 +2424,7 @@ impl CudaDevice {
             (want_t && leak.is_some_and(|(_, xt, _)| xt.is_some()), 64),
             (want_t && small.is_some_and(|(_, _, wt)| wt.is_some()), 128),
             (act.is_some(), 256),
+            (act.is_some_and(|c| c.factor.is_some()), 512),
         ];
         let flags: i32 = bits.iter().filter(|(on, _)| *on).map(|(_, bit)| bit).sum();
         let c = leak.map_or(0.0, |(_, _, c)| c);
@@ -2418,8 +2454,10 @@ impl CudaDevice {
             .arg(&n32)
             .arg(&ku32)
             .arg(&flags);
-        let (_, act_op, act_s) = act_args(act);
-        l.arg(&act_op).arg(&act_s);
+        let (_, act_op, act_s, _) = act_args(act, a.0.numel())?;
+        l.arg(&act_op)
+            .arg(&act_s)
+            .arg(self.data_or_dummy(act.and_then(|c| c.factor)));
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (Self::DENSE_THREADS, 1, 1),
@@ -2573,9 +2611,9 @@ impl CudaDevice {
     /// given, `t (+)= scale · (ḃ + ȧ·w + a·ẇ)` (`a`: [rows, kd] and its
     /// tangents [rows, K, kd]; `w`: [kd, n] and [kd, K, n]). With
     /// [`NarrowOut::Write`] the outputs are written, bias included; with
-    /// [`NarrowOut::Add`] added to. With `act = Some((f, s))` the term's
-    /// input is `f(a)` (op f, scalar s) and its tangents `f′(a) ⊙ ȧ`, read
-    /// from `a` as the kernel goes (a rate network's readout φ(x) · C).
+    /// [`NarrowOut::Add`] added to. With `act` the term's input is `f(a) ⊙ c`
+    /// and its tangents `f′(a) ⊙ ȧ ⊙ c` ([`TermActivation`]), read from `a`
+    /// as the kernel goes (a rate network's readout φ(x) · C).
     #[allow(clippy::too_many_arguments)]
     pub fn linear_narrow<'a>(
         &'a self,
@@ -2586,7 +2624,7 @@ impl CudaDevice {
         w: (&'a DevTensor, Option<&'a DevTensor>),
         out: NarrowOut<'a>,
         scale: f32,
-        act: Option<(UnaryCode, f32)>,
+        act: Option<TermActivation<'a>>,
     ) -> Result<()> {
         let kd = w.0.shape.first().copied().unwrap_or(0);
         let (rows, n) = term_sizes("device narrow linear", y, t.as_deref(), k, a, w)?;
@@ -2651,8 +2689,12 @@ impl CudaDevice {
         for f in &flags {
             l.arg(f);
         }
-        let (has_act, act_op, act_s) = act_args(act);
-        l.arg(&has_act).arg(&act_op).arg(&act_s);
+        let (has_act, act_op, act_s, has_c) = act_args(act, a.0.numel())?;
+        l.arg(&has_act)
+            .arg(&act_op)
+            .arg(&act_s)
+            .arg(self.data_or_dummy(act.and_then(|c| c.factor)))
+            .arg(&has_c);
         // SAFETY: sizes checked above; absent operands are never read, t is
         // touched only when given.
         unsafe { l.launch(grid(total)) }.map_err(|e| dev_err("linear_narrow", e))?;

@@ -27,22 +27,23 @@ use rayon::prelude::*;
 use sofo_ad::{Dual, Fwd, Ops, Rev, Var};
 use sofo_tensor::{parallel, rng, Float, Tensor};
 
-/// `leak + scale · (φ(x) · w + Σ rest + bias)` for `rates = (x, φ, r)`:
-/// from `r = φ(x)` where the model computed it, else from x itself through
+/// `leak + scale · (r · w + Σ rest + bias)` for the rates r = φ(x) (⊙ c,
+/// the rates' noise) given as `rates = (x, φ, c, r)`: from r where the
+/// model computed it, else from x (and c) through
 /// [`Ops::linear_of_unary`] (an engine that applies φ as it reads x and
 /// says so with [`Ops::fuses_unary_into_linear`]; φ(x)'s tangents are then
 /// never stored). The terms are in the same order either way.
 #[allow(clippy::type_complexity)]
 pub(crate) fn linear_of_rates<T: Float, E: Ops<T>>(
     e: &mut E,
-    rates: (&E::V, sofo_ad::Unary, Option<&E::V>),
+    rates: (&E::V, sofo_ad::Unary, Option<&E::V>, Option<&E::V>),
     leak: Option<(&E::V, T)>,
     scale: T,
     w: &E::V,
     rest: &[(&E::V, &E::V)],
     bias: Option<&E::V>,
 ) -> Result<E::V> {
-    let (x, phi, r) = rates;
+    let (x, phi, c, r) = rates;
     Ok(match r {
         Some(r) => {
             let mut terms = Vec::with_capacity(rest.len() + 1);
@@ -50,7 +51,7 @@ pub(crate) fn linear_of_rates<T: Float, E: Ops<T>>(
             terms.extend_from_slice(rest);
             e.linear(leak, scale, &terms, bias)?
         }
-        None => e.linear_of_unary(leak, scale, (x, phi, w), rest, bias)?,
+        None => e.linear_of_unary(leak, scale, (x, phi, c, w), rest, bias)?,
     })
 }
 

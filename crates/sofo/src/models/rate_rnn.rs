@@ -119,12 +119,13 @@ impl<T: Float> Model<T> for RateRnn {
             let ut = batch.input_on(e, t)?;
             let input: Vec<(&E::V, &E::V)> = ut.iter().map(|u| (u, bt)).collect();
             let leak = Some((&x, T::one() - a));
-            x = linear_of_rates(e, (&x, phi, r.as_ref()), leak, a, wt, &input, Some(&p[2]))?;
+            let rates = (&x, phi, None, r.as_ref());
+            x = linear_of_rates(e, rates, leak, a, wt, &input, Some(&p[2]))?;
             if !fused {
                 r = Some(e.unary(&x, phi)?);
             }
             if batch.observed(t) {
-                let rates = (&x, phi, r.as_ref());
+                let rates = (&x, phi, None, r.as_ref());
                 let y = linear_of_rates(e, rates, None, T::one(), ct, &[], Some(&p[4]))?;
                 obs.observe(e, &y, &batch.step_loss(t)?)?;
             }

@@ -15,7 +15,7 @@
 
 use super::arm::TwoJointArm;
 use super::init::{check_rnn, normal, param};
-use super::{Batch, Model, Trials};
+use super::{linear_of_rates, Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::ParamSet;
 use crate::{Error, Result};
@@ -134,8 +134,12 @@ impl<T: Float> Model<T> for ReachRnn {
         // copies them in one upload): (first step, its blocks)
         let noise_steps = e.block_steps(m * self.n).max(1);
         let mut noise: Option<(usize, Tensor<T>)> = None;
+        // the rates r = relu(z) ⊙ η for the two linear ops that read them:
+        // computed once, or, where the engine applies relu and η as it reads
+        // z, never stored
+        let fused = e.fuses_unary_into_linear();
         for t in 0..batch.steps() {
-            let r = if width > 0.0 {
+            let eta = if width > 0.0 {
                 if noise.as_ref().is_none_or(|(t0, _)| t >= t0 + noise_steps) {
                     let range = Some((1.0 - width, 1.0 + width));
                     let mut eta = batch.noise_steps(t, noise_steps, self.n, range)?;
@@ -146,23 +150,29 @@ impl<T: Float> Model<T> for ReachRnn {
                     noise = Some((t, eta));
                 }
                 let (t0, eta) = noise.as_ref().expect("drawn above");
-                let eta = e.constant_block(eta, (t - t0) * m * self.n, &[m, self.n])?;
-                e.unary_mul(&z, Unary::Relu, &eta)?
+                Some(e.constant_block(eta, (t - t0) * m * self.n, &[m, self.n])?)
             } else {
-                e.relu(&z)?
+                None
             };
-            let tau = e.linear(None, T::one(), &[(&r, ct)], Some(d))?;
+            let r = match (&eta, fused) {
+                (_, true) => None,
+                (Some(eta), false) => Some(e.unary_mul(&z, Unary::Relu, eta)?),
+                (None, false) => Some(e.relu(&z)?),
+            };
+            let rates = (&z, Unary::Relu, eta.as_ref(), r.as_ref());
+            let tau = linear_of_rates(e, rates, None, T::one(), ct, &[], Some(d))?;
             arm = e.pointwise(&arm_step, &[&arm, &tau])?;
             if batch.observed(t) {
                 let hand = e.pointwise(&hand_of, &[&arm])?;
                 obs.observe(e, &hand, &batch.step_loss(t)?)?;
             }
             let u = batch.input_on(e, t)?;
-            let mut terms = vec![(&r, wt), (&arm, ft)];
+            let mut rest = vec![(&arm, ft)];
             if let Some(u) = &u {
-                terms.push((u, bt));
+                rest.push((u, bt));
             }
-            z = e.linear(Some((&z, T::one() - a)), a, &terms, Some(bias))?;
+            let leak = Some((&z, T::one() - a));
+            z = linear_of_rates(e, rates, leak, a, wt, &rest, Some(bias))?;
         }
         Ok(())
     }
