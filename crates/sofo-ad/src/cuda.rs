@@ -166,30 +166,35 @@ impl CudaFwd {
         })
     }
 
-    /// Whether the first term of a linear op with `terms` goes through a
-    /// kernel that can apply an activation to its input as it reads it: the
-    /// narrow kernel (every term's weights a matrix, at most
-    /// [`CudaDevice::NARROW`] output columns) or `linear_dense` (the first
-    /// term the only one with more than [`CudaDevice::SMALL_TERM`] inner
-    /// columns, fused at its size) — the paths [`CudaFwd::linear_f32`]
-    /// takes.
-    fn reads_first_term_on_the_fly(&self, terms: &[(&CudaDual, &CudaDual)]) -> bool {
-        let Some((_, w0)) = terms.first() else {
-            return false;
-        };
-        let matrices = terms.iter().all(|(_, w)| w.primal.shape().len() == 2);
-        if !matrices {
-            return false;
+    /// The kernels a linear op with `terms` runs on (see [`LinearPath`]):
+    /// the one place that decides, for `linear_f32` and for
+    /// `linear_of_unary`'s question whether its first term's input can be
+    /// read through an activation.
+    fn linear_path(&self, terms: &[(&CudaDual, &CudaDual)]) -> LinearPath {
+        let matrix = |w: &CudaDual| w.primal.shape().len() == 2;
+        let n = terms.first().and_then(|(_, w)| w.primal.shape().get(1));
+        if n.is_some_and(|&n| n <= CudaDevice::NARROW) && terms.iter().all(|(_, w)| matrix(w)) {
+            return LinearPath::Narrow;
         }
-        let (kd, n) = (w0.primal.shape()[0], w0.primal.shape()[1]);
-        let dense = |w: &&CudaDual| w.primal.shape()[0] > CudaDevice::SMALL_TERM;
-        n <= CudaDevice::NARROW
-            || (dense(w0) && terms[1..].iter().all(|(_, w)| !dense(w)) && self.dev.fuses_linear(kd))
+        // the terms that are not folded in or added by the small-term
+        // kernels: at most one, a matrix the fused kernel serves at its size
+        let mut dense = terms
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, w))| !is_small_term(w));
+        match (dense.next(), dense.next()) {
+            (Some((i, (_, w))), None)
+                if matrix(w) && self.dev.fuses_linear(w.primal.shape()[0]) =>
+            {
+                LinearPath::Dense(i)
+            }
+            _ => LinearPath::Gemm,
+        }
     }
 
     /// `linear` in f32, with the first term's input read as f(a) where
-    /// `act` is given (only on the paths of
-    /// [`CudaFwd::reads_first_term_on_the_fly`]).
+    /// `act` is given (only where that term goes through a kernel that
+    /// reads it: `Narrow`, or `Dense(0)`).
     fn linear_f32(
         &mut self,
         leak: Option<(&CudaDual, f32)>,
@@ -215,10 +220,9 @@ impl CudaFwd {
             || leak.is_some_and(|(x, _)| x.tangent.is_some());
         let k = self.k;
         let want_k = (any_tangent && k > 0).then_some(k);
-        if n <= CudaDevice::NARROW
-            && !terms.is_empty()
-            && terms.iter().all(|(_, w)| w.primal.shape().len() == 2)
-        {
+        let path = self.linear_path(terms);
+        debug_assert!(act.is_none() || matches!(path, LinearPath::Narrow | LinearPath::Dense(0)));
+        if path == LinearPath::Narrow {
             return self.narrow_linear(&out_shape, want_k, leak, scale, terms, bias, act);
         }
         // a term with a few columns and no tangents (a network's input) is
@@ -232,16 +236,13 @@ impl CudaFwd {
         });
         // the other terms with a few columns (a plant's state feeding the
         // network: they have tangents) in one launch each; the rest as GEMMs
-        let is_small = |w: &CudaDual| {
-            w.primal.shape().len() == 2 && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
-        };
         let terms_all = terms;
         let (small_adds, terms): (Vec<_>, Vec<_>) = terms
             .iter()
             .enumerate()
             .filter(|(i, _)| Some(*i) != small)
             .map(|(_, t)| t)
-            .partition(|(_, w)| is_small(w));
+            .partition(|(_, w)| is_small_term(w));
         let bias = bias.map(|b| (&b.primal, b.tangent.as_ref()));
         let leak = leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c));
         let small = small.map(|i| {
@@ -254,32 +255,26 @@ impl CudaFwd {
         // one dense term (a recurrence's r · W) whose inner dimension the
         // fused kernel serves: value, tangents and everything linear_init
         // folds in, in one launch
-        if let [(a, w)] = terms.as_slice() {
-            if w.primal.shape().len() == 2 && dev.fuses_linear(w.primal.shape()[0]) {
-                // an activation is the first term's (and then it is this one)
-                debug_assert!(act.is_none() || std::ptr::eq(*a, terms_all[0].0));
-                let (mut y, mut t) = dev.linear_dense(
-                    &out_shape,
-                    want_k,
-                    (&a.primal, a.tangent.as_ref()),
-                    act,
-                    (&w.primal, w.tangent.as_ref()),
-                    bias,
-                    leak,
-                    small,
-                    scale,
-                )?;
-                add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
-                return Ok(CudaDual {
-                    primal: y,
-                    tangent: t,
-                });
-            }
+        if let (LinearPath::Dense(_), [(a, w)]) = (path, terms.as_slice()) {
+            let (mut y, mut t) = dev.linear_dense(
+                &out_shape,
+                want_k,
+                (&a.primal, a.tangent.as_ref()),
+                act,
+                (&w.primal, w.tangent.as_ref()),
+                bias,
+                leak,
+                small,
+                scale,
+            )?;
+            add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
+            return Ok(CudaDual {
+                primal: y,
+                tangent: t,
+            });
         }
         // bias, leak and the small term (primal and tangents) in one launch,
-        // then the GEMMs (never with an activation: see
-        // reads_first_term_on_the_fly)
-        debug_assert!(act.is_none());
+        // then the GEMMs
         let (mut y, t) = dev.linear_init(&out_shape, want_k, bias, leak, small, scale)?;
         for (a, w) in &terms {
             let kd = w.primal.shape()[0];
@@ -504,7 +499,11 @@ impl<T: Float> Ops<T> for CudaFwd {
         all.extend_from_slice(terms);
         let constant_factor =
             c.is_none_or(|c| c.tangent.is_none() && c.primal.shape() == x.primal.shape());
-        if !constant_factor || !self.reads_first_term_on_the_fly(&all) {
+        let reads_x = matches!(
+            self.linear_path(&all),
+            LinearPath::Narrow | LinearPath::Dense(0)
+        );
+        if !constant_factor || !reads_x {
             let fx = match c {
                 Some(c) => Ops::<T>::unary_mul(self, x, op, c)?,
                 None => Ops::<T>::unary(self, x, op)?,
@@ -699,6 +698,26 @@ impl<T: Float> Ops<T> for CudaFwd {
     fn log_softmax(&mut self, x: &CudaDual) -> Result<CudaDual> {
         self.on_host(&[x], |e, v| e.log_softmax(&v[0]))
     }
+}
+
+/// The kernels of a linear op on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinearPath {
+    /// At most [`CudaDevice::NARROW`] output columns (a readout), every
+    /// term's weights a matrix: `linear_narrow`, one launch per term.
+    Narrow,
+    /// One term (its index) not a small one, fused at its size: one
+    /// `linear_dense` launch, the small terms folded in or added.
+    Dense(usize),
+    /// `linear_init` and cuBLAS GEMMs.
+    Gemm,
+}
+
+/// A term whose weights have at most [`CudaDevice::SMALL_TERM`] rows (a
+/// network's input, a plant's state): folded into the first launch, or
+/// added by `linear_small_add`, not a GEMM.
+fn is_small_term(w: &CudaDual) -> bool {
+    w.primal.shape().len() == 2 && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
 }
 
 /// Adds a linear op's terms with a few inner columns whose inputs have

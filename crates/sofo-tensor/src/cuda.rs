@@ -2400,9 +2400,6 @@ impl CudaDevice {
         let ku = self.check_linear_terms(rows, n, k, bias, leak, small)?;
         let want_t = t.is_some();
         let tiles = rows.div_ceil(Self::DENSE_TILE) * n.div_ceil(Self::DENSE_TILE);
-        if tiles == 0 {
-            return Ok((y, t)); // nothing to write (and no launch dividing by 0 tiles)
-        }
         let blocks = tiles * if want_t { k + 1 } else { 1 };
         let int = |v: usize| i32::try_from(v).ok();
         let (Some(r32), Some(k32), Some(kd32), Some(n32), Some(_)) =

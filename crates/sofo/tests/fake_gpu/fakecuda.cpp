@@ -87,13 +87,16 @@ static bool null_device() {
 
 static void run_kernel(const Kernel& k, unsigned grid, unsigned block, void** params) {
     if (null_device()) return;
+    auto set_thread = [&](unsigned b, unsigned t) {
+        blockIdx = {b, 0, 0};
+        threadIdx = {t, 0, 0};
+        blockDim = {block, 1, 1};
+        gridDim = {grid, 1, 1};
+    };
     if (!k.syncs) {
         for (unsigned b = 0; b < grid; b++) {
             for (unsigned t = 0; t < block; t++) {
-                blockIdx = {b, 0, 0};
-                threadIdx = {t, 0, 0};
-                blockDim = {block, 1, 1};
-                gridDim = {grid, 1, 1};
+                set_thread(b, t);
                 k.call(params);
             }
         }
@@ -113,12 +116,6 @@ static void run_kernel(const Kernel& k, unsigned grid, unsigned block, void** pa
         stacks.reset(new char[(size_t)block * stack_bytes]);
         stacks_for = block;
     }
-    auto set_thread = [&](unsigned b, unsigned t) {
-        blockIdx = {b, 0, 0};
-        threadIdx = {t, 0, 0};
-        blockDim = {block, 1, 1};
-        gridDim = {grid, 1, 1};
-    };
     for (unsigned b = 0; b < grid; b++) {
         for (unsigned t = 0; t < block; t++) {
             EmuFiber& f = fibers[t];
