@@ -63,10 +63,11 @@ for c in ${GRAPH_TASKS-reach2 kalman-long}; do
 done
 
 echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and cuBLAS (SOFO_GPU_LINEAR=gemm)"
-# the default (auto) fuses up to 128 inner columns: this says whether the
-# fused kernel wins there (LINEAR_CHOICES="gemm fused" also times it at
-# N = 400, where auto leaves the term to cuBLAS)
-for choice in ${LINEAR_CHOICES:-gemm}; do
+# the default (auto) fuses up to 128 inner columns and leaves everything to
+# cuBLAS under TF32: gemm says whether the fused kernel wins where auto uses
+# it, fused whether it also wins at N = 400 and against the TF32 GEMMs
+# (sofo_tf32.jsonl); LINEAR_CHOICES=gemm skips the second
+for choice in ${LINEAR_CHOICES:-gemm fused}; do
   SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_linear_$choice.jsonl"
 done
 for c in ${LINEAR_TASKS-reach2}; do
@@ -150,8 +151,8 @@ passes = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in li
 base = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_base.jsonl") if "name" in r}
 lin_gemm = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_linear_gemm.jsonl") if "name" in r}
 lin_fused = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_linear_fused.jsonl") if "name" in r}
-print("| config | sofo SOFO | its pass alone | baseline build | dense terms on cuBLAS | dense terms always fused | sofo SOFO, graphs | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| config | sofo SOFO | its pass alone | baseline build | dense terms on cuBLAS | dense terms always fused | sofo SOFO, graphs | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 | fastest sofo SOFO / JAX |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 own_adam = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in sofo if r.get("method") == "adam"}
 for r in sofo:
     if r.get("method") == "adam":
@@ -165,7 +166,12 @@ for r in sofo:
     oa, st, gr = own_adam.get(key), tf32.get(key), graphs.get(key)
     f = lambda v: f"{v:.4g}" if v else "—"
     q = lambda x, y: f"{x / y:.2f}" if x and y else "—"
-    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(passes.get(key))} | {f(base.get(key))} | {f(lin_gemm.get(key))} | {f(lin_fused.get(key))} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} |")
+    # the fastest of sofo's ways (default, cuBLAS or fused dense terms,
+    # graphs, TF32) against JAX's default, and which way it was
+    ways = {"default": s, "gemm": lin_gemm.get(key), "fused": lin_fused.get(key), "graphs": gr, "tf32": st}
+    way, best = min(((w, v) for w, v in ways.items() if v), key=lambda wv: wv[1])
+    fastest = f"{q(best, j)} ({way})" if j else "—"
+    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(passes.get(key))} | {f(base.get(key))} | {f(lin_gemm.get(key))} | {f(lin_fused.get(key))} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} | {fastest} |")
 print()
 print("| method | T | sofo peak device MiB | s/iter |")
 print("|---|---|---|---|")

@@ -1034,6 +1034,83 @@ fn device_calls_per_time_step() {
     assert_eq!(short[6], 1, "one graph launch");
 }
 
+/// The kernel launches of 128 more time steps (T = 138 against T = 10) of
+/// one SOFO iteration of `model`, call by call on a fresh device, counted on
+/// the fake GPU; and that those steps make no GEMM.
+fn kernels_of_128_more_steps<M: Model<f32>>(model: &M, batch: impl Fn(usize) -> Batch<f32>) -> u64 {
+    let calls = |t: usize| {
+        let dev = device_or_skip("kernels_of_128_more_steps").unwrap();
+        dev.set_graphs(false);
+        let s = Sofo::new(SofoConfig {
+            k: 4,
+            ..SofoConfig::default()
+        })
+        .unwrap()
+        .on(Device::Cuda(dev));
+        let mut params = model.init(0).unwrap();
+        let before = fake_gpu_counts().unwrap();
+        s.step(model, &mut params, &batch(t), 0, 0).unwrap();
+        let after = fake_gpu_counts().unwrap();
+        std::array::from_fn::<u64, 2, _>(|i| after[i] - before[i])
+    };
+    let (short, long) = (calls(10), calls(138));
+    assert_eq!(long[1], short[1], "GEMMs in the time loop");
+    long[0] - short[0]
+}
+
+/// The kernels of a time step of the task networks besides the rate RNN
+/// (above), counted on the fake GPU over 128 steps:
+/// - Lorenz: `linear_init` (bias) and `linear_small_add` (y·C_in with its
+///   tangents) for the pre-activation; the readout's two narrow launches,
+///   the first reading relu(pre) and its tangents from pre (no relu kernel,
+///   h's [M, K, H] tangents never stored); the sketch's rows — 5 (6 with
+///   h stored);
+/// - the constrained network with state and rate noise but nothing else
+///   reading its rates: `linear_dense` reading φ(x) ⊙ η from x, the state
+///   noise's add, the readout, the sketch — 4 (5 with the rates stored by
+///   `unary_mul`).
+#[test]
+fn task_network_kernels_per_time_step() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("task_network_kernels_per_time_step") else {
+        return;
+    };
+    if fake_gpu_counts().is_none() {
+        eprintln!("skipping task_network_kernels_per_time_step: counted on the fake GPU only");
+        return;
+    }
+    drop(dev);
+    let lorenz = kernels_of_128_more_steps(&LorenzModel { hidden: 16 }, |t| Batch {
+        steps: t,
+        trials: 8,
+        inputs: None,
+        initial: Some(randn(&[8, 3], 4, 1)),
+        targets: randn(&[t, 8, 3], 4, 2),
+        weights: None,
+        loss_norm: (t * 8 * 3) as f64,
+        noise_seed: 0,
+    });
+    let noisy = ConstrainedRnn::new(counted_rnn(), Constraints::default())
+        .unwrap()
+        .with_noise(Noise {
+            state: 0.05,
+            rates: 0.1,
+            ..Noise::default()
+        })
+        .unwrap();
+    let noisy = kernels_of_128_more_steps(&noisy, |t| Batch {
+        noise_seed: 3,
+        ..counted_batch(t)
+    });
+    eprintln!("kernels of 128 more steps: lorenz {lorenz}, constrained with noise {noisy}");
+    assert_eq!(lorenz, 5 * 128, "lorenz");
+    assert_eq!(
+        noisy,
+        4 * 128,
+        "constrained, noise on the state and the rates"
+    );
+}
+
 /// BPTT on the device tape copies the inputs (and any noise) and the
 /// targets a chunk of steps at a time too: one Adam iteration of a rate RNN
 /// makes 4 more uploads for 128 more steps (two chunks of each), where it
@@ -1735,8 +1812,11 @@ fn constrained_noise_is_copied_per_chunk() {
 
 /// The constrained rate network with its options on: Dale's law (softplus)
 /// with masks, learned time constants, state/rate/input noise and the three
-/// regularisers; and a low-rank recurrence with per-unit time constants and
-/// the multiplicative state and additive rate noises.
+/// regularisers; a low-rank recurrence with per-unit time constants and
+/// the multiplicative state and additive rate noises; and two whose rates
+/// nothing but the recurrence and the readout reads — the GPU reads them
+/// from x through φ and the rate noise (`Ops::linear_of_unary`): Dale's law
+/// with learned time constants, and a scalar α (the leak in the kernel).
 fn constrained_cases() -> Vec<(&'static str, ConstrainedRnn)> {
     let rnn = RateRnn {
         n: 24,
@@ -1749,6 +1829,22 @@ fn constrained_cases() -> Vec<(&'static str, ConstrainedRnn)> {
     };
     let mut c = Constraints::generate(24, Some(0.75), true, 0.5, false, 3).unwrap();
     c.dale_transform = DaleTransform::Softplus;
+    let noisy = Noise {
+        state: 0.05,
+        rates: 0.1,
+        input: 0.05,
+        ..Noise::default()
+    };
+    let dale_rates_read_from_x = ConstrainedRnn::new(rnn.clone(), c.clone())
+        .unwrap()
+        .with_time_constants(TimeConstants::Learned { tau_min: 1.5 })
+        .unwrap()
+        .with_noise(noisy)
+        .unwrap();
+    let scalar_rates_read_from_x = ConstrainedRnn::new(rnn.clone(), Constraints::default())
+        .unwrap()
+        .with_noise(noisy)
+        .unwrap();
     let dale = ConstrainedRnn::new(rnn.clone(), c)
         .unwrap()
         .with_time_constants(TimeConstants::Learned { tau_min: 1.5 })
@@ -1787,6 +1883,14 @@ fn constrained_cases() -> Vec<(&'static str, ConstrainedRnn)> {
     vec![
         ("dale, masks, learned τ, noise, regularisers", dale),
         ("low rank, per-unit τ, noise", low_rank),
+        (
+            "dale, masks, learned τ, noise, rates read from x",
+            dale_rates_read_from_x,
+        ),
+        (
+            "scalar α, noise, rates read from x",
+            scalar_rates_read_from_x,
+        ),
     ]
 }
 

@@ -20,7 +20,7 @@
 //! - Regularisers ([`Regularizers`]): observed as little losses, so SOFO's
 //!   G̃ holds their curvature.
 
-use super::{Batch, Model, RateRnn, Trials};
+use super::{linear_of_rates, Batch, Model, RateRnn, Trials};
 use crate::loss::{Observer, WeightedMse};
 use crate::params::{Param, ParamMode, ParamSet};
 use crate::{Error, Result};
@@ -952,7 +952,17 @@ impl<T: Float> Model<T> for ConstrainedRnn {
             e.constant(Tensor::zeros(&[m, n]))?
         };
         let phi = self.rnn.activation.op();
-        let mut r = e.unary(&x, phi)?;
+        // r = φ(x) (⊙ the rate noise η) for the recurrence and the readout:
+        // computed once, or, where the engine applies φ and η as it reads x
+        // and nothing else reads r (no additive rate noise, no rate
+        // regulariser), never stored
+        let fused = e.fuses_unary_into_linear()
+            && noise.rates_additive == 0.0
+            && reg.rates_l2 == 0.0
+            && reg.rate_target_weight == 0.0;
+        let mut r = if fused { None } else { Some(e.unary(&x, phi)?) };
+        // η of the rates at x, where r is read from x
+        let mut eta: Option<E::V> = None;
         let inputs = self.rnn.inputs;
         // the noise's constants a chunk of steps at a time (a GPU copies a
         // chunk's blocks at once; the host takes one step per chunk), as many
@@ -974,15 +984,16 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                 Some(u) => Some(block(e, u, inputs)?),
                 None => batch.input_on(e, t)?,
             };
-            let mut terms = vec![(&r, wt)];
-            if let Some(u) = &u {
-                terms.push((u, bt));
-            }
+            let input: Vec<(&E::V, &E::V)> = u.iter().map(|u| (u, bt)).collect();
+            let rates = (&x, phi, eta.as_ref(), r.as_ref());
             x = match av {
-                None => e.linear(Some((&x, T::one() - a)), a, &terms, Some(bias))?,
+                None => {
+                    let leak = Some((&x, T::one() - a));
+                    linear_of_rates(e, rates, leak, a, wt, &input, Some(bias))?
+                }
                 Some(av) => {
                     // x + α ⊙ (−x + W r + B u + b)
-                    let pre = e.linear(None, T::one(), &terms, Some(bias))?;
+                    let pre = linear_of_rates(e, rates, None, T::one(), wt, &input, Some(bias))?;
                     let diff = e.sub(&pre, &x)?;
                     let step = e.mul(&diff, av)?;
                     e.add(&x, &step)?
@@ -1017,21 +1028,32 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                 };
                 x = e.mul(&x, &factor)?;
             }
-            r = match kinds.and_then(|c| c.rates.as_ref()) {
-                Some(eta) => {
-                    let eta = block(e, eta, n)?;
-                    e.unary_mul(&x, phi, &eta)?
-                }
-                None => e.unary(&x, phi)?,
+            let eta_t = match kinds.and_then(|c| c.rates.as_ref()) {
+                Some(eta) => Some(block(e, eta, n)?),
+                None => None,
             };
-            if let Some(z) = kinds.and_then(|c| c.rates_additive.as_ref()) {
-                let z = block(e, z, n)?;
-                r = e.add(&r, &z)?;
+            if fused {
+                eta = eta_t;
+            } else {
+                let mut rt = match &eta_t {
+                    Some(eta) => e.unary_mul(&x, phi, eta)?,
+                    None => e.unary(&x, phi)?,
+                };
+                if let Some(z) = kinds.and_then(|c| c.rates_additive.as_ref()) {
+                    let z = block(e, z, n)?;
+                    rt = e.add(&rt, &z)?;
+                }
+                r = Some(rt);
             }
+            // r is stored wherever a regulariser reads it (`fused` is off)
+            let stored = || {
+                r.as_ref()
+                    .expect("the rates are stored for the regularisers")
+            };
             if reg.rates_l2 > 0.0 {
                 obs.observe(
                     e,
-                    &r,
+                    stored(),
                     &WeightedMse {
                         target: Tensor::zeros(&[m, n]),
                         weights: None,
@@ -1041,12 +1063,13 @@ impl<T: Float> Model<T> for ConstrainedRnn {
             }
             if reg.rate_target_weight > 0.0 {
                 rsum = Some(match rsum {
-                    None => r.clone(),
-                    Some(s) => e.add(&s, &r)?,
+                    None => stored().clone(),
+                    Some(s) => e.add(&s, stored())?,
                 });
             }
             if batch.observed(t) {
-                let y = e.linear(None, T::one(), &[(&r, ct)], Some(d))?;
+                let rates = (&x, phi, eta.as_ref(), r.as_ref());
+                let y = linear_of_rates(e, rates, None, T::one(), ct, &[], Some(d))?;
                 obs.observe(e, &y, &batch.step_loss(t)?)?;
             }
         }

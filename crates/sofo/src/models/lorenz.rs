@@ -8,7 +8,7 @@ use super::{Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::{Param, ParamMode, ParamSet};
 use crate::{Error, Result};
-use sofo_ad::Ops;
+use sofo_ad::{Ops, Unary};
 use sofo_tensor::{rng, Float, Tensor};
 
 #[derive(Debug, Clone)]
@@ -61,10 +61,19 @@ impl<T: Float> Model<T> for LorenzModel {
             .ok_or_else(|| Error::config("batch.initial", "none", "initial states [M, 3]"))?;
         let (c_in, c_bias) = (&p[1], &p[2]);
         let mut y = e.constant(init)?;
+        // where the engine applies relu as it reads `pre` (the readout's
+        // kernel on a GPU), h = relu(pre) and its [M, K, H] tangents are
+        // never stored; elsewhere the ops as they always ran
+        let fused = e.fuses_unary_into_linear();
         for t in 0..batch.steps() {
             let pre = e.linear(None, T::one(), &[(&y, c_in)], Some(c_bias))?;
-            let h = e.relu(&pre)?;
-            y = e.linear(None, T::one(), &[(&y, &p[0]), (&h, &p[3])], None)?;
+            y = if fused {
+                let hidden = (&pre, Unary::Relu, None, &p[3]);
+                e.linear_of_unary(None, T::one(), hidden, &[(&y, &p[0])], None)?
+            } else {
+                let h = e.relu(&pre)?;
+                e.linear(None, T::one(), &[(&y, &p[0]), (&h, &p[3])], None)?
+            };
             if batch.observed(t) {
                 obs.observe(e, &y, &batch.step_loss(t)?)?;
             }
