@@ -16,7 +16,7 @@
 
 use crate::forward::linear_shapes;
 use crate::layout::tangent_shape;
-use crate::ops::{Binary, Ops, Unary};
+use crate::ops::{unary_of_linear_by_ops, Binary, Ops, Unary};
 use crate::pointwise::{Pointwise, Step};
 use crate::{Dual, Fwd};
 use sofo_tensor::cuda::{
@@ -194,7 +194,9 @@ impl CudaFwd {
 
     /// `linear` in f32, with the first term's input read as f(a) where
     /// `act` is given (only where that term goes through a kernel that
-    /// reads it: `Narrow`, or `Dense(0)`).
+    /// reads it: `Narrow`, or `Dense(0)`), and g applied to the affine map
+    /// before the leak where `post` is given (only on the `Dense` path
+    /// with no small term added after the kernel: [`CudaFwd::writes_post`]).
     fn linear_f32(
         &mut self,
         leak: Option<(&CudaDual, f32)>,
@@ -202,6 +204,7 @@ impl CudaFwd {
         terms: &[(&CudaDual, &CudaDual)],
         bias: Option<&CudaDual>,
         act: Option<TermActivation<'_>>,
+        post: Option<UnaryCode>,
     ) -> Result<CudaDual> {
         let shapes: Vec<(&[usize], &[usize])> = terms
             .iter()
@@ -222,18 +225,14 @@ impl CudaFwd {
         let want_k = (any_tangent && k > 0).then_some(k);
         let path = self.linear_path(terms);
         debug_assert!(act.is_none() || matches!(path, LinearPath::Narrow | LinearPath::Dense(0)));
+        debug_assert!(post.is_none() || self.writes_post(terms));
         if path == LinearPath::Narrow {
             return self.narrow_linear(&out_shape, want_k, leak, scale, terms, bias, act);
         }
         // a term with a few columns and no tangents (a network's input) is
         // folded into the first launch instead of two GEMMs that would each
         // read and write the whole output for a rank-few update
-        let small = terms.iter().position(|(a, w)| {
-            a.tangent.is_none()
-                && w.primal.shape().len() == 2
-                && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
-                && a.primal.shape().last() == Some(&w.primal.shape()[0])
-        });
+        let small = folded_term(terms);
         // the other terms with a few columns (a plant's state feeding the
         // network: they have tangents) in one launch each; the rest as GEMMs
         let terms_all = terms;
@@ -266,6 +265,7 @@ impl CudaFwd {
                 leak,
                 small,
                 scale,
+                post,
             )?;
             add_small_terms(&dev, &mut y, t.as_mut(), k, &small_adds, scale)?;
             return Ok(CudaDual {
@@ -330,6 +330,19 @@ impl CudaFwd {
             primal: y,
             tangent: Some(t),
         })
+    }
+
+    /// Whether `linear_dense` can apply g to the affine map of a linear op
+    /// with `terms` ([`Ops::unary_of_linear`]): on the `Dense` path, with
+    /// every term but the dense one folded into its launch (a term added
+    /// after it would land outside g).
+    fn writes_post(&self, terms: &[(&CudaDual, &CudaDual)]) -> bool {
+        let folded = folded_term(terms);
+        matches!(self.linear_path(terms), LinearPath::Dense(_))
+            && terms
+                .iter()
+                .enumerate()
+                .all(|(i, (_, w))| Some(i) == folded || !is_small_term(w))
     }
 
     /// Runs an op on the host with the CPU engine.
@@ -478,7 +491,7 @@ impl<T: Float> Ops<T> for CudaFwd {
         bias: Option<&CudaDual>,
     ) -> Result<CudaDual> {
         let leak = leak.map(|(x, c)| (x, c.to_f64() as f32));
-        self.linear_f32(leak, scale.to_f64() as f32, terms, bias, None)
+        self.linear_f32(leak, scale.to_f64() as f32, terms, bias, None, None)
     }
 
     /// f(x) (⊙ c) read by the kernel of the term's path where that is the
@@ -503,7 +516,8 @@ impl<T: Float> Ops<T> for CudaFwd {
             self.linear_path(&all),
             LinearPath::Narrow | LinearPath::Dense(0)
         );
-        if !constant_factor || !reads_x {
+        let (f, _) = code(op);
+        if !constant_factor || !reads_x || !f.is_rate_function() {
             let fx = match c {
                 Some(c) => Ops::<T>::unary_mul(self, x, op, c)?,
                 None => Ops::<T>::unary(self, x, op)?,
@@ -511,18 +525,36 @@ impl<T: Float> Ops<T> for CudaFwd {
             all[0] = (&fx, w);
             return Ops::<T>::linear(self, leak, scale, &all, bias);
         }
-        let (f, scalar) = code(op);
         let act = TermActivation {
             op: f,
-            scalar,
             factor: c.map(|c| &c.primal),
         };
         let leak = leak.map(|(x, c)| (x, c.to_f64() as f32));
-        self.linear_f32(leak, scale.to_f64() as f32, &all, bias, Some(act))
+        self.linear_f32(leak, scale.to_f64() as f32, &all, bias, Some(act), None)
     }
 
     fn fuses_unary_into_linear(&self) -> bool {
         true
+    }
+
+    /// One dense term (and a folded input term): `linear_dense` applies g
+    /// and its derivative and the leak as it writes the output, in two
+    /// launches (the value's, then the tangents'); else op by op.
+    fn unary_of_linear(
+        &mut self,
+        leak: Option<(&CudaDual, T)>,
+        scale: T,
+        op: Unary,
+        terms: &[(&CudaDual, &CudaDual)],
+        bias: Option<&CudaDual>,
+    ) -> Result<CudaDual> {
+        let (g, _) = code(op);
+        if !g.is_rate_function() || !self.writes_post(terms) {
+            return unary_of_linear_by_ops(self, leak, scale, op, terms, bias);
+        }
+        let leak = leak.map(|(x, c)| (x, c.to_f64() as f32));
+        let post = Some(g);
+        self.linear_f32(leak, scale.to_f64() as f32, terms, bias, None, post)
     }
 
     fn sum(&mut self, x: &CudaDual, axes: &[usize]) -> Result<CudaDual> {
@@ -711,6 +743,18 @@ enum LinearPath {
     Dense(usize),
     /// `linear_init` and cuBLAS GEMMs.
     Gemm,
+}
+
+/// The term folded into a linear op's first launch, if any: the first
+/// with a few inner columns, a matrix, and no tangents on its input (a
+/// network's input).
+fn folded_term(terms: &[(&CudaDual, &CudaDual)]) -> Option<usize> {
+    terms.iter().position(|(a, w)| {
+        a.tangent.is_none()
+            && w.primal.shape().len() == 2
+            && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
+            && a.primal.shape().last() == Some(&w.primal.shape()[0])
+    })
 }
 
 /// A term whose weights have at most [`CudaDevice::SMALL_TERM`] rows (a

@@ -223,6 +223,23 @@ pub trait Ops<T: Float> {
         self.linear(leak, scale, &all, bias)
     }
 
+    /// f of a linear op, the leak outside f: `leak_c · x + f(scale · (Σ_i
+    /// a_i · W_i + bias))` for `leak = Some((x, leak_c))` (a leaky network
+    /// whose nonlinearity follows its recurrence, the Kalman task's z ←
+    /// (1 − α) z + relu(α (z W + u B + b))). By default `linear`, `unary`,
+    /// then `mul_scalar` and `add` for the leak, exactly; an engine on a
+    /// device may apply f, f′ and the leak as it writes the linear op.
+    fn unary_of_linear(
+        &mut self,
+        leak: Option<(&Self::V, T)>,
+        scale: T,
+        op: Unary,
+        terms: &[(&Self::V, &Self::V)],
+        bias: Option<&Self::V>,
+    ) -> Result<Self::V> {
+        unary_of_linear_by_ops(self, leak, scale, op, terms, bias)
+    }
+
     /// Whether [`Ops::linear_of_unary`] reads f(x) on the fly instead of
     /// computing and storing it: then a model that uses f(x) in several
     /// linear ops should pass x to each rather than compute f(x) once.
@@ -323,5 +340,26 @@ pub trait Ops<T: Float> {
             .product();
         let s = self.sum(x, axes)?;
         self.mul_scalar(&s, 1.0 / n.max(1) as f64)
+    }
+}
+
+/// [`Ops::unary_of_linear`] op by op: `linear`, `unary`, then the leak's
+/// `mul_scalar` and `add` (the default, and a device engine's fallback).
+pub(crate) fn unary_of_linear_by_ops<T: Float, E: Ops<T> + ?Sized>(
+    e: &mut E,
+    leak: Option<(&E::V, T)>,
+    scale: T,
+    op: Unary,
+    terms: &[(&E::V, &E::V)],
+    bias: Option<&E::V>,
+) -> Result<E::V> {
+    let pre = e.linear(None, scale, terms, bias)?;
+    let fy = e.unary(&pre, op)?;
+    match leak {
+        None => Ok(fy),
+        Some((x, c)) => {
+            let kept = e.mul_scalar(x, c.to_f64())?;
+            e.add(&kept, &fy)
+        }
     }
 }

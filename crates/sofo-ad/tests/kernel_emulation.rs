@@ -642,7 +642,6 @@ fn linear_narrow_matches_its_rule() {
         i32,
         i32,
         i32,
-        f32,
         *const f32,
         i32,
     );
@@ -771,7 +770,6 @@ fn linear_narrow_matches_its_rule() {
                         init,
                         act as i32,
                         code(Unary::Tanh).0 as i32,
-                        0.0,
                         c.data().as_ptr(),
                         has_c as i32,
                     )

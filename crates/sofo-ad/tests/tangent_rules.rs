@@ -1776,3 +1776,55 @@ fn linear_of_unary_is_unary_then_linear() {
         });
     }
 }
+
+/// `unary_of_linear` is `leak_c · x + f(scale · (Σ a·W + b))` on the host
+/// engine: its value against that formula evaluated entry by entry in f64
+/// (the leak outside f, the scale inside), and its tangents against finite
+/// differences, each input with tangents or without (the Kalman task's
+/// network runs on it, and the GPU's fused kernel is checked against it).
+#[test]
+fn unary_of_linear_is_f_of_the_affine_map_plus_the_leak() {
+    let mut rng = Rng::new(505);
+    let mut d = |s: &[usize]| rand_dual(&mut rng, &Fwd::new(K), s);
+    let (a, w, u, wu, b, l) = (
+        d(&[3, 4]),
+        d(&[4, 5]),
+        d(&[3, 2]),
+        d(&[2, 5]),
+        d(&[5]),
+        d(&[3, 5]),
+    );
+    let mut e = Fwd::new(K);
+    for (op, f) in [
+        (Unary::Relu, (|v: f64| v.max(0.0)) as fn(f64) -> f64),
+        (Unary::Tanh, f64::tanh),
+    ] {
+        let y = e
+            .unary_of_linear(Some((&l, 0.6)), 0.3, op, &[(&a, &w), (&u, &wu)], Some(&b))
+            .unwrap();
+        let (av, wv, uv, wuv) = (
+            a.primal.data(),
+            w.primal.data(),
+            u.primal.data(),
+            wu.primal.data(),
+        );
+        for r in 0..3 {
+            for j in 0..5 {
+                let dense: f64 = (0..4).map(|i| av[r * 4 + i] * wv[i * 5 + j]).sum();
+                let input: f64 = (0..2).map(|q| uv[r * 2 + q] * wuv[q * 5 + j]).sum();
+                let want = 0.6 * l.primal.data()[r * 5 + j]
+                    + f(0.3 * (dense + input + b.primal.data()[j]));
+                let got = y.primal.data()[r * 5 + j];
+                assert!(
+                    (got - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                    "{op:?} [{r}, {j}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+    let inputs: Vec<Tensor<f64>> = [a, w, u, wu, b, l].into_iter().map(|v| v.primal).collect();
+    check_all_subsets("unary_of_linear", &inputs, 506, |e, v| {
+        let terms = [(&v[0], &v[1]), (&v[2], &v[3])];
+        e.unary_of_linear(Some((&v[5], 0.6)), 0.3, Unary::Tanh, &terms, Some(&v[4]))
+    });
+}

@@ -446,30 +446,48 @@ extern "C" __global__ void linear_small_add(float* y, float* t, const float* u, 
 // primal rows and, with want_t, t[r, k, o] (+)= scale * (bt[k, o] + Σ_i
 // at[r, k, i] w[i, o] + a[r, i] wt[i, k, o]) over the tangent rows; init:
 // written (bias included where has_b / has_bt), else added to (no bias).
-// With has_act the term's input is f(a) (op act, scalar act_s), its
+// With has_act the term's input is f(a) (a rate function, op act), its
 // tangents f′(a) ⊙ at: a rate network's φ(x) · C, read from x as it goes;
 // with has_c too, f(a) ⊙ c and f′(a) ⊙ at ⊙ c for a factor c of a's shape
 // without tangents (the rates' noise).
 // GEMMs with n ≤ 8 columns fit cuBLAS's tiles badly and take three launches
 // (a·w, at·w, a·wt); here one thread per row keeps its n sums in registers.
 #define NARROW 8
-// an input element as a term reads it (mode 0: x[i]; 1: f(x[i]); 2:
-// f′(xa[i]) · x[i], the tangent of f at xa), times cf[i] where a factor row
-// cf is given (modes 1 and 2)
-__device__ __forceinline__ float act_load_(const float* x, const float* xa, const float* cf, long long i,
-                                           int mode, int op, float s) {
-    if (mode == 0) return x[i];
+// o = f(v), g = f′(v) for the functions a linear op's kernels apply to a
+// term's input or to their output (the rate functions: tanh, relu,
+// softplus, sigmoid; codes as in UnaryCode, others refused on the host).
+// Only these: unary_eval_'s sin and cos bring a local-memory frame (their
+// slow path) and its registers into every kernel that inlines them.
+__device__ __forceinline__ void rate_eval_(float v, int op, float* o_, float* g_) {
     float o, g;
-    unary_eval_(mode == 1 ? x[i] : xa[i], op, s, &o, &g);
-    const float v = mode == 1 ? o : g * x[i];
-    return cf ? v * cf[i] : v;
+    switch (op) {
+        case 3: o = tanhf(v); g = 1.f - o * o; break;
+        case 4: o = v > 0.f ? v : 0.f; g = v > 0.f ? 1.f : 0.f; break;
+        case 5: o = fmaxf(v, 0.f) + log1pf(expf(-fabsf(v))); g = sigmoidf_(v); break;
+        default: o = sigmoidf_(v); g = o * (1.f - o); break;
+    }
+    *o_ = o; *g_ = g;
+}
+// an input element as a term reads it from its loaded value v (mode 0: v;
+// 1: f(v); 2: f′(va) · v, the tangent of f at va), times the factor c
+// (modes 1 and 2; 1 where there is none)
+__device__ __forceinline__ float act_apply_(float v, float va, float c, int mode, int op) {
+    if (mode == 0) return v;
+    float o, g;
+    rate_eval_(mode == 1 ? v : va, op, &o, &g);
+    return (mode == 1 ? o : g * v) * c;
+}
+__device__ __forceinline__ float act_load_(const float* x, const float* xa, const float* cf, long long i,
+                                           int mode, int op) {
+    if (mode == 0) return x[i];
+    return act_apply_(x[i], mode == 2 ? xa[i] : 0.f, cf ? cf[i] : 1.f, mode, op);
 }
 // acc[o] += Σ_i x[i] w[i * ws + o] for o < n (x's elements as act_load_
 // reads them): one row x of the input per thread, read as float4 where it
 // is 16-byte aligned and plain (a row's loads then take whole 32-byte
 // sectors two at a time, however the L1 fares)
 __device__ __forceinline__ void narrow_row_(const float* x, const float* xa, const float* cf, int mode,
-                                            int op, float s, int kd, const float* w, long long ws, int n,
+                                            int op, int kd, const float* w, long long ws, int n,
                                             float* acc) {
     int i = 0;
     if (mode == 0 && (((unsigned long long)x) & 15) == 0) {
@@ -485,7 +503,7 @@ __device__ __forceinline__ void narrow_row_(const float* x, const float* xa, con
     }
     for (; i < kd; i++) {
         const float* wr = w + (long long)i * ws;
-        const float v = act_load_(x, xa, cf, i, mode, op, s);
+        const float v = act_load_(x, xa, cf, i, mode, op);
         for (int o = 0; o < NARROW; o++)
             if (o < n) acc[o] += v * wr[o];
     }
@@ -495,14 +513,14 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
                                          const float* bt, float scale, long long rows, int k,
                                          int kd, int n, int want_t, int has_at, int has_wt,
                                          int has_b, int has_bt, int init, int has_act, int act,
-                                         float act_s, const float* ac, int has_c) {
+                                         const float* ac, int has_c) {
     const long long total = rows * (1 + (want_t ? (long long)k : 0));
     GRID_LOOP(q, total) {
         float acc[NARROW];
         for (int o = 0; o < NARROW; o++) acc[o] = 0.f;
         if (q < rows) {
             const float* cq = has_act && has_c ? ac + q * kd : nullptr;
-            narrow_row_(a + q * kd, a, cq, has_act, act, act_s, kd, w, n, n, acc);
+            narrow_row_(a + q * kd, a, cq, has_act, act, kd, w, n, n, acc);
             for (int o = 0; o < NARROW; o++) {
                 if (o >= n) break;
                 float* dst = y + q * n + o;
@@ -514,8 +532,8 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
             long long r, kk;
             divmod_(rk, k, &r, &kk);
             const float* cr = has_act && has_c ? ac + r * kd : nullptr;
-            if (has_at) narrow_row_(at + rk * kd, a + r * kd, cr, 2 * has_act, act, act_s, kd, w, n, n, acc);
-            if (has_wt) narrow_row_(a + r * kd, a, cr, has_act, act, act_s, kd, wt + kk * n, (long long)k * n, n, acc);
+            if (has_at) narrow_row_(at + rk * kd, a + r * kd, cr, 2 * has_act, act, kd, w, n, n, acc);
+            if (has_wt) narrow_row_(a + r * kd, a, cr, has_act, act, kd, wt + kk * n, (long long)k * n, n, acc);
             for (int o = 0; o < NARROW; o++) {
                 if (o >= n) break;
                 float* dst = t + rk * n + o;
@@ -542,10 +560,16 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 // over kd: one GEMM of inner dimension 2·kd) runs in chunks of DENSE_K through
 // shared memory; each of the DENSE_THREADS threads keeps a 4 × 4 block of the
 // tile in registers, read from shared memory as float4. With DENSE_ACT the
-// dense term's input is f(a) (op act, scalar act_s) and its tangents
+// dense term's input is f(a) (a rate function, op act) and its tangents
 // f′(a) ⊙ at, applied as the chunks are loaded: a rate network's φ(x) · W
 // without φ(x)'s tangents ever stored; with DENSE_ACT_C as well, f(a) ⊙ ac
 // and f′(a) ⊙ at ⊙ ac for a factor ac of a's shape (the rates' noise).
+// With DENSE_POST the output is g of the affine map (a rate function, op
+// post) before the leak: y = g(p) + c · x with p = scale · (…), and
+// t = g′(p) ⊙ ṗ + c · xt (a leaky network whose nonlinearity follows its
+// recurrence). A tangent block needs p where it has only ṗ: the value's
+// launch (no DENSE_WANT_T) writes p to pre, and a second launch of the K
+// tangents' blocks alone reads it.
 #define DENSE_TILE 64
 #define DENSE_K 16
 #define DENSE_THREADS 256
@@ -559,6 +583,7 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 #define DENSE_UWT 128
 #define DENSE_ACT 256
 #define DENSE_ACT_C 512
+#define DENSE_POST 1024
 #if DENSE_TILE * DENSE_K != 4 * DENSE_THREADS
 #error "linear_dense: each thread stages 4 elements of each operand's chunk"
 #endif
@@ -567,7 +592,8 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
                                         const float* bt, const float* x, const float* xt,
                                         const float* u, const float* uw, const float* uwt,
                                         float c, float scale, int rows, int k, int kd, int n,
-                                        int ku, int flags, int act, float act_s, const float* ac) {
+                                        int ku, int flags, int act, const float* ac, int post,
+                                        float* pre) {
     __shared__ float4 As[DENSE_K][DENSE_TILE / 4 + 1];  // the chunk of A, transposed: row r of i at As[i][r/4]
     __shared__ float4 Bs[DENSE_K][DENSE_TILE / 4];      // the chunk of B: column j of i at Bs[i][j/4]
     const int tiles_c = (n + DENSE_TILE - 1) / DENSE_TILE;
@@ -586,12 +612,18 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
     // block's slot only: the whole block takes the same branches.
     const bool ph0 = value || (flags & DENSE_AT), ph1 = !value && (flags & DENSE_WT);
     const int per = (kd + DENSE_K - 1) / DENSE_K, chunks = (ph0 + ph1) * per;
-    // the elements of a chunk this thread stages (zero outside the
-    // operands), loaded into registers one chunk ahead: the next chunk's
-    // loads are in flight while this one is multiplied
-    float pa[4], pb[4];
+    // the elements of a chunk this thread stages, loaded into registers
+    // one chunk ahead (the next chunk's loads are in flight while this one
+    // is multiplied) as they are in memory: the term's activation is
+    // applied as they go to shared memory, after the multiplications, so
+    // that nothing waits for the loads before it must. Outside the operands
+    // all zero: such an element's f(0) meets a zero row of B (its inner
+    // index is past kd) or lands in an output row that is not written.
+    float pa[4], px[4], pc[4], pb[4];
+    // (the chunk's phase: 0, at · w — a · w for the value — or 1, a · wt)
+    auto phase = [&](int chunk) { return ph0 && ph1 ? chunk / per : (ph0 ? 0 : 1); };
     auto load = [&](int chunk) {
-        const int ph = ph0 && ph1 ? chunk / per : (ph0 ? 0 : 1), i0 = (chunk % per) * DENSE_K;
+        const int ph = phase(chunk), i0 = (chunk % per) * DENSE_K;
         const bool tangent_a = !value && ph == 0;
         const float* src_a = tangent_a ? at : a;
         const float* src_b = ph == 0 ? w : wt + (long long)kk * n;
@@ -599,21 +631,23 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
         for (int q = 0; q < 4; q++) {
             const int e = tid + q * DENSE_THREADS;
             const int rr = e / DENSE_K, ia = i0 + e % DENSE_K, r = r0 + rr;
-            pa[q] = r < rows && ia < kd
-                ? act_load_(src_a + (tangent_a ? (long long)r * k + kk : (long long)r) * kd,
-                            a + (long long)r * kd,
-                            (flags & DENSE_ACT_C) ? ac + (long long)r * kd : nullptr, ia,
-                            (flags & DENSE_ACT) ? (tangent_a ? 2 : 1) : 0, act, act_s)
-                : 0.f;
+            const bool in = r < rows && ia < kd;
+            const long long el = (long long)r * kd + ia;
+            pa[q] = in ? src_a[tangent_a ? ((long long)r * k + kk) * kd + ia : el] : 0.f;
+            px[q] = in && (flags & DENSE_ACT) && tangent_a ? a[el] : 0.f;
+            pc[q] = in && (flags & DENSE_ACT_C) ? ac[el] : 0.f;
             const int ib = i0 + e / DENSE_TILE, j = j0 + e % DENSE_TILE;
             pb[q] = ib < kd && j < n ? src_b[(long long)ib * ldb + j] : 0.f;
         }
     };
     if (chunks > 0) load(0);
     for (int chunk = 0; chunk < chunks; chunk++) {
+        const bool tangent_a = !value && phase(chunk) == 0;
+        const int mode = (flags & DENSE_ACT) ? (tangent_a ? 2 : 1) : 0;
         for (int q = 0; q < 4; q++) {
             const int e = tid + q * DENSE_THREADS;
-            ((float*)&As[e % DENSE_K][0])[e / DENSE_K] = pa[q];
+            const float c = (flags & DENSE_ACT_C) ? pc[q] : 1.f;
+            ((float*)&As[e % DENSE_K][0])[e / DENSE_K] = act_apply_(pa[q], px[q], c, mode, act);
             ((float*)&Bs[e / DENSE_TILE][0])[e % DENSE_TILE] = pb[q];
         }
         __syncthreads();
@@ -637,6 +671,11 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
                 if (flags & DENSE_B) v += b[j];
                 for (int s = 0; s < ku; s++) v += u[(long long)r * ku + s] * uw[(long long)s * n + j];
                 v *= scale;
+                if (flags & DENSE_POST) {
+                    float g;
+                    pre[(long long)r * n + j] = v;
+                    rate_eval_(v, post, &v, &g);
+                }
                 if (flags & DENSE_X) v += c * x[(long long)r * n + j];
                 y[(long long)r * n + j] = v;
             } else {
@@ -646,6 +685,11 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
                     for (int s = 0; s < ku; s++)
                         v += u[(long long)r * ku + s] * uwt[((long long)s * k + kk) * n + j];
                 v *= scale;
+                if (flags & DENSE_POST) {
+                    float g, g_prime;
+                    rate_eval_(pre[(long long)r * n + j], post, &g, &g_prime);
+                    v *= g_prime;
+                }
                 if (flags & DENSE_XT) v += c * xt[o];
                 t[o] = v;
             }
@@ -1431,23 +1475,49 @@ fn grid(n: usize) -> LaunchConfig {
 
 /// The input of a linear term read through an elementwise function by the
 /// kernel (`linear_dense`, `linear_narrow`): `f(a) ⊙ c`, its tangents
-/// `f′(a) ⊙ ȧ ⊙ c`, for the op `f` with its scalar and an optional factor
-/// `c` of a's shape without tangents (a rate network's φ(x), the rates'
-/// noise).
+/// `f′(a) ⊙ ȧ ⊙ c`, for a rate function `f` ([`UnaryCode::is_rate_function`])
+/// and an optional factor `c` of a's shape without tangents (a rate
+/// network's φ(x), the rates' noise).
 #[derive(Clone, Copy, Debug)]
 pub struct TermActivation<'a> {
     pub op: UnaryCode,
-    pub scalar: f32,
     pub factor: Option<&'a DevTensor>,
 }
 
-/// A term's activation as kernel arguments: (whether, op code, scalar,
-/// whether a factor), after checking the factor's size against the term's
+impl UnaryCode {
+    /// Whether the linear op's kernels apply this function to a term's
+    /// input or to their output: tanh, relu, softplus and sigmoid (the
+    /// others run as kernels of their own).
+    pub fn is_rate_function(self) -> bool {
+        matches!(
+            self,
+            UnaryCode::Tanh | UnaryCode::Relu | UnaryCode::Softplus | UnaryCode::Sigmoid
+        )
+    }
+}
+
+/// A rate function's code for a linear op's kernel, or an error naming
+/// `what` and the op.
+fn rate_function(what: &'static str, op: UnaryCode) -> Result<i32> {
+    match op.is_rate_function() {
+        true => Ok(op as i32),
+        false => Err(TensorError::Device {
+            op: what,
+            message: format!(
+                "{op:?} is not applied by the kernel: tanh, relu, softplus or sigmoid"
+            ),
+        }),
+    }
+}
+
+/// A term's activation as kernel arguments: (whether, op code, whether a
+/// factor), after checking the op and the factor's size against the term's
 /// input of `numel` elements.
-fn act_args(act: Option<TermActivation<'_>>, numel: usize) -> Result<(i32, i32, f32, i32)> {
+fn act_args(act: Option<TermActivation<'_>>, numel: usize) -> Result<(i32, i32, i32)> {
     let Some(act) = act else {
-        return Ok((0, 0, 0.0, 0));
+        return Ok((0, 0, 0));
     };
+    let op = rate_function("device linear term's activation", act.op)?;
     if let Some(c) = act.factor {
         if c.numel() != numel {
             return Err(TensorError::shape(
@@ -1457,7 +1527,7 @@ fn act_args(act: Option<TermActivation<'_>>, numel: usize) -> Result<(i32, i32, 
             ));
         }
     }
-    Ok((1, act.op as i32, act.scalar, act.factor.is_some() as i32))
+    Ok((1, op, act.factor.is_some() as i32))
 }
 
 fn one_block() -> LaunchConfig {
@@ -2372,7 +2442,11 @@ impl CudaDevice {
     /// writes the whole output. With `act` the dense term's input is `f(a) ⊙
     /// c` and its tangents `f′(a) ⊙ ȧ ⊙ c` ([`TermActivation`]), applied as
     /// `a` and `ȧ` are read (a rate network's φ(x) · W: φ(x)'s tangents
-    /// never stored).
+    /// never stored). With `post = Some(g)`, a rate function, the output is `g(p) +
+    /// c · x` for the affine map p above (before the leak), its tangents
+    /// `g′(p) ⊙ ṗ + c · ẋ` (a leaky network whose nonlinearity follows its
+    /// recurrence): two launches, the value's (which keeps p) and then the
+    /// tangents'.
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     pub fn linear_dense(
         &self,
@@ -2385,6 +2459,7 @@ impl CudaDevice {
         leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
         small: Option<(&DevTensor, &DevTensor, Option<&DevTensor>)>,
         scale: f32,
+        post: Option<UnaryCode>,
     ) -> Result<(DevTensor, Option<DevTensor>)> {
         let (mut y, mut t) = self.linear_outputs(shape, k_tangents)?;
         let k = k_tangents.unwrap_or(0);
@@ -2422,48 +2497,78 @@ impl CudaDevice {
             (want_t && small.is_some_and(|(_, _, wt)| wt.is_some()), 128),
             (act.is_some(), 256),
             (act.is_some_and(|c| c.factor.is_some()), 512),
+            (post.is_some(), 1024),
         ];
         let flags: i32 = bits.iter().filter(|(on, _)| *on).map(|(_, bit)| bit).sum();
         let c = leak.map_or(0.0, |(_, _, c)| c);
         let ku32 = ku as i32;
-        let mut l = Launch::new(&self.core, &self.k.linear_dense);
-        l.out(&mut *y.data);
-        match t.as_mut() {
-            Some(t) => l.out(&mut *t.data),
-            None => l.arg(&self.dummy),
+        let (_, act_op, _) = act_args(act, a.0.numel())?;
+        let post_op = match post {
+            Some(g) => rate_function("device dense linear's output function", g)?,
+            None => 0,
         };
-        l.arg(&*a.0.data)
-            .arg(self.data_or_dummy(a.1))
-            .arg(&*w.0.data)
-            .arg(self.data_or_dummy(w.1))
-            .arg(self.data_or_dummy(bias.map(|(b, _)| b)))
-            .arg(self.data_or_dummy(bias.and_then(|(_, bt)| bt)))
-            .arg(self.data_or_dummy(leak.map(|(x, _, _)| x)))
-            .arg(self.data_or_dummy(leak.and_then(|(_, xt, _)| xt)))
-            .arg(self.data_or_dummy(small.map(|(u, _, _)| u)))
-            .arg(self.data_or_dummy(small.map(|(_, uw, _)| uw)))
-            .arg(self.data_or_dummy(small.and_then(|(_, _, uwt)| uwt)))
-            .arg(&c)
-            .arg(&scale)
-            .arg(&r32)
-            .arg(&k32)
-            .arg(&kd32)
-            .arg(&n32)
-            .arg(&ku32)
-            .arg(&flags);
-        let (_, act_op, act_s, _) = act_args(act, a.0.numel())?;
-        l.arg(&act_op)
-            .arg(&act_s)
-            .arg(self.data_or_dummy(act.and_then(|c| c.factor)));
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (Self::DENSE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        // p, the affine map before g, for the tangents' launch
+        let mut pre = match post {
+            Some(_) => Some(self.scratch(&[rows, n])?),
+            None => None,
         };
-        // SAFETY: sizes checked above (term_sizes, check_linear_terms); the
-        // kernel reads an operand only where its flag is set (or, for the
-        // small term, ku > 0) and writes t only with DENSE_WANT_T.
-        unsafe { l.launch(cfg) }.map_err(|e| dev_err("linear_dense", e))?;
+        let mut launch = |blocks: usize, flags: i32| -> Result<()> {
+            let mut l = Launch::new(&self.core, &self.k.linear_dense);
+            l.out(&mut *y.data);
+            match t.as_mut() {
+                Some(t) => l.out(&mut *t.data),
+                None => l.arg(&self.dummy),
+            };
+            l.arg(&*a.0.data)
+                .arg(self.data_or_dummy(a.1))
+                .arg(&*w.0.data)
+                .arg(self.data_or_dummy(w.1))
+                .arg(self.data_or_dummy(bias.map(|(b, _)| b)))
+                .arg(self.data_or_dummy(bias.and_then(|(_, bt)| bt)))
+                .arg(self.data_or_dummy(leak.map(|(x, _, _)| x)))
+                .arg(self.data_or_dummy(leak.and_then(|(_, xt, _)| xt)))
+                .arg(self.data_or_dummy(small.map(|(u, _, _)| u)))
+                .arg(self.data_or_dummy(small.map(|(_, uw, _)| uw)))
+                .arg(self.data_or_dummy(small.and_then(|(_, _, uwt)| uwt)))
+                .arg(&c)
+                .arg(&scale)
+                .arg(&r32)
+                .arg(&k32)
+                .arg(&kd32)
+                .arg(&n32)
+                .arg(&ku32)
+                .arg(&flags)
+                .arg(&act_op)
+                .arg(self.data_or_dummy(act.and_then(|c| c.factor)))
+                .arg(&post_op);
+            match pre.as_mut() {
+                Some(p) => l.out(&mut *p.data),
+                None => l.arg(&self.dummy),
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (Self::DENSE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: sizes checked above (term_sizes, check_linear_terms);
+            // the kernel reads an operand only where its flag is set (or,
+            // for the small term, ku > 0), writes t only with DENSE_WANT_T,
+            // writes pre only in the value's blocks with DENSE_POST, and
+            // reads it in the tangents' blocks only with DENSE_POST: after
+            // the value's launch below, on the same stream.
+            unsafe { l.launch(cfg) }.map_err(|e| dev_err("linear_dense", e))
+        };
+        match post {
+            None => launch(blocks, flags)?,
+            Some(_) => {
+                // the value's blocks, then the tangents' blocks alone (slots
+                // kk < K: the grid stops before the value's slot)
+                launch(tiles, flags & !1)?; // no DENSE_WANT_T
+                if want_t {
+                    launch(tiles * k, flags)?;
+                }
+            }
+        }
         Ok((y, t))
     }
 
@@ -2686,10 +2791,9 @@ impl CudaDevice {
         for f in &flags {
             l.arg(f);
         }
-        let (has_act, act_op, act_s, has_c) = act_args(act, a.0.numel())?;
+        let (has_act, act_op, has_c) = act_args(act, a.0.numel())?;
         l.arg(&has_act)
             .arg(&act_op)
-            .arg(&act_s)
             .arg(self.data_or_dummy(act.and_then(|c| c.factor)))
             .arg(&has_c);
         // SAFETY: sizes checked above; absent operands are never read, t is
@@ -3086,6 +3190,44 @@ mod tests {
             e.contains("SOFO_GPU_LINEAR") && e.contains("\"cublas\"") && e.contains("fused"),
             "{e}"
         );
+    }
+
+    /// The functions the linear op's kernels apply (the kernel's
+    /// `rate_eval_` has these four cases, and its default is sigmoid): any
+    /// other is refused, naming the op.
+    #[test]
+    fn linear_kernels_apply_the_rate_functions_only() {
+        use super::UnaryCode as U;
+        let all = [
+            U::Neg,
+            U::Exp,
+            U::Log,
+            U::Tanh,
+            U::Relu,
+            U::Softplus,
+            U::Sigmoid,
+            U::Square,
+            U::Sqrt,
+            U::AddScalar,
+            U::MulScalar,
+            U::Abs,
+            U::Sin,
+            U::Cos,
+        ];
+        for op in all {
+            let rate = matches!(op, U::Tanh | U::Relu | U::Softplus | U::Sigmoid);
+            assert_eq!(op.is_rate_function(), rate, "{op:?}");
+            match super::rate_function("test", op) {
+                Ok(code) => assert!(rate && code == op as i32, "{op:?}"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        !rate && e.contains(&format!("{op:?}")) && e.contains("tanh"),
+                        "{e}"
+                    );
+                }
+            }
+        }
     }
 
     /// The kernel source compiles (runs wherever libnvrtc loads, GPU or not:

@@ -435,7 +435,8 @@ fn dense_linear_agrees_with_the_cpu() {
 /// fallback where the kernel cannot read f(x) (the dense term on cuBLAS; a
 /// second dense term; a factor with tangents), every tangent of x and w
 /// present or not, without a factor and with a constant one (the rates'
-/// noise: f(x) ⊙ c), for tanh, relu and softplus.
+/// noise: f(x) ⊙ c), for tanh, relu and softplus — and exp, which the
+/// kernels do not apply (not a rate function: unary then linear).
 #[test]
 fn linear_of_unary_agrees_with_the_cpu() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -454,7 +455,7 @@ fn linear_of_unary_agrees_with_the_cpu() {
         (DenseLinear::Auto, 67, true),
     ] {
         dev.set_dense_linear(dense);
-        for (op, mask, leak) in [Unary::Tanh, Unary::Relu, Unary::Softplus]
+        for (op, mask, leak) in [Unary::Tanh, Unary::Relu, Unary::Softplus, Unary::Exp]
             .into_iter()
             .flat_map(|op| (0..12u32).map(move |m| (op, m)))
             .flat_map(|(op, m)| [false, true].map(|l| (op, m, l)))
@@ -495,6 +496,91 @@ fn linear_of_unary_agrees_with_the_cpu() {
                 &format!(
                     "{dense:?} {op:?}(x [{rows}, {kd}]) · [{kd}, {n}], second dense term \
                      {second}, leak {leak}, mask {mask:04b}"
+                ),
+            );
+        }
+    }
+    dev.set_dense_linear(DenseLinear::Auto);
+}
+
+/// `unary_of_linear` (f of a linear op, the leak outside f) gives the
+/// CPU's numbers — the default there, `linear`, `unary`, `mul_scalar` and
+/// `add` — through each path: `linear_dense` applying f, f′ and the leak in
+/// its two launches (an input term folded in, partial tiles and reduction
+/// chunk: 130 rows and 67 columns, inner 37), without any tangents (the
+/// value's launch alone), and the fallbacks op by op (the dense term on
+/// cuBLAS; a plant term with tangents, added after the kernel; a narrow
+/// output; exp, not a rate function), every tangent of the dense term, the
+/// input's weights, the bias and the leak's x present or not, for relu,
+/// tanh, softplus and exp.
+#[test]
+fn unary_of_linear_agrees_with_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("unary_of_linear_agrees_with_the_cpu") else {
+        return;
+    };
+    let k = 3;
+    let mut c = Fwd::new(k);
+    let mut g = CudaFwd::new(dev.clone(), k);
+    let (rows, kd) = (130, 37);
+    for (dense, n, plant) in [
+        (DenseLinear::Fused, 67, false),
+        (DenseLinear::Gemm, 67, false),
+        (DenseLinear::Fused, 67, true),
+        (DenseLinear::Fused, 3, false),
+    ] {
+        dev.set_dense_linear(dense);
+        for (op, mask, leak) in [Unary::Relu, Unary::Tanh, Unary::Softplus, Unary::Exp]
+            .into_iter()
+            .flat_map(|op| (0..32u32).map(move |m| (op, m)))
+            .flat_map(|(op, m)| [false, true].map(|l| (op, m, l)))
+        {
+            // every mask for relu on the fused path, a few elsewhere
+            let fused = dense == DenseLinear::Fused && n > 8 && !plant && op != Unary::Exp;
+            let every_mask = fused && op == Unary::Relu;
+            if !every_mask && ![0, 5, 26, 31].contains(&mask) {
+                continue;
+            }
+            let has = |i: u32| mask & (1 << i) != 0;
+            let a = dual(&[rows, kd], k, 70, has(0));
+            let w = dual(&[kd, n], k, 71, has(1));
+            let u = dual(&[rows, 2], k, 72, false);
+            let wu = dual(&[2, n], k, 73, has(2));
+            let b = dual(&[n], k, 74, has(3));
+            let x = dual(&[rows, n], k, 75, has(4));
+            let s = dual(&[rows, 2], k, 76, true);
+            let ws = dual(&[2, n], k, 77, false);
+            let mut terms = vec![(&a, &w), (&u, &wu)];
+            if plant {
+                terms.push((&s, &ws));
+            }
+            let cpu = c
+                .unary_of_linear(leak.then_some((&x, 0.75)), 0.25, op, &terms, Some(&b))
+                .unwrap();
+            let before = fake_gpu_counts();
+            let gpu = on_gpu(&mut g, &[&a, &w, &u, &wu, &b, &x, &s, &ws], |g, v| {
+                let mut terms = vec![(&v[0], &v[1]), (&v[2], &v[3])];
+                if plant {
+                    terms.push((&v[6], &v[7]));
+                }
+                let leak = leak.then_some((&v[5], 0.75f32));
+                g.unary_of_linear(leak, 0.25, op, &terms, Some(&v[4]))
+            });
+            if let (true, Some(b), Some(a)) = (fused, before, fake_gpu_counts()) {
+                // the value's launch, and the tangents' where there are any
+                let tangents = mask & 0b1111 != 0 || (leak && has(4));
+                assert_eq!(
+                    a[0] - b[0],
+                    1 + tangents as u64,
+                    "launches, mask {mask:05b}"
+                );
+            }
+            same(
+                &cpu,
+                &gpu,
+                &format!(
+                    "{dense:?} {op:?}([{rows}, {kd}] · [{kd}, {n}]), plant {plant}, \
+                     leak {leak}, mask {mask:05b}"
                 ),
             );
         }
@@ -648,6 +734,18 @@ fn lorenz_sketch_and_step_agree() {
     };
     let (model, params, batch) = lorenz_case();
     check_sketch_and_step(Device::Cuda(dev), &model, &params, &batch, "lorenz");
+}
+
+#[test]
+fn kalman_network_sketch_and_step_agree() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("kalman_network_sketch_and_step_agree") else {
+        return;
+    };
+    let model = LeakyRnn::kalman(24);
+    let params = Model::<f32>::init(&model, 0).unwrap();
+    let batch = Task::<f32>::train_batch(&KalmanTask::new(200), 0, 0, 16).unwrap();
+    check_sketch_and_step(Device::Cuda(dev), &model, &params, &batch, "kalman");
 }
 
 #[test]
@@ -1065,6 +1163,10 @@ fn kernels_of_128_more_steps<M: Model<f32>>(model: &M, batch: impl Fn(usize) -> 
 ///   the first reading relu(pre) and its tangents from pre (no relu kernel,
 ///   h's [M, K, H] tangents never stored); the sketch's rows — 5 (6 with
 ///   h stored);
+/// - the Kalman task's leaky network, z ← (1 − α) z + relu(α (z W + u B +
+///   b)): `linear_dense` applying relu and the leak as it writes (the
+///   value's launch, then the tangents'), the readout, the sketch — 4 (6
+///   with relu, the leak's scaling and its add as kernels of their own);
 /// - the constrained network with state and rate noise but nothing else
 ///   reading its rates: `linear_dense` reading φ(x) ⊙ η from x, the state
 ///   noise's add, the readout, the sketch — 4 (5 with the rates stored by
@@ -1102,8 +1204,21 @@ fn task_network_kernels_per_time_step() {
         noise_seed: 3,
         ..counted_batch(t)
     });
-    eprintln!("kernels of 128 more steps: lorenz {lorenz}, constrained with noise {noisy}");
+    let kalman = kernels_of_128_more_steps(&LeakyRnn::kalman(16), |t| Batch {
+        steps: t,
+        trials: 8,
+        inputs: Some(randn(&[t, 8, 1], 5, 1)),
+        initial: None,
+        targets: randn(&[t, 8, 1], 5, 2),
+        weights: None,
+        loss_norm: (t * 8) as f64,
+        noise_seed: 0,
+    });
+    eprintln!(
+        "kernels of 128 more steps: lorenz {lorenz}, kalman {kalman}, constrained with noise {noisy}"
+    );
     assert_eq!(lorenz, 5 * 128, "lorenz");
+    assert_eq!(kalman, 4 * 128, "kalman");
     assert_eq!(
         noisy,
         4 * 128,

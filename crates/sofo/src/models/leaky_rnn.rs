@@ -9,7 +9,7 @@ use super::{Batch, Model, Trials};
 use crate::loss::Observer;
 use crate::params::ParamSet;
 use crate::{Error, Result};
-use sofo_ad::Ops;
+use sofo_ad::{Ops, Unary};
 use sofo_tensor::{Float, Tensor};
 
 #[derive(Debug, Clone)]
@@ -89,15 +89,14 @@ impl<T: Float> Model<T> for LeakyRnn {
         } else {
             e.constant(Tensor::zeros(&[m, self.n]))?
         };
+        let keep = T::from_f64(1.0 - self.alpha);
         for t in 0..batch.steps() {
-            // α·relu(a) = relu(α·a) for α > 0: the scale rides in the fused op
-            let drive = match batch.input_on(e, t)? {
-                Some(ut) => e.linear(None, a, &[(&z, wt), (&ut, bt)], Some(&p[2]))?,
-                None => e.linear(None, a, &[(&z, wt)], Some(&p[2]))?,
-            };
-            let r = e.relu(&drive)?;
-            let kept = e.mul_scalar(&z, 1.0 - self.alpha)?;
-            z = e.add(&kept, &r)?;
+            // α·relu(a) = relu(α·a) for α > 0: the scale rides in the fused
+            // op; relu and the leak in the linear op's kernel on a GPU
+            let ut = batch.input_on(e, t)?;
+            let mut terms = vec![(&z, wt)];
+            terms.extend(ut.iter().map(|u| (u, bt)));
+            z = e.unary_of_linear(Some((&z, keep)), a, Unary::Relu, &terms, Some(&p[2]))?;
             if batch.observed(t) {
                 let y = e.linear(None, T::one(), &[(&z, ct)], None)?;
                 obs.observe(e, &y, &batch.step_loss(t)?)?;
