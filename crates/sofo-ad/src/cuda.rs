@@ -20,8 +20,8 @@ use crate::ops::{unary_of_linear_by_ops, Binary, Ops, Unary};
 use crate::pointwise::{Pointwise, Step};
 use crate::{Dual, Fwd};
 use sofo_tensor::cuda::{
-    BinaryCode, BlockStager, CudaDevice, DevTensor, NarrowOut, ProgramWords, TermActivation,
-    UnaryCode,
+    BinaryCode, BlockStager, CudaDevice, DevTensor, NarrowOut, ProgramWords, SmallTerm,
+    TermActivation, UnaryCode,
 };
 use sofo_tensor::{Float, Result, Tensor};
 use std::sync::Arc;
@@ -229,12 +229,12 @@ impl CudaFwd {
         if path == LinearPath::Narrow {
             return self.narrow_linear(&out_shape, want_k, leak, scale, terms, bias, act);
         }
-        // a term with a few columns and no tangents (a network's input) is
-        // folded into the first launch instead of two GEMMs that would each
-        // read and write the whole output for a rank-few update
+        // a term with a few columns (a network's input, a plant's state) is
+        // folded into the first launch instead of GEMMs that would each read
+        // and write the whole output for a rank-few update
         let small = folded_term(terms);
-        // the other terms with a few columns (a plant's state feeding the
-        // network: they have tangents) in one launch each; the rest as GEMMs
+        // the other terms with a few columns in one launch each; the rest
+        // as GEMMs
         let terms_all = terms;
         let (small_adds, terms): (Vec<_>, Vec<_>) = terms
             .iter()
@@ -245,11 +245,13 @@ impl CudaFwd {
         let bias = bias.map(|b| (&b.primal, b.tangent.as_ref()));
         let leak = leak.map(|(x, c)| (&x.primal, x.tangent.as_ref(), c));
         let small = small.map(|i| {
-            (
-                &terms_all[i].0.primal,
-                &terms_all[i].1.primal,
-                terms_all[i].1.tangent.as_ref(),
-            )
+            let (u, w) = terms_all[i];
+            SmallTerm {
+                u: &u.primal,
+                ut: u.tangent.as_ref(),
+                w: &w.primal,
+                wt: w.tangent.as_ref(),
+            }
         });
         // one dense term (a recurrence's r · W) whose inner dimension the
         // fused kernel serves: value, tangents and everything linear_init
@@ -746,12 +748,11 @@ enum LinearPath {
 }
 
 /// The term folded into a linear op's first launch, if any: the first
-/// with a few inner columns, a matrix, and no tangents on its input (a
-/// network's input).
+/// with a few inner columns and a matrix (a network's input, a plant's
+/// state); further ones are added by `linear_small_add`.
 fn folded_term(terms: &[(&CudaDual, &CudaDual)]) -> Option<usize> {
     terms.iter().position(|(a, w)| {
-        a.tangent.is_none()
-            && w.primal.shape().len() == 2
+        w.primal.shape().len() == 2
             && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
             && a.primal.shape().last() == Some(&w.primal.shape()[0])
     })

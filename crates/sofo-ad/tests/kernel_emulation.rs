@@ -430,6 +430,8 @@ fn linear_init_matches_its_rule() {
         *const f32,
         i32,
         i32,
+        *const f32,
+        i32,
     );
     let init = emu.kernel::<Init>("linear_init");
     let (rows, k, n) = (7usize, 11usize, 5usize);
@@ -437,16 +439,18 @@ fn linear_init_matches_its_rule() {
     let bt = randn(&[k, n], 6, 2);
     let x = randn(&[rows, n], 6, 3);
     let xt = randn(&[rows, k, n], 6, 4);
-    // the small term u · w: u [rows, ku] without tangents, w [ku, n], ẇ [ku, k, n]
+    // the small term u · w: u [rows, ku] with u̇ [rows, k, ku] or without,
+    // w [ku, n], ẇ [ku, k, n]
     let ku = 3usize;
     let u = randn(&[rows, ku], 6, 5);
+    let ut = randn(&[rows, k, ku], 6, 8);
     let w = randn(&[ku, n], 6, 6);
     let wt = randn(&[ku, k, n], 6, 7);
     let (c, s) = (0.8f32, 0.25f32);
-    for flags in 0..128u32 {
+    for flags in 0..256u32 {
         let f = |bit: u32| (flags >> bit & 1) as i32;
         let (hb, hbt, hx, hxt, want_t) = (f(0), f(1) & f(0), f(2), f(3) & f(2), f(4));
-        let (hu, hwt) = (f(5), f(6) & f(5));
+        let (hu, hwt, hut) = (f(5), f(6) & f(5), f(7) & f(5));
         let y_want: Vec<f32> = (0..rows * n)
             .map(|i| {
                 let (r, j) = (i / n, i % n);
@@ -470,6 +474,11 @@ fn linear_init_matches_its_rule() {
                 if hwt == 1 {
                     for a in 0..ku {
                         v += u.data()[r * ku + a] * wt.data()[(a * k + kk) * n + j];
+                    }
+                }
+                if hut == 1 {
+                    for a in 0..ku {
+                        v += ut.data()[(r * k + kk) * ku + a] * w.data()[a * n + j];
                     }
                 }
                 v *= s;
@@ -505,18 +514,20 @@ fn linear_init_matches_its_rule() {
                     wt.data().as_ptr(),
                     hu * ku as i32,
                     hwt,
+                    ut.data().as_ptr(),
+                    hut,
                 )
             });
             close(
                 &y_want,
                 &y,
-                &format!("linear_init primal, flags {flags:07b}"),
+                &format!("linear_init primal, flags {flags:08b}"),
             );
             if want_t == 1 {
                 close(
                     &t_want,
                     &t,
-                    &format!("linear_init tangents, flags {flags:07b}"),
+                    &format!("linear_init tangents, flags {flags:08b}"),
                 );
             } else {
                 assert!(t.iter().all(|v| v.is_nan()), "tangents written unasked");

@@ -362,29 +362,34 @@ extern "C" __global__ void take_columns(const float* src, float* dst, long long 
 
 // The terms of a linear op before its GEMMs, primal and tangents in one pass:
 // y[r, j] = scale * (b[j] + Σ_a u[r, a] w[a, j]) + c * x[r, j],
-// and t[r, k, j] = scale * (bt[k, j] + Σ_a u[r, a] wt[a, k, j]) + c * xt[r, k, j]
-// (want_t); absent terms are 0. u [rows, ku] (ku = 0: none, at most
-// SMALL_TERM) is a term with a short inner dimension and no tangents (a
-// network's input), whose GEMMs would each read and write all of y and t for
-// a rank-ku update. Units as in unary_tangent (one chunk when !want_t).
+// and t[r, k, j] = scale * (bt[k, j] + Σ_a (u[r, a] wt[a, k, j] + ut[r, k, a]
+// w[a, j])) + c * xt[r, k, j] (want_t); absent terms are 0. u [rows, ku]
+// (ku = 0: none, at most SMALL_TERM) is a term with a short inner dimension
+// (a network's input; with tangents ut, a plant's or a low-dimensional
+// network's state), whose GEMMs would each read and write all of y and t
+// for a rank-ku update. Units as in unary_tangent (one chunk when !want_t).
 #define SMALL_TERM 8
 extern "C" __global__ void linear_init(float* y, float* t, const float* b, const float* bt,
                                        const float* x, const float* xt, float c, float scale,
                                        long long rows, int k, int n,
                                        int has_b, int has_bt, int has_x, int has_xt, int want_t,
                                        const float* u, const float* w, const float* wt, int ku,
-                                       int has_wt) {
+                                       int has_wt, const float* ut, int has_ut) {
     const long long pl = rows * n;
     const int kt = want_t ? k : 0;
     GRID_LOOP(i, pl * (kt > 0 ? tchunks_(kt) : 1)) {
         long long e, r, j; int k0, k1;
         tunit_(i, pl, kt, n, &e, &r, &j, &k0, &k1);
-        float ur[SMALL_TERM];  // loops to SMALL_TERM: registers, not local memory
-        for (int a = 0; a < SMALL_TERM; a++) ur[a] = a < ku ? u[r * ku + a] : 0.f;
+        // loops to SMALL_TERM: registers, not local memory
+        float ur[SMALL_TERM], wj[SMALL_TERM];
+        for (int a = 0; a < SMALL_TERM; a++) {
+            ur[a] = a < ku ? u[r * ku + a] : 0.f;
+            wj[a] = a < ku ? w[(long long)a * n + j] : 0.f;
+        }
         if (k0 == 0) {
             float v = has_b ? b[j] : 0.f;
             for (int a = 0; a < SMALL_TERM; a++)
-                if (a < ku) v += ur[a] * w[(long long)a * n + j];
+                if (a < ku) v += ur[a] * wj[a];
             v *= scale;
             if (has_x) v += c * x[e];
             y[e] = v;
@@ -396,6 +401,9 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
             if (has_wt)
                 for (int a = 0; a < SMALL_TERM; a++)
                     if (a < ku) v += ur[a] * wt[((long long)a * k + kk) * n + j];
+            if (has_ut)
+                for (int a = 0; a < SMALL_TERM; a++)
+                    if (a < ku) v += ut[(r * k + kk) * ku + a] * wj[a];
             v *= scale;
             if (has_xt) v += c * xt[q];
             t[q] = v;
@@ -548,7 +556,7 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 // [rows, K, kd], w [kd, n] with [kd, K, n]) and the terms linear_init folds
 // in, value and tangents in one launch:
 //   y[r, j]     = scale * (b[j] + Σ_q u[r, q] uw[q, j] + Σ_i a[r, i] w[i, j]) + c * x[r, j]
-//   t[r, kk, j] = scale * (bt[kk, j] + Σ_q u[r, q] uwt[q, kk, j]
+//   t[r, kk, j] = scale * (bt[kk, j] + Σ_q (u[r, q] uwt[q, kk, j] + ut[r, kk, q] uw[q, j])
 //                 + Σ_i at[r, kk, i] w[i, j] + Σ_i a[r, i] wt[i, kk, j]) + c * xt[r, kk, j]
 // (absent terms 0), instead of linear_init and three GEMMs that each read
 // and write the whole output: at a recurrent network's sizes (kd = n = 64
@@ -584,6 +592,7 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 #define DENSE_ACT 256
 #define DENSE_ACT_C 512
 #define DENSE_POST 1024
+#define DENSE_UT 2048
 #if DENSE_TILE * DENSE_K != 4 * DENSE_THREADS
 #error "linear_dense: each thread stages 4 elements of each operand's chunk"
 #endif
@@ -593,7 +602,7 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
                                         const float* u, const float* uw, const float* uwt,
                                         float c, float scale, int rows, int k, int kd, int n,
                                         int ku, int flags, int act, const float* ac, int post,
-                                        float* pre) {
+                                        float* pre, const float* ut) {
     __shared__ float4 As[DENSE_K][DENSE_TILE / 4 + 1];  // the chunk of A, transposed: row r of i at As[i][r/4]
     __shared__ float4 Bs[DENSE_K][DENSE_TILE / 4];      // the chunk of B: column j of i at Bs[i][j/4]
     const int tiles_c = (n + DENSE_TILE - 1) / DENSE_TILE;
@@ -684,6 +693,9 @@ extern "C" __global__ void linear_dense(float* y, float* t, const float* a, cons
                 if (flags & DENSE_UWT)
                     for (int s = 0; s < ku; s++)
                         v += u[(long long)r * ku + s] * uwt[((long long)s * k + kk) * n + j];
+                if (flags & DENSE_UT)
+                    for (int s = 0; s < ku; s++)
+                        v += ut[((long long)r * k + kk) * ku + s] * uw[(long long)s * n + j];
                 v *= scale;
                 if (flags & DENSE_POST) {
                     float g, g_prime;
@@ -1471,6 +1483,19 @@ fn grid(n: usize) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// A linear op's term with a few inner columns that its first launch
+/// folds in (`linear_init`, `linear_dense`): `u` [rows, ku] (ku ≤
+/// [`CudaDevice::SMALL_TERM`]: a network's input, a plant's state) with
+/// tangents `ut` [rows, K, ku] or none, times `w` [ku, n] with tangents
+/// `wt` [ku, K, n] or none.
+#[derive(Clone, Copy, Debug)]
+pub struct SmallTerm<'a> {
+    pub u: &'a DevTensor,
+    pub ut: Option<&'a DevTensor>,
+    pub w: &'a DevTensor,
+    pub wt: Option<&'a DevTensor>,
 }
 
 /// The input of a linear term read through an elementwise function by the
@@ -2364,11 +2389,10 @@ impl CudaDevice {
     /// The terms of a linear op before its GEMMs, in one launch: the primal
     /// `y[r, j] = scale · (b[j] + Σ_a u[r, a] w[a, j]) + c · x[r, j]` over
     /// `shape` `[.., n]` and, with `k_tangents = Some(k)`, the tangents
-    /// `t[r, k, j] = scale · (ḃ[k, j] + Σ_a u[r, a] ẇ[a, k, j]) + c ·
-    /// ẋ[r, k, j]`. `bias` and `leak` carry a value and its tangents (if
-    /// any); `small` a term `u · w` whose `u` [rows, ku] has no tangents and
-    /// a short inner dimension ku (at most [`CudaDevice::SMALL_TERM`]), with
-    /// `w`'s tangents (if any); absent terms count as zero.
+    /// `t[r, k, j] = scale · (ḃ[k, j] + Σ_a (u[r, a] ẇ[a, k, j] + u̇[r, k, a]
+    /// w[a, j])) + c · ẋ[r, k, j]`. `bias` and `leak` carry a value and its
+    /// tangents (if any); `small` a term `u · w` with a short inner dimension
+    /// ([`SmallTerm`]); absent terms count as zero.
     #[allow(clippy::type_complexity)]
     pub fn linear_init(
         &self,
@@ -2376,7 +2400,7 @@ impl CudaDevice {
         k_tangents: Option<usize>,
         bias: Option<(&DevTensor, Option<&DevTensor>)>,
         leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
-        small: Option<(&DevTensor, &DevTensor, Option<&DevTensor>)>,
+        small: Option<SmallTerm<'_>>,
         scale: f32,
     ) -> Result<(DevTensor, Option<DevTensor>)> {
         let (mut y, mut t) = self.linear_outputs(shape, k_tangents)?;
@@ -2399,12 +2423,13 @@ impl CudaDevice {
             t.is_some() as i32,
         ];
         let ku = self.check_linear_terms(rows, n, k, bias, leak, small)?;
-        let (ud, wd, wtd) = match small {
-            Some((u, w, wt)) => (&*u.data, &*w.data, wt.map_or(&self.dummy, |t| &*t.data)),
-            None => (&self.dummy, &self.dummy, &self.dummy),
+        let (ud, wd) = match small {
+            Some(sm) => (&*sm.u.data, &*sm.w.data),
+            None => (&self.dummy, &self.dummy),
         };
         let ku32 = ku as i32;
-        let has_wt = (small.is_some_and(|(_, _, wt)| wt.is_some()) && t.is_some()) as i32;
+        let has_wt = (small.is_some_and(|sm| sm.wt.is_some()) && t.is_some()) as i32;
+        let has_ut = (small.is_some_and(|sm| sm.ut.is_some()) && t.is_some()) as i32;
         let (r64, k32, n32) = (rows as i64, k as i32, n as i32);
         let units = tangent_units(rows * n, t.as_ref().map_or(0, |_| k));
         let mut b = Launch::new(&self.core, &self.k.linear_init);
@@ -2425,7 +2450,13 @@ impl CudaDevice {
         for f in &flags {
             b.arg(f);
         }
-        b.arg(ud).arg(wd).arg(wtd).arg(&ku32).arg(&has_wt);
+        b.arg(ud)
+            .arg(wd)
+            .arg(self.data_or_dummy(small.and_then(|sm| sm.wt)))
+            .arg(&ku32)
+            .arg(&has_wt)
+            .arg(self.data_or_dummy(small.and_then(|sm| sm.ut)))
+            .arg(&has_ut);
         // SAFETY: sizes checked above; absent operands are never read and
         // t is written only when present.
         unsafe { b.launch(grid(units)) }.map_err(|e| dev_err("linear", e))?;
@@ -2437,7 +2468,7 @@ impl CudaDevice {
     /// absent) and what [`CudaDevice::linear_init`] folds in (`bias`,
     /// `leak`, `small`, as there), value and tangents in one launch of
     /// `linear_dense`: `y = scale · (b + u·w_u + a·w) + c · x` and, with
-    /// `k_tangents = Some(k)`, `t = scale · (ḃ + u·ẇ_u + ȧ·w + a·ẇ) + c · ẋ`
+    /// `k_tangents = Some(k)`, `t = scale · (ḃ + u·ẇ_u + u̇·w_u + ȧ·w + a·ẇ) + c · ẋ`
     /// — instead of `linear_init` and three GEMMs, each of which reads and
     /// writes the whole output. With `act` the dense term's input is `f(a) ⊙
     /// c` and its tangents `f′(a) ⊙ ȧ ⊙ c` ([`TermActivation`]), applied as
@@ -2457,7 +2488,7 @@ impl CudaDevice {
         w: (&DevTensor, Option<&DevTensor>),
         bias: Option<(&DevTensor, Option<&DevTensor>)>,
         leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
-        small: Option<(&DevTensor, &DevTensor, Option<&DevTensor>)>,
+        small: Option<SmallTerm<'_>>,
         scale: f32,
         post: Option<UnaryCode>,
     ) -> Result<(DevTensor, Option<DevTensor>)> {
@@ -2494,10 +2525,11 @@ impl CudaDevice {
             (want_t && bias.is_some_and(|(_, bt)| bt.is_some()), 16),
             (leak.is_some(), 32),
             (want_t && leak.is_some_and(|(_, xt, _)| xt.is_some()), 64),
-            (want_t && small.is_some_and(|(_, _, wt)| wt.is_some()), 128),
+            (want_t && small.is_some_and(|sm| sm.wt.is_some()), 128),
             (act.is_some(), 256),
             (act.is_some_and(|c| c.factor.is_some()), 512),
             (post.is_some(), 1024),
+            (want_t && small.is_some_and(|sm| sm.ut.is_some()), 2048),
         ];
         let flags: i32 = bits.iter().filter(|(on, _)| *on).map(|(_, bit)| bit).sum();
         let c = leak.map_or(0.0, |(_, _, c)| c);
@@ -2527,9 +2559,9 @@ impl CudaDevice {
                 .arg(self.data_or_dummy(bias.and_then(|(_, bt)| bt)))
                 .arg(self.data_or_dummy(leak.map(|(x, _, _)| x)))
                 .arg(self.data_or_dummy(leak.and_then(|(_, xt, _)| xt)))
-                .arg(self.data_or_dummy(small.map(|(u, _, _)| u)))
-                .arg(self.data_or_dummy(small.map(|(_, uw, _)| uw)))
-                .arg(self.data_or_dummy(small.and_then(|(_, _, uwt)| uwt)))
+                .arg(self.data_or_dummy(small.map(|sm| sm.u)))
+                .arg(self.data_or_dummy(small.map(|sm| sm.w)))
+                .arg(self.data_or_dummy(small.and_then(|sm| sm.wt)))
                 .arg(&c)
                 .arg(&scale)
                 .arg(&r32)
@@ -2545,6 +2577,7 @@ impl CudaDevice {
                 Some(p) => l.out(&mut *p.data),
                 None => l.arg(&self.dummy),
             };
+            l.arg(self.data_or_dummy(small.and_then(|sm| sm.ut)));
             let cfg = LaunchConfig {
                 grid_dim: (blocks as u32, 1, 1),
                 block_dim: (Self::DENSE_THREADS, 1, 1),
@@ -2601,7 +2634,7 @@ impl CudaDevice {
         k: usize,
         bias: Option<(&DevTensor, Option<&DevTensor>)>,
         leak: Option<(&DevTensor, Option<&DevTensor>, f32)>,
-        small: Option<(&DevTensor, &DevTensor, Option<&DevTensor>)>,
+        small: Option<SmallTerm<'_>>,
     ) -> Result<usize> {
         for (v, len, what) in [
             (bias.map(|(b, _)| b.numel()), n, "bias"),
@@ -2625,20 +2658,22 @@ impl CudaDevice {
                 ));
             }
         }
-        let ku = small.map_or(0, |(u, _, _)| u.shape.last().copied().unwrap_or(1));
-        if let Some((u, w, wt)) = small {
+        let ku = small.map_or(0, |sm| sm.u.shape.last().copied().unwrap_or(1));
+        if let Some(sm) = small {
             if ku > Self::SMALL_TERM
-                || u.numel() != rows * ku
-                || w.numel() != ku * n
-                || wt.is_some_and(|wt| wt.numel() != ku * k * n)
+                || sm.u.numel() != rows * ku
+                || sm.ut.is_some_and(|ut| ut.numel() != rows * k * ku)
+                || sm.w.numel() != ku * n
+                || sm.wt.is_some_and(|wt| wt.numel() != ku * k * n)
             {
                 return Err(TensorError::shape(
                     "device linear",
                     format!(
-                        "a small term of at most {} columns: [{rows}, ku] · [ku, {n}]",
+                        "a small term of at most {} columns: [{rows}, ku] · [ku, {n}] \
+                         (tangents [{rows}, {k}, ku] · [ku, {k}, {n}])",
                         Self::SMALL_TERM
                     ),
-                    format!("{:?} · {:?}", u.shape, w.shape),
+                    format!("{:?} · {:?}", sm.u.shape, sm.w.shape),
                 ));
             }
         }
