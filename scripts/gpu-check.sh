@@ -70,7 +70,9 @@ echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and 
 for choice in ${LINEAR_CHOICES:-gemm fused}; do
   SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_linear_$choice.jsonl"
 done
-for c in ${LINEAR_TASKS-reach2}; do
+# the task networks: reach2 (its rates read from z), kalman-long (relu and
+# the leak applied by linear_dense, Ops::unary_of_linear)
+for c in ${LINEAR_TASKS-reach2 kalman-long}; do
   SOFO_GPU_LINEAR=gemm timeout 120 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_linear_gemm.jsonl"
 done
 

@@ -491,17 +491,29 @@ __device__ __forceinline__ float act_load_(const float* x, const float* xa, cons
     return act_apply_(x[i], mode == 2 ? xa[i] : 0.f, cf ? cf[i] : 1.f, mode, op);
 }
 // acc[o] += Σ_i x[i] w[i * ws + o] for o < n (x's elements as act_load_
-// reads them): one row x of the input per thread, read as float4 where it
-// is 16-byte aligned and plain (a row's loads then take whole 32-byte
-// sectors two at a time, however the L1 fares)
+// reads them): one row x of the input per thread, read as float4 where the
+// rows it reads (x, and xa and cf where the mode reads them) are 16-byte
+// aligned (a row's loads then take whole 32-byte sectors two at a time,
+// however the L1 fares, and a quarter of the load instructions)
+__device__ __forceinline__ bool aligned16_(const float* p) { return (((unsigned long long)p) & 15) == 0; }
+__device__ __forceinline__ float4 load4_(const float* p) { return *(const float4*)p; }
 __device__ __forceinline__ void narrow_row_(const float* x, const float* xa, const float* cf, int mode,
                                             int op, int kd, const float* w, long long ws, int n,
                                             float* acc) {
     int i = 0;
-    if (mode == 0 && (((unsigned long long)x) & 15) == 0) {
+    if (aligned16_(x) && (mode != 2 || aligned16_(xa)) && (mode == 0 || !cf || aligned16_(cf))) {
         for (; i + 4 <= kd; i += 4) {
-            const float4 v = *(const float4*)(x + i);
-            const float xs[4] = {v.x, v.y, v.z, v.w};
+            const float4 v = load4_(x + i);
+            float xs[4] = {v.x, v.y, v.z, v.w};
+            if (mode != 0) {
+                float4 va = {0.f, 0.f, 0.f, 0.f}, c = {1.f, 1.f, 1.f, 1.f};
+                if (mode == 2) va = load4_(xa + i);
+                if (cf) c = load4_(cf + i);
+                xs[0] = act_apply_(xs[0], va.x, c.x, mode, op);
+                xs[1] = act_apply_(xs[1], va.y, c.y, mode, op);
+                xs[2] = act_apply_(xs[2], va.z, c.z, mode, op);
+                xs[3] = act_apply_(xs[3], va.w, c.w, mode, op);
+            }
             for (int q = 0; q < 4; q++) {
                 const float* wr = w + (long long)(i + q) * ws;
                 for (int o = 0; o < NARROW; o++)
