@@ -752,9 +752,7 @@ enum LinearPath {
 /// state); further ones are added by `linear_small_add`.
 fn folded_term(terms: &[(&CudaDual, &CudaDual)]) -> Option<usize> {
     terms.iter().position(|(a, w)| {
-        w.primal.shape().len() == 2
-            && w.primal.shape()[0] <= CudaDevice::SMALL_TERM
-            && a.primal.shape().last() == Some(&w.primal.shape()[0])
+        is_small_term(w) && a.primal.shape().last() == Some(&w.primal.shape()[0])
     })
 }
 

@@ -72,6 +72,22 @@ __device__ float sigmoidf_(float x) {
     float e = expf(x); return e / (1.f + e);
 }
 
+// o = f(v), g = f′(v) for the functions a linear op's kernels apply to a
+// term's input or to their output (the rate functions: tanh, relu,
+// softplus, sigmoid; codes as in UnaryCode, others refused on the host).
+// Only these: unary_eval_'s sin and cos bring a local-memory frame (their
+// slow path) and its registers into every kernel that inlines them.
+__device__ __forceinline__ void rate_eval_(float v, int op, float* o_, float* g_) {
+    float o, g;
+    switch (op) {
+        case 3: o = tanhf(v); g = 1.f - o * o; break;
+        case 4: o = v > 0.f ? v : 0.f; g = v > 0.f ? 1.f : 0.f; break;
+        case 5: o = fmaxf(v, 0.f) + log1pf(expf(-fabsf(v))); g = sigmoidf_(v); break;
+        default: o = sigmoidf_(v); g = o * (1.f - o); break;
+    }
+    *o_ = o; *g_ = g;
+}
+
 // o = f(v), g = f'(v); op codes as in UnaryCode
 __device__ __forceinline__ void unary_eval_(float v, int op, float s, float* o_, float* g_) {
     float o, g;
@@ -79,10 +95,7 @@ __device__ __forceinline__ void unary_eval_(float v, int op, float s, float* o_,
         case 0: o = -v; g = -1.f; break;
         case 1: o = expf(v); g = o; break;
         case 2: o = logf(v); g = 1.f / v; break;
-        case 3: o = tanhf(v); g = 1.f - o * o; break;
-        case 4: o = v > 0.f ? v : 0.f; g = v > 0.f ? 1.f : 0.f; break;
-        case 5: o = fmaxf(v, 0.f) + log1pf(expf(-fabsf(v))); g = sigmoidf_(v); break;
-        case 6: o = sigmoidf_(v); g = o * (1.f - o); break;
+        case 3: case 4: case 5: case 6: rate_eval_(v, op, &o, &g); break;
         case 7: o = v * v; g = 2.f * v; break;
         case 8: o = sqrtf(v); g = 0.5f / o; break;
         case 9: o = v + s; g = 1.f; break;
@@ -461,21 +474,6 @@ extern "C" __global__ void linear_small_add(float* y, float* t, const float* u, 
 // GEMMs with n ≤ 8 columns fit cuBLAS's tiles badly and take three launches
 // (a·w, at·w, a·wt); here one thread per row keeps its n sums in registers.
 #define NARROW 8
-// o = f(v), g = f′(v) for the functions a linear op's kernels apply to a
-// term's input or to their output (the rate functions: tanh, relu,
-// softplus, sigmoid; codes as in UnaryCode, others refused on the host).
-// Only these: unary_eval_'s sin and cos bring a local-memory frame (their
-// slow path) and its registers into every kernel that inlines them.
-__device__ __forceinline__ void rate_eval_(float v, int op, float* o_, float* g_) {
-    float o, g;
-    switch (op) {
-        case 3: o = tanhf(v); g = 1.f - o * o; break;
-        case 4: o = v > 0.f ? v : 0.f; g = v > 0.f ? 1.f : 0.f; break;
-        case 5: o = fmaxf(v, 0.f) + log1pf(expf(-fabsf(v))); g = sigmoidf_(v); break;
-        default: o = sigmoidf_(v); g = o * (1.f - o); break;
-    }
-    *o_ = o; *g_ = g;
-}
 // an input element as a term reads it from its loaded value v (mode 0: v;
 // 1: f(v); 2: f′(va) · v, the tangent of f at va), times the factor c
 // (modes 1 and 2; 1 where there is none)
@@ -581,7 +579,7 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 // shared memory; each of the DENSE_THREADS threads keeps a 4 × 4 block of the
 // tile in registers, read from shared memory as float4. With DENSE_ACT the
 // dense term's input is f(a) (a rate function, op act) and its tangents
-// f′(a) ⊙ at, applied as the chunks are loaded: a rate network's φ(x) · W
+// f′(a) ⊙ at, applied as a chunk goes to shared memory: a rate network's φ(x) · W
 // without φ(x)'s tangents ever stored; with DENSE_ACT_C as well, f(a) ⊙ ac
 // and f′(a) ⊙ at ⊙ ac for a factor ac of a's shape (the rates' noise).
 // With DENSE_POST the output is g of the affine map (a rate function, op
@@ -2492,8 +2490,8 @@ impl CudaDevice {
     /// — instead of `linear_init` and three GEMMs, each of which reads and
     /// writes the whole output. With `act` the dense term's input is `f(a) ⊙
     /// c` and its tangents `f′(a) ⊙ ȧ ⊙ c` ([`TermActivation`]), applied as
-    /// `a` and `ȧ` are read (a rate network's φ(x) · W: φ(x)'s tangents
-    /// never stored). With `post = Some(g)`, a rate function, the output is `g(p) +
+    /// the chunks of `a` and `ȧ` go to shared memory (a rate network's φ(x)
+    /// · W: φ(x)'s tangents never stored). With `post = Some(g)`, a rate function, the output is `g(p) +
     /// c · x` for the affine map p above (before the leak), its tangents
     /// `g′(p) ⊙ ṗ + c · ẋ` (a leaky network whose nonlinearity follows its
     /// recurrence): two launches, the value's (which keeps p) and then the

@@ -442,8 +442,9 @@ fn dense_linear_agrees_with_the_cpu() {
 /// fallback where the kernel cannot read f(x) (the dense term on cuBLAS; a
 /// second dense term; a factor with tangents), every tangent of x and w
 /// present or not, without a factor and with a constant one (the rates'
-/// noise: f(x) ⊙ c), for tanh, relu and softplus — and exp, which the
-/// kernels do not apply (not a rate function: unary then linear).
+/// noise: f(x) ⊙ c), for the four rate functions the kernels apply (tanh,
+/// relu, softplus, sigmoid) — and exp, which they do not (unary then
+/// linear).
 #[test]
 fn linear_of_unary_agrees_with_the_cpu() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -462,10 +463,16 @@ fn linear_of_unary_agrees_with_the_cpu() {
         (DenseLinear::Auto, 67, true),
     ] {
         dev.set_dense_linear(dense);
-        for (op, mask, leak) in [Unary::Tanh, Unary::Relu, Unary::Softplus, Unary::Exp]
-            .into_iter()
-            .flat_map(|op| (0..12u32).map(move |m| (op, m)))
-            .flat_map(|(op, m)| [false, true].map(|l| (op, m, l)))
+        for (op, mask, leak) in [
+            Unary::Tanh,
+            Unary::Relu,
+            Unary::Softplus,
+            Unary::Sigmoid,
+            Unary::Exp,
+        ]
+        .into_iter()
+        .flat_map(|op| (0..12u32).map(move |m| (op, m)))
+        .flat_map(|(op, m)| [false, true].map(|l| (op, m, l)))
         {
             // bits 0, 1: x's and w's tangents; 2–3: no factor, a constant
             // one, one with tangents
@@ -519,7 +526,7 @@ fn linear_of_unary_agrees_with_the_cpu() {
 /// cuBLAS; a plant term with tangents, added after the kernel; a narrow
 /// output; exp, not a rate function), every tangent of the dense term, the
 /// input's weights, the bias and the leak's x present or not, for relu,
-/// tanh, softplus and exp.
+/// tanh, softplus, sigmoid and exp.
 #[test]
 fn unary_of_linear_agrees_with_the_cpu() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -537,10 +544,16 @@ fn unary_of_linear_agrees_with_the_cpu() {
         (DenseLinear::Fused, 3, false),
     ] {
         dev.set_dense_linear(dense);
-        for (op, mask, leak) in [Unary::Relu, Unary::Tanh, Unary::Softplus, Unary::Exp]
-            .into_iter()
-            .flat_map(|op| (0..32u32).map(move |m| (op, m)))
-            .flat_map(|(op, m)| [false, true].map(|l| (op, m, l)))
+        for (op, mask, leak) in [
+            Unary::Relu,
+            Unary::Tanh,
+            Unary::Softplus,
+            Unary::Sigmoid,
+            Unary::Exp,
+        ]
+        .into_iter()
+        .flat_map(|op| (0..32u32).map(move |m| (op, m)))
+        .flat_map(|(op, m)| [false, true].map(|l| (op, m, l)))
         {
             // every mask for relu on the fused path, a few elsewhere
             let fused = dense == DenseLinear::Fused && n > 8 && !plant && op != Unary::Exp;

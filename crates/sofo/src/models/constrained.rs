@@ -984,16 +984,17 @@ impl<T: Float> Model<T> for ConstrainedRnn {
                 Some(u) => Some(block(e, u, inputs)?),
                 None => batch.input_on(e, t)?,
             };
-            let input: Vec<(&E::V, &E::V)> = u.iter().map(|u| (u, bt)).collect();
+            let input = u.as_ref().map(|u| (u, bt));
+            let input = input.as_slice();
             let rates = (&x, phi, eta.as_ref(), r.as_ref());
             x = match av {
                 None => {
                     let leak = Some((&x, T::one() - a));
-                    linear_of_rates(e, rates, leak, a, wt, &input, Some(bias))?
+                    linear_of_rates(e, rates, leak, a, wt, input, Some(bias))?
                 }
                 Some(av) => {
                     // x + α ⊙ (−x + W r + B u + b)
-                    let pre = linear_of_rates(e, rates, None, T::one(), wt, &input, Some(bias))?;
+                    let pre = linear_of_rates(e, rates, None, T::one(), wt, input, Some(bias))?;
                     let diff = e.sub(&pre, &x)?;
                     let step = e.mul(&diff, av)?;
                     e.add(&x, &step)?

@@ -117,10 +117,10 @@ impl<T: Float> Model<T> for RateRnn {
         let mut r = if fused { None } else { Some(e.unary(&x, phi)?) };
         for t in 0..batch.steps() {
             let ut = batch.input_on(e, t)?;
-            let input: Vec<(&E::V, &E::V)> = ut.iter().map(|u| (u, bt)).collect();
+            let input = ut.as_ref().map(|u| (u, bt));
             let leak = Some((&x, T::one() - a));
             let rates = (&x, phi, None, r.as_ref());
-            x = linear_of_rates(e, rates, leak, a, wt, &input, Some(&p[2]))?;
+            x = linear_of_rates(e, rates, leak, a, wt, input.as_slice(), Some(&p[2]))?;
             if !fused {
                 r = Some(e.unary(&x, phi)?);
             }
