@@ -494,7 +494,15 @@ __device__ __forceinline__ float act_load_(const float* x, const float* xa, cons
 // aligned (a row's loads then take whole 32-byte sectors two at a time,
 // however the L1 fares, and a quarter of the load instructions)
 __device__ __forceinline__ bool aligned16_(const float* p) { return (((unsigned long long)p) & 15) == 0; }
-__device__ __forceinline__ float4 load4_(const float* p) { return *(const float4*)p; }
+// (a host build of this source may define CHECK_ALIGNED16 to check the
+// alignment a GPU's float4 load needs: the fake GPU of the tests does)
+#ifndef CHECK_ALIGNED16
+#define CHECK_ALIGNED16(p)
+#endif
+__device__ __forceinline__ float4 load4_(const float* p) {
+    CHECK_ALIGNED16(p);
+    return *(const float4*)p;
+}
 __device__ __forceinline__ void narrow_row_(const float* x, const float* xa, const float* cf, int mode,
                                             int op, int kd, const float* w, long long ws, int n,
                                             float* acc) {

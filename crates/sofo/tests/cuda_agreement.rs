@@ -1022,6 +1022,77 @@ fn fake_gpu_counts() -> Option<[u64; 7]> {
     }
 }
 
+/// The fake GPU stands for a GPU's faults where the host would not fault:
+/// a kernel that writes past its buffer fails its launch with
+/// CUDA_ERROR_ILLEGAL_ADDRESS (found in the 4 KiB of NaN bytes around every
+/// allocation), and a GEMM whose C does not fit its buffer fails — so that
+/// every agreement test is also a bounds check of the kernels it runs.
+/// (A float4 load that is not 16-byte aligned fails likewise: a kernel's
+/// alignment test cannot be made to fail from here, see `CHECK_ALIGNED16`.)
+/// On a real GPU there is nothing to check.
+#[test]
+fn the_fake_gpu_fails_writes_outside_a_buffer() {
+    use cudarc::cublas::{sys::cublasOperation_t::CUBLAS_OP_N, CudaBlas, Gemm, GemmConfig};
+    use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_dev) = device_or_skip("the_fake_gpu_fails_writes_outside_a_buffer") else {
+        return;
+    };
+    if fake_gpu_counts().is_none() {
+        eprintln!("a real GPU: the fake GPU's checks are not here to test");
+        return;
+    }
+    let ctx = CudaContext::new(0).unwrap();
+    // SAFETY: one stream, used by this test only.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().unwrap();
+    // the fake runs the kernels compiled into it, whatever the module's text
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src("")).unwrap();
+    let fill = module.load_function("fill_nan").unwrap();
+    let mut buf = stream.alloc_zeros::<f32>(4).unwrap();
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let fill_n = |buf: &mut cudarc::driver::CudaSlice<f32>, n: i64| {
+        let mut b = stream.launch_builder(&fill);
+        b.arg(buf).arg(&n);
+        // SAFETY: the fake GPU runs the kernel on host memory with red zones
+        // around it; n = 5 writes into the zone.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    };
+    fill_n(&mut buf, 4).expect("a write inside the buffer");
+    let err = fill_n(&mut buf, 5).expect_err("one element past the end");
+    assert!(format!("{err:?}").contains("ILLEGAL_ADDRESS"), "{err:?}");
+    // the fault was the launch's: the next one inside the buffer runs
+    fill_n(&mut buf, 4).expect("a write inside the buffer after the fault");
+
+    let blas = CudaBlas::new(stream.clone()).unwrap();
+    let (a, b) = (
+        stream.alloc_zeros::<f32>(6).unwrap(),
+        stream.alloc_zeros::<f32>(6).unwrap(),
+    );
+    let gemm = |c: &mut cudarc::driver::CudaSlice<f32>| {
+        let cfg = GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_N,
+            m: 2,
+            n: 2,
+            k: 3,
+            alpha: 1.0f32,
+            lda: 2,
+            ldb: 3,
+            beta: 0.0,
+            ldc: 2,
+        };
+        // SAFETY: the fake checks each operand's extent before it computes.
+        unsafe { blas.gemm(cfg, &a, &b, c) }
+    };
+    gemm(&mut stream.alloc_zeros::<f32>(4).unwrap()).expect("C [2, 2] in 4 elements");
+    gemm(&mut stream.alloc_zeros::<f32>(3).unwrap()).expect_err("C [2, 2] in 3 elements");
+}
+
 /// Blocks of a host array handed out as device views: each block's values,
 /// one upload per 64 blocks (counted on the fake GPU), a new upload where
 /// the host values changed, and the same chunk length at the array's end.

@@ -8,7 +8,14 @@
 //
 // "Device" memory is host memory (a CUdeviceptr is a host address), filled
 // with NaN bytes when allocated so that reading an element nobody wrote shows
-// up. Kernels run thread by thread (grid-stride kernels), or, where the
+// up, 256-byte aligned as the driver's, between two 4 KiB red zones of NaN
+// bytes: a read past either end brings NaN into the results, and a write
+// there is found after the kernel or GEMM that made it (its pointer
+// arguments' allocations are checked) and fails that launch with
+// CUDA_ERROR_ILLEGAL_ADDRESS, as a misaligned float4 load fails it with
+// CUDA_ERROR_MISALIGNED_ADDRESS, each with a message on stderr naming the
+// kernel; a copy or memset outside one allocation fails with
+// CUDA_ERROR_INVALID_VALUE. Kernels run thread by thread (grid-stride kernels), or, where the
 // kernel synchronises its block, each CUDA thread of a block as a fiber
 // on the calling thread: __syncthreads switches to the next fiber, and a
 // block runs round by round until every fiber has returned (a fiber starts
@@ -36,7 +43,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <cstdarg>
+#include <cstdio>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -74,6 +84,31 @@ struct Kernel {
     const unsigned char* sizes;  // of each parameter (copied when captured)
 };
 
+// ---- faults -----------------------------------------------------------------
+// What a GPU would fault on, or silently corrupt: reported on stderr as it is
+// found, and the launch (kernel, GEMM, graph) that made it returns the code.
+static const int ILLEGAL_ADDRESS = 700, MISALIGNED_ADDRESS = 716;
+static std::atomic<int> pending_fault{0};
+static const char* running_kernel = "";  // the kernel being run, for messages
+// (the first of a launch's faults is reported: a GPU stops there)
+static void fault(int code, const char* fmt, ...) {
+    int none = 0;
+    if (!pending_fault.compare_exchange_strong(none, code)) return;
+    va_list ap;
+    va_start(ap, fmt);
+    std::fprintf(stderr, "fake GPU: ");
+    std::vfprintf(stderr, fmt, ap);
+    std::fprintf(stderr, "\n");
+    va_end(ap);
+}
+// the fault found since the last call (0: none), cleared
+static int take_fault() { return pending_fault.exchange(0); }
+// a float4 load from global memory needs a 16-byte aligned address
+static void misaligned16(const void* p) {
+    fault(MISALIGNED_ADDRESS, "kernel %s: float4 load from %p, not 16-byte aligned", running_kernel, p);
+}
+#define CHECK_ALIGNED16(p) ((((uintptr_t)(p)) & 15) ? misaligned16(p) : (void)0)
+
 // the kernels and KERNELS[] (name, unpacking wrapper, syncs), generated
 #include "kernels.inc"
 
@@ -85,8 +120,26 @@ static bool null_device() {
     return on;
 }
 
-static void run_kernel(const Kernel& k, unsigned grid, unsigned block, void** params) {
-    if (null_device()) return;
+static void check_writes(const char* what, uint64_t p);
+static void run_blocks(const Kernel& k, unsigned grid, unsigned block, void** params);
+
+// runs the kernel, then checks the red zones of the allocations its pointer
+// arguments point into: the fault found, or 0
+static int run_kernel(const Kernel& k, unsigned grid, unsigned block, void** params) {
+    if (null_device()) return 0;
+    running_kernel = k.name;
+    run_blocks(k, grid, block, params);
+    for (int i = 0; i < k.nargs; i++) {
+        if (k.sizes[i] != 8) continue;
+        uint64_t v;
+        std::memcpy(&v, params[i], 8);
+        check_writes(k.name, v);
+    }
+    running_kernel = "";
+    return take_fault();
+}
+
+static void run_blocks(const Kernel& k, unsigned grid, unsigned block, void** params) {
     auto set_thread = [&](unsigned b, unsigned t) {
         blockIdx = {b, 0, 0};
         threadIdx = {t, 0, 0};
@@ -275,7 +328,7 @@ CUresult cuGraphLaunch(CUgraphExec e, CUstream s) {
     if (capturing) return CAPTURE_UNSUPPORTED;
     (void)s;
     for (auto& op : e->ops) op();
-    return OK;
+    return take_fault();
 }
 CUresult cuGraphExecDestroy(CUgraphExec e) {
     delete e;
@@ -299,29 +352,93 @@ CUresult cuMemFreeHost(void* p) {
     return OK;
 }
 
-// live allocations and their sizes: a free of anything else is an error, and
-// freed memory is NaN-filled first, so that a use after free shows
+}  // extern "C"
+
+// live allocations by start, and their sizes: a free of anything else is an
+// error, and freed memory is NaN-filled first, so that a use after free shows
 static std::mutex allocations_lock;
-static std::unordered_map<CUdeviceptr, size_t> allocations;
+static std::map<CUdeviceptr, size_t> allocations;
+static const size_t REDZONE = 4096;  // NaN bytes either side of an allocation
 
 static CUresult alloc(CUdeviceptr* p, size_t n) {
-    void* m = std::malloc(n ? n : 1);
-    if (!m) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
-    std::memset(m, null_device() ? 0 : 0xFF, n);  // NaN in every float and double
-    *p = (CUdeviceptr)m;
+    void* m = nullptr;
+    if (posix_memalign(&m, 256, n + 2 * REDZONE) != 0) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
+    // NaN in every float and double, the red zones included
+    std::memset(m, null_device() ? 0 : 0xFF, n + 2 * REDZONE);
+    *p = (CUdeviceptr)m + REDZONE;
     std::lock_guard<std::mutex> g(allocations_lock);
     allocations[*p] = n;
     return OK;
+}
+// the allocation whose bytes or red zones hold address p (allocations_lock
+// held), or end()
+static std::map<CUdeviceptr, size_t>::iterator near(uint64_t p) {
+    auto it = allocations.upper_bound(p + REDZONE);
+    if (it == allocations.begin()) return allocations.end();
+    --it;
+    return p < it->first + it->second + REDZONE ? it : allocations.end();
+}
+// the offset from the allocation's start of the first red-zone byte that is
+// no longer a NaN byte, if any
+static bool redzone_written(CUdeviceptr base, size_t n, long long* at) {
+    const unsigned char* lo = (const unsigned char*)base - REDZONE;
+    const unsigned char* hi = (const unsigned char*)base + n;
+    for (size_t i = 0; i < REDZONE; i++) {
+        if (lo[i] != 0xFF) {
+            *at = (long long)i - (long long)REDZONE;
+            return true;
+        }
+        if (hi[i] != 0xFF) {
+            *at = (long long)(n + i);
+            return true;
+        }
+    }
+    return false;
+}
+// after a launch that was given address p: a write outside the allocation
+// that p points into is a fault
+static void check_writes(const char* what, uint64_t p) {
+    if (null_device()) return;
+    std::lock_guard<std::mutex> g(allocations_lock);
+    auto it = near(p);
+    long long at;
+    if (it == allocations.end() || !redzone_written(it->first, it->second, &at)) return;
+    fault(ILLEGAL_ADDRESS, "%s wrote outside a device allocation of %zu bytes (at byte %lld)", what,
+          it->second, at);
+    // the red zone as it was, so that the fault is reported once
+    std::memset((void*)(it->first - REDZONE), 0xFF, REDZONE);
+    std::memset((void*)(it->first + it->second), 0xFF, REDZONE);
+}
+// whether [p, p + n) lies in one allocation; else a message on stderr
+static bool in_one_allocation(const char* what, uint64_t p, size_t n) {
+    std::lock_guard<std::mutex> g(allocations_lock);
+    auto it = allocations.upper_bound(p);
+    if (it != allocations.begin()) {
+        --it;
+        if (p + n <= it->first + it->second) return true;
+    }
+    std::fprintf(stderr, "fake GPU: %s of %zu bytes at %p is not inside one device allocation\n",
+                 what, n, (void*)p);
+    return false;
 }
 static CUresult release(CUdeviceptr p) {
     std::lock_guard<std::mutex> g(allocations_lock);
     auto it = allocations.find(p);
     if (it == allocations.end()) return INVALID_VALUE;
-    std::memset((void*)p, 0xFF, it->second);
-    std::free((void*)p);
+    long long at;
+    if (!null_device() && redzone_written(p, it->second, &at)) {
+        // every launch checks what it wrote: this is a write by something else
+        std::fprintf(stderr, "fake GPU: a device allocation of %zu bytes freed with byte %lld written\n",
+                     it->second, at);
+        std::abort();
+    }
+    std::memset((void*)(p - REDZONE), 0xFF, it->second + 2 * REDZONE);
+    std::free((void*)(p - REDZONE));
     allocations.erase(it);
     return OK;
 }
+
+extern "C" {
 // (the graph-memory nodes a capture could allocate are not used by sofo:
 // allocation and freeing are refused while capturing)
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
@@ -343,6 +460,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
     count(C_HTOD);
+    if (!in_one_allocation("a copy to the device", dst, n)) return INVALID_VALUE;
     // a captured copy reads the host memory when the graph runs: pinned only
     if (capturing && s == capture_stream && !is_pinned(src, n)) {
         capture_invalid = true;
@@ -352,32 +470,39 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstre
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
     count(C_DTOH);
+    if (!in_one_allocation("a copy to the host", src, n)) return INVALID_VALUE;
     if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy(dst, (const void*)src, n);
     return OK;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
     count(C_DTOD);
+    if (!in_one_allocation("a copy's source", src, n) || !in_one_allocation("a copy's destination", dst, n))
+        return INVALID_VALUE;
     return enqueue(s, [=] { std::memmove((void*)dst, (const void*)src, n); });
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     count(C_HTOD);
+    if (!in_one_allocation("a copy to the device", dst, n)) return INVALID_VALUE;
     if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy((void*)dst, src, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     count(C_DTOH);
+    if (!in_one_allocation("a copy to the host", src, n)) return INVALID_VALUE;
     if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memcpy(dst, (const void*)src, n);
     return OK;
 }
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
     count(C_MEMSET);
+    if (!in_one_allocation("a memset", dst, n)) return INVALID_VALUE;
     return enqueue(s, [=] { std::memset((void*)dst, v, n); });
 }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
     count(C_MEMSET);
+    if (!in_one_allocation("a memset", dst, n)) return INVALID_VALUE;
     if (refused_while_capturing()) return CAPTURE_INVALIDATED;
     std::memset((void*)dst, v, n);
     return OK;
@@ -410,11 +535,14 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         return enqueue(s, [&k, gx, bx, copied]() mutable {
             std::vector<void*> p(copied.size());
             for (size_t i = 0; i < copied.size(); i++) p[i] = &copied[i];
-            run_kernel(k, gx, bx, p.data());
+            // (a fault stays pending for cuGraphLaunch)
+            if (int f = run_kernel(k, gx, bx, p.data())) {
+                int none = 0;
+                pending_fault.compare_exchange_strong(none, f);
+            }
         });
     }
-    run_kernel(k, gx, bx, params);
-    return OK;
+    return run_kernel(k, gx, bx, params);
 }
 CUresult cuGetErrorString(CUresult, const char** s) {
     *s = "error of the fake GPU";
@@ -481,10 +609,25 @@ struct FakeBlas {
 
 // a GEMM on the handle's stream: recorded while it is captured (the host
 // scalars and the math mode read now, as cuBLAS does)
+// whether a column-major operand of rows × cols with leading dimension ld
+// lies in one device allocation (else a message on stderr)
+template <typename T>
+static bool operand_in_memory(const char* what, const T* p, int rows, int cols, int ld) {
+    if (rows <= 0 || cols <= 0) return true;
+    size_t n = ((size_t)(cols - 1) * (size_t)ld + (size_t)rows) * sizeof(T);
+    return in_one_allocation(what, (uint64_t)p, n);
+}
+
 template <typename T>
 static int blas_call(FakeBlas* h, int ta, int tb, int m, int n, int k, const T* alpha, const T* a,
                      int lda, const T* b, int ldb, const T* beta, T* c, int ldc) {
     count(C_GEMM);
+    // what the GEMM's kernel would read and write outside its operands: an
+    // illegal address, or memory of other tensors
+    if (!null_device() && (!operand_in_memory("a GEMM's A", a, ta ? k : m, ta ? m : k, lda) ||
+                           !operand_in_memory("a GEMM's B", b, tb ? n : k, tb ? k : n, ldb) ||
+                           !operand_in_memory("a GEMM's C", c, m, n, ldc)))
+        return 13;  // CUBLAS_STATUS_EXECUTION_FAILED
     int mode = h->math_mode;
     if (capturing && h->stream == capture_stream) {
         T al = *alpha, be = *beta;
