@@ -175,6 +175,17 @@ for r in sofo:
     fastest = f"{q(best, j)} ({way})" if j else "—"
     print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(passes.get(key))} | {f(base.get(key))} | {f(lin_gemm.get(key))} | {f(lin_fused.get(key))} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} | {fastest} |")
 print()
+# where a SOFO iteration's time goes (three more iterations, each phase
+# ended by a device synchronisation: sofo::cuda::SofoPhases)
+print("| config (default way) | draw and normalise the directions ms | pass and sketch ms | step ms | sum / s per iter |")
+print("|---|---|---|---|---|")
+for r in sofo:
+    ph = r.get("phases")
+    if r.get("method") != "sofo" or not ph:
+        continue
+    tot = ph["draw_s"] + ph["pass_s"] + ph["step_s"]
+    print(f"| {r['name']} N={r['n']} M={r['m']} K={r['k']} T={r['t']} | {ph['draw_s'] * 1e3:.3g} | {ph['pass_s'] * 1e3:.3g} | {ph['step_s'] * 1e3:.3g} | {tot / r['seconds_per_iter']:.2f} |")
+print()
 print("| method | T | sofo peak device MiB | s/iter |")
 print("|---|---|---|---|")
 for r in lines("sofo_memory.jsonl"):

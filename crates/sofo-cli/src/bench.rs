@@ -63,6 +63,10 @@ struct Record {
     median: f64,
     min: f64,
     flops: f64,
+    /// SOFO on a GPU: seconds per iteration drawing the directions, in the
+    /// pass, in the step (see `sofo::cuda::SofoPhases`), from iterations
+    /// run after the timed ones.
+    phases: Option<[f64; 3]>,
 }
 
 fn random_batch(t: usize, m: usize, i: usize, o: usize, seed: u64) -> Result<Batch<f32>> {
@@ -159,13 +163,16 @@ fn time_sofo<M: Model<f32>>(
     n: usize,
 ) -> Result<Record> {
     let mut params = model.init(0)?;
-    let (median, min, peak_device_bytes) = time_steps(
+    let mut opt = anchor_sofo(k, device)?;
+    let (median, min, peak_device_bytes) =
+        time_steps(device, &mut opt, model, &mut params, batch, iters)?;
+    let phases = sofo_phases(
         device,
-        &mut anchor_sofo(k, device)?,
+        &mut opt,
         model,
         &mut params,
         batch,
-        iters,
+        iters as u64 + 2,
     )?;
     Ok(Record {
         method: "sofo",
@@ -178,7 +185,42 @@ fn time_sofo<M: Model<f32>>(
         median,
         min,
         flops: model.sofo_flops(k, batch),
+        phases,
     })
+}
+
+/// Iterations whose phases are timed (GPU), after the timed ones.
+const PHASE_ITERS: u64 = 3;
+
+/// On a GPU, where SOFO's iterations spend their time: seconds per
+/// iteration drawing the directions, in the pass, in the step, over
+/// [`PHASE_ITERS`] more iterations (numbered from `first`) that
+/// synchronise the device at each phase's end. `None` on the CPU.
+fn sofo_phases<M: Model<f32>>(
+    device: &Device,
+    opt: &mut Sofo,
+    model: &M,
+    params: &mut ParamSet<f32>,
+    batch: &Batch<f32>,
+    first: u64,
+) -> Result<Option<[f64; 3]>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            sofo::cuda::time_sofo_phases(d, true);
+            let run = (first..first + PHASE_ITERS)
+                .try_for_each(|it| opt.step(model, params, batch, 0, it).map(|_| ()));
+            sofo::cuda::time_sofo_phases(d, false);
+            run?;
+            let p = sofo::cuda::sofo_phases(d);
+            let per = |s: f64| s / p.iterations.max(1) as f64;
+            Ok(Some([per(p.draw_s), per(p.pass_s), per(p.step_s)]))
+        }
+        _ => {
+            let _ = (opt, model, params, batch, first);
+            Ok(None)
+        }
+    }
 }
 
 /// SOFO iterations, or with `--method pass` its forward-K pass alone.
@@ -224,6 +266,7 @@ fn time_adam<M: Model<f32>>(
         median,
         min,
         flops: 0.0,
+        phases: None,
     })
 }
 
@@ -268,6 +311,7 @@ fn time_pass<M: Model<f32>>(
         median,
         min,
         flops: model.sofo_flops(k, batch),
+        phases: None,
     })
 }
 
@@ -466,11 +510,15 @@ fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
                 "peak_device_bytes": r.peak_device_bytes,
                 "pooled_device_bytes": pooled_bytes(device),
                 "graph_passes": graph_passes(device),
+                "phases": r.phases.map(|[draw, pass, step]| serde_json::json!({
+                    "draw_s": draw, "pass_s": pass, "step_s": step,
+                    "iters": PHASE_ITERS,
+                })),
             })
         );
     } else {
         println!(
-            "{:<5} {:<10} N={:<4} M={:<4} K={:<4} T={:<4}  {:.4} s/iter (min {:.4})  {}  [{}, {} threads]",
+            "{:<5} {:<10} N={:<4} M={:<4} K={:<4} T={:<4}  {:.4} s/iter (min {:.4})  {}{}  [{}, {} threads]",
             r.method,
             r.name,
             r.n,
@@ -480,6 +528,12 @@ fn emit(a: &BenchArgs, r: &Record, threads: usize, device: &Device) {
             r.median,
             r.min,
             gflops.map_or(String::new(), |g| format!("{g:.1} GFLOP/s")),
+            r.phases.map_or(String::new(), |[draw, pass, step]| format!(
+                "  (draw {:.2} ms, pass {:.2} ms, step {:.2} ms)",
+                draw * 1e3,
+                pass * 1e3,
+                step * 1e3
+            )),
             device.describe(),
             threads
         );

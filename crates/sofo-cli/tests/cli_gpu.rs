@@ -136,7 +136,7 @@ fn sofo_and_adam_train_from_the_cli_on_the_device() {
 
 /// SOFO_GPU_GRAPHS=1: the bench's SOFO iterations are recorded, captured
 /// and replayed as a CUDA graph (its JSON says so); another value is
-/// refused, naming the variable.
+/// refused, naming the variable. The JSON times the iterations' phases too.
 #[test]
 fn graphs_are_switched_on_by_the_environment() {
     let Some(sofo) = on_a_gpu_with_env() else {
@@ -151,7 +151,8 @@ fn graphs_are_switched_on_by_the_environment() {
     let out = String::from_utf8_lossy(&o.stdout);
     let r: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     let g = &r["graph_passes"];
-    // two warm-up iterations and one timed: recorded, captured, replayed
+    // two warm-up iterations and one timed: recorded, captured, replayed;
+    // then the three whose phases are timed, replayed
     assert_eq!(g["on"], true, "{r}");
     assert_eq!(
         (
@@ -160,9 +161,14 @@ fn graphs_are_switched_on_by_the_environment() {
             &g["replayed"],
             &g["fallbacks"]
         ),
-        (&1.into(), &1.into(), &1.into(), &0.into()),
+        (&1.into(), &1.into(), &4.into(), &0.into()),
         "{r}"
     );
+    let ph = &r["phases"];
+    assert_eq!(ph["iters"], 3, "{r}");
+    for phase in ["draw_s", "pass_s", "step_s"] {
+        assert!(ph[phase].as_f64().unwrap() > 0.0, "{phase}: {r}");
+    }
     let o = sofo(&args, &[("SOFO_GPU_GRAPHS", "yes")]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
