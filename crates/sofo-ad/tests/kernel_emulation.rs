@@ -42,6 +42,7 @@ struct EmuDim { unsigned x, y, z; };
 // per test thread: the tests run in parallel
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 extern "C" void emu_set(unsigned b, unsigned t, unsigned bd, unsigned gd) {
     blockIdx = {b, 0, 0}; threadIdx = {t, 0, 0}; blockDim = {bd, 1, 1}; gridDim = {gd, 1, 1};
 }

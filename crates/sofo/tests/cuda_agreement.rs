@@ -370,8 +370,9 @@ fn every_op_agrees_with_the_cpu() {
 /// tangents (a plant's state) after the input term (added by a launch of its
 /// own) or before it (folded into the first launch, the input term added),
 /// on shapes that leave partial tiles and reduction chunks (130 rows and 67
-/// columns: 3 × 2 tiles; inner 37), and without any tangents (only the
-/// value's blocks).
+/// columns: 3 × 2 tiles; inner 37; 66 rows and 68 columns, whose tangent
+/// rows the kernel writes as float4, 4 columns in the second tile), and
+/// without any tangents (only the value's blocks).
 #[test]
 fn dense_linear_agrees_with_the_cpu() {
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -383,7 +384,8 @@ fn dense_linear_agrees_with_the_cpu() {
     let mut g = CudaFwd::new(dev.clone(), k);
     for dense in [DenseLinear::Fused, DenseLinear::Gemm] {
         dev.set_dense_linear(dense);
-        for (rows, kd, n) in [(130, 37, 67), (5, 20, 11)] {
+        // (n = 68: the tangents' rows written as float4, a partial tile)
+        for (rows, kd, n) in [(130, 37, 67), (5, 20, 11), (66, 9, 68)] {
             // plant: 0 none, 1 after the input term, 2 before it
             for (leak, plant, mask) in [true, false]
                 .into_iter()
@@ -523,7 +525,8 @@ fn linear_of_unary_agrees_with_the_cpu() {
 /// its two launches (an input term folded in, partial tiles and reduction
 /// chunk: 130 rows and 67 columns, inner 37), without any tangents (the
 /// value's launch alone), and the fallbacks op by op (the dense term on
-/// cuBLAS; a plant term with tangents, added after the kernel; a narrow
+/// cuBLAS; a plant term with tangents, added after the kernel, with 68
+/// columns, whose tangent rows the kernel writes as float4; a narrow
 /// output; exp, not a rate function), every tangent of the dense term, the
 /// input's weights, the bias and the leak's x present or not, for relu,
 /// tanh, softplus, sigmoid and exp.
@@ -540,7 +543,8 @@ fn unary_of_linear_agrees_with_the_cpu() {
     for (dense, n, plant) in [
         (DenseLinear::Fused, 67, false),
         (DenseLinear::Gemm, 67, false),
-        (DenseLinear::Fused, 67, true),
+        // (n = 68: the tangents' rows written as float4)
+        (DenseLinear::Fused, 68, true),
         (DenseLinear::Fused, 3, false),
     ] {
         dev.set_dense_linear(dense);

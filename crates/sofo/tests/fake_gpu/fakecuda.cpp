@@ -58,6 +58,7 @@ struct EmuDim {
 };
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 // the fibers of the block being run (a kernel that synchronises its block)
 struct EmuFiber {
     ucontext_t start;  // its entry, on its own stack
@@ -103,9 +104,9 @@ static void fault(int code, const char* fmt, ...) {
 }
 // the fault found since the last call (0: none), cleared
 static int take_fault() { return pending_fault.exchange(0); }
-// a float4 load from global memory needs a 16-byte aligned address
+// a float4 load or store in global memory needs a 16-byte aligned address
 static void misaligned16(const void* p) {
-    fault(MISALIGNED_ADDRESS, "kernel %s: float4 load from %p, not 16-byte aligned", running_kernel, p);
+    fault(MISALIGNED_ADDRESS, "kernel %s: float4 access at %p, not 16-byte aligned", running_kernel, p);
 }
 #define CHECK_ALIGNED16(p) ((((uintptr_t)(p)) & 15) ? misaligned16(p) : (void)0)
 
