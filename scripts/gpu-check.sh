@@ -63,10 +63,10 @@ for c in ${GRAPH_TASKS-reach2 kalman-long}; do
 done
 
 echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and cuBLAS (SOFO_GPU_LINEAR=gemm)"
-# the default (auto) fuses up to 128 inner columns and leaves everything to
-# cuBLAS under TF32: gemm says whether the fused kernel wins where auto uses
-# it, fused whether it also wins at N = 400 and against the TF32 GEMMs
-# (sofo_tf32.jsonl); LINEAR_CHOICES=gemm skips the second
+# the default (auto) fuses up to 128 inner columns (under TF32 on the tensor
+# cores, as cuBLAS's GEMMs then are): gemm says whether the fused kernel wins
+# where auto uses it, fused whether it also wins at N = 400; the same two
+# under TF32 below; LINEAR_CHOICES=gemm skips the second
 for choice in ${LINEAR_CHOICES:-gemm fused}; do
   SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_linear_$choice.jsonl"
 done
@@ -88,8 +88,12 @@ for c in ${BASE_TASKS-reach2}; do
 done
 fi
 
-echo "== sofo bench --device cuda --gpu-matmul tf32 (SOFO; TF32 GEMMs as JAX's default)"
+echo "== sofo bench --device cuda --gpu-matmul tf32 (SOFO; TF32 tensor cores as JAX's default, linear_dense_tf32 where auto fuses)"
 timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --gpu-matmul tf32 --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_tf32.jsonl"
+# the fused TF32 kernel against cuBLAS's TF32 GEMMs, and fused at N = 400 too
+for choice in ${LINEAR_CHOICES:-gemm fused}; do
+  SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --gpu-matmul tf32 --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_tf32_linear_$choice.jsonl"
+done
 
 echo "== memory against T (rate RNN N=128 M=64 K=64)"
 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} --json --iters 2 --only rnn-n128 --steps ${MEMORY_STEPS:-32,256,1024,4096,16384} 2>&1 | tee "$OUT/sofo_memory.jsonl"
@@ -99,6 +103,8 @@ fi
 if has profile; then
 echo "== per-kernel device time of a few steps (Nsight Compute)"
 RESULTS="$OUT" bash scripts/gpu-profile.sh
+# and the TF32 kernel (linear_dense_tf32) where auto fuses
+RESULTS="$OUT" MATMUL=tf32 LINEARS=auto bash scripts/gpu-profile.sh
 fi
 
 if has anchors; then
@@ -153,8 +159,10 @@ passes = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in li
 base = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_base.jsonl") if "name" in r}
 lin_gemm = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_linear_gemm.jsonl") if "name" in r}
 lin_fused = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_linear_fused.jsonl") if "name" in r}
-print("| config | sofo SOFO | its pass alone | baseline build | dense terms on cuBLAS | dense terms always fused | sofo SOFO, graphs | sofo SOFO TF32 | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 | fastest sofo SOFO / JAX |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+tf32_gemm = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_tf32_linear_gemm.jsonl") if "name" in r}
+tf32_fused = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in lines("sofo_tf32_linear_fused.jsonl") if "name" in r}
+print("| config | sofo SOFO | its pass alone | baseline build | dense terms on cuBLAS | dense terms always fused | sofo SOFO, graphs | sofo SOFO TF32 | TF32, dense terms on cuBLAS | TF32, always fused | sofo Adam-BPTT | JAX SOFO (default, TF32) | JAX SOFO (f32) | torch Adam-BPTT | SOFO / torch Adam | SOFO TF32 / JAX | SOFO / JAX f32 | fastest sofo SOFO / JAX |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 own_adam = {(r["name"], r["n"], r["m"], r["t"]): r["seconds_per_iter"] for r in sofo if r.get("method") == "adam"}
 for r in sofo:
     if r.get("method") == "adam":
@@ -169,11 +177,12 @@ for r in sofo:
     f = lambda v: f"{v:.4g}" if v else "—"
     q = lambda x, y: f"{x / y:.2f}" if x and y else "—"
     # the fastest of sofo's ways (default, cuBLAS or fused dense terms,
-    # graphs, TF32) against JAX's default, and which way it was
-    ways = {"default": s, "gemm": lin_gemm.get(key), "fused": lin_fused.get(key), "graphs": gr, "tf32": st}
+    # graphs, TF32 with either) against JAX's default, and which way it was
+    ways = {"default": s, "gemm": lin_gemm.get(key), "fused": lin_fused.get(key), "graphs": gr, "tf32": st,
+            "tf32 gemm": tf32_gemm.get(key), "tf32 fused": tf32_fused.get(key)}
     way, best = min(((w, v) for w, v in ways.items() if v), key=lambda wv: wv[1])
     fastest = f"{q(best, j)} ({way})" if j else "—"
-    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(passes.get(key))} | {f(base.get(key))} | {f(lin_gemm.get(key))} | {f(lin_fused.get(key))} | {f(gr)} | {f(st)} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} | {fastest} |")
+    print(f"| {r['name']} N={n} M={m} K={r['k']} T={t} | {f(s)} | {f(passes.get(key))} | {f(base.get(key))} | {f(lin_gemm.get(key))} | {f(lin_fused.get(key))} | {f(gr)} | {f(st)} | {f(tf32_gemm.get(key))} | {f(tf32_fused.get(key))} | {f(oa)} | {f(j)} | {f(j32)} | {f(a)} | {q(s, a)} | {q(st, j)} | {q(s, j32)} | {fastest} |")
 print()
 # where a SOFO iteration's time goes (three more iterations, each phase
 # ended by a device synchronisation: sofo::cuda::SofoPhases)

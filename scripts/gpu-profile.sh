@@ -22,12 +22,15 @@ echo "ncu: $NCU"
 # skip the set-up launches (tangent draw, parameter gathers) and the first
 # steps, then time COUNT launches (a step is 3 kernels with the hidden layer
 # in linear_dense; 4 kernels and 3 GEMMs with SOFO_GPU_LINEAR=gemm), once per
-# choice in LINEARS (default: auto, then gemm: which of the two is faster)
+# choice in LINEARS (default: auto, then gemm: which of the two is faster),
+# in MATMUL (f32 by default; tf32: linear_dense_tf32 and cuBLAS's TF32 GEMMs)
+MATMUL=${MATMUL:-f32}
 for choice in ${LINEARS:-auto gemm}; do
-echo "== SOFO_GPU_LINEAR=$choice"
-SOFO_GPU_LINEAR=$choice timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
+echo "== SOFO_GPU_LINEAR=$choice --gpu-matmul $MATMUL"
+[ "$MATMUL" = f32 ] || choice="$choice-$MATMUL"
+SOFO_GPU_LINEAR=${choice%-*} timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
   --launch-skip ${SKIP:-60} --launch-count ${COUNT:-70} \
-  gpu/sofo bench --device cuda --method pass --only "$CONFIG" --steps "$STEPS" --iters 1 \
+  gpu/sofo bench --device cuda --method pass --only "$CONFIG" --steps "$STEPS" --iters 1 --gpu-matmul "$MATMUL" \
   > "$OUT/ncu_$choice.csv" 2> "$OUT/ncu_$choice.err"
 echo "ncu exit $?"
 tail -n 5 "$OUT/ncu_$choice.err"

@@ -52,6 +52,6 @@ awk '/Compiling entry function/ { match($0, /'"'"'[a-z_0-9]+'"'"'/); k = substr(
      END { for (k in regs) print k, regs[k], stack[k], spill[k] }' "$tmp/ptxas.txt" | sort |
 while read -r k regs stack spill; do
   sass=$("$W/nvidia-cuda-cuobjdump/nvidia/cu13/bin/cuobjdump" -sass -fun "$k" "$tmp/k.cubin")
-  echo "| $k | $regs | $stack | $spill | $(grep -cE 'LDL|STL' <<< "$sass") | $(grep -cE '/\*[0-9a-f]{4}\*/' <<< "$sass") |"
+  echo "| $k | $regs | $stack | $spill | $(grep -cE 'LDL|STL' <<< "$sass") | $(grep -cE '/\*[0-9a-f]{4,}\*/' <<< "$sass") |"
 done
 rm -rf "$tmp"

@@ -589,7 +589,8 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 // blockIdx.x = slot · tiles + tile; the reduction (at · w, then a · wt, both
 // over kd: one GEMM of inner dimension 2·kd) runs in chunks of DENSE_K through
 // shared memory; each of the DENSE_THREADS threads keeps a 4 × 4 block of the
-// tile in registers, read from shared memory as float4. With DENSE_ACT the
+// tile in registers, read from shared memory as float4 (linear_dense_tf32:
+// each warp's block multiplied on the tensor cores). With DENSE_ACT the
 // dense term's input is f(a) (a rate function, op act) and its tangents
 // f′(a) ⊙ at, applied as a chunk goes to shared memory: a rate network's φ(x) · W
 // without φ(x)'s tangents ever stored; with DENSE_ACT_C as well, f(a) ⊙ ac
@@ -626,15 +627,79 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 #else
 #define DENSE_BOUNDS
 #endif
-extern "C" __global__ void DENSE_BOUNDS linear_dense(float* y, float* t, const float* a, const float* at,
-                                        const float* w, const float* wt, const float* b,
-                                        const float* bt, const float* x, const float* xt,
-                                        const float* u, const float* uw, const float* uwt,
-                                        float c, float scale, int rows, int k, int kd, int n,
-                                        int ku, int flags, int act, const float* ac, int post,
-                                        float* pre, const float* ut) {
-    __shared__ float4 As[DENSE_K][DENSE_TILE / 4 + 1];  // the chunk of A, transposed: row r of i at As[i][r/4]
-    __shared__ float4 Bs[DENSE_K][DENSE_TILE / 4];      // the chunk of B: column j of i at Bs[i][j/4]
+// TF32 tensor-core products (linear_dense_tf32): cvt.rna rounds an f32 to
+// TF32 (10 mantissa bits, to nearest, ties away from zero); mma_tf32_ is
+// mma.sync m16n8k8: d += A · B for a warp, A 16 × 8 and B 8 × 8 in TF32, D
+// 16 × 8 in f32, lane l (g = l / 4, c = l % 4) holding a0 = A[g][c],
+// a1 = A[g+8][c], a2 = A[g][c+4], a3 = A[g+8][c+4], b0 = B[c][g],
+// b1 = B[c+4][g], d0 = D[g][2c], d1 = D[g][2c+1], d2 = D[g+8][2c],
+// d3 = D[g+8][2c+1] (the PTX ISA's fragment layout).
+#ifdef __CUDACC_RTC__
+__device__ __forceinline__ unsigned tf32_rna_(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ void mma_tf32_(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#else
+// The host builds of this source (the tests' fake GPU) emulate both from
+// that layout: the lanes put their fragments in shared memory between two
+// block barriers (the kernel calls this in control flow uniform over the
+// block), and each lane takes its D elements from the whole A and B.
+__device__ __forceinline__ unsigned tf32_rna_(float x) {
+    unsigned u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;  // (not inf, NaN)
+    return u;
+}
+__device__ void mma_tf32_(float* d, const unsigned* a, const unsigned* b) {
+    __shared__ unsigned frag[1024][6];
+    const unsigned lane = threadIdx.x % 32, first = threadIdx.x - lane;
+    for (int i = 0; i < 4; i++) frag[threadIdx.x][i] = a[i];
+    frag[threadIdx.x][4] = b[0];
+    frag[threadIdx.x][5] = b[1];
+    __syncthreads();
+    unsigned A[16][8], B[8][8];
+    for (unsigned l = 0; l < 32; l++) {
+        const unsigned* f = frag[first + l];
+        const unsigned g = l / 4, c = l % 4;
+        A[g][c] = f[0]; A[g + 8][c] = f[1]; A[g][c + 4] = f[2]; A[g + 8][c + 4] = f[3];
+        B[c][g] = f[4]; B[c + 4][g] = f[5];
+    }
+    __syncthreads();
+    const unsigned g = lane / 4, c = lane % 4;
+    for (int q = 0; q < 4; q++) {
+        const unsigned i = g + (q / 2) * 8, j = 2 * c + q % 2;
+        for (int kk = 0; kk < 8; kk++) {
+            float x, w;
+            memcpy(&x, &A[i][kk], 4);
+            memcpy(&w, &B[kk][j], 4);
+            d[q] = fmaf(x, w, d[q]);
+        }
+    }
+}
+#endif
+
+// The body of linear_dense (tc false: f32 products on the CUDA cores) and
+// linear_dense_tf32 (tc true: TF32 tensor cores). The chunks in shared
+// memory: as [DENSE_K][lda] (a's chunk transposed: row r of inner index i
+// at as[i * lda + r]) and bs [DENSE_K][ldb] (column j of i at
+// bs[i * ldb + j]). With f32 products each thread multiplies a 4 × 4 block
+// (rows ty·4 + p, columns tx·4 + q of the tile) from float4 reads; with
+// TF32 each warp a 32 × 16 block (warp w: rows (w / 4)·32, columns
+// (w % 4)·16) as 2 × 2 mma.sync tiles of 16 × 8, the lane's 16 results in
+// the same acc[p][q], row (p / 2)·16 + (p % 2)·8 + g and column
+// (q / 2)·8 + 2c + q % 2 of its warp's block.
+__device__ __forceinline__ void linear_dense_(
+    float* y, float* t, const float* a, const float* at, const float* w, const float* wt,
+    const float* b, const float* bt, const float* x, const float* xt, const float* u,
+    const float* uw, const float* uwt, float c, float scale, int rows, int k, int kd, int n,
+    int ku, int flags, int act, const float* ac, int post, float* pre, const float* ut,
+    float* as, int lda, float* bs, int ldb, bool tc) {
     const int tiles_c = (n + DENSE_TILE - 1) / DENSE_TILE;
     const int tiles = ((rows + DENSE_TILE - 1) / DENSE_TILE) * tiles_c;
     const int slot = blockIdx.x / tiles, tile = blockIdx.x % tiles;
@@ -642,6 +707,8 @@ extern "C" __global__ void DENSE_BOUNDS linear_dense(float* y, float* t, const f
     const bool value = slot == ((flags & DENSE_WANT_T) ? k : 0);
     const int r0 = (tile / tiles_c) * DENSE_TILE, j0 = (tile % tiles_c) * DENSE_TILE;
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int warp = tid / 32, lane = tid % 32, lg = lane / 4, lc = lane % 4;
+    const int wr = (warp / 4) * 32, wc = (warp % 4) * 16;  // the warp's block (tc)
     float acc[4][4];
     for (int p = 0; p < 4; p++)
         for (int q = 0; q < 4; q++) acc[p][q] = 0.f;
@@ -666,7 +733,7 @@ extern "C" __global__ void DENSE_BOUNDS linear_dense(float* y, float* t, const f
         const bool tangent_a = !value && ph == 0;
         const float* src_a = tangent_a ? at : a;
         const float* src_b = ph == 0 ? w : wt + (long long)kk * n;
-        const long long ldb = ph == 0 ? n : (long long)k * n;
+        const long long ldb_g = ph == 0 ? n : (long long)k * n;
         for (int q = 0; q < 4; q++) {
             const int e = tid + q * DENSE_THREADS;
             const int rr = e / DENSE_K, ia = i0 + e % DENSE_K, r = r0 + rr;
@@ -676,7 +743,7 @@ extern "C" __global__ void DENSE_BOUNDS linear_dense(float* y, float* t, const f
             px[q] = in && (flags & DENSE_ACT) && tangent_a ? a[el] : 0.f;
             pc[q] = in && (flags & DENSE_ACT_C) ? ac[el] : 0.f;
             const int ib = i0 + e / DENSE_TILE, j = j0 + e % DENSE_TILE;
-            pb[q] = ib < kd && j < n ? src_b[(long long)ib * ldb + j] : 0.f;
+            pb[q] = ib < kd && j < n ? src_b[(long long)ib * ldb_g + j] : 0.f;
         }
     };
     if (chunks > 0) load(0);
@@ -686,32 +753,65 @@ extern "C" __global__ void DENSE_BOUNDS linear_dense(float* y, float* t, const f
         for (int q = 0; q < 4; q++) {
             const int e = tid + q * DENSE_THREADS;
             const float c = (flags & DENSE_ACT_C) ? pc[q] : 1.f;
-            ((float*)&As[e % DENSE_K][0])[e / DENSE_K] = act_apply_(pa[q], px[q], c, mode, act);
-            ((float*)&Bs[e / DENSE_TILE][0])[e % DENSE_TILE] = pb[q];
+            as[(e % DENSE_K) * lda + e / DENSE_K] = act_apply_(pa[q], px[q], c, mode, act);
+            bs[(e / DENSE_TILE) * ldb + e % DENSE_TILE] = pb[q];
         }
         __syncthreads();
         if (chunk + 1 < chunks) load(chunk + 1);
-        for (int ii = 0; ii < DENSE_K; ii++) {
-            const float4 av = As[ii][ty], bv = Bs[ii][tx];
-            const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
-            for (int p = 0; p < 4; p++)
-                for (int q = 0; q < 4; q++) acc[p][q] = fmaf(ar[p], br[q], acc[p][q]);
+        if (tc) {
+            for (int ks = 0; ks < DENSE_K; ks += 8) {
+                unsigned af[2][4], bf[2][2];
+                for (int mi = 0; mi < 2; mi++) {
+                    const float* ar = as + wr + mi * 16 + lg;
+                    af[mi][0] = tf32_rna_(ar[(ks + lc) * lda]);
+                    af[mi][1] = tf32_rna_(ar[(ks + lc) * lda + 8]);
+                    af[mi][2] = tf32_rna_(ar[(ks + lc + 4) * lda]);
+                    af[mi][3] = tf32_rna_(ar[(ks + lc + 4) * lda + 8]);
+                }
+                for (int ni = 0; ni < 2; ni++) {
+                    const float* br = bs + wc + ni * 8 + lg;
+                    bf[ni][0] = tf32_rna_(br[(ks + lc) * ldb]);
+                    bf[ni][1] = tf32_rna_(br[(ks + lc + 4) * ldb]);
+                }
+                for (int mi = 0; mi < 2; mi++)
+                    for (int ni = 0; ni < 2; ni++) {
+                        float d[4] = {acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1],
+                                      acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1]};
+                        mma_tf32_(d, af[mi], bf[ni]);
+                        acc[2 * mi][2 * ni] = d[0];
+                        acc[2 * mi][2 * ni + 1] = d[1];
+                        acc[2 * mi + 1][2 * ni] = d[2];
+                        acc[2 * mi + 1][2 * ni + 1] = d[3];
+                    }
+            }
+        } else {
+            for (int ii = 0; ii < DENSE_K; ii++) {
+                const float4 av = *(const float4*)(as + ii * lda + ty * 4);
+                const float4 bv = *(const float4*)(bs + ii * ldb + tx * 4);
+                const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+                for (int p = 0; p < 4; p++)
+                    for (int q = 0; q < 4; q++) acc[p][q] = fmaf(ar[p], br[q], acc[p][q]);
+            }
         }
         __syncthreads();
     }
-    // A tangent block's rows are written 4 columns at a time as one float4
-    // where all 4 are in the output and 16-byte aligned (n % 4 = 0 and t
-    // aligned): a warp's store then writes whole sectors once instead of
-    // 4-byte pieces 16 bytes apart four times over, with a quarter of the
-    // store instructions. (The value's one block in K + 1 stays scalar: its
-    // pre-activation's stores would need the registers this kernel has not got.)
-    const bool vec = !value && (n & 3) == 0 && aligned16_(t) && j0 + tx * 4 + 3 < n;
+    // the output row and column of acc[p][q] (both increase with p, q)
+    auto row_of = [&](int p) { return tc ? r0 + wr + (p / 2) * 16 + (p % 2) * 8 + lg : r0 + ty * 4 + p; };
+    auto col_of = [&](int q) { return tc ? j0 + wc + (q / 2) * 8 + 2 * lc + q % 2 : j0 + tx * 4 + q; };
+    // With f32 products a tangent block's rows are written 4 columns at a
+    // time as one float4 where all 4 are in the output and 16-byte aligned
+    // (n % 4 = 0 and t aligned): a warp's store then writes whole sectors
+    // once instead of 4-byte pieces 16 bytes apart four times over, with a
+    // quarter of the store instructions. (The value's one block in K + 1
+    // stays scalar: its pre-activation's stores would need the registers
+    // this kernel has not got.)
+    const bool vec = !tc && !value && (n & 3) == 0 && aligned16_(t) && j0 + tx * 4 + 3 < n;
     for (int p = 0; p < 4; p++) {
-        const int r = r0 + ty * 4 + p;
+        const int r = row_of(p);
         if (r >= rows) break;
         float out[4];  // a tangent row's 4 outputs, where vec
         for (int q = 0; q < 4; q++) {
-            const int j = j0 + tx * 4 + q;
+            const int j = col_of(q);
             if (j >= n) break;
             float v = acc[p][q];
             if (value) {
@@ -748,6 +848,32 @@ extern "C" __global__ void DENSE_BOUNDS linear_dense(float* y, float* t, const f
         if (vec)
             store4_(t + ((long long)r * k + kk) * n + j0 + tx * 4, make_float4(out[0], out[1], out[2], out[3]));
     }
+}
+
+// (two kernels of one signature, each with its chunks' shared memory: the
+// f32 one's rows padded by 4 floats, the TF32 one's by 8, so that a warp's
+// fragment reads — 8 rows of 4 columns — fall in 32 different banks)
+extern "C" __global__ void DENSE_BOUNDS linear_dense(float* y, float* t, const float* a, const float* at,
+                                        const float* w, const float* wt, const float* b,
+                                        const float* bt, const float* x, const float* xt,
+                                        const float* u, const float* uw, const float* uwt,
+                                        float c, float scale, int rows, int k, int kd, int n,
+                                        int ku, int flags, int act, const float* ac, int post,
+                                        float* pre, const float* ut) {
+    __shared__ float4 as[DENSE_K * (DENSE_TILE + 4) / 4], bs[DENSE_K * DENSE_TILE / 4];
+    linear_dense_(y, t, a, at, w, wt, b, bt, x, xt, u, uw, uwt, c, scale, rows, k, kd, n, ku, flags,
+                  act, ac, post, pre, ut, (float*)as, DENSE_TILE + 4, (float*)bs, DENSE_TILE, false);
+}
+extern "C" __global__ void DENSE_BOUNDS linear_dense_tf32(float* y, float* t, const float* a, const float* at,
+                                        const float* w, const float* wt, const float* b,
+                                        const float* bt, const float* x, const float* xt,
+                                        const float* u, const float* uw, const float* uwt,
+                                        float c, float scale, int rows, int k, int kd, int n,
+                                        int ku, int flags, int act, const float* ac, int post,
+                                        float* pre, const float* ut) {
+    __shared__ float4 as[DENSE_K * (DENSE_TILE + 8) / 4], bs[DENSE_K * (DENSE_TILE + 8) / 4];
+    linear_dense_(y, t, a, at, w, wt, b, bt, x, xt, u, uw, uwt, c, scale, rows, k, kd, n, ku, flags,
+                  act, ac, post, pre, ut, (float*)as, DENSE_TILE + 8, (float*)bs, DENSE_TILE + 8, true);
 }
 
 // dst[z, y, x] = src[x, y, z] for src [a, b, c]
@@ -919,6 +1045,7 @@ struct Kernels {
     linear_narrow: CudaFunction,
     linear_small_add: CudaFunction,
     linear_dense: CudaFunction,
+    linear_dense_tf32: CudaFunction,
     unary_tangent: CudaFunction,
     unary_grad: CudaFunction,
     permute_210: CudaFunction,
@@ -1156,14 +1283,11 @@ impl CudaDevice {
     }
 
     /// Whether a linear op's one dense term of inner dimension `kd` runs in
-    /// the fused `linear_dense` kernel: as [`DenseLinear`] says, except that
-    /// `Auto` leaves the term to cuBLAS where its GEMMs may use TF32 tensor
-    /// cores (the fused kernel computes in full f32 on the CUDA cores).
+    /// the fused `linear_dense` kernel, as [`DenseLinear`] says (in TF32
+    /// mode its products run on the tensor cores, `linear_dense_tf32`, as
+    /// cuBLAS's do).
     pub fn fuses_linear(&self, kd: usize) -> bool {
-        match self.dense_linear() {
-            DenseLinear::Auto if self.tf32() => false,
-            choice => choice.fuses(kd),
-        }
+        self.dense_linear().fuses(kd)
     }
 }
 
@@ -1734,6 +1858,7 @@ impl CudaDevice {
             linear_narrow: f("linear_narrow")?,
             linear_small_add: f("linear_small_add")?,
             linear_dense: f("linear_dense")?,
+            linear_dense_tf32: f("linear_dense_tf32")?,
             unary_tangent: f("unary_tangent")?,
             unary_grad: f("unary_grad")?,
             permute_210: f("permute_210")?,
@@ -2585,8 +2710,14 @@ impl CudaDevice {
             Some(_) => Some(self.scratch(&[rows, n])?),
             None => None,
         };
+        // in TF32 mode its products on the tensor cores, as cuBLAS's GEMMs
+        let (kernel, name) = if self.tf32() {
+            (&self.k.linear_dense_tf32, "linear_dense_tf32")
+        } else {
+            (&self.k.linear_dense, "linear_dense")
+        };
         let mut launch = |blocks: usize, flags: i32| -> Result<()> {
-            let mut l = Launch::new(&self.core, &self.k.linear_dense);
+            let mut l = Launch::new(&self.core, kernel);
             l.out(&mut *y.data);
             match t.as_mut() {
                 Some(t) => l.out(&mut *t.data),
@@ -2630,7 +2761,7 @@ impl CudaDevice {
             // writes pre only in the value's blocks with DENSE_POST, and
             // reads it in the tangents' blocks only with DENSE_POST: after
             // the value's launch below, on the same stream.
-            unsafe { l.launch(cfg) }.map_err(|e| dev_err("linear_dense", e))
+            unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))
         };
         match post {
             None => launch(blocks, flags)?,

@@ -62,14 +62,21 @@ fn worse(m: f64, d: f64) -> f64 {
 }
 
 fn same(cpu: &Dual<f32>, gpu: &Dual<f32>, what: &str) {
+    close(cpu, gpu, 1e-5, what);
+}
+
+/// `cpu` and `gpu` agree to `tol` ([`rel`], value and tangents); the
+/// largest difference.
+fn close(cpu: &Dual<f32>, gpu: &Dual<f32>, tol: f64, what: &str) -> f64 {
     assert_eq!(cpu.primal.shape(), gpu.primal.shape(), "{what}: shape");
     let d = rel(cpu.primal.data(), gpu.primal.data());
-    assert!(d < 1e-5, "{what}: primal differs by {d:e}");
+    assert!(d < tol, "{what}: primal differs by {d:e}");
     match (&cpu.tangent, &gpu.tangent) {
-        (None, None) => {}
+        (None, None) => d,
         (Some(a), Some(b)) => {
-            let d = rel(a.data(), b.data());
-            assert!(d < 1e-5, "{what}: tangents differ by {d:e}");
+            let dt = rel(a.data(), b.data());
+            assert!(dt < tol, "{what}: tangents differ by {dt:e}");
+            d.max(dt)
         }
         _ => panic!("{what}: one side has tangents, the other not"),
     }
@@ -434,6 +441,102 @@ fn dense_linear_agrees_with_the_cpu() {
             }
         }
     }
+    dev.set_dense_linear(DenseLinear::Auto);
+}
+
+/// In TF32 mode `linear_dense` multiplies on the tensor cores
+/// (`linear_dense_tf32`: mma.sync m16n8k8, which the fake GPU emulates
+/// from the PTX ISA's fragment layout, so that the kernel's own fragment
+/// loads are checked): close to the CPU's f32 numbers (inputs rounded to 10
+/// mantissa bits: about 1e-3, where a fragment in the wrong place is off by
+/// the whole value) on partial tiles and reduction chunks, every tangent
+/// present or not, with the leak and the input term, a rate function read
+/// from x (tanh) and one applied to the output (relu) — and not the f32
+/// kernel's numbers: TF32 took effect.
+#[test]
+fn dense_linear_tf32_is_close_to_the_cpu() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("dense_linear_tf32_is_close_to_the_cpu") else {
+        return;
+    };
+    let k = 3;
+    let mut c = Fwd::new(k);
+    let mut g = CudaFwd::new(dev.clone(), k);
+    dev.set_dense_linear(DenseLinear::Fused);
+    for (rows, kd, n) in [(130, 37, 67), (66, 9, 68)] {
+        for (mask, form) in (0..32u32).flat_map(|m| [0, 1, 2].map(|f| (m, f))) {
+            // form 0: linear; 1: linear_of_unary (tanh of a); 2:
+            // unary_of_linear (relu of the affine map); every mask for the
+            // first shape's linear, none or all tangents elsewhere
+            if (rows != 130 || form != 0) && mask != 0 && mask != 31 {
+                continue;
+            }
+            let has = |i: u32| mask & (1 << i) != 0;
+            let a = dual(&[rows, kd], k, 80, has(0));
+            let w = dual(&[kd, n], k, 81, has(1));
+            let u = dual(&[rows, 3], k, 82, false);
+            let wu = dual(&[3, n], k, 83, has(2));
+            let b = dual(&[n], k, 84, has(3));
+            let x = dual(&[rows, n], k, 85, has(4));
+            let cpu = match form {
+                0 => c.linear(Some((&x, 0.8)), 0.2, &[(&a, &w), (&u, &wu)], Some(&b)),
+                1 => c.linear_of_unary(
+                    Some((&x, 0.8)),
+                    0.2,
+                    (&a, Unary::Tanh, None, &w),
+                    &[(&u, &wu)],
+                    Some(&b),
+                ),
+                _ => c.unary_of_linear(
+                    Some((&x, 0.8)),
+                    0.2,
+                    Unary::Relu,
+                    &[(&a, &w), (&u, &wu)],
+                    Some(&b),
+                ),
+            }
+            .unwrap();
+            let mut run = |tf32: bool| {
+                dev.set_tf32(tf32).unwrap();
+                on_gpu(&mut g, &[&a, &w, &u, &wu, &b, &x], |g, v| {
+                    let leak = Some((&v[5], 0.8f32));
+                    match form {
+                        0 => Ops::<f32>::linear(
+                            g,
+                            leak,
+                            0.2,
+                            &[(&v[0], &v[1]), (&v[2], &v[3])],
+                            Some(&v[4]),
+                        ),
+                        1 => g.linear_of_unary(
+                            leak,
+                            0.2,
+                            (&v[0], Unary::Tanh, None, &v[1]),
+                            &[(&v[2], &v[3])],
+                            Some(&v[4]),
+                        ),
+                        _ => g.unary_of_linear(
+                            leak,
+                            0.2,
+                            Unary::Relu,
+                            &[(&v[0], &v[1]), (&v[2], &v[3])],
+                            Some(&v[4]),
+                        ),
+                    }
+                })
+            };
+            let (tf32, f32) = (run(true), run(false));
+            let what = format!("form {form}, [{rows}, {kd}] · [{kd}, {n}], mask {mask:05b}");
+            close(&cpu, &tf32, 1e-2, &format!("TF32 {what}"));
+            same(&cpu, &f32, &format!("f32 {what}"));
+            let d = close(&f32, &tf32, 1e-2, &what);
+            assert!(
+                d > 1e-6,
+                "{what}: the TF32 numbers are the f32 ones ({d:e})"
+            );
+        }
+    }
+    dev.set_tf32(false).unwrap();
     dev.set_dense_linear(DenseLinear::Auto);
 }
 
