@@ -634,7 +634,11 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 // a1 = A[g+8][c], a2 = A[g][c+4], a3 = A[g+8][c+4], b0 = B[c][g],
 // b1 = B[c+4][g], d0 = D[g][2c], d1 = D[g][2c+1], d2 = D[g+8][2c],
 // d3 = D[g+8][2c+1] (the PTX ISA's fragment layout).
+// Both need sm_80: compiled for an older architecture (the PTX targets the
+// device's, compile_kernels), linear_dense_tf32 multiplies in f32 (DENSE_TC).
 #ifdef __CUDACC_RTC__
+#if __CUDA_ARCH__ >= 800
+#define DENSE_TC true
 __device__ __forceinline__ unsigned tf32_rna_(float x) {
     unsigned r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
@@ -646,6 +650,12 @@ __device__ __forceinline__ void mma_tf32_(float* d, const unsigned* a, const uns
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #else
+#define DENSE_TC false
+__device__ __forceinline__ unsigned tf32_rna_(float x) { return 0u; }  // (never called)
+__device__ __forceinline__ void mma_tf32_(float* d, const unsigned* a, const unsigned* b) {}
+#endif
+#else
+#define DENSE_TC true
 // The host builds of this source (the tests' fake GPU) emulate both from
 // that layout: the lanes put their fragments in shared memory between two
 // block barriers (the kernel calls this in control flow uniform over the
@@ -873,7 +883,7 @@ extern "C" __global__ void DENSE_BOUNDS linear_dense_tf32(float* y, float* t, co
                                         float* pre, const float* ut) {
     __shared__ float4 as[DENSE_K * (DENSE_TILE + 8) / 4], bs[DENSE_K * (DENSE_TILE + 8) / 4];
     linear_dense_(y, t, a, at, w, wt, b, bt, x, xt, u, uw, uwt, c, scale, rows, k, kd, n, ku, flags,
-                  act, ac, post, pre, ut, (float*)as, DENSE_TILE + 8, (float*)bs, DENSE_TILE + 8, true);
+                  act, ac, post, pre, ut, (float*)as, DENSE_TILE + 8, (float*)bs, DENSE_TILE + 8, DENSE_TC);
 }
 
 // dst[z, y, x] = src[x, y, z] for src [a, b, c]
@@ -1729,15 +1739,24 @@ fn one_block() -> LaunchConfig {
 }
 
 /// Compiles the kernels with NVRTC (no GPU needed, only libnvrtc).
-fn compile_kernels() -> Result<cudarc::nvrtc::Ptx> {
-    compile_ptx_with_opts(
-        KERNELS,
-        CompileOptions {
-            name: Some("sofo_kernels.cu".into()),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| dev_err("nvrtc", e))
+/// The kernels as PTX for a device of compute capability `cc` (major,
+/// minor), so that what that architecture allows is in it — TF32
+/// `mma.sync` from 8.0 (`linear_dense_tf32`; below, it multiplies in f32)
+/// —, or for NVRTC's default architecture where `cc` is unknown or this
+/// NVRTC does not know it.
+fn compile_kernels(cc: Option<(i32, i32)>) -> Result<cudarc::nvrtc::Ptx> {
+    let options = |arch: Option<String>| CompileOptions {
+        name: Some("sofo_kernels.cu".into()),
+        options: arch.into_iter().collect(),
+        ..Default::default()
+    };
+    if let Some((major, minor)) = cc.filter(|&(major, _)| major > 0) {
+        let arch = format!("--gpu-architecture=compute_{major}{minor}");
+        if let Ok(ptx) = compile_ptx_with_opts(KERNELS, options(Some(arch))) {
+            return Ok(ptx);
+        }
+    }
+    compile_ptx_with_opts(KERNELS, options(None)).map_err(|e| dev_err("nvrtc", e))
 }
 
 /// Whether libnvrtc can be loaded on this machine.
@@ -1837,7 +1856,7 @@ impl CudaDevice {
                 return Err(dev_err("cublasSetWorkspace", status));
             }
         }
-        let ptx = compile_kernels()?;
+        let ptx = compile_kernels(ctx.compute_capability().ok())?;
         let module = ctx
             .load_module(ptx)
             .map_err(|e| dev_err("load_module", e))?;
@@ -3450,8 +3469,17 @@ mod tests {
             eprintln!("skipping kernels_compile: libnvrtc not found");
             return;
         }
-        let ptx = super::compile_kernels().unwrap();
-        let text = ptx.to_src();
+        // for an H100/H200 (compute capability 9.0): TF32 mma.sync in it
+        let text = super::compile_kernels(Some((9, 0))).unwrap().to_src();
+        assert!(text.contains(".target sm_90"), "not compiled for sm_90");
+        assert!(text.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"));
+        // for NVRTC's default architecture (before 8.0): none, which the
+        // driver would refuse to load there; and the same for 7.5 itself
+        for cc in [None, Some((7, 5))] {
+            let old = super::compile_kernels(cc).unwrap().to_src();
+            assert!(!old.contains("mma.sync"), "mma.sync compiled for {cc:?}");
+            assert!(old.contains("linear_dense_tf32"));
+        }
         // every kernel of the source
         let names: Vec<&str> = super::KERNELS
             .split("extern \"C\" __global__ void ")

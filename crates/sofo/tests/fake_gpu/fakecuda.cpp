@@ -275,8 +275,9 @@ CUresult cuDeviceGetName(char* name, int len, CUdevice) {
     return OK;
 }
 CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice) {
-    // 115: CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED (stream-ordered allocation)
-    *v = attrib == 115 ? 1 : 0;
+    // 115: CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED (stream-ordered
+    // allocation); 75, 76: the compute capability, an H100's 9.0
+    *v = attrib == 115 ? 1 : attrib == 75 ? 9 : 0;
     return OK;
 }
 CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
