@@ -861,8 +861,9 @@ __device__ __forceinline__ void linear_dense_(
 }
 
 // (two kernels of one signature, each with its chunks' shared memory: the
-// f32 one's rows padded by 4 floats, the TF32 one's by 8, so that a warp's
-// fragment reads — 8 rows of 4 columns — fall in 32 different banks)
+// f32 one's a rows padded by 4 floats; the TF32 one's a and b rows by 8, so
+// that a warp's fragment reads — 4 rows of 8 consecutive floats — fall in 32
+// different banks)
 extern "C" __global__ void DENSE_BOUNDS linear_dense(float* y, float* t, const float* a, const float* at,
                                         const float* w, const float* wt, const float* b,
                                         const float* bt, const float* x, const float* xt,
@@ -1738,12 +1739,11 @@ fn one_block() -> LaunchConfig {
     }
 }
 
-/// Compiles the kernels with NVRTC (no GPU needed, only libnvrtc).
-/// The kernels as PTX for a device of compute capability `cc` (major,
-/// minor), so that what that architecture allows is in it — TF32
-/// `mma.sync` from 8.0 (`linear_dense_tf32`; below, it multiplies in f32)
-/// —, or for NVRTC's default architecture where `cc` is unknown or this
-/// NVRTC does not know it.
+/// Compiles the kernels with NVRTC (no GPU needed, only libnvrtc): PTX for
+/// a device of compute capability `cc` (major, minor), so that what that
+/// architecture allows is in it — TF32 `mma.sync` from 8.0
+/// (`linear_dense_tf32`; below, it multiplies in f32) —, or for NVRTC's
+/// default architecture where `cc` is unknown or this NVRTC does not know it.
 fn compile_kernels(cc: Option<(i32, i32)>) -> Result<cudarc::nvrtc::Ptx> {
     let options = |arch: Option<String>| CompileOptions {
         name: Some("sofo_kernels.cu".into()),
