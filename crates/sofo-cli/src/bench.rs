@@ -63,9 +63,9 @@ struct Record {
     median: f64,
     min: f64,
     flops: f64,
-    /// SOFO on a GPU: seconds per iteration drawing the directions, in the
-    /// pass, in the step (see `sofo::cuda::SofoPhases`), from iterations
-    /// run after the timed ones.
+    /// SOFO: seconds per iteration drawing the directions, in the pass, in
+    /// the step (`sofo::optim::SofoPhases`), from iterations run after the
+    /// timed ones.
     phases: Option<[f64; 3]>,
 }
 
@@ -166,14 +166,13 @@ fn time_sofo<M: Model<f32>>(
     let mut opt = anchor_sofo(k, device)?;
     let (median, min, peak_device_bytes) =
         time_steps(device, &mut opt, model, &mut params, batch, iters)?;
-    let phases = sofo_phases(
-        device,
+    let phases = Some(sofo_phases(
         &mut opt,
         model,
         &mut params,
         batch,
         iters as u64 + 2,
-    )?;
+    )?);
     Ok(Record {
         method: "sofo",
         peak_device_bytes,
@@ -189,38 +188,28 @@ fn time_sofo<M: Model<f32>>(
     })
 }
 
-/// Iterations whose phases are timed (GPU), after the timed ones.
+/// Iterations whose phases are timed, after the timed ones.
 const PHASE_ITERS: u64 = 3;
 
-/// On a GPU, where SOFO's iterations spend their time: seconds per
-/// iteration drawing the directions, in the pass, in the step, over
-/// [`PHASE_ITERS`] more iterations (numbered from `first`) that
-/// synchronise the device at each phase's end. `None` on the CPU.
+/// Where SOFO's iterations spend their time: seconds per iteration drawing
+/// the directions, in the pass, in the step, over [`PHASE_ITERS`] more
+/// iterations (numbered from `first`; on a GPU each phase ends with the
+/// device synchronised).
 fn sofo_phases<M: Model<f32>>(
-    device: &Device,
     opt: &mut Sofo,
     model: &M,
     params: &mut ParamSet<f32>,
     batch: &Batch<f32>,
     first: u64,
-) -> Result<Option<[f64; 3]>> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => {
-            sofo::cuda::time_sofo_phases(d, true);
-            let run = (first..first + PHASE_ITERS)
-                .try_for_each(|it| opt.step(model, params, batch, 0, it).map(|_| ()));
-            sofo::cuda::time_sofo_phases(d, false);
-            run?;
-            let p = sofo::cuda::sofo_phases(d);
-            let per = |s: f64| s / p.iterations.max(1) as f64;
-            Ok(Some([per(p.draw_s), per(p.pass_s), per(p.step_s)]))
-        }
-        _ => {
-            let _ = (opt, model, params, batch, first);
-            Ok(None)
-        }
-    }
+) -> Result<[f64; 3]> {
+    opt.time_phases(true);
+    let run = (first..first + PHASE_ITERS)
+        .try_for_each(|it| opt.step(model, params, batch, 0, it).map(|_| ()));
+    opt.time_phases(false);
+    run?;
+    let p = opt.phases();
+    let per = |s: f64| s / p.iterations.max(1) as f64;
+    Ok([per(p.draw_s), per(p.pass_s), per(p.step_s)])
 }
 
 /// SOFO iterations, or with `--method pass` its forward-K pass alone.

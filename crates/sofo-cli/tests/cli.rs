@@ -208,6 +208,12 @@ fn bench_json_has_the_fields() {
     }
     assert_eq!(v["name"], "lorenz");
     assert!(v["seconds_per_iter"].as_f64().unwrap() > 0.0);
+    // where an iteration's time goes, from three more iterations
+    let ph = &v["phases"];
+    assert_eq!(ph["iters"], 3, "{line}");
+    for phase in ["draw_s", "pass_s", "step_s"] {
+        assert!(ph[phase].as_f64().unwrap() > 0.0, "{phase}: {line}");
+    }
 }
 
 #[test]

@@ -295,98 +295,6 @@ pub fn sofo_graph_stats(dev: &CudaDevice) -> GraphStats {
     .unwrap_or_default()
 }
 
-/// Where SOFO iterations on a GPU spent their time, summed over the
-/// iterations run while [`time_sofo_phases`] was on: drawing and
-/// normalising the K directions (with the Gram matrix's K×K eigenproblem
-/// on the host), the forward-K pass with its sketch, and the step (G̃'s
-/// eigenproblem on the host, Δ on the device, the new weights back on the
-/// host). Each phase ends with the device synchronised, so the three are
-/// wall time and add up to the iterations' time.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct SofoPhases {
-    pub iterations: u64,
-    pub draw_s: f64,
-    pub pass_s: f64,
-    pub step_s: f64,
-}
-
-/// Whether SOFO iterations on this device time their phases, and the sums.
-#[derive(Default)]
-struct PhaseClock {
-    on: bool,
-    sums: SofoPhases,
-}
-
-/// Starts (from zero) or stops timing the phases of the SOFO iterations on
-/// this device. On, each iteration synchronises the device three more
-/// times, so that a phase's device work is counted in it: a diagnosis, not
-/// the timing of `sofo bench`'s own iterations.
-pub fn time_sofo_phases(dev: &CudaDevice, on: bool) {
-    dev.keep(
-        "sofo_phases",
-        || Ok::<_, ()>(PhaseClock::default()),
-        |c: &mut PhaseClock| {
-            if on {
-                c.sums = SofoPhases::default();
-            }
-            c.on = on;
-            Ok(())
-        },
-    )
-    .unwrap_or_default()
-}
-
-/// The phase sums since [`time_sofo_phases`] last turned timing on.
-pub fn sofo_phases(dev: &CudaDevice) -> SofoPhases {
-    dev.keep(
-        "sofo_phases",
-        || Ok::<_, ()>(PhaseClock::default()),
-        |c: &mut PhaseClock| Ok(c.sums),
-    )
-    .unwrap_or_default()
-}
-
-/// One iteration's phase laps: `None` unless the device times them.
-struct Laps(Option<std::time::Instant>);
-
-impl Laps {
-    fn start(dev: &CudaDevice) -> Result<Self> {
-        let on = dev
-            .keep(
-                "sofo_phases",
-                || Ok::<_, ()>(PhaseClock::default()),
-                |c: &mut PhaseClock| Ok(c.on),
-            )
-            .unwrap_or(false);
-        if !on {
-            return Ok(Laps(None));
-        }
-        dev.synchronize()?;
-        Ok(Laps(Some(std::time::Instant::now())))
-    }
-
-    /// Ends a phase: adds the time since the last lap where `add` says.
-    fn lap(&mut self, dev: &CudaDevice, add: impl FnOnce(&mut SofoPhases, f64)) -> Result<()> {
-        let Some(t) = &mut self.0 else {
-            return Ok(());
-        };
-        dev.synchronize()?;
-        let now = std::time::Instant::now();
-        let s = now.duration_since(*t).as_secs_f64();
-        *t = now;
-        dev.keep(
-            "sofo_phases",
-            || Ok::<_, ()>(PhaseClock::default()),
-            |c: &mut PhaseClock| {
-                add(&mut c.sums, s);
-                Ok(())
-            },
-        )
-        .unwrap_or_default();
-        Ok(())
-    }
-}
-
 /// One SOFO iteration with the tangents drawn, normalised and expanded on
 /// the GPU: only G̃'s K×K eigenproblem, the K coefficients and the step Δ
 /// cross to the host. (The device's random numbers differ from the CPU's:
@@ -402,7 +310,9 @@ pub fn sofo_step<T: Float, M: Model<T>>(
 ) -> Result<StepReport> {
     let k = sofo.config.k;
     let p = params.trainable_count();
-    let mut laps = Laps::start(dev)?;
+    // (timing its phases, each ends with the device synchronised)
+    let sync = || -> Result<()> { Ok(dev.synchronize()?) };
+    let mut laps = sofo.laps(sync)?;
     // 1. V [K, P]
     let mut v = dev.normal(&[k, p], seed, rng::substream(0x7A46, iteration))?;
     if params.has_frozen_entries() {
@@ -450,7 +360,7 @@ pub fn sofo_step<T: Float, M: Model<T>>(
         )?;
         v = w;
     }
-    laps.lap(dev, |s, t| s.draw_s += t)?;
+    laps.lap(sync, |s, t| s.draw_s += t)?;
     // 2–3. the parameters with their tangents in the engine's layout, the
     // pass and its sketch: recorded at the first iteration, a CUDA graph
     // from the second on while the pass stays the same (see
@@ -494,7 +404,7 @@ pub fn sofo_step<T: Float, M: Model<T>>(
             read_sketch(dev, sketch, &host)
         },
     );
-    laps.lap(dev, |s, t| s.pass_s += t)?;
+    laps.lap(sync, |s, t| s.pass_s += t)?;
     // 4. coefficients on the host, Δ = coeffᵀ V on the device
     let report = sofo.finish_step(params, sketch, |params, coeff| {
         let c = dev.upload(&Tensor::from_f64_slice(&[1, k], &coeff)?)?;
@@ -512,7 +422,7 @@ pub fn sofo_step<T: Float, M: Model<T>>(
         let flat = dev.download(&d)?.convert::<T>();
         split_flat(params, flat.data())
     })?;
-    laps.lap(dev, |s, t| {
+    laps.lap(sync, |s, t| {
         s.step_s += t;
         s.iterations += 1;
     })?;

@@ -930,14 +930,14 @@ fn gpu_training_is_deterministic_and_learns() {
     assert!(a[9] < 0.95 * a[0], "loss {} → {}", a[0], a[9]);
 }
 
-/// The phases of SOFO iterations on the device (`sofo::cuda::time_sofo_phases`):
-/// counted per iteration while on, each one's time positive and all three
-/// within the iterations' wall time, nothing added while off, reset when
-/// turned on again — and the iterations' numbers are those of untimed ones,
-/// bit for bit.
+/// The phases of SOFO iterations on the device (`Sofo::time_phases`, each
+/// phase ended by a device synchronisation): counted per iteration while
+/// on, each one's time positive and all three within the iterations' wall
+/// time, nothing added while off, reset when turned on again — and the
+/// iterations' numbers are those of untimed ones, bit for bit.
 #[test]
 fn sofo_phases_add_up_to_the_iterations() {
-    use sofo::cuda::{sofo_phases, time_sofo_phases, SofoPhases};
+    use sofo::optim::SofoPhases;
     let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = device_or_skip("sofo_phases_add_up_to_the_iterations") else {
         return;
@@ -950,20 +950,20 @@ fn sofo_phases_add_up_to_the_iterations() {
     .unwrap()
     .on(Device::Cuda(dev.clone()));
     let run = |timed: bool| {
-        time_sofo_phases(&dev, timed);
+        sofo.time_phases(timed);
         let mut params = params0.clone();
         let t0 = std::time::Instant::now();
         let losses: Vec<f64> = (0..2)
             .map(|it| sofo.step(&model, &mut params, &batch, 1, it).unwrap().loss)
             .collect();
         let wall = t0.elapsed().as_secs_f64();
-        time_sofo_phases(&dev, false);
+        sofo.time_phases(false);
         (losses, params, wall)
     };
     let (plain, plain_params, _) = run(false);
-    assert_eq!(sofo_phases(&dev).iterations, 0, "timed while off");
+    assert_eq!(sofo.phases().iterations, 0, "timed while off");
     let (timed, timed_params, wall) = run(true);
-    let p = sofo_phases(&dev);
+    let p = sofo.phases();
     assert_eq!(p.iterations, 2);
     assert!(p.draw_s > 0.0 && p.pass_s > 0.0 && p.step_s > 0.0, "{p:?}");
     assert!(p.draw_s + p.pass_s + p.step_s <= wall, "{p:?} in {wall} s");
@@ -974,10 +974,9 @@ fn sofo_phases_add_up_to_the_iterations() {
     // off: nothing more is added; on again: from zero
     let mut params = params0.clone();
     sofo.step(&model, &mut params, &batch, 1, 0).unwrap();
-    assert_eq!(sofo_phases(&dev), p);
-    time_sofo_phases(&dev, true);
-    assert_eq!(sofo_phases(&dev), SofoPhases::default());
-    time_sofo_phases(&dev, false);
+    assert_eq!(sofo.phases(), p);
+    sofo.time_phases(true);
+    assert_eq!(sofo.phases(), SofoPhases::default());
 }
 
 /// SOFO iterations whose pass runs as a CUDA graph (recorded, captured,

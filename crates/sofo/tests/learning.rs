@@ -90,3 +90,54 @@ fn same_seed_same_numbers() {
     let (c, _, _) = run(8, 4);
     assert_ne!(la, c.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>());
 }
+
+/// `Sofo::time_phases` on the CPU: each timed iteration is counted, its
+/// three phases (draw, pass, step) take time and add up to no more than the
+/// iterations' wall time, nothing is added while timing is off, turning it
+/// on starts from zero — and timed iterations give the untimed ones'
+/// numbers, bit for bit.
+#[test]
+fn phases_add_up_to_the_iterations() {
+    use sofo::optim::SofoPhases;
+    let task = small_task();
+    let model = LorenzModel { hidden: 32 };
+    let params0 = Model::<f32>::init(&model, 3).unwrap();
+    let batch = Task::<f32>::train_batch(&task, 3, 0, 16).unwrap();
+    let sofo = Sofo::new(SofoConfig {
+        k: 8,
+        ..SofoConfig::default()
+    })
+    .unwrap();
+    let run = |timed: bool| {
+        sofo.time_phases(timed);
+        let mut params = params0.clone();
+        let t0 = std::time::Instant::now();
+        let losses: Vec<u64> = (0..3)
+            .map(|it| {
+                let r = sofo.step(&model, &mut params, &batch, 3, it).unwrap();
+                r.loss.to_bits()
+            })
+            .collect();
+        let wall = t0.elapsed().as_secs_f64();
+        sofo.time_phases(false);
+        let weights: Vec<Vec<u64>> = params
+            .iter()
+            .map(|p| p.value.data().iter().map(|v| v.to_bits() as u64).collect())
+            .collect();
+        (losses, weights, wall)
+    };
+    let (plain, plain_weights, _) = run(false);
+    assert_eq!(sofo.phases(), SofoPhases::default(), "timed while off");
+    let (timed, timed_weights, wall) = run(true);
+    let p = sofo.phases();
+    assert_eq!(p.iterations, 3);
+    assert!(p.draw_s > 0.0 && p.pass_s > 0.0 && p.step_s > 0.0, "{p:?}");
+    assert!(p.draw_s + p.pass_s + p.step_s <= wall, "{p:?} in {wall} s");
+    assert_eq!(plain, timed, "timing changed the losses");
+    assert_eq!(plain_weights, timed_weights, "timing changed the weights");
+    let mut params = params0.clone();
+    sofo.step(&model, &mut params, &batch, 3, 0).unwrap();
+    assert_eq!(sofo.phases(), p, "timed while off");
+    sofo.time_phases(true);
+    assert_eq!(sofo.phases(), SofoPhases::default(), "not reset");
+}

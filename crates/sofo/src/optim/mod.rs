@@ -2,10 +2,12 @@
 
 mod first_order;
 pub mod force;
+mod phases;
 pub mod reservoir;
 mod sofo;
 
 pub use first_order::{Adam, AdamConfig, Fgd, FgdConfig, LearningRate, Schedule, Sgd, SgdConfig};
+pub use phases::SofoPhases;
 #[cfg(feature = "cuda")]
 pub(crate) use sofo::{orthonormal_transform, split_flat};
 pub use sofo::{Damping, Proposal, Sofo, SofoConfig, StepReport, TangentKind, Tangents};

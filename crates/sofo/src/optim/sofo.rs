@@ -7,6 +7,7 @@
 //! checked from outside: [`Sofo::sample_tangents`] or [`Sofo::tangents_from`],
 //! [`Sofo::sketch`], [`Sofo::propose`], [`Sofo::apply`].
 
+use super::phases::{Laps, PhaseClock, SofoPhases};
 use crate::device::Device;
 use crate::loss::Sketch;
 use crate::models::{Batch, Model};
@@ -16,6 +17,7 @@ use sofo_ad::layout::{split3, tangent_shape};
 use sofo_ad::Dual;
 use sofo_tensor::backend::{Cpu, Gemm, Kernels, Mat};
 use sofo_tensor::{eigen, rng, Float, Tensor};
+use std::sync::Mutex;
 
 /// How the K random directions are normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +143,8 @@ pub struct Sofo {
     pub config: SofoConfig,
     /// Where the forward-K passes run (default: the CPU).
     pub device: Device,
+    /// Whether the iterations time their phases ([`Sofo::time_phases`]).
+    phases: Mutex<PhaseClock>,
 }
 
 impl Sofo {
@@ -149,7 +153,29 @@ impl Sofo {
         Ok(Sofo {
             config,
             device: Device::Cpu,
+            phases: Mutex::default(),
         })
+    }
+
+    /// Starts (from zero) or stops timing where this optimiser's iterations
+    /// spend their time ([`SofoPhases`]). On a GPU each timed iteration
+    /// synchronises the device three more times: a diagnosis, not the
+    /// timing of the iterations themselves.
+    pub fn time_phases(&self, on: bool) {
+        self.phases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(on);
+    }
+
+    /// The phases' sums since [`Sofo::time_phases`] last turned timing on.
+    pub fn phases(&self) -> SofoPhases {
+        self.phases.lock().unwrap_or_else(|e| e.into_inner()).sums()
+    }
+
+    /// An iteration's phase laps (`sync` waits for the device's work).
+    pub(crate) fn laps(&self, sync: impl FnOnce() -> Result<()>) -> Result<Laps<'_>> {
+        Laps::start(&self.phases, sync)
     }
 
     /// Runs the passes on `device`.
@@ -369,11 +395,20 @@ impl Sofo {
         if let Device::Cuda(dev) = &self.device {
             return crate::cuda::sofo_step(self, dev, model, params, batch, seed, iteration);
         }
+        let on_host = || Ok(());
+        let mut laps = self.laps(on_host)?;
         let mut tangents = self.sample_tangents(params, seed, iteration)?;
+        laps.lap(on_host, |s, t| s.draw_s += t)?;
         let sketch = self.sketch_taking(model, params, &mut tangents, batch);
-        self.finish_step(params, sketch, |params, coeff| {
+        laps.lap(on_host, |s, t| s.pass_s += t)?;
+        let report = self.finish_step(params, sketch, |params, coeff| {
             self.expand(params, &tangents, coeff)
-        })
+        })?;
+        laps.lap(on_host, |s, t| {
+            s.step_s += t;
+            s.iterations += 1;
+        })?;
+        Ok(report)
     }
 
     /// The stages of a step after the sketch, shared by the devices:
