@@ -41,8 +41,10 @@ const SHIM: &str = r#"
 struct EmuDim { unsigned x, y, z; };
 // per test thread: the tests run in parallel
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
-struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
+struct float4 { float x, y, z, w; };  // CUDA built-in vector types
+struct float2 { float x, y; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
 extern "C" void emu_set(unsigned b, unsigned t, unsigned bd, unsigned gd) {
     blockIdx = {b, 0, 0}; threadIdx = {t, 0, 0}; blockDim = {bd, 1, 1}; gridDim = {gd, 1, 1};
 }

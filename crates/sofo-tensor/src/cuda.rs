@@ -494,18 +494,23 @@ __device__ __forceinline__ float act_load_(const float* x, const float* xa, cons
 // aligned (a row's loads then take whole 32-byte sectors two at a time,
 // however the L1 fares, and a quarter of the load instructions)
 __device__ __forceinline__ bool aligned16_(const float* p) { return (((unsigned long long)p) & 15) == 0; }
-// (a host build of this source may define CHECK_ALIGNED16 to check the
-// alignment a GPU's float4 load needs: the fake GPU of the tests does)
-#ifndef CHECK_ALIGNED16
-#define CHECK_ALIGNED16(p)
+// (a host build of this source may define CHECK_ALIGNED to check the
+// alignment a GPU's vector loads and stores need: the fake GPU of the tests
+// does)
+#ifndef CHECK_ALIGNED
+#define CHECK_ALIGNED(p, bytes)
 #endif
 __device__ __forceinline__ float4 load4_(const float* p) {
-    CHECK_ALIGNED16(p);
+    CHECK_ALIGNED(p, 16);
     return *(const float4*)p;
 }
 __device__ __forceinline__ void store4_(float* p, float4 v) {
-    CHECK_ALIGNED16(p);
+    CHECK_ALIGNED(p, 16);
     *(float4*)p = v;
+}
+__device__ __forceinline__ void store2_(float* p, float a, float b) {
+    CHECK_ALIGNED(p, 8);
+    *(float2*)p = make_float2(a, b);
 }
 __device__ __forceinline__ void narrow_row_(const float* x, const float* xa, const float* cf, int mode,
                                             int op, int kd, const float* w, long long ws, int n,
@@ -815,11 +820,15 @@ __device__ __forceinline__ void linear_dense_(
     // quarter of the store instructions. (The value's one block in K + 1
     // stays scalar: its pre-activation's stores would need the registers
     // this kernel has not got.)
+    // With TF32 products a lane's columns come in pairs (2c, 2c + 1): a
+    // tangent block's pairs are written as float2 where n is even and t
+    // aligned (whole 32-byte sectors per 4 lanes instead of half ones).
     const bool vec = !tc && !value && (n & 3) == 0 && aligned16_(t) && j0 + tx * 4 + 3 < n;
+    const bool vec2 = tc && !value && (n & 1) == 0 && (((unsigned long long)t) & 7) == 0;
     for (int p = 0; p < 4; p++) {
         const int r = row_of(p);
         if (r >= rows) break;
-        float out[4];  // a tangent row's 4 outputs, where vec
+        float out[4];  // a tangent row's outputs, where vec or vec2
         for (int q = 0; q < 4; q++) {
             const int j = col_of(q);
             if (j >= n) break;
@@ -851,12 +860,18 @@ __device__ __forceinline__ void linear_dense_(
                     v *= g_prime;
                 }
                 if (flags & DENSE_XT) v += c * xt[o];
-                if (vec) out[q] = v;
+                if (vec || vec2) out[q] = v;
                 else t[o] = v;
             }
         }
         if (vec)
             store4_(t + ((long long)r * k + kk) * n + j0 + tx * 4, make_float4(out[0], out[1], out[2], out[3]));
+        // (n even: a pair's first column in the output means both are)
+        if (vec2)
+            for (int m = 0; m < 2; m++) {
+                const int j = col_of(2 * m);
+                if (j < n) store2_(t + ((long long)r * k + kk) * n + j, out[2 * m], out[2 * m + 1]);
+            }
     }
 }
 

@@ -1183,8 +1183,8 @@ fn fake_gpu_counts() -> Option<[u64; 7]> {
 /// CUDA_ERROR_ILLEGAL_ADDRESS (found in the 4 KiB of NaN bytes around every
 /// allocation), and a GEMM whose C does not fit its buffer fails — so that
 /// every agreement test is also a bounds check of the kernels it runs.
-/// (A float4 load that is not 16-byte aligned fails likewise: a kernel's
-/// alignment test cannot be made to fail from here, see `CHECK_ALIGNED16`.)
+/// (A float4 or float2 access that is not aligned fails likewise: a kernel's
+/// alignment test cannot be made to fail from here, see `CHECK_ALIGNED`.)
 /// On a real GPU there is nothing to check.
 #[test]
 fn the_fake_gpu_fails_writes_outside_a_buffer() {

@@ -57,8 +57,10 @@ struct EmuDim {
     unsigned x, y, z;
 };
 static thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
-struct float4 { float x, y, z, w; };  // a CUDA built-in vector type
+struct float4 { float x, y, z, w; };  // CUDA built-in vector types
+struct float2 { float x, y; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
 // the fibers of the block being run (a kernel that synchronises its block)
 struct EmuFiber {
     ucontext_t start;  // its entry, on its own stack
@@ -104,11 +106,12 @@ static void fault(int code, const char* fmt, ...) {
 }
 // the fault found since the last call (0: none), cleared
 static int take_fault() { return pending_fault.exchange(0); }
-// a float4 load or store in global memory needs a 16-byte aligned address
-static void misaligned16(const void* p) {
-    fault(MISALIGNED_ADDRESS, "kernel %s: float4 access at %p, not 16-byte aligned", running_kernel, p);
+// a vector load or store in global memory (float4, float2) needs an
+// address aligned to its size
+static void misaligned(const void* p, int bytes) {
+    fault(MISALIGNED_ADDRESS, "kernel %s: %d-byte vector access at %p, not aligned", running_kernel, bytes, p);
 }
-#define CHECK_ALIGNED16(p) ((((uintptr_t)(p)) & 15) ? misaligned16(p) : (void)0)
+#define CHECK_ALIGNED(p, bytes) ((((uintptr_t)(p)) & ((bytes) - 1)) ? misaligned(p, bytes) : (void)0)
 
 // the kernels and KERNELS[] (name, unpacking wrapper, syncs), generated
 #include "kernels.inc"
