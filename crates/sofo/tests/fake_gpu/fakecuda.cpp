@@ -18,7 +18,8 @@
 // CUDA_ERROR_INVALID_VALUE. Kernels run thread by thread (grid-stride kernels), or, where the
 // kernel synchronises its block, each CUDA thread of a block as a fiber
 // on the calling thread: __syncthreads switches to the next fiber, and a
-// block runs round by round until every fiber has returned (a fiber starts
+// block runs round by round, every other one in reverse thread order (so
+// that a missing barrier shows), until every fiber has returned (a fiber starts
 // on its own stack through ucontext, and switches with _setjmp/_longjmp,
 // which unlike swapcontext make no system call).
 // The stream is the caller's thread: everything is synchronous, except
@@ -187,9 +188,13 @@ static void run_blocks(const Kernel& k, unsigned grid, unsigned block, void** pa
                 _longjmp(emu_scheduler, 1);
             }, 0);
         }
-        for (bool running = true; running;) {
+        // (every other round in reverse order: a kernel that reads what
+        // another thread writes in the same round, a missing barrier, then
+        // reads it before the write in one of the two)
+        for (bool running = true, reverse = false; running; reverse = !reverse) {
             running = false;
-            for (unsigned t = 0; t < block; t++) {
+            for (unsigned i = 0; i < block; i++) {
+                const unsigned t = reverse ? block - 1 - i : i;
                 EmuFiber& f = fibers[t];
                 if (f.done) continue;
                 set_thread(b, t);
