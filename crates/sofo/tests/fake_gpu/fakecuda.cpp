@@ -114,6 +114,28 @@ static void misaligned(const void* p, int bytes) {
 }
 #define CHECK_ALIGNED(p, bytes) ((((uintptr_t)(p)) & ((bytes) - 1)) ? misaligned(p, bytes) : (void)0)
 
+// A block's shared arrays (static here), registered by the first thread
+// that reaches each declaration (EMU_SHARED, after every __shared__
+// declaration of kernels.inc) and NaN-filled before every block: a read of
+// an element the block has not written shows, as with device memory.
+struct SharedRange {
+    void* p;
+    size_t n;
+};
+static std::mutex shared_lock;
+static std::vector<SharedRange> shared_ranges;
+struct EmuShared {
+    EmuShared(void* p, size_t n) {
+        std::lock_guard<std::mutex> g(shared_lock);
+        shared_ranges.push_back({p, n});
+    }
+};
+#define EMU_SHARED(name) static EmuShared emu_shared_##name(&name, sizeof name)
+static void poison_shared() {
+    std::lock_guard<std::mutex> g(shared_lock);
+    for (const SharedRange& r : shared_ranges) std::memset(r.p, 0xFF, r.n);
+}
+
 // the kernels and KERNELS[] (name, unpacking wrapper, syncs), generated
 #include "kernels.inc"
 
@@ -175,6 +197,7 @@ static void run_blocks(const Kernel& k, unsigned grid, unsigned block, void** pa
         stacks_for = block;
     }
     for (unsigned b = 0; b < grid; b++) {
+        poison_shared();
         for (unsigned t = 0; t < block; t++) {
             EmuFiber& f = fibers[t];
             f.started = f.done = false;

@@ -31,6 +31,45 @@ fn name_before_paren(s: &str) -> &str {
         .unwrap()
 }
 
+/// `src` with `EMU_SHARED(name);` after each `__shared__` declaration, for
+/// every array it declares: the fake GPU NaN-fills those arrays before each
+/// block, as a block's shared memory starts out unspecified on a GPU (and a
+/// host static would otherwise hold the previous block's values).
+fn register_shared(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    for line in src.lines() {
+        out.push_str(line);
+        out.push('\n');
+        let Some(decl) = line.trim_start().strip_prefix("__shared__ ") else {
+            continue;
+        };
+        // the type, then the arrays with their extents (commas inside
+        // brackets are not separators), up to the ';'
+        let decl = decl.split(';').next().unwrap();
+        let names = &decl[decl.find(' ').expect("a type and a name")..];
+        let mut depth = 0;
+        let mut start = 0;
+        let mut parts = vec![];
+        for (i, c) in names.char_indices() {
+            match c {
+                '[' | '(' => depth += 1,
+                ']' | ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&names[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&names[start..]);
+        for part in parts {
+            let name = part.split('[').next().unwrap().trim();
+            out.push_str(&format!("EMU_SHARED({name});\n"));
+        }
+    }
+    out
+}
+
 /// The kernels of the tensor layer, each with a wrapper that unpacks
 /// cuLaunchKernel's argument array by the kernel's own signature, and
 /// whether it synchronises its block (calls `__syncthreads`, itself or
@@ -90,7 +129,10 @@ fn kernels(src: &str) -> String {
         table.contains("\"mse_value\", call_mse_value, true,"),
         "the block reduction was not recognised as synchronising"
     );
-    format!("{src}\n{wrappers}\n{sizes}\nstatic const Kernel KERNELS[] = {{\n{table}}};\n")
+    format!(
+        "{}\n{wrappers}\n{sizes}\nstatic const Kernel KERNELS[] = {{\n{table}}};\n",
+        register_shared(src)
+    )
 }
 
 /// Builds the fake libcuda / libcublas / libnvrtc into a directory of the
