@@ -15,7 +15,8 @@ pub struct BenchArgs {
     /// One JSON object per line per configuration.
     #[arg(long)]
     json: bool,
-    /// Timed iterations per configuration (after 2 warm-up iterations).
+    /// Timed iterations per configuration (after 2 warm-up iterations; SOFO
+    /// then runs 3 more that time its phases: draw, pass, step).
     #[arg(long, default_value_t = 10)]
     iters: usize,
     /// Worker threads (0 = all cores).
