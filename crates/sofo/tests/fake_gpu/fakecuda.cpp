@@ -12,10 +12,11 @@
 // bytes: a read past either end brings NaN into the results, and a write
 // there is found after the kernel or GEMM that made it (its pointer
 // arguments' allocations are checked) and fails that launch with
-// CUDA_ERROR_ILLEGAL_ADDRESS, as a misaligned float4 load fails it with
-// CUDA_ERROR_MISALIGNED_ADDRESS, each with a message on stderr naming the
-// kernel; a copy or memset outside one allocation fails with
-// CUDA_ERROR_INVALID_VALUE. Kernels run thread by thread (grid-stride kernels), or, where the
+// CUDA_ERROR_ILLEGAL_ADDRESS, as a misaligned float4 or float2 access fails
+// it with CUDA_ERROR_MISALIGNED_ADDRESS, each with a message on stderr naming
+// the kernel; a copy or memset outside one allocation fails with
+// CUDA_ERROR_INVALID_VALUE; a block's shared arrays are NaN-filled before it
+// runs. Kernels run thread by thread (grid-stride kernels), or, where the
 // kernel synchronises its block, each CUDA thread of a block as a fiber
 // on the calling thread: __syncthreads switches to the next fiber, and a
 // block runs round by round, every other one in reverse thread order (so
