@@ -7,6 +7,8 @@
 # arrays with compile-time bounds. Fetches NVRTC, ptxas, cuobjdump and
 # nvdisasm from PyPI into .whl/ (git-ignored) the first time.
 #   bash scripts/kernel-report.sh            (ARCH=sm_90 by default)
+# NO_LOCAL="kernel kernel ..." fails the run if one of those kernels has a
+# stack frame, spills or local loads/stores (.ci/run: the hot ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-nvrtc.sh
@@ -53,5 +55,15 @@ awk '/Compiling entry function/ { match($0, /'"'"'[a-z_0-9]+'"'"'/); k = substr(
 while read -r k regs stack spill; do
   sass=$("$W/nvidia-cuda-cuobjdump/nvidia/cu13/bin/cuobjdump" -sass -fun "$k" "$tmp/k.cubin")
   echo "| $k | $regs | $stack | $spill | $(grep -cE 'LDL|STL' <<< "$sass") | $(grep -cE '/\*[0-9a-f]{4,}\*/' <<< "$sass") |"
+done | tee "$tmp/table.md"
+bad=0
+for k in ${NO_LOCAL:-}; do
+  row=$(grep -E "^\| $k \|" "$tmp/table.md") || { echo "kernel-report: no kernel $k" >&2; bad=1; continue; }
+  read -r stack spill local <<< "$(awk -F'|' '{ print $4, $5, $6 }' <<< "$row")"
+  if [ "$stack$spill$local" != "000" ]; then
+    echo "kernel-report: $k has local memory (stack $stack bytes, spills $spill bytes, $local local loads/stores)" >&2
+    bad=1
+  fi
 done
 rm -rf "$tmp"
+exit $bad
