@@ -422,10 +422,7 @@ pub fn sofo_step<T: Float, M: Model<T>>(
         let flat = dev.download(&d)?.convert::<T>();
         split_flat(params, flat.data())
     })?;
-    laps.lap(sync, |s, t| {
-        s.step_s += t;
-        s.iterations += 1;
-    })?;
+    laps.end_iteration(sync)?;
     Ok(report)
 }
 

@@ -83,4 +83,12 @@ impl<'a> Laps<'a> {
         );
         Ok(())
     }
+
+    /// Ends the last phase, the step, and counts the iteration.
+    pub(crate) fn end_iteration(&mut self, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.lap(sync, |s, t| {
+            s.step_s += t;
+            s.iterations += 1;
+        })
+    }
 }

@@ -404,10 +404,7 @@ impl Sofo {
         let report = self.finish_step(params, sketch, |params, coeff| {
             self.expand(params, &tangents, coeff)
         })?;
-        laps.lap(on_host, |s, t| {
-            s.step_s += t;
-            s.iterations += 1;
-        })?;
+        laps.end_iteration(on_host)?;
         Ok(report)
     }
 
