@@ -11,7 +11,9 @@
 # call stays under its time limit, e.g. PHASES=agree, then PHASES="bench",
 # then PHASES=anchors; the table is printed after every call from whatever
 # $OUT holds by then. PHASES=profile (not in the default) runs
-# scripts/gpu-profile.sh: the kernels' device time per step.
+# scripts/gpu-profile.sh: the kernels' device time per step. SKIP_JAX=1 and
+# SKIP_TORCH=1 leave out an anchor; ANCHORS_APPEND=1 keeps anchors.jsonl, so
+# that JAX can run first and PyTorch after the bench in one call.
 #
 # A dry run of the script itself on the fake GPU of the tests (no GPU; after
 # the agreement tests have built it): BENCH_STEPS=2 shortens every timed
@@ -110,17 +112,17 @@ fi
 if has anchors; then
 echo "== anchors: JAX SOFO and PyTorch Adam-BPTT on the same configurations"
 $PY -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 | tail -n 1
-: > "$OUT/anchors.jsonl"
+[ -z "${ANCHORS_APPEND:-}" ] && : > "$OUT/anchors.jsonl"
 # N B K T iterations
 CONFIGS=${CONFIGS:-"128,64,64,50,10 400,128,128,32,10 64,256,128,1000,5 100,256,128,5000,3"}
 [ -n "${SKIP_ANCHORS:-}" ] && CONFIGS=""
 for cfg in $CONFIGS; do
   cfg=${cfg//,/ }
   set -- $cfg
-  timeout 120 $PY $G/anchors/sofo_jax.py bench --method sofo --N $1 --B $2 --K $3 --T $4 --iters $5 --warmup 1 2>/dev/null \
+  [ -z "${SKIP_JAX:-}" ] && timeout 120 $PY $G/anchors/sofo_jax.py bench --method sofo --N $1 --B $2 --K $3 --T $4 --iters $5 --warmup 1 2>/dev/null \
     | sed -n 's/^RESULT //p' >> "$OUT/anchors.jsonl"
   # JAX again with full-f32 matmuls (its default on this hardware is TF32)
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 $PY $G/anchors/sofo_jax.py bench --method sofo --N $1 --B $2 --K $3 --T $4 --iters $5 --warmup 1 2>/dev/null \
+  [ -z "${SKIP_JAX:-}" ] && JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 $PY $G/anchors/sofo_jax.py bench --method sofo --N $1 --B $2 --K $3 --T $4 --iters $5 --warmup 1 2>/dev/null \
     | sed -n 's/^RESULT {/{"precision": "highest", /p' >> "$OUT/anchors.jsonl"
   [ -z "${SKIP_TORCH:-}" ] && timeout 120 $PY $G/anchor_torch_gpu.py $G/anchors bench --method adam --N $1 --B $2 --T $4 --iters $5 --warmup 1 2>/dev/null \
     | sed -n 's/^RESULT //p' >> "$OUT/anchors.jsonl"
