@@ -483,16 +483,7 @@ __device__ __forceinline__ float act_apply_(float v, float va, float c, int mode
     rate_eval_(mode == 1 ? v : va, op, &o, &g);
     return (mode == 1 ? o : g * v) * c;
 }
-__device__ __forceinline__ float act_load_(const float* x, const float* xa, const float* cf, long long i,
-                                           int mode, int op) {
-    if (mode == 0) return x[i];
-    return act_apply_(x[i], mode == 2 ? xa[i] : 0.f, cf ? cf[i] : 1.f, mode, op);
-}
-// acc[o] += Σ_i x[i] w[i * ws + o] for o < n (x's elements as act_load_
-// reads them): one row x of the input per thread, read as float4 where the
-// rows it reads (x, and xa and cf where the mode reads them) are 16-byte
-// aligned (a row's loads then take whole 32-byte sectors two at a time,
-// however the L1 fares, and a quarter of the load instructions)
+// whether a float4 (16 bytes) at p is aligned
 __device__ __forceinline__ bool aligned16_(const float* p) { return (((unsigned long long)p) & 15) == 0; }
 // (a host build of this source may define CHECK_ALIGNED to check the
 // alignment a GPU's vector loads and stores need: the fake GPU of the tests
@@ -500,10 +491,6 @@ __device__ __forceinline__ bool aligned16_(const float* p) { return (((unsigned 
 #ifndef CHECK_ALIGNED
 #define CHECK_ALIGNED(p, bytes)
 #endif
-__device__ __forceinline__ float4 load4_(const float* p) {
-    CHECK_ALIGNED(p, 16);
-    return *(const float4*)p;
-}
 __device__ __forceinline__ void store4_(float* p, float4 v) {
     CHECK_ALIGNED(p, 16);
     *(float4*)p = v;
@@ -512,66 +499,90 @@ __device__ __forceinline__ void store2_(float* p, float a, float b) {
     CHECK_ALIGNED(p, 8);
     *(float2*)p = make_float2(a, b);
 }
-__device__ __forceinline__ void narrow_row_(const float* x, const float* xa, const float* cf, int mode,
-                                            int op, int kd, const float* w, long long ws, int n,
-                                            float* acc) {
-    int i = 0;
-    if (aligned16_(x) && (mode != 2 || aligned16_(xa)) && (mode == 0 || !cf || aligned16_(cf))) {
-        for (; i + 4 <= kd; i += 4) {
-            const float4 v = load4_(x + i);
-            float xs[4] = {v.x, v.y, v.z, v.w};
-            if (mode != 0) {
-                float4 va = {0.f, 0.f, 0.f, 0.f}, c = {1.f, 1.f, 1.f, 1.f};
-                if (mode == 2) va = load4_(xa + i);
-                if (cf) c = load4_(cf + i);
-                xs[0] = act_apply_(xs[0], va.x, c.x, mode, op);
-                xs[1] = act_apply_(xs[1], va.y, c.y, mode, op);
-                xs[2] = act_apply_(xs[2], va.z, c.z, mode, op);
-                xs[3] = act_apply_(xs[3], va.w, c.w, mode, op);
-            }
-            for (int q = 0; q < 4; q++) {
-                const float* wr = w + (long long)(i + q) * ws;
-                for (int o = 0; o < NARROW; o++)
-                    if (o < n) acc[o] += xs[q] * wr[o];
-            }
-        }
-    }
-    for (; i < kd; i++) {
-        const float* wr = w + (long long)i * ws;
-        const float v = act_load_(x, xa, cf, i, mode, op);
-        for (int o = 0; o < NARROW; o++)
-            if (o < n) acc[o] += v * wr[o];
-    }
-}
+// A block takes NARROW_ROWS consecutive rows q of the outputs (the value's
+// rows q < rows, then the tangents' q − rows = r·K + kk) and stages the rows
+// its first product reads (a's for the value, at's for the tangents, both
+// contiguous in memory) through shared memory NARROW_CHUNK inner columns at
+// a time: a warp's loads then read one row's 32 consecutive floats, where
+// one thread per row reading its own row strode kd floats between lanes and
+// kept one load of a few in flight (at a network's sizes the kernel waited
+// on them: 62 µs a step at N = 100, K = 128 on an H200, now a few). Each
+// thread then sums its row's n outputs from its staged row, and the
+// tangents' a · wt from a (the same row r for K threads in a row: one
+// broadcast load) and wt (consecutive kk: consecutive floats).
+#define NARROW_ROWS 128
+#define NARROW_CHUNK 32
 extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, const float* at,
                                          const float* w, const float* wt, const float* b,
                                          const float* bt, float scale, long long rows, int k,
                                          int kd, int n, int want_t, int has_at, int has_wt,
                                          int has_b, int has_bt, int init, int has_act, int act,
                                          const float* ac, int has_c) {
+    // (a row padded by one float: thread q's column c and thread q + 1's
+    // are in neighbouring banks)
+    __shared__ float staged[NARROW_ROWS * (NARROW_CHUNK + 1)];
     const long long total = rows * (1 + (want_t ? (long long)k : 0));
-    GRID_LOOP(q, total) {
+    // (the loop's bounds are the block's, not the thread's: every thread
+    // meets every barrier)
+    for (long long q0 = (long long)blockIdx.x * NARROW_ROWS; q0 < total;
+         q0 += (long long)gridDim.x * NARROW_ROWS) {
+        const long long q = q0 + threadIdx.x;
+        const bool live = q < total, value = q < rows;
+        // the row r of a (and ac) this output row reads, and its tangent kk
+        long long r = q, kk = 0;
+        if (live && !value) divmod_(q - rows, k, &r, &kk);
+        // the staged row's product: the value's a · w, a tangent's at · w
+        // (where it has one); then a tangent's a · wt (where it has one)
+        const bool first = value || has_at, second = !value && has_wt;
+        const float* cr = has_act && has_c && live ? ac + r * kd : nullptr;
         float acc[NARROW];
         for (int o = 0; o < NARROW; o++) acc[o] = 0.f;
-        if (q < rows) {
-            const float* cq = has_act && has_c ? ac + q * kd : nullptr;
-            narrow_row_(a + q * kd, a, cq, has_act, act, kd, w, n, n, acc);
-            for (int o = 0; o < NARROW; o++) {
-                if (o >= n) break;
+        for (int c0 = 0; c0 < kd; c0 += NARROW_CHUNK) {
+            __syncthreads();  // (the last chunk's reads are done)
+            for (int e = threadIdx.x; e < NARROW_ROWS * NARROW_CHUNK; e += NARROW_ROWS) {
+                const int rr = e / NARROW_CHUNK, c = e % NARROW_CHUNK, i = c0 + c;
+                const long long qq = q0 + rr;
+                float v = 0.f;
+                if (qq < total && i < kd) {
+                    if (qq < rows) v = a[qq * kd + i];
+                    else if (has_at) v = at[(qq - rows) * kd + i];
+                }
+                staged[rr * (NARROW_CHUNK + 1) + c] = v;
+            }
+            __syncthreads();
+            if (!live) continue;
+            const int cn = kd - c0 < NARROW_CHUNK ? kd - c0 : NARROW_CHUNK;
+            for (int c = 0; c < cn; c++) {
+                const int i = c0 + c;
+                // f(a) and f′(a) in one evaluation (modes as act_apply_)
+                float fa = 0.f, ga = 1.f;
+                const float cf = cr ? cr[i] : 1.f;
+                if (has_act && (second || (first && !value))) rate_eval_(a[r * kd + i], act, &fa, &ga);
+                else if (!has_act && second) fa = a[r * kd + i];
+                if (first) {
+                    const float s = staged[threadIdx.x * (NARROW_CHUNK + 1) + c];
+                    const float v = !has_act ? s : value ? act_apply_(s, 0.f, cf, 1, act) : ga * s * cf;
+                    const float* wr = w + (long long)i * n;
+                    for (int o = 0; o < NARROW; o++)
+                        if (o < n) acc[o] += v * wr[o];
+                }
+                if (second) {
+                    const float v = has_act ? fa * cf : fa;
+                    const float* wr = wt + ((long long)i * k + kk) * n;
+                    for (int o = 0; o < NARROW; o++)
+                        if (o < n) acc[o] += v * wr[o];
+                }
+            }
+        }
+        if (!live) continue;
+        for (int o = 0; o < NARROW; o++) {
+            if (o >= n) break;
+            if (value) {
                 float* dst = y + q * n + o;
                 if (init) *dst = scale * ((has_b ? b[o] : 0.f) + acc[o]);
                 else *dst += scale * acc[o];
-            }
-        } else {
-            const long long rk = q - rows;  // = r * k + kk
-            long long r, kk;
-            divmod_(rk, k, &r, &kk);
-            const float* cr = has_act && has_c ? ac + r * kd : nullptr;
-            if (has_at) narrow_row_(at + rk * kd, a + r * kd, cr, 2 * has_act, act, kd, w, n, n, acc);
-            if (has_wt) narrow_row_(a + r * kd, a, cr, has_act, act, kd, wt + kk * n, (long long)k * n, n, acc);
-            for (int o = 0; o < NARROW; o++) {
-                if (o >= n) break;
-                float* dst = t + rk * n + o;
+            } else {
+                float* dst = t + (q - rows) * n + o;
                 if (init) *dst = scale * ((has_bt ? bt[kk * n + o] : 0.f) + acc[o]);
                 else *dst += scale * acc[o];
             }
@@ -1517,6 +1528,8 @@ impl CudaDevice {
     /// The widest output of a linear op whose terms `linear_narrow` computes
     /// (a readout) instead of cuBLAS GEMMs.
     pub const NARROW: usize = 8;
+    /// The output rows (and threads) of one `linear_narrow` block.
+    const NARROW_ROWS: usize = 128;
     /// The most registers (inputs and steps) of a pointwise program the
     /// `pointwise` kernel runs.
     pub const PW_REGS: usize = 64;
@@ -1672,6 +1685,17 @@ fn grid(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `linear_narrow`'s launch: a block of [`CudaDevice::NARROW_ROWS`]
+/// threads per as many output rows.
+fn narrow_grid(rows: usize) -> LaunchConfig {
+    let blocks = rows.div_ceil(CudaDevice::NARROW_ROWS).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (CudaDevice::NARROW_ROWS as u32, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -3039,7 +3063,7 @@ impl CudaDevice {
             .arg(&has_c);
         // SAFETY: sizes checked above; absent operands are never read, t is
         // touched only when given.
-        unsafe { l.launch(grid(total)) }.map_err(|e| dev_err("linear_narrow", e))?;
+        unsafe { l.launch(narrow_grid(total)) }.map_err(|e| dev_err("linear_narrow", e))?;
         Ok(())
     }
 
