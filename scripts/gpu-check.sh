@@ -65,10 +65,11 @@ for c in ${GRAPH_TASKS-reach2 kalman-long}; do
 done
 
 echo "== the dense linear terms (r·W, ṙ·W + r·Ẇ) through linear_init and cuBLAS (SOFO_GPU_LINEAR=gemm)"
-# the default (auto) fuses up to 128 inner columns (under TF32 on the tensor
-# cores, as cuBLAS's GEMMs then are): gemm says whether the fused kernel wins
-# where auto uses it, fused whether it also wins at N = 400; the same two
-# under TF32 below; LINEAR_CHOICES=gemm skips the second
+# the default (auto) fuses up to 128 inner columns where the output fills the
+# kernel's 64-wide tiles (under TF32 on the tensor cores, as cuBLAS's GEMMs
+# then are): gemm says whether the fused kernel wins where auto uses it,
+# fused whether it also wins where auto does not (N = 100, N = 400); the same
+# two under TF32 below; LINEAR_CHOICES=gemm skips the second
 for choice in ${LINEAR_CHOICES:-gemm fused}; do
   SOFO_GPU_LINEAR=$choice timeout 150 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_linear_$choice.jsonl"
 done

@@ -184,7 +184,10 @@ impl CudaFwd {
             .filter(|(_, (_, w))| !is_small_term(w));
         match (dense.next(), dense.next()) {
             (Some((i, (_, w))), None)
-                if matrix(w) && self.dev.fuses_linear(w.primal.shape()[0]) =>
+                if matrix(w)
+                    && self
+                        .dev
+                        .fuses_linear(w.primal.shape()[0], w.primal.shape()[1]) =>
             {
                 LinearPath::Dense(i)
             }

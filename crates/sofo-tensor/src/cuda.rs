@@ -1253,8 +1253,13 @@ pub enum DenseLinear {
     /// The fused `linear_dense` kernel where the term's inner dimension is
     /// at most [`DenseLinear::AUTO_MAX_INNER`] (a network of up to that many
     /// units: each GEMM there streams the tangents through memory for
-    /// little arithmetic), cuBLAS above (large GEMMs, where cuBLAS's tiles
-    /// win).
+    /// little arithmetic) and its output columns fill the kernel's 64-wide
+    /// tiles (one tile, or 7/8 of them and more), cuBLAS elsewhere (large
+    /// GEMMs, where cuBLAS's tiles win, and outputs such as 100 columns,
+    /// where the fused kernel computes 128: on an H200, N = 100, M = 256,
+    /// K = 128 took 0.87 s an iteration with cuBLAS against 1.04 fused, in
+    /// TF32 0.69 against 0.97, while N = 64 and N = 128 ran 6–8 % faster
+    /// fused; docs/measurements/h200-2026-11-27).
     Auto,
     /// Always the fused kernel (a linear op with one dense term).
     Fused,
@@ -1276,7 +1281,8 @@ impl DenseLinear {
                 op: "open",
                 message: format!(
                     "SOFO_GPU_LINEAR is {v:?}: auto (the fused kernel up to {} inner \
-                     columns, cuBLAS above), fused or gemm",
+                     columns where the output fills its tiles, cuBLAS elsewhere), fused \
+                     or gemm",
                     Self::AUTO_MAX_INNER
                 ),
             }),
@@ -1298,10 +1304,14 @@ impl DenseLinear {
         }
     }
 
-    /// Whether a dense term of inner dimension `kd` runs fused.
-    pub fn fuses(self, kd: usize) -> bool {
+    /// Whether a dense term of inner dimension `kd` and `n` output columns
+    /// runs fused.
+    pub fn fuses(self, kd: usize, n: usize) -> bool {
+        let tile = CudaDevice::DENSE_TILE;
         match self {
-            DenseLinear::Auto => kd <= Self::AUTO_MAX_INNER,
+            DenseLinear::Auto => {
+                kd <= Self::AUTO_MAX_INNER && (n <= tile || 8 * n >= 7 * n.next_multiple_of(tile))
+            }
             DenseLinear::Fused => true,
             DenseLinear::Gemm => false,
         }
@@ -1319,12 +1329,12 @@ impl CudaDevice {
         DenseLinear::from_u8(self.dense_linear.load(Ordering::Relaxed))
     }
 
-    /// Whether a linear op's one dense term of inner dimension `kd` runs in
-    /// the fused `linear_dense` kernel, as [`DenseLinear`] says (in TF32
-    /// mode its products run on the tensor cores, `linear_dense_tf32`, as
-    /// cuBLAS's do).
-    pub fn fuses_linear(&self, kd: usize) -> bool {
-        self.dense_linear().fuses(kd)
+    /// Whether a linear op's one dense term of inner dimension `kd` and `n`
+    /// output columns runs in the fused `linear_dense` kernel, as
+    /// [`DenseLinear`] says (in TF32 mode its products run on the tensor
+    /// cores, `linear_dense_tf32`, as cuBLAS's do).
+    pub fn fuses_linear(&self, kd: usize, n: usize) -> bool {
+        self.dense_linear().fuses(kd, n)
     }
 }
 
@@ -3438,7 +3448,8 @@ mod tests {
     }
 
     /// SOFO_GPU_LINEAR's values, and `auto`'s rule: the fused kernel up to
-    /// AUTO_MAX_INNER inner columns; anything else refused by name.
+    /// AUTO_MAX_INNER inner columns where the output fills its 64-wide tiles
+    /// (one tile, or at least 7/8 of them); anything else refused by name.
     #[test]
     fn dense_linear_choices() {
         use super::DenseLinear as D;
@@ -3448,8 +3459,16 @@ mod tests {
         for choice in [D::Auto, D::Fused, D::Gemm] {
             assert_eq!(D::from_u8(choice as u8), choice);
         }
-        assert!(D::Auto.fuses(D::AUTO_MAX_INNER) && !D::Auto.fuses(D::AUTO_MAX_INNER + 1));
-        assert!(D::Fused.fuses(4096) && !D::Gemm.fuses(1));
+        let max = D::AUTO_MAX_INNER;
+        assert!(D::Auto.fuses(max, 128) && !D::Auto.fuses(max + 1, 128));
+        // one tile (up to 64 columns), or two filled to 7/8 (112 columns)
+        for (n, fused) in [(1, true), (50, true), (64, true), (65, false), (100, false)] {
+            assert_eq!(D::Auto.fuses(64, n), fused, "n = {n}");
+        }
+        for (n, fused) in [(111, false), (112, true), (128, true), (129, false)] {
+            assert_eq!(D::Auto.fuses(64, n), fused, "n = {n}");
+        }
+        assert!(D::Fused.fuses(4096, 100) && !D::Gemm.fuses(1, 64));
         let e = D::parse("cublas").unwrap_err().to_string();
         assert!(
             e.contains("SOFO_GPU_LINEAR") && e.contains("\"cublas\"") && e.contains("fused"),
