@@ -54,7 +54,11 @@ __device__ __forceinline__ void divmod_(long long a, long long b, long long* q, 
 // tangents. The index arithmetic and the entry's own work (a derivative, a
 // scale) then run once per unit instead of once per element; consecutive
 // threads take consecutive j, so every tangent row is read and written
-// coalesced. Unit u = c · P·L + (p · L + j) for chunk c.
+// coalesced. Unit u = c · P·L + (p · L + j) for chunk c. A unit loads its
+// chunk's elements (into registers: loops to TCHUNK unroll) before it
+// stores any: the compiler keeps a load after a store through a pointer it
+// cannot tell apart, so element-by-element load and store wait out one
+// memory latency per element (8 a unit) instead of one.
 #define TCHUNK 8
 __device__ long long tchunks_(int k) { return (k + TCHUNK - 1) / TCHUNK; }
 // the unit's entry e = p·L + j, p, j, and its tangent range [k0, k1)
@@ -139,14 +143,12 @@ extern "C" __global__ void unary_tangent(const float* x, const float* t, float* 
         float o, g;
         unary_eval_(x[e], op, s, &o, &g);
         const long long row = p * k * l + j;
-        if (has_c) {
-            const float cv = c[e];
-            if (k0 == 0) y[e] = o * cv;
-            for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = cv * (g * t[row + (long long)kk * l]);
-        } else {
-            if (k0 == 0) y[e] = o;
-            for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = g * t[row + (long long)kk * l];
-        }
+        const float cv = has_c ? c[e] : 1.f;
+        float tv[TCHUNK];
+        for (int m = 0; m < TCHUNK; m++) tv[m] = k0 + m < k1 ? t[row + (long long)(k0 + m) * l] : 0.f;
+        if (k0 == 0) y[e] = has_c ? o * cv : o;
+        for (int m = 0; m < TCHUNK; m++)
+            if (k0 + m < k1) out[row + (long long)(k0 + m) * l] = has_c ? cv * (g * tv[m]) : g * tv[m];
     }
 }
 
@@ -157,7 +159,10 @@ extern "C" __global__ void scale_rows(const float* d, const float* t, float* out
         tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
         const float dv = d[e];
         const long long row = p * k * l + j;
-        for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = dv * t[row + (long long)kk * l];
+        float tv[TCHUNK];
+        for (int m = 0; m < TCHUNK; m++) tv[m] = k0 + m < k1 ? t[row + (long long)(k0 + m) * l] : 0.f;
+        for (int m = 0; m < TCHUNK; m++)
+            if (k0 + m < k1) out[row + (long long)(k0 + m) * l] = dv * tv[m];
     }
 }
 
@@ -197,13 +202,15 @@ extern "C" __global__ void binary_tangent(const float* a, const float* b, const 
         if (want_y && k0 == 0) y[e] = binary_op_(av, bv, op);
         binary_partials_(av, bv, op, &da, &db);
         const long long row = p * k * l + j;
-        for (int kk = k0; kk < k1; kk++) {
-            long long i = row + (long long)kk * l;
-            float v = 0.f;
-            if (has_a) v += da * ta[i];
-            if (has_b) v += db * tb[i];
-            out[i] = v;
+        float v[TCHUNK];
+        for (int m = 0; m < TCHUNK; m++) {
+            const long long i = row + (long long)(k0 + m) * l;
+            v[m] = 0.f;
+            if (k0 + m < k1 && has_a) v[m] += da * ta[i];
+            if (k0 + m < k1 && has_b) v[m] += db * tb[i];
         }
+        for (int m = 0; m < TCHUNK; m++)
+            if (k0 + m < k1) out[row + (long long)(k0 + m) * l] = v[m];
     }
 }
 
@@ -408,19 +415,23 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
             y[e] = v;
         }
         const long long row = r * kt * n + j;
-        for (int kk = k0; kk < k1; kk++) {
-            long long q = row + (long long)kk * n;
-            float v = has_bt ? bt[(long long)kk * n + j] : 0.f;
+        float v[TCHUNK];
+        for (int m = 0; m < TCHUNK; m++) {
+            const int kk = k0 + m;
+            v[m] = 0.f;
+            if (kk >= k1) continue;
+            if (has_bt) v[m] = bt[(long long)kk * n + j];
             if (has_wt)
                 for (int a = 0; a < SMALL_TERM; a++)
-                    if (a < ku) v += ur[a] * wt[((long long)a * k + kk) * n + j];
+                    if (a < ku) v[m] += ur[a] * wt[((long long)a * k + kk) * n + j];
             if (has_ut)
                 for (int a = 0; a < SMALL_TERM; a++)
-                    if (a < ku) v += ut[(r * k + kk) * ku + a] * wj[a];
-            v *= scale;
-            if (has_xt) v += c * xt[q];
-            t[q] = v;
+                    if (a < ku) v[m] += ut[(r * k + kk) * ku + a] * wj[a];
+            v[m] *= scale;
+            if (has_xt) v[m] += c * xt[row + (long long)kk * n];
         }
+        for (int m = 0; m < TCHUNK; m++)
+            if (k0 + m < k1) t[row + (long long)(k0 + m) * n] = v[m];
     }
 }
 
@@ -450,15 +461,21 @@ extern "C" __global__ void linear_small_add(float* y, float* t, const float* u, 
             y[e] += scale * v;
         }
         const long long row = r * kt * n + j;
-        for (int kk = k0; kk < k1; kk++) {
-            float v = 0.f;
+        float v[TCHUNK];
+        for (int m = 0; m < TCHUNK; m++) {
+            const int kk = k0 + m;
+            v[m] = 0.f;
+            if (kk >= k1) continue;
+            float s = 0.f;
             for (int a = 0; a < SMALL_TERM; a++) {
                 if (a >= ku) break;
-                if (has_ut) v += ut[(r * k + kk) * ku + a] * wj[a];
-                if (has_wt) v += ur[a] * wt[((long long)a * k + kk) * n + j];
+                if (has_ut) s += ut[(r * k + kk) * ku + a] * wj[a];
+                if (has_wt) s += ur[a] * wt[((long long)a * k + kk) * n + j];
             }
-            t[row + (long long)kk * n] += scale * v;
+            v[m] = t[row + (long long)kk * n] + scale * s;
         }
+        for (int m = 0; m < TCHUNK; m++)
+            if (k0 + m < k1) t[row + (long long)(k0 + m) * n] = v[m];
     }
 }
 
@@ -483,8 +500,10 @@ __device__ __forceinline__ float act_apply_(float v, float va, float c, int mode
     rate_eval_(mode == 1 ? v : va, op, &o, &g);
     return (mode == 1 ? o : g * v) * c;
 }
-// whether a float4 (16 bytes) at p is aligned
-__device__ __forceinline__ bool aligned16_(const float* p) { return (((unsigned long long)p) & 15) == 0; }
+// whether p is aligned for a vector access of that many bytes (16: float4)
+__device__ __forceinline__ bool aligned_(const float* p, unsigned bytes) {
+    return (((unsigned long long)p) & (bytes - 1)) == 0;
+}
 // (a host build of this source may define CHECK_ALIGNED to check the
 // alignment a GPU's vector loads and stores need: the fake GPU of the tests
 // does)
@@ -635,6 +654,9 @@ extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, con
 #if DENSE_TILE * DENSE_K != 4 * DENSE_THREADS
 #error "linear_dense: each thread stages 4 elements of each operand's chunk"
 #endif
+#if DENSE_THREADS % DENSE_K != 0 || DENSE_THREADS % DENSE_TILE != 0
+#error "linear_dense: a thread's staged elements are whole rows of the chunks apart"
+#endif
 // two blocks per SM (at most 128 registers a thread): what the tile is laid
 // out for; NVRTC only (the tests' host builds of this source have no such
 // attribute)
@@ -743,7 +765,7 @@ __device__ __forceinline__ void linear_dense_(
     // its operands' tangents is skipped. Which ones run depends on the
     // block's slot only: the whole block takes the same branches.
     const bool ph0 = value || (flags & DENSE_AT), ph1 = !value && (flags & DENSE_WT);
-    const int per = (kd + DENSE_K - 1) / DENSE_K, chunks = (ph0 + ph1) * per;
+    const int chunks = (ph0 + ph1) * ((kd + DENSE_K - 1) / DENSE_K);
     // the elements of a chunk this thread stages, loaded into registers
     // one chunk ahead (the next chunk's loads are in flight while this one
     // is multiplied) as they are in memory: the term's activation is
@@ -752,38 +774,52 @@ __device__ __forceinline__ void linear_dense_(
     // all zero: such an element's f(0) meets a zero row of B (its inner
     // index is past kd) or lands in an output row that is not written.
     float pa[4], px[4], pc[4], pb[4];
-    // (the chunk's phase: 0, at · w — a · w for the value — or 1, a · wt)
-    auto phase = [&](int chunk) { return ph0 && ph1 ? chunk / per : (ph0 ? 0 : 1); };
-    auto load = [&](int chunk) {
-        const int ph = phase(chunk), i0 = (chunk % per) * DENSE_K;
-        const bool tangent_a = !value && ph == 0;
-        const float* src_a = tangent_a ? at : a;
-        const float* src_b = ph == 0 ? w : wt + (long long)kk * n;
-        const long long ldb_g = ph == 0 ? n : (long long)k * n;
+    // This thread's elements are the same in every chunk: element q of a's
+    // chunk is tile row ar + AQ·q at inner column i0 + ia, element q of b's
+    // inner row i0 + ib + BQ·q at tile column jb (e = tid + q·DENSE_THREADS
+    // in the chunks' layout). Their offsets in a (and ac) and at are set
+    // here once, and a chunk adds i0: no division or 64-bit product per
+    // element and chunk (which took more instructions than the
+    // multiplications they fed).
+    constexpr int AQ = DENSE_THREADS / DENSE_K, BQ = DENSE_THREADS / DENSE_TILE;
+    const int ar = tid / DENSE_K, ia = tid % DENSE_K, ib = tid / DENSE_TILE, jb = tid % DENSE_TILE;
+    const long long off_a = (long long)(r0 + ar) * kd + ia, step_a = (long long)AQ * kd;
+    const long long off_at = ((long long)(r0 + ar) * k + kk) * kd + ia, step_at = step_a * k;
+    const bool col_b = j0 + jb < n;
+    // the chunk of phase ph (0: at · w — a · w for the value — or 1,
+    // a · wt) at inner index i0
+    auto load = [&](int ph, int i0) {
+        const bool tangent_a = !value && ph == 0, col_a = i0 + ia < kd;
         for (int q = 0; q < 4; q++) {
-            const int e = tid + q * DENSE_THREADS;
-            const int rr = e / DENSE_K, ia = i0 + e % DENSE_K, r = r0 + rr;
-            const bool in = r < rows && ia < kd;
-            const long long el = (long long)r * kd + ia;
-            pa[q] = in ? src_a[tangent_a ? ((long long)r * k + kk) * kd + ia : el] : 0.f;
+            const bool in = col_a && r0 + ar + AQ * q < rows;
+            const long long el = off_a + q * step_a + i0;
+            pa[q] = in ? (tangent_a ? at[off_at + q * step_at + i0] : a[el]) : 0.f;
             px[q] = in && (flags & DENSE_ACT) && tangent_a ? a[el] : 0.f;
             pc[q] = in && (flags & DENSE_ACT_C) ? ac[el] : 0.f;
-            const int ib = i0 + e / DENSE_TILE, j = j0 + e % DENSE_TILE;
-            pb[q] = ib < kd && j < n ? src_b[(long long)ib * ldb_g + j] : 0.f;
+            const int i = i0 + ib + BQ * q;
+            pb[q] = i < kd && col_b ? (ph == 0 ? w[(long long)i * n + j0 + jb]
+                                               : wt[((long long)i * k + kk) * n + j0 + jb])
+                                    : 0.f;
         }
     };
-    if (chunks > 0) load(0);
+    // (ph, i0): the chunk whose elements the registers hold
+    int ph = ph0 ? 0 : 1, i0 = 0;
+    if (chunks > 0) load(ph, i0);
     for (int chunk = 0; chunk < chunks; chunk++) {
-        const bool tangent_a = !value && phase(chunk) == 0;
+        const bool tangent_a = !value && ph == 0;
         const int mode = (flags & DENSE_ACT) ? (tangent_a ? 2 : 1) : 0;
         for (int q = 0; q < 4; q++) {
-            const int e = tid + q * DENSE_THREADS;
             const float c = (flags & DENSE_ACT_C) ? pc[q] : 1.f;
-            as[(e % DENSE_K) * lda + e / DENSE_K] = act_apply_(pa[q], px[q], c, mode, act);
-            bs[(e / DENSE_TILE) * ldb + e % DENSE_TILE] = pb[q];
+            as[ia * lda + ar + AQ * q] = act_apply_(pa[q], px[q], c, mode, act);
+            bs[(ib + BQ * q) * ldb + jb] = pb[q];
         }
         __syncthreads();
-        if (chunk + 1 < chunks) load(chunk + 1);
+        i0 += DENSE_K;
+        if (i0 >= kd) {
+            i0 = 0;
+            ph++;
+        }
+        if (chunk + 1 < chunks) load(ph, i0);
         if (tc) {
             for (int ks = 0; ks < DENSE_K; ks += 8) {
                 unsigned af[2][4], bf[2][2];
@@ -834,17 +870,16 @@ __device__ __forceinline__ void linear_dense_(
     // With TF32 products a lane's columns come in pairs (2c, 2c + 1): a
     // tangent block's pairs are written as float2 where n is even and t
     // aligned (whole 32-byte sectors per 4 lanes instead of half ones).
-    const bool vec = !tc && !value && (n & 3) == 0 && aligned16_(t) && j0 + tx * 4 + 3 < n;
-    const bool vec2 = tc && !value && (n & 1) == 0 && (((unsigned long long)t) & 7) == 0;
-    for (int p = 0; p < 4; p++) {
-        const int r = row_of(p);
-        if (r >= rows) break;
-        float out[4];  // a tangent row's outputs, where vec or vec2
-        for (int q = 0; q < 4; q++) {
-            const int j = col_of(q);
-            if (j >= n) break;
-            float v = acc[p][q];
-            if (value) {
+    const bool vec = !tc && !value && (n & 3) == 0 && aligned_(t, 16) && j0 + tx * 4 + 3 < n;
+    const bool vec2 = tc && !value && (n & 1) == 0 && aligned_(t, 8);
+    if (value) {
+        for (int p = 0; p < 4; p++) {
+            const int r = row_of(p);
+            if (r >= rows) break;
+            for (int q = 0; q < 4; q++) {
+                const int j = col_of(q);
+                if (j >= n) break;
+                float v = acc[p][q];
                 if (flags & DENSE_B) v += b[j];
                 for (int s = 0; s < ku; s++) v += u[(long long)r * ku + s] * uw[(long long)s * n + j];
                 v *= scale;
@@ -855,34 +890,55 @@ __device__ __forceinline__ void linear_dense_(
                 }
                 if (flags & DENSE_X) v += c * x[(long long)r * n + j];
                 y[(long long)r * n + j] = v;
-            } else {
-                const long long o = ((long long)r * k + kk) * n + j;
-                if (flags & DENSE_BT) v += bt[(long long)kk * n + j];
-                if (flags & DENSE_UWT)
-                    for (int s = 0; s < ku; s++)
-                        v += u[(long long)r * ku + s] * uwt[((long long)s * k + kk) * n + j];
-                if (flags & DENSE_UT)
-                    for (int s = 0; s < ku; s++)
-                        v += ut[((long long)r * k + kk) * ku + s] * uw[(long long)s * n + j];
-                v *= scale;
-                if (flags & DENSE_POST) {
-                    float g, g_prime;
-                    rate_eval_(pre[(long long)r * n + j], post, &g, &g_prime);
-                    v *= g_prime;
-                }
-                if (flags & DENSE_XT) v += c * xt[o];
-                if (vec || vec2) out[q] = v;
-                else t[o] = v;
             }
         }
-        if (vec)
-            store4_(t + ((long long)r * k + kk) * n + j0 + tx * 4, make_float4(out[0], out[1], out[2], out[3]));
-        // (n even: a pair's first column in the output means both are)
-        if (vec2)
+        return;
+    }
+    // a tangent block: every output's terms loaded and added (in acc) before
+    // any is stored (see TCHUNK: loads after a store would wait for it)
+    for (int p = 0; p < 4; p++) {
+        const int r = row_of(p);
+        if (r >= rows) break;
+        for (int q = 0; q < 4; q++) {
+            const int j = col_of(q);
+            if (j >= n) break;
+            float v = acc[p][q];
+            if (flags & DENSE_BT) v += bt[(long long)kk * n + j];
+            if (flags & DENSE_UWT)
+                for (int s = 0; s < ku; s++)
+                    v += u[(long long)r * ku + s] * uwt[((long long)s * k + kk) * n + j];
+            if (flags & DENSE_UT)
+                for (int s = 0; s < ku; s++)
+                    v += ut[((long long)r * k + kk) * ku + s] * uw[(long long)s * n + j];
+            v *= scale;
+            if (flags & DENSE_POST) {
+                float g, g_prime;
+                rate_eval_(pre[(long long)r * n + j], post, &g, &g_prime);
+                v *= g_prime;
+            }
+            if (flags & DENSE_XT) v += c * xt[((long long)r * k + kk) * n + j];
+            acc[p][q] = v;
+        }
+    }
+    for (int p = 0; p < 4; p++) {
+        const int r = row_of(p);
+        if (r >= rows) break;
+        float* row = t + ((long long)r * k + kk) * n;
+        if (vec) {
+            store4_(row + j0 + tx * 4, make_float4(acc[p][0], acc[p][1], acc[p][2], acc[p][3]));
+        } else if (vec2) {
+            // (n even: a pair's first column in the output means both are)
             for (int m = 0; m < 2; m++) {
                 const int j = col_of(2 * m);
-                if (j < n) store2_(t + ((long long)r * k + kk) * n + j, out[2 * m], out[2 * m + 1]);
+                if (j < n) store2_(row + j, acc[p][2 * m], acc[p][2 * m + 1]);
             }
+        } else {
+            for (int q = 0; q < 4; q++) {
+                const int j = col_of(q);
+                if (j >= n) break;
+                row[j] = acc[p][q];
+            }
+        }
     }
 }
 
@@ -1022,11 +1078,15 @@ extern "C" __global__ void mse_augmented(const float* y, const float* tgt, const
         long long col, r, j; int k0, k1;
         tunit_(u, cols, k + 1, l, &col, &r, &j, &k0, &k1);
         const double sc = sqrt(2.0 * (has_w ? (double)w[r] : 1.0) * inv_n);
-        for (int kk = k0; kk < k1; kk++) {
-            double v = kk < k ? (has_yd ? (double)yd[(r * k + kk) * l + j] : 0.0)
-                              : (double)y[col] - (double)tgt[col];
-            a[kk * ld + col0 + col] = sc * v;
+        double v[TCHUNK];
+        for (int m = 0; m < TCHUNK; m++) {
+            const int kk = k0 + m;
+            v[m] = kk >= k1 ? 0.0
+                   : kk < k ? (has_yd ? (double)yd[(r * k + kk) * l + j] : 0.0)
+                            : (double)y[col] - (double)tgt[col];
         }
+        for (int m = 0; m < TCHUNK; m++)
+            if (k0 + m < k1) a[(k0 + m) * ld + col0 + col] = sc * v[m];
     }
 }
 "#;
