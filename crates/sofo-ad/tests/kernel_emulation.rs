@@ -10,10 +10,10 @@
 //! several launch shapes (one thread, and grids smaller than the data) to
 //! check that no element is missed or written twice. The block-reduction
 //! kernel (`mse_value`) is emulated with a block of one thread, where the
-//! reduction is the serial sum. The kernels whose threads share staged
-//! chunks through shared memory (`linear_dense`, `linear_narrow`) need their
-//! block's barriers: `crates/sofo/tests/cuda_agreement.rs` checks them on the
-//! fake GPU, which runs a block's threads as fibers.
+//! reduction is the serial sum. A kernel whose threads share staged chunks
+//! through shared memory (`linear_dense`) needs its block's barriers:
+//! `crates/sofo/tests/cuda_agreement.rs` checks it on the fake GPU, which
+//! runs a block's threads as fibers.
 //!
 //! What this cannot see: the cudarc launch arguments of the Rust wrappers
 //! and the cuBLAS calls (the agreement tests of
@@ -626,6 +626,182 @@ fn linear_small_add_matches_its_rule() {
                 close(&y_want, &y, &format!("{what}: primal"));
                 if want_t == 1 {
                     close(&t_want, &t, &format!("{what}: tangents"));
+                } else {
+                    assert_eq!(t, t0.data(), "{what}: tangents changed unasked");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_narrow_matches_its_rule() {
+    let Some(emu) = emu() else { return };
+    type Narrow = unsafe extern "C" fn(
+        *mut f32,
+        *mut f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *const f32,
+        f32,
+        i64,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        *const f32,
+        i32,
+    );
+    let narrow = emu.kernel::<Narrow>("linear_narrow");
+    // K = 11 tangents; inner dimensions of 9 (rows read as float4 where they
+    // happen to be aligned, the rest one by one) and 12 (every row aligned
+    // where the buffer is); one output column, three, the widest (8)
+    let (rows, k) = (7usize, 11usize);
+    let s = 0.75f32;
+    for (kd, n) in [9usize, 12]
+        .into_iter()
+        .flat_map(|kd| [1usize, 3, 8].map(|n| (kd, n)))
+    {
+        let a = randn(&[rows, kd], 9, 1);
+        let at = randn(&[rows, k, kd], 9, 2);
+        let w = randn(&[kd, n], 9, 3);
+        let wt = randn(&[kd, k, n], 9, 4);
+        let b = randn(&[n], 9, 5);
+        let bt = randn(&[k, n], 9, 6);
+        // what a previous term left in the outputs (added to unless init)
+        let y0 = randn(&[rows, n], 9, 7);
+        let t0 = randn(&[rows, k, n], 9, 8);
+        // the term's input read as is, or as tanh(a) ⊙ c with tangents
+        // tanh′(a) ⊙ at ⊙ c (a readout of rates read from the
+        // pre-activation; c the rates' noise, or none)
+        let c = randn(&[rows, kd], 9, 9);
+        let cases = (0..64u32).flat_map(|f| [(f, false, false), (f, true, false), (f, true, true)]);
+        for (flags, act, has_c) in cases {
+            let cf = |i: usize| if has_c { c.data()[i] as f64 } else { 1.0 };
+            let fa = |i: usize| {
+                let v = a.data()[i] as f64;
+                if act {
+                    v.tanh() * cf(i)
+                } else {
+                    v
+                }
+            };
+            let da = |i: usize| {
+                let v = a.data()[i] as f64;
+                if act {
+                    (1.0 - v.tanh().powi(2)) * cf(i)
+                } else {
+                    1.0
+                }
+            };
+            let f = |bit: u32| (flags >> bit & 1) as i32;
+            let (want_t, has_at, has_wt, has_b, has_bt, init) =
+                (f(0), f(1), f(2), f(3), f(4) & f(3), f(5));
+            if init == 0 && has_b == 1 {
+                continue; // a bias comes with the first term only
+            }
+            let y_want: Vec<f32> = (0..rows * n)
+                .map(|i| {
+                    let (r, o) = (i / n, i % n);
+                    let mut v: f64 = (0..kd)
+                        .map(|q| fa(r * kd + q) * w.data()[q * n + o] as f64)
+                        .sum();
+                    if has_b == 1 {
+                        v += b.data()[o] as f64;
+                    }
+                    let v = s as f64 * v;
+                    (if init == 1 {
+                        v
+                    } else {
+                        y0.data()[i] as f64 + v
+                    }) as f32
+                })
+                .collect();
+            let t_want: Vec<f32> = (0..rows * k * n)
+                .map(|i| {
+                    let (r, kk, o) = (i / (k * n), i / n % k, i % n);
+                    let mut v = 0f64;
+                    for q in 0..kd {
+                        let aq = r * kd + q;
+                        if has_at == 1 {
+                            v += da(aq)
+                                * at.data()[(r * k + kk) * kd + q] as f64
+                                * w.data()[q * n + o] as f64;
+                        }
+                        if has_wt == 1 {
+                            v += fa(aq) * wt.data()[(q * k + kk) * n + o] as f64;
+                        }
+                    }
+                    if has_bt == 1 {
+                        v += bt.data()[kk * n + o] as f64;
+                    }
+                    let v = s as f64 * v;
+                    (if init == 1 {
+                        v
+                    } else {
+                        t0.data()[i] as f64 + v
+                    }) as f32
+                })
+                .collect();
+            for (grid, block) in SHAPES {
+                let mut y = if init == 1 {
+                    vec![f32::NAN; rows * n]
+                } else {
+                    y0.data().to_vec()
+                };
+                let mut t = if init == 1 {
+                    vec![f32::NAN; rows * k * n]
+                } else {
+                    t0.data().to_vec()
+                };
+                emu.launch(grid, block, || unsafe {
+                    narrow(
+                        y.as_mut_ptr(),
+                        t.as_mut_ptr(),
+                        a.data().as_ptr(),
+                        at.data().as_ptr(),
+                        w.data().as_ptr(),
+                        wt.data().as_ptr(),
+                        b.data().as_ptr(),
+                        bt.data().as_ptr(),
+                        s,
+                        rows as i64,
+                        k as i32,
+                        kd as i32,
+                        n as i32,
+                        want_t,
+                        has_at,
+                        has_wt,
+                        has_b,
+                        has_bt,
+                        init,
+                        act as i32,
+                        code(Unary::Tanh).0 as i32,
+                        c.data().as_ptr(),
+                        has_c as i32,
+                    )
+                });
+                let what = format!(
+                    "linear_narrow kd = {kd}, n = {n}, flags {flags:06b}, tanh {act}, c {has_c}"
+                );
+                close(&y_want, &y, &format!("{what}: primal"));
+                if want_t == 1 {
+                    close(&t_want, &t, &format!("{what}: tangents"));
+                } else if init == 1 {
+                    assert!(
+                        t.iter().all(|v| v.is_nan()),
+                        "{what}: tangents written unasked"
+                    );
                 } else {
                     assert_eq!(t, t0.data(), "{what}: tangents changed unasked");
                 }

@@ -54,11 +54,7 @@ __device__ __forceinline__ void divmod_(long long a, long long b, long long* q, 
 // tangents. The index arithmetic and the entry's own work (a derivative, a
 // scale) then run once per unit instead of once per element; consecutive
 // threads take consecutive j, so every tangent row is read and written
-// coalesced. Unit u = c · P·L + (p · L + j) for chunk c. A unit loads its
-// chunk's elements (into registers: loops to TCHUNK unroll) before it
-// stores any: the compiler keeps a load after a store through a pointer it
-// cannot tell apart, so element-by-element load and store wait out one
-// memory latency per element (8 a unit) instead of one.
+// coalesced. Unit u = c · P·L + (p · L + j) for chunk c.
 #define TCHUNK 8
 __device__ long long tchunks_(int k) { return (k + TCHUNK - 1) / TCHUNK; }
 // the unit's entry e = p·L + j, p, j, and its tangent range [k0, k1)
@@ -143,6 +139,11 @@ extern "C" __global__ void unary_tangent(const float* x, const float* t, float* 
         float o, g;
         unary_eval_(x[e], op, s, &o, &g);
         const long long row = p * k * l + j;
+        // the chunk's tangents loaded (into registers: the loop to TCHUNK
+        // unrolls) before any result is stored: the compiler keeps a load
+        // after a store through a pointer it cannot tell apart, so load
+        // and store element by element wait out a memory latency each
+        // (an H200's profile of a Kalman-size step: 14.2 µs, then 12.4)
         const float cv = has_c ? c[e] : 1.f;
         float tv[TCHUNK];
         for (int m = 0; m < TCHUNK; m++) tv[m] = k0 + m < k1 ? t[row + (long long)(k0 + m) * l] : 0.f;
@@ -159,10 +160,7 @@ extern "C" __global__ void scale_rows(const float* d, const float* t, float* out
         tunit_(u, pl, k, l, &e, &p, &j, &k0, &k1);
         const float dv = d[e];
         const long long row = p * k * l + j;
-        float tv[TCHUNK];
-        for (int m = 0; m < TCHUNK; m++) tv[m] = k0 + m < k1 ? t[row + (long long)(k0 + m) * l] : 0.f;
-        for (int m = 0; m < TCHUNK; m++)
-            if (k0 + m < k1) out[row + (long long)(k0 + m) * l] = dv * tv[m];
+        for (int kk = k0; kk < k1; kk++) out[row + (long long)kk * l] = dv * t[row + (long long)kk * l];
     }
 }
 
@@ -202,15 +200,13 @@ extern "C" __global__ void binary_tangent(const float* a, const float* b, const 
         if (want_y && k0 == 0) y[e] = binary_op_(av, bv, op);
         binary_partials_(av, bv, op, &da, &db);
         const long long row = p * k * l + j;
-        float v[TCHUNK];
-        for (int m = 0; m < TCHUNK; m++) {
-            const long long i = row + (long long)(k0 + m) * l;
-            v[m] = 0.f;
-            if (k0 + m < k1 && has_a) v[m] += da * ta[i];
-            if (k0 + m < k1 && has_b) v[m] += db * tb[i];
+        for (int kk = k0; kk < k1; kk++) {
+            long long i = row + (long long)kk * l;
+            float v = 0.f;
+            if (has_a) v += da * ta[i];
+            if (has_b) v += db * tb[i];
+            out[i] = v;
         }
-        for (int m = 0; m < TCHUNK; m++)
-            if (k0 + m < k1) out[row + (long long)(k0 + m) * l] = v[m];
     }
 }
 
@@ -415,23 +411,19 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
             y[e] = v;
         }
         const long long row = r * kt * n + j;
-        float v[TCHUNK];
-        for (int m = 0; m < TCHUNK; m++) {
-            const int kk = k0 + m;
-            v[m] = 0.f;
-            if (kk >= k1) continue;
-            if (has_bt) v[m] = bt[(long long)kk * n + j];
+        for (int kk = k0; kk < k1; kk++) {
+            long long q = row + (long long)kk * n;
+            float v = has_bt ? bt[(long long)kk * n + j] : 0.f;
             if (has_wt)
                 for (int a = 0; a < SMALL_TERM; a++)
-                    if (a < ku) v[m] += ur[a] * wt[((long long)a * k + kk) * n + j];
+                    if (a < ku) v += ur[a] * wt[((long long)a * k + kk) * n + j];
             if (has_ut)
                 for (int a = 0; a < SMALL_TERM; a++)
-                    if (a < ku) v[m] += ut[(r * k + kk) * ku + a] * wj[a];
-            v[m] *= scale;
-            if (has_xt) v[m] += c * xt[row + (long long)kk * n];
+                    if (a < ku) v += ut[(r * k + kk) * ku + a] * wj[a];
+            v *= scale;
+            if (has_xt) v += c * xt[q];
+            t[q] = v;
         }
-        for (int m = 0; m < TCHUNK; m++)
-            if (k0 + m < k1) t[row + (long long)(k0 + m) * n] = v[m];
     }
 }
 
@@ -461,21 +453,15 @@ extern "C" __global__ void linear_small_add(float* y, float* t, const float* u, 
             y[e] += scale * v;
         }
         const long long row = r * kt * n + j;
-        float v[TCHUNK];
-        for (int m = 0; m < TCHUNK; m++) {
-            const int kk = k0 + m;
-            v[m] = 0.f;
-            if (kk >= k1) continue;
-            float s = 0.f;
+        for (int kk = k0; kk < k1; kk++) {
+            float v = 0.f;
             for (int a = 0; a < SMALL_TERM; a++) {
                 if (a >= ku) break;
-                if (has_ut) s += ut[(r * k + kk) * ku + a] * wj[a];
-                if (has_wt) s += ur[a] * wt[((long long)a * k + kk) * n + j];
+                if (has_ut) v += ut[(r * k + kk) * ku + a] * wj[a];
+                if (has_wt) v += ur[a] * wt[((long long)a * k + kk) * n + j];
             }
-            v[m] = t[row + (long long)kk * n] + scale * s;
+            t[row + (long long)kk * n] += scale * v;
         }
-        for (int m = 0; m < TCHUNK; m++)
-            if (k0 + m < k1) t[row + (long long)(k0 + m) * n] = v[m];
     }
 }
 
@@ -500,7 +486,16 @@ __device__ __forceinline__ float act_apply_(float v, float va, float c, int mode
     rate_eval_(mode == 1 ? v : va, op, &o, &g);
     return (mode == 1 ? o : g * v) * c;
 }
-// whether p is aligned for a vector access of that many bytes (16: float4)
+__device__ __forceinline__ float act_load_(const float* x, const float* xa, const float* cf, long long i,
+                                           int mode, int op) {
+    if (mode == 0) return x[i];
+    return act_apply_(x[i], mode == 2 ? xa[i] : 0.f, cf ? cf[i] : 1.f, mode, op);
+}
+// acc[o] += Σ_i x[i] w[i * ws + o] for o < n (x's elements as act_load_
+// reads them): one row x of the input per thread, read as float4 where the
+// rows it reads (x, and xa and cf where the mode reads them) are 16-byte
+// aligned (a row's loads then take whole 32-byte sectors two at a time,
+// however the L1 fares, and a quarter of the load instructions)
 __device__ __forceinline__ bool aligned_(const float* p, unsigned bytes) {
     return (((unsigned long long)p) & (bytes - 1)) == 0;
 }
@@ -510,6 +505,10 @@ __device__ __forceinline__ bool aligned_(const float* p, unsigned bytes) {
 #ifndef CHECK_ALIGNED
 #define CHECK_ALIGNED(p, bytes)
 #endif
+__device__ __forceinline__ float4 load4_(const float* p) {
+    CHECK_ALIGNED(p, 16);
+    return *(const float4*)p;
+}
 __device__ __forceinline__ void store4_(float* p, float4 v) {
     CHECK_ALIGNED(p, 16);
     *(float4*)p = v;
@@ -518,90 +517,66 @@ __device__ __forceinline__ void store2_(float* p, float a, float b) {
     CHECK_ALIGNED(p, 8);
     *(float2*)p = make_float2(a, b);
 }
-// A block takes NARROW_ROWS consecutive rows q of the outputs (the value's
-// rows q < rows, then the tangents' q − rows = r·K + kk) and stages the rows
-// its first product reads (a's for the value, at's for the tangents, both
-// contiguous in memory) through shared memory NARROW_CHUNK inner columns at
-// a time: a warp's loads then read one row's 32 consecutive floats, where
-// one thread per row reading its own row strode kd floats between lanes and
-// kept one load of a few in flight (at a network's sizes the kernel waited
-// on them: 62 µs a step at N = 100, K = 128 on an H200, now a few). Each
-// thread then sums its row's n outputs from its staged row, and the
-// tangents' a · wt from a (the same row r for K threads in a row: one
-// broadcast load) and wt (consecutive kk: consecutive floats).
-#define NARROW_ROWS 128
-#define NARROW_CHUNK 32
+__device__ __forceinline__ void narrow_row_(const float* x, const float* xa, const float* cf, int mode,
+                                            int op, int kd, const float* w, long long ws, int n,
+                                            float* acc) {
+    int i = 0;
+    if (aligned_(x, 16) && (mode != 2 || aligned_(xa, 16)) && (mode == 0 || !cf || aligned_(cf, 16))) {
+        for (; i + 4 <= kd; i += 4) {
+            const float4 v = load4_(x + i);
+            float xs[4] = {v.x, v.y, v.z, v.w};
+            if (mode != 0) {
+                float4 va = {0.f, 0.f, 0.f, 0.f}, c = {1.f, 1.f, 1.f, 1.f};
+                if (mode == 2) va = load4_(xa + i);
+                if (cf) c = load4_(cf + i);
+                xs[0] = act_apply_(xs[0], va.x, c.x, mode, op);
+                xs[1] = act_apply_(xs[1], va.y, c.y, mode, op);
+                xs[2] = act_apply_(xs[2], va.z, c.z, mode, op);
+                xs[3] = act_apply_(xs[3], va.w, c.w, mode, op);
+            }
+            for (int q = 0; q < 4; q++) {
+                const float* wr = w + (long long)(i + q) * ws;
+                for (int o = 0; o < NARROW; o++)
+                    if (o < n) acc[o] += xs[q] * wr[o];
+            }
+        }
+    }
+    for (; i < kd; i++) {
+        const float* wr = w + (long long)i * ws;
+        const float v = act_load_(x, xa, cf, i, mode, op);
+        for (int o = 0; o < NARROW; o++)
+            if (o < n) acc[o] += v * wr[o];
+    }
+}
 extern "C" __global__ void linear_narrow(float* y, float* t, const float* a, const float* at,
                                          const float* w, const float* wt, const float* b,
                                          const float* bt, float scale, long long rows, int k,
                                          int kd, int n, int want_t, int has_at, int has_wt,
                                          int has_b, int has_bt, int init, int has_act, int act,
                                          const float* ac, int has_c) {
-    // (a row padded by one float: thread q's column c and thread q + 1's
-    // are in neighbouring banks)
-    __shared__ float staged[NARROW_ROWS * (NARROW_CHUNK + 1)];
     const long long total = rows * (1 + (want_t ? (long long)k : 0));
-    // (the loop's bounds are the block's, not the thread's: every thread
-    // meets every barrier)
-    for (long long q0 = (long long)blockIdx.x * NARROW_ROWS; q0 < total;
-         q0 += (long long)gridDim.x * NARROW_ROWS) {
-        const long long q = q0 + threadIdx.x;
-        const bool live = q < total, value = q < rows;
-        // the row r of a (and ac) this output row reads, and its tangent kk
-        long long r = q, kk = 0;
-        if (live && !value) divmod_(q - rows, k, &r, &kk);
-        // the staged row's product: the value's a · w, a tangent's at · w
-        // (where it has one); then a tangent's a · wt (where it has one)
-        const bool first = value || has_at, second = !value && has_wt;
-        const float* cr = has_act && has_c && live ? ac + r * kd : nullptr;
+    GRID_LOOP(q, total) {
         float acc[NARROW];
         for (int o = 0; o < NARROW; o++) acc[o] = 0.f;
-        for (int c0 = 0; c0 < kd; c0 += NARROW_CHUNK) {
-            __syncthreads();  // (the last chunk's reads are done)
-            for (int e = threadIdx.x; e < NARROW_ROWS * NARROW_CHUNK; e += NARROW_ROWS) {
-                const int rr = e / NARROW_CHUNK, c = e % NARROW_CHUNK, i = c0 + c;
-                const long long qq = q0 + rr;
-                float v = 0.f;
-                if (qq < total && i < kd) {
-                    if (qq < rows) v = a[qq * kd + i];
-                    else if (has_at) v = at[(qq - rows) * kd + i];
-                }
-                staged[rr * (NARROW_CHUNK + 1) + c] = v;
-            }
-            __syncthreads();
-            if (!live) continue;
-            const int cn = kd - c0 < NARROW_CHUNK ? kd - c0 : NARROW_CHUNK;
-            for (int c = 0; c < cn; c++) {
-                const int i = c0 + c;
-                // f(a) and f′(a) in one evaluation (modes as act_apply_)
-                float fa = 0.f, ga = 1.f;
-                const float cf = cr ? cr[i] : 1.f;
-                if (has_act && (second || (first && !value))) rate_eval_(a[r * kd + i], act, &fa, &ga);
-                else if (!has_act && second) fa = a[r * kd + i];
-                if (first) {
-                    const float s = staged[threadIdx.x * (NARROW_CHUNK + 1) + c];
-                    const float v = !has_act ? s : value ? act_apply_(s, 0.f, cf, 1, act) : ga * s * cf;
-                    const float* wr = w + (long long)i * n;
-                    for (int o = 0; o < NARROW; o++)
-                        if (o < n) acc[o] += v * wr[o];
-                }
-                if (second) {
-                    const float v = has_act ? fa * cf : fa;
-                    const float* wr = wt + ((long long)i * k + kk) * n;
-                    for (int o = 0; o < NARROW; o++)
-                        if (o < n) acc[o] += v * wr[o];
-                }
-            }
-        }
-        if (!live) continue;
-        for (int o = 0; o < NARROW; o++) {
-            if (o >= n) break;
-            if (value) {
+        if (q < rows) {
+            const float* cq = has_act && has_c ? ac + q * kd : nullptr;
+            narrow_row_(a + q * kd, a, cq, has_act, act, kd, w, n, n, acc);
+            for (int o = 0; o < NARROW; o++) {
+                if (o >= n) break;
                 float* dst = y + q * n + o;
                 if (init) *dst = scale * ((has_b ? b[o] : 0.f) + acc[o]);
                 else *dst += scale * acc[o];
-            } else {
-                float* dst = t + (q - rows) * n + o;
+            }
+        } else {
+            const long long rk = q - rows;  // = r * k + kk
+            long long r, kk;
+            divmod_(rk, k, &r, &kk);
+            const float* cr = has_act && has_c ? ac + r * kd : nullptr;
+            if (has_at) narrow_row_(at + rk * kd, a + r * kd, cr, 2 * has_act, act, kd, w, n, n, acc);
+            if (has_wt) narrow_row_(a + r * kd, a, cr, has_act, act, kd, wt + kk * n, (long long)k * n, n, acc);
+            for (int o = 0; o < NARROW; o++) {
+                if (o >= n) break;
+                float* dst = t + rk * n + o;
                 if (init) *dst = scale * ((has_bt ? bt[kk * n + o] : 0.f) + acc[o]);
                 else *dst += scale * acc[o];
             }
@@ -895,7 +870,8 @@ __device__ __forceinline__ void linear_dense_(
         return;
     }
     // a tangent block: every output's terms loaded and added (in acc) before
-    // any is stored (see TCHUNK: loads after a store would wait for it)
+    // any is stored (as in unary_tangent: a load after a store through a
+    // pointer the compiler cannot tell apart waits for it)
     for (int p = 0; p < 4; p++) {
         const int r = row_of(p);
         if (r >= rows) break;
@@ -1078,15 +1054,11 @@ extern "C" __global__ void mse_augmented(const float* y, const float* tgt, const
         long long col, r, j; int k0, k1;
         tunit_(u, cols, k + 1, l, &col, &r, &j, &k0, &k1);
         const double sc = sqrt(2.0 * (has_w ? (double)w[r] : 1.0) * inv_n);
-        double v[TCHUNK];
-        for (int m = 0; m < TCHUNK; m++) {
-            const int kk = k0 + m;
-            v[m] = kk >= k1 ? 0.0
-                   : kk < k ? (has_yd ? (double)yd[(r * k + kk) * l + j] : 0.0)
-                            : (double)y[col] - (double)tgt[col];
+        for (int kk = k0; kk < k1; kk++) {
+            double v = kk < k ? (has_yd ? (double)yd[(r * k + kk) * l + j] : 0.0)
+                              : (double)y[col] - (double)tgt[col];
+            a[kk * ld + col0 + col] = sc * v;
         }
-        for (int m = 0; m < TCHUNK; m++)
-            if (k0 + m < k1) a[(k0 + m) * ld + col0 + col] = sc * v[m];
     }
 }
 "#;
@@ -1598,8 +1570,6 @@ impl CudaDevice {
     /// The widest output of a linear op whose terms `linear_narrow` computes
     /// (a readout) instead of cuBLAS GEMMs.
     pub const NARROW: usize = 8;
-    /// The output rows (and threads) of one `linear_narrow` block.
-    const NARROW_ROWS: usize = 128;
     /// The most registers (inputs and steps) of a pointwise program the
     /// `pointwise` kernel runs.
     pub const PW_REGS: usize = 64;
@@ -1755,17 +1725,6 @@ fn grid(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// `linear_narrow`'s launch: a block of [`CudaDevice::NARROW_ROWS`]
-/// threads per as many output rows.
-fn narrow_grid(rows: usize) -> LaunchConfig {
-    let blocks = rows.div_ceil(CudaDevice::NARROW_ROWS).clamp(1, 65_535 * 8) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (CudaDevice::NARROW_ROWS as u32, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -3133,7 +3092,7 @@ impl CudaDevice {
             .arg(&has_c);
         // SAFETY: sizes checked above; absent operands are never read, t is
         // touched only when given.
-        unsafe { l.launch(narrow_grid(total)) }.map_err(|e| dev_err("linear_narrow", e))?;
+        unsafe { l.launch(grid(total)) }.map_err(|e| dev_err("linear_narrow", e))?;
         Ok(())
     }
 

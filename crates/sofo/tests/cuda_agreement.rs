@@ -716,14 +716,14 @@ fn unary_of_linear_agrees_with_the_cpu() {
 }
 
 /// `linear_narrow` (a term of a linear op with at most 8 output columns: a
-/// readout) against its rule in f64, called directly: every combination of
-/// tangents, bias and write-or-add, the input read as is or as tanh(a) ⊙ c
-/// with tangents tanh′(a) ⊙ at ⊙ c; inner dimensions of one partial chunk
-/// of the 32 a block stages at a time, of two (one partial, one whole) and
-/// of exactly two; 13 value rows and 143 tangent rows, so that the block of
-/// 128 rows holding the value's rows holds tangent rows too and the second
-/// block is partial. Outputs start NaN where written (an element the kernel
-/// misses shows) and as a previous term left them where added to.
+/// readout) against its rule in f64, through `CudaDevice::linear_narrow`
+/// (its launch arguments, which `kernel_emulation`'s test of the kernel
+/// alone cannot see): every combination of tangents, bias and
+/// write-or-add, the input read as is or as tanh(a) ⊙ c with tangents
+/// tanh′(a) ⊙ at ⊙ c; inner dimensions of 9, 40 and 64 (rows read as float4
+/// where aligned, the rest one by one). Outputs start NaN where written (an
+/// element the kernel misses shows) and as a previous term left them where
+/// added to.
 #[test]
 fn linear_narrow_matches_its_rule() {
     use sofo_tensor::cuda::{NarrowOut, TermActivation, UnaryCode};
