@@ -538,8 +538,14 @@ impl<T: Float> Ops<T> for CudaFwd {
         self.linear_f32(leak, scale.to_f64() as f32, &all, bias, Some(act), None)
     }
 
-    fn fuses_unary_into_linear(&self) -> bool {
-        true
+    /// Where the op's kernel reads x: a readout's (`linear_narrow`) or a
+    /// dense term `linear_dense` takes at that size. Where cuBLAS takes it
+    /// (a large network, or one whose output fills the fused kernel's
+    /// tiles badly) f(x) is computed and stored for the GEMMs anyway, and a
+    /// readout reading x as well would evaluate f and f′ again for every
+    /// tangent: the model computes f(x) once instead, as on the CPU.
+    fn fuses_unary_into_linear(&self, kd: usize, n: usize) -> bool {
+        n <= CudaDevice::NARROW || self.dev.fuses_linear(kd, n)
     }
 
     /// One dense term (and a folded input term): `linear_dense` applies g

@@ -240,11 +240,14 @@ pub trait Ops<T: Float> {
         unary_of_linear_by_ops(self, leak, scale, op, terms, bias)
     }
 
-    /// Whether [`Ops::linear_of_unary`] reads f(x) on the fly instead of
-    /// computing and storing it: then a model that uses f(x) in several
-    /// linear ops should pass x to each rather than compute f(x) once.
-    /// False by default (computing f(x) once is cheaper there).
-    fn fuses_unary_into_linear(&self) -> bool {
+    /// Whether [`Ops::linear_of_unary`] with a first term's weight of
+    /// `[kd, n]` reads f(x) on the fly instead of computing and storing
+    /// it: then a model that uses f(x) in several linear ops (its
+    /// recurrence's weight asked for) should pass x to each rather than
+    /// compute f(x) once. False by default (computing f(x) once is cheaper
+    /// there).
+    fn fuses_unary_into_linear(&self, kd: usize, n: usize) -> bool {
+        let _ = (kd, n);
         false
     }
 

@@ -1730,7 +1730,7 @@ fn matmul_with_empty_inner_dimension_is_zero() {
 fn linear_of_unary_is_unary_then_linear() {
     let mut rng = Rng::new(503);
     let mut e = Fwd::new(K);
-    assert!(!Ops::<f64>::fuses_unary_into_linear(&e));
+    assert!(!Ops::<f64>::fuses_unary_into_linear(&e, 8, 3));
     let mut d = |s: &[usize]| rand_dual(&mut rng, &Fwd::new(K), s);
     let (x, w, u, wu, b, l) = (
         d(&[3, 4]),

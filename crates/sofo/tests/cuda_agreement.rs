@@ -559,7 +559,16 @@ fn linear_of_unary_agrees_with_the_cpu() {
     let k = 3;
     let mut c = Fwd::new(k);
     let mut g = CudaFwd::new(dev.clone(), k);
-    assert!(Ops::<f32>::fuses_unary_into_linear(&g));
+    // the engine reads x where a kernel does — a readout, a dense term the
+    // fused kernel takes — not where cuBLAS does (f(x) is stored for the
+    // GEMMs there anyway, and the model computes it once for both reads)
+    assert!(Ops::<f32>::fuses_unary_into_linear(&g, 400, 3));
+    assert!(Ops::<f32>::fuses_unary_into_linear(&g, 64, 64));
+    assert!(!Ops::<f32>::fuses_unary_into_linear(&g, 100, 100));
+    assert!(!Ops::<f32>::fuses_unary_into_linear(&g, 400, 400));
+    dev.set_dense_linear(DenseLinear::Fused);
+    assert!(Ops::<f32>::fuses_unary_into_linear(&g, 400, 400));
+    dev.set_dense_linear(DenseLinear::Auto);
     let (rows, kd) = (70, 21);
     for (dense, n, second) in [
         (DenseLinear::Auto, 3, false),
@@ -996,6 +1005,19 @@ fn rate_rnn_sketch_and_step_agree() {
             act.name(),
         );
     }
+    // with the dense terms on cuBLAS the model computes φ(x) once for the
+    // recurrence and the readout (the engine does not read x there)
+    dev.set_dense_linear(DenseLinear::Gemm);
+    let (model, params, batch) = rnn_case(Activation::Tanh);
+    let dev_cuda = Device::Cuda(dev.clone());
+    check_sketch_and_step(
+        dev_cuda,
+        &model,
+        &params,
+        &batch,
+        "tanh, dense terms on cuBLAS",
+    );
+    dev.set_dense_linear(DenseLinear::Auto);
 }
 
 #[test]

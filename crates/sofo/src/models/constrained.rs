@@ -956,7 +956,7 @@ impl<T: Float> Model<T> for ConstrainedRnn {
         // computed once, or, where the engine applies φ and η as it reads x
         // and nothing else reads r (no additive rate noise, no rate
         // regulariser), never stored
-        let fused = e.fuses_unary_into_linear()
+        let fused = e.fuses_unary_into_linear(n, n)
             && noise.rates_additive == 0.0
             && reg.rates_l2 == 0.0
             && reg.rate_target_weight == 0.0;

@@ -112,8 +112,9 @@ impl<T: Float> Model<T> for RateRnn {
         };
         let phi = self.activation.op();
         // r = φ(x) for the two linear ops that read it: computed once, or,
-        // where the engine applies φ as it reads x, never stored
-        let fused = e.fuses_unary_into_linear();
+        // where the engine applies φ as it reads x (for the recurrence's
+        // W, and so for the readout), never stored
+        let fused = e.fuses_unary_into_linear(self.n, self.n);
         let mut r = if fused { None } else { Some(e.unary(&x, phi)?) };
         for t in 0..batch.steps() {
             let ut = batch.input_on(e, t)?;

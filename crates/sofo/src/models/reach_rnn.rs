@@ -137,7 +137,7 @@ impl<T: Float> Model<T> for ReachRnn {
         // the rates r = relu(z) ⊙ η for the two linear ops that read them:
         // computed once, or, where the engine applies relu and η as it reads
         // z, never stored
-        let fused = e.fuses_unary_into_linear();
+        let fused = e.fuses_unary_into_linear(self.n, self.n);
         for t in 0..batch.steps() {
             let eta = if width > 0.0 {
                 if noise.as_ref().is_none_or(|(t0, _)| t >= t0 + noise_steps) {
