@@ -79,6 +79,8 @@ for c in ${LINEAR_TASKS-reach2 kalman-long}; do
   SOFO_GPU_LINEAR=gemm timeout 120 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method sofo --json --iters 5 --only $c 2>&1 | tee -a "$OUT/sofo_linear_gemm.jsonl"
 done
 
+# (its inputs are uploaded before the clock starts since 2026-11-27: before,
+# the upload of N = 400's tangents made the pass slower than an iteration)
 echo "== sofo bench --device cuda --method pass (the forward-K pass and its sketch alone: the rest of an iteration is the difference)"
 timeout 120 $G/sofo bench --device ${DEVICE:-cuda} ${BENCH_STEPS:+--steps $BENCH_STEPS} --method pass --json --iters 10 --only ${BENCH_ONLY:-rnn-} 2>&1 | tee "$OUT/sofo_pass.jsonl"
 

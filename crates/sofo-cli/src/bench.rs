@@ -37,7 +37,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_name = "T,T,..")]
     steps: Vec<usize>,
     /// sofo, adam (BPTT), all, or pass: one forward-K pass and its sketch
-    /// alone (no tangent draw, no step), the part whose cost grows with T.
+    /// alone (no tangent draw, no step; on a GPU its inputs uploaded before
+    /// the clock starts), the part whose cost grows with T.
     #[arg(long, default_value = "all")]
     method: String,
     /// Peak extra memory of one iteration against T, SOFO and Adam-BPTT.
@@ -260,8 +261,11 @@ fn time_adam<M: Model<f32>>(
     })
 }
 
-/// Times one forward-K pass with its sketch (`Device::pass`) on random
-/// tangents: median and minimum of `iters` after 2 warm-up passes.
+/// Times one forward-K pass with its sketch (`Device::pass_with`) on
+/// random tangents: median and minimum of `iters` after 2 warm-up passes.
+/// The tangents are made and put where the device reads them before the
+/// clock starts (a SOFO iteration draws them on the device: uploading the
+/// K tangents of N = 400's W, 82 MB, had doubled the pass's time).
 fn time_pass<M: Model<f32>>(
     device: &Device,
     model: &M,
@@ -272,23 +276,24 @@ fn time_pass<M: Model<f32>>(
     n: usize,
 ) -> Result<Record> {
     let params = model.init(0)?;
-    let duals = || -> Result<Vec<sofo::Dual<f32>>> {
-        params
+    let inputs = || -> Result<sofo::PassInputs<f32>> {
+        let duals = params
             .iter()
             .enumerate()
             .map(|(i, p)| {
                 let shape = sofo_ad::layout::tangent_shape(p.value.shape(), k);
                 let mut t = Tensor::<f32>::scratch(&shape);
                 rng::fill_normal(t.data_mut(), 7, i as u64);
-                Ok(sofo::Dual {
+                sofo::Dual {
                     primal: p.value.clone(),
                     tangent: Some(t.scale(0.01)),
-                })
+                }
             })
-            .collect()
+            .collect();
+        device.pass_inputs(duals)
     };
-    let (median, min, peak_device_bytes) = time_runs(device, iters, duals, |d, _| {
-        device.pass(model, k, d, batch).map(|_| ())
+    let (median, min, peak_device_bytes) = time_runs(device, iters, inputs, |d, _| {
+        device.pass_with(model, k, d, batch).map(|_| ())
     })?;
     Ok(Record {
         method: "pass",

@@ -251,24 +251,32 @@ impl<T: Float> CudaSketch<'_, T> {
     }
 }
 
+/// The parameters and their tangents uploaded as f32 duals (the inputs of
+/// [`observe_pass_cuda`]).
+pub fn upload_duals<T: Float>(dev: &Arc<CudaDevice>, params: &[Dual<T>]) -> Result<Vec<CudaDual>> {
+    params
+        .iter()
+        .map(|p| {
+            let primal = dev.upload(&p.primal.convert::<f32>())?;
+            let tangent = match &p.tangent {
+                Some(t) => Some(dev.upload(&t.convert::<f32>())?),
+                None => None,
+            };
+            Ok(CudaDual { primal, tangent })
+        })
+        .collect::<sofo_tensor::Result<_>>()
+        .map_err(Into::into)
+}
+
 /// [`crate::device::Device::pass`] on a GPU: the whole batch in one group.
 pub fn observe_pass_cuda<T: Float, M: Model<T>>(
     dev: &Arc<CudaDevice>,
     model: &M,
     k: usize,
-    params: Vec<Dual<T>>,
+    up: Vec<CudaDual>,
     batch: &Batch<T>,
 ) -> Result<Sketch> {
     let mut e = CudaFwd::new(dev.clone(), k);
-    let up: Vec<CudaDual> = params
-        .iter()
-        .map(|p| {
-            e.upload(&Dual {
-                primal: p.primal.convert::<f32>(),
-                tangent: p.tangent.as_ref().map(Tensor::convert::<f32>),
-            })
-        })
-        .collect::<sofo_tensor::Result<_>>()?;
     let prepared = model.prepare(&mut e, &up)?;
     let mut acc = dev.mse_sketch_new(k)?;
     let mut sk = CudaSketch::new(dev.clone(), k, &mut acc)?.staging(batch);

@@ -7,6 +7,16 @@ use crate::{Error, Result};
 use sofo_ad::Dual;
 use sofo_tensor::{Float, Tensor};
 
+/// A pass's parameters and tangents where the device reads them
+/// ([`Device::pass_inputs`]).
+pub enum PassInputs<T: Float> {
+    /// In host memory (the CPU).
+    Host(Vec<Dual<T>>),
+    /// Uploaded to a GPU.
+    #[cfg(feature = "cuda")]
+    Cuda(Vec<sofo_ad::cuda::CudaDual>),
+}
+
 #[derive(Clone, Default)]
 pub enum Device {
     #[default]
@@ -114,10 +124,43 @@ impl Device {
         params: Vec<Dual<T>>,
         batch: &Batch<T>,
     ) -> Result<Sketch> {
+        let inputs = self.pass_inputs(params)?;
+        self.pass_with(model, k, inputs, batch)
+    }
+
+    /// The parameters and their tangents where a pass on this device reads
+    /// them: on a GPU uploaded (the K tangents of a large weight are tens
+    /// of megabytes: timing [`Device::pass_with`] leaves their copy out,
+    /// as a SOFO iteration, which draws them on the device, has none).
+    pub fn pass_inputs<T: Float>(&self, params: Vec<Dual<T>>) -> Result<PassInputs<T>> {
         match self {
-            Device::Cpu => observe_pass(model, k, params, batch),
+            Device::Cpu => Ok(PassInputs::Host(params)),
             #[cfg(feature = "cuda")]
-            Device::Cuda(d) => crate::cuda::observe_pass_cuda(d, model, k, params, batch),
+            Device::Cuda(d) => Ok(PassInputs::Cuda(crate::cuda::upload_duals(d, &params)?)),
+        }
+    }
+
+    /// [`Device::pass`] from inputs [`Device::pass_inputs`] made for this
+    /// device.
+    pub fn pass_with<T: Float, M: Model<T>>(
+        &self,
+        model: &M,
+        k: usize,
+        inputs: PassInputs<T>,
+        batch: &Batch<T>,
+    ) -> Result<Sketch> {
+        match (self, inputs) {
+            (Device::Cpu, PassInputs::Host(params)) => observe_pass(model, k, params, batch),
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(d), PassInputs::Cuda(up)) => {
+                crate::cuda::observe_pass_cuda(d, model, k, up, batch)
+            }
+            #[cfg(feature = "cuda")]
+            _ => Err(Error::config(
+                "pass inputs",
+                "made for another device",
+                "Device::pass_inputs of the device that runs the pass",
+            )),
         }
     }
 

@@ -17,7 +17,7 @@ pub mod params;
 pub mod tasks;
 pub mod train;
 
-pub use device::Device;
+pub use device::{Device, PassInputs};
 pub use error::{Error, Result};
 pub use sofo_ad::{Dual, Fwd, Ops};
 pub use sofo_tensor::{Float, Tensor};

@@ -724,151 +724,6 @@ fn unary_of_linear_agrees_with_the_cpu() {
     dev.set_dense_linear(DenseLinear::Auto);
 }
 
-/// `linear_narrow` (a term of a linear op with at most 8 output columns: a
-/// readout) against its rule in f64, through `CudaDevice::linear_narrow`
-/// (its launch arguments, which `kernel_emulation`'s test of the kernel
-/// alone cannot see): every combination of tangents, bias and
-/// write-or-add, the input read as is or as tanh(a) ⊙ c with tangents
-/// tanh′(a) ⊙ at ⊙ c; inner dimensions of 9, 40 and 64 (rows read as float4
-/// where aligned, the rest one by one). Outputs start NaN where written (an
-/// element the kernel misses shows) and as a previous term left them where
-/// added to.
-#[test]
-fn linear_narrow_matches_its_rule() {
-    use sofo_tensor::cuda::{NarrowOut, TermActivation, UnaryCode};
-    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(dev) = device_or_skip("linear_narrow_matches_its_rule") else {
-        return;
-    };
-    let (rows, k) = (13usize, 11usize);
-    let s = 0.75f32;
-    for (kd, n) in [(9usize, 1usize), (9, 8), (40, 3), (64, 8)] {
-        let a = randn(&[rows, kd], 9, 1);
-        let at = randn(&[rows, k, kd], 9, 2);
-        let w = randn(&[kd, n], 9, 3);
-        let wt = randn(&[kd, k, n], 9, 4);
-        let b = randn(&[n], 9, 5);
-        let bt = randn(&[k, n], 9, 6);
-        let y0 = randn(&[rows, n], 9, 7);
-        let t0 = randn(&[rows, k, n], 9, 8);
-        let c = randn(&[rows, kd], 9, 9);
-        let up = |x: &Tensor<f32>| dev.upload(x).unwrap();
-        let (a_d, at_d, w_d, wt_d, b_d, bt_d, c_d) =
-            (up(&a), up(&at), up(&w), up(&wt), up(&b), up(&bt), up(&c));
-        // flags: t given, at, wt, a bias, its tangents, write (else add)
-        let cases = (0..64u32).flat_map(|f| [(f, false, false), (f, true, false), (f, true, true)]);
-        for (flags, act, has_c) in cases {
-            let has = |bit: u32| flags >> bit & 1 == 1;
-            let (t_given, has_at, has_wt, has_b, has_bt, init) =
-                (has(0), has(1), has(2), has(3), has(4) && has(3), has(5));
-            if !init && has_b {
-                continue; // a bias comes with the first term only
-            }
-            // what the kernel computes of the tangents
-            let want_t = t_given && (init || has_at || has_wt);
-            let cf = |i: usize| if has_c { c.data()[i] as f64 } else { 1.0 };
-            let fa = |i: usize| {
-                let v = a.data()[i] as f64;
-                if act {
-                    v.tanh() * cf(i)
-                } else {
-                    v
-                }
-            };
-            let da = |i: usize| {
-                let v = a.data()[i] as f64;
-                if act {
-                    (1.0 - v.tanh().powi(2)) * cf(i)
-                } else {
-                    1.0
-                }
-            };
-            let y_want: Vec<f32> = (0..rows * n)
-                .map(|i| {
-                    let (r, o) = (i / n, i % n);
-                    let mut v: f64 = (0..kd)
-                        .map(|q| fa(r * kd + q) * w.data()[q * n + o] as f64)
-                        .sum();
-                    if has_b {
-                        v += b.data()[o] as f64;
-                    }
-                    let v = s as f64 * v;
-                    (if init { v } else { y0.data()[i] as f64 + v }) as f32
-                })
-                .collect();
-            let t_want: Vec<f32> = (0..rows * k * n)
-                .map(|i| {
-                    let (r, kk, o) = (i / (k * n), i / n % k, i % n);
-                    let mut v = 0f64;
-                    for q in 0..kd {
-                        let aq = r * kd + q;
-                        if has_at {
-                            v += da(aq)
-                                * at.data()[(r * k + kk) * kd + q] as f64
-                                * w.data()[q * n + o] as f64;
-                        }
-                        if has_wt {
-                            v += fa(aq) * wt.data()[(q * k + kk) * n + o] as f64;
-                        }
-                    }
-                    if has_bt {
-                        v += bt.data()[kk * n + o] as f64;
-                    }
-                    let v = s as f64 * v;
-                    (if init { v } else { t0.data()[i] as f64 + v }) as f32
-                })
-                .collect();
-            let start = |x: &Tensor<f32>| {
-                if init {
-                    up(&Tensor::from_vec(x.shape(), vec![f32::NAN; x.numel()]).unwrap())
-                } else {
-                    up(x)
-                }
-            };
-            let (mut y, mut t) = (start(&y0), start(&t0));
-            let out = if init {
-                NarrowOut::Write {
-                    bias: has_b.then_some((&b_d, has_bt.then_some(&bt_d))),
-                }
-            } else {
-                NarrowOut::Add
-            };
-            let activation = act.then_some(TermActivation {
-                op: UnaryCode::Tanh,
-                factor: has_c.then_some(&c_d),
-            });
-            dev.linear_narrow(
-                &mut y,
-                t_given.then_some(&mut t),
-                k,
-                (&a_d, has_at.then_some(&at_d)),
-                (&w_d, has_wt.then_some(&wt_d)),
-                out,
-                s,
-                activation,
-            )
-            .unwrap();
-            let (y, t) = (dev.download(&y).unwrap(), dev.download(&t).unwrap());
-            let what = format!(
-                "linear_narrow kd = {kd}, n = {n}, flags {flags:06b}, tanh {act}, c {has_c}"
-            );
-            let d = rel(&y_want, y.data());
-            assert!(d < 2e-6, "{what}: primal differs by {d:e}");
-            if want_t {
-                let d = rel(&t_want, t.data());
-                assert!(d < 2e-6, "{what}: tangents differ by {d:e}");
-            } else if init {
-                assert!(
-                    t.data().iter().all(|v| v.is_nan()),
-                    "{what}: tangents written unasked"
-                );
-            } else {
-                assert_eq!(t.data(), t0.data(), "{what}: tangents changed unasked");
-            }
-        }
-    }
-}
-
 fn rnn_case(act: Activation) -> (RateRnn, ParamSet<f32>, Batch<f32>) {
     let model = RateRnn {
         n: 48,
@@ -1095,6 +950,45 @@ fn gpu_training_is_deterministic_and_learns() {
     // random targets: 10 steps in K = 32 of P = 2642 directions remove ~10 %
     // of the loss (observed 14 % on an H200)
     assert!(a[9] < 0.95 * a[0], "loss {} → {}", a[0], a[9]);
+}
+
+/// A pass from inputs uploaded beforehand (`Device::pass_inputs`, what
+/// `sofo bench --method pass` times) gives `Device::pass`'s sketch bit for
+/// bit, and inputs made for another device are refused by name.
+#[test]
+fn pass_inputs_belong_to_their_device() {
+    let _one_at_a_time = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = device_or_skip("pass_inputs_belong_to_their_device") else {
+        return;
+    };
+    let (model, params, batch) = rnn_case(Activation::Tanh);
+    let k = 4;
+    let duals = || -> Vec<Dual<f32>> {
+        params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Dual {
+                primal: p.value.clone(),
+                tangent: Some(randn(&tangent_shape(p.value.shape(), k), 60, i as u64)),
+            })
+            .collect()
+    };
+    let gpu = Device::Cuda(dev.clone());
+    let direct = gpu.pass(&model, k, duals(), &batch).unwrap();
+    let inputs = gpu.pass_inputs(duals()).unwrap();
+    let uploaded = gpu.pass_with(&model, k, inputs, &batch).unwrap();
+    assert_eq!(direct.loss.to_bits(), uploaded.loss.to_bits());
+    assert_eq!(direct.c, uploaded.c);
+    assert_eq!(direct.g, uploaded.g);
+    let host = Device::Cpu.pass_inputs(duals()).unwrap();
+    let e = gpu
+        .pass_with(&model, k, host, &batch)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pass inputs") && e.contains("another device"),
+        "{e}"
+    );
 }
 
 /// The phases of SOFO iterations on the device (`Sofo::time_phases`, each
