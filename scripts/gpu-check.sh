@@ -107,7 +107,8 @@ fi
 
 if has profile; then
 echo "== per-kernel device time of a few steps (Nsight Compute)"
-RESULTS="$OUT" bash scripts/gpu-profile.sh
+# with the hot kernels in detail (DETAIL= leaves that out)
+RESULTS="$OUT" DETAIL="${DETAIL-linear_dense linear_narrow linear_init}" bash scripts/gpu-profile.sh
 # and the TF32 kernel (linear_dense_tf32) where auto fuses
 RESULTS="$OUT" MATMUL=tf32 LINEARS=auto bash scripts/gpu-profile.sh
 fi

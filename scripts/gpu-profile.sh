@@ -5,7 +5,9 @@
 # kernels by total time per step. Run on the GPU machine after
 # scripts/gpu-prepare.sh, from the repository root:
 #   bash scripts/gpu-profile.sh            (CONFIG=rnn-kalman STEPS=24 by default)
-# Output under $RESULTS (default gpu-out): ncu_<choice>.csv and profile_<choice>.md.
+# Output under $RESULTS (default gpu-out): ncu_<choice>.csv and profile_<choice>.md;
+# with DETAIL="kernel ...", each kernel's detailed report (end of this file).
+#   DETAIL="linear_dense linear_narrow linear_init" LINEARS= bash scripts/gpu-profile.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${RESULTS:-gpu-out}
@@ -22,10 +24,11 @@ echo "ncu: $NCU"
 # skip the set-up launches (tangent draw, parameter gathers) and the first
 # steps, then time COUNT launches (a step is 3 kernels with the hidden layer
 # in linear_dense; 4 kernels and 3 GEMMs with SOFO_GPU_LINEAR=gemm), once per
-# choice in LINEARS (default: auto, then gemm: which of the two is faster),
+# choice in LINEARS (default: auto, then gemm: which of the two is faster;
+# LINEARS= none),
 # in MATMUL (f32 by default; tf32: linear_dense_tf32 and cuBLAS's TF32 GEMMs)
 MATMUL=${MATMUL:-f32}
-for choice in ${LINEARS:-auto gemm}; do
+for choice in ${LINEARS-auto gemm}; do
 echo "== SOFO_GPU_LINEAR=$choice --gpu-matmul $MATMUL"
 [ "$MATMUL" = f32 ] || choice="$choice-$MATMUL"
 SOFO_GPU_LINEAR=${choice%-*} timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
@@ -56,4 +59,26 @@ for name, t in tot.most_common():
     print(f"| {name} | {n[name]} | {t / n[name] / 1e3:.2f} | {t / steps / 1e3:.2f} |")
 print(f"| all | {sum(n.values())} | | {sum(tot.values()) / steps / 1e3:.2f} |")
 PY
+done
+
+# DETAIL="linear_dense linear_narrow ..." (default none): one launch of each
+# of those kernels in detail (occupancy, issue rate, instruction counts,
+# stall reasons, memory traffic, and the SASS lines warps stall at), caches
+# not flushed as in a pass; SOFO_GPU_LINEAR as in LINEAR_DETAIL (default
+# fused, so that linear_dense runs, and gemm for linear_init, which runs
+# where the dense terms go to cuBLAS). Output: ncu_detail_<kernel>.txt, the
+# headline metrics printed.
+for kernel in ${DETAIL:-}; do
+  echo "== $kernel in detail"
+  choice=fused
+  [ "$kernel" = linear_init ] && choice=gemm
+  SOFO_GPU_LINEAR=${LINEAR_DETAIL:-$choice} timeout 60 "$NCU" --cache-control none \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats --section InstructionStats --section MemoryWorkloadAnalysis \
+    --section SourceCounters -k "regex:^$kernel\$" -s 4 -c 1 \
+    gpu/sofo bench --device cuda --method pass --only "$CONFIG" --steps 8 --iters 1 --gpu-matmul "$MATMUL" \
+    > "$OUT/ncu_detail_$kernel.txt" 2>&1
+  echo "ncu exit $?"
+  grep -E "^\s+(Duration|Registers Per Thread|Achieved Active Warps Per SM|Issued Warp Per Scheduler|Executed Instructions|Warp Cycles Per Issued Instruction|Compute \(SM\) Throughput|Memory Throughput)\s" \
+    "$OUT/ncu_detail_$kernel.txt"
 done

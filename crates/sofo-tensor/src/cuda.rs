@@ -1290,7 +1290,7 @@ pub enum DenseLinear {
     /// GEMMs, where cuBLAS's tiles win, and outputs such as 100 columns,
     /// where the fused kernel computes 128: on an H200, N = 100, M = 256,
     /// K = 128 took 0.87 s an iteration with cuBLAS against 1.04 fused, in
-    /// TF32 0.69 against 0.97, while N = 64 and N = 128 ran 6–8 % faster
+    /// TF32 0.69 against 0.97, while N = 64 and N = 128 ran 6–9 % faster
     /// fused; docs/measurements/h200-2026-11-27).
     Auto,
     /// Always the fused kernel (a linear op with one dense term).
