@@ -265,7 +265,8 @@ fn time_adam<M: Model<f32>>(
 /// random tangents: median and minimum of `iters` after 2 warm-up passes.
 /// The tangents are made and put where the device reads them before the
 /// clock starts (a SOFO iteration draws them on the device: uploading the
-/// K tangents of N = 400's W, 82 MB, had doubled the pass's time).
+/// K tangents of N = 400's W, 82 MB, inside the clock made the pass
+/// slower than a whole SOFO iteration on an H200).
 fn time_pass<M: Model<f32>>(
     device: &Device,
     model: &M,
