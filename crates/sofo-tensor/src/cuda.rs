@@ -396,33 +396,51 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
     GRID_LOOP(i, pl * (kt > 0 ? tchunks_(kt) : 1)) {
         long long e, r, j; int k0, k1;
         tunit_(i, pl, kt, n, &e, &r, &j, &k0, &k1);
-        // loops to SMALL_TERM: registers, not local memory
+        // Loops to SMALL_TERM (registers, not local memory) that stop at ku,
+        // and per tangent pointers moved on by a row rather than indices
+        // multiplied out in 64 bits: an H200's profile found this kernel
+        // bound by issuing its instructions (≈ 130 per output element, when
+        // its loops ran all SMALL_TERM iterations predicated off past ku).
+        // The sums run in the same order as before (the host emulation gives
+        // the same bits for every ku and term, under several launch shapes).
         float ur[SMALL_TERM], wj[SMALL_TERM];
         for (int a = 0; a < SMALL_TERM; a++) {
-            ur[a] = a < ku ? u[r * ku + a] : 0.f;
-            wj[a] = a < ku ? w[(long long)a * n + j] : 0.f;
+            if (a >= ku) break;
+            ur[a] = u[r * ku + a];
+            wj[a] = w[(long long)a * n + j];
         }
         if (k0 == 0) {
             float v = has_b ? b[j] : 0.f;
-            for (int a = 0; a < SMALL_TERM; a++)
-                if (a < ku) v += ur[a] * wj[a];
+            for (int a = 0; a < SMALL_TERM; a++) {
+                if (a >= ku) break;
+                v += ur[a] * wj[a];
+            }
             v *= scale;
             if (has_x) v += c * x[e];
             y[e] = v;
         }
-        const long long row = r * kt * n + j;
-        for (int kk = k0; kk < k1; kk++) {
-            long long q = row + (long long)kk * n;
-            float v = has_bt ? bt[(long long)kk * n + j] : 0.f;
+        const long long wstride = (long long)k * n;  // wt's input column a to a + 1
+        const long long first = r * kt * n + (long long)k0 * n + j;
+        float* tq = t + first;
+        const float* xq = xt + first;
+        const float* btq = bt + (long long)k0 * n + j;
+        const float* wtq = wt + (long long)k0 * n + j;
+        const float* utq = ut + (r * k + k0) * ku;
+        for (int kk = k0; kk < k1; kk++, tq += n, xq += n, btq += n, wtq += n, utq += ku) {
+            float v = has_bt ? *btq : 0.f;
             if (has_wt)
-                for (int a = 0; a < SMALL_TERM; a++)
-                    if (a < ku) v += ur[a] * wt[((long long)a * k + kk) * n + j];
+                for (int a = 0; a < SMALL_TERM; a++) {
+                    if (a >= ku) break;
+                    v += ur[a] * wtq[a * wstride];
+                }
             if (has_ut)
-                for (int a = 0; a < SMALL_TERM; a++)
-                    if (a < ku) v += ut[(r * k + kk) * ku + a] * wj[a];
+                for (int a = 0; a < SMALL_TERM; a++) {
+                    if (a >= ku) break;
+                    v += utq[a] * wj[a];
+                }
             v *= scale;
-            if (has_xt) v += c * xt[q];
-            t[q] = v;
+            if (has_xt) v += c * *xq;
+            *tq = v;
         }
     }
 }
