@@ -399,8 +399,9 @@ extern "C" __global__ void linear_init(float* y, float* t, const float* b, const
         // Loops to SMALL_TERM (registers, not local memory) that stop at ku,
         // and per tangent pointers moved on by a row rather than indices
         // multiplied out in 64 bits: an H200's profile found this kernel
-        // bound by issuing its instructions (≈ 130 per output element, when
-        // its loops ran all SMALL_TERM iterations predicated off past ku).
+        // bound by issuing its instructions (≈ 170 per output element in a
+        // variant whose loops, like these before, ran all SMALL_TERM
+        // iterations predicated off past ku).
         // The sums run in the same order as before (the host emulation gives
         // the same bits for every ku and term, under several launch shapes).
         float ur[SMALL_TERM], wj[SMALL_TERM];

@@ -254,15 +254,14 @@ impl<T: Float> CudaSketch<'_, T> {
 /// The parameters and their tangents uploaded as f32 duals (the inputs of
 /// [`observe_pass_cuda`]).
 pub fn upload_duals<T: Float>(dev: &Arc<CudaDevice>, params: &[Dual<T>]) -> Result<Vec<CudaDual>> {
+    let e = CudaFwd::new(dev.clone(), 0);
     params
         .iter()
         .map(|p| {
-            let primal = dev.upload(&p.primal.convert::<f32>())?;
-            let tangent = match &p.tangent {
-                Some(t) => Some(dev.upload(&t.convert::<f32>())?),
-                None => None,
-            };
-            Ok(CudaDual { primal, tangent })
+            e.upload(&Dual {
+                primal: p.primal.convert::<f32>(),
+                tangent: p.tangent.as_ref().map(Tensor::convert::<f32>),
+            })
         })
         .collect::<sofo_tensor::Result<_>>()
         .map_err(Into::into)
