@@ -24,11 +24,11 @@ echo "ncu: $NCU"
 # skip the set-up launches (tangent draw, parameter gathers) and the first
 # steps, then time COUNT launches (a step is 3 kernels with the hidden layer
 # in linear_dense; 4 kernels and 3 GEMMs with SOFO_GPU_LINEAR=gemm), once per
-# choice in LINEARS (default: auto, then gemm: which of the two is faster;
-# LINEARS= none),
+# choice in LINEARS (default: fused, then gemm — which of the two is faster;
+# at rnn-kalman, N = 100, auto is gemm since 2026-11-27; LINEARS= none),
 # in MATMUL (f32 by default; tf32: linear_dense_tf32 and cuBLAS's TF32 GEMMs)
 MATMUL=${MATMUL:-f32}
-for choice in ${LINEARS-auto gemm}; do
+for choice in ${LINEARS-fused gemm}; do
 echo "== SOFO_GPU_LINEAR=$choice --gpu-matmul $MATMUL"
 [ "$MATMUL" = f32 ] || choice="$choice-$MATMUL"
 SOFO_GPU_LINEAR=${choice%-*} timeout 240 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \

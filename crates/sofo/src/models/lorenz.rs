@@ -64,7 +64,8 @@ impl<T: Float> Model<T> for LorenzModel {
         // where the engine applies relu as it reads `pre` (the readout's
         // kernel on a GPU), h = relu(pre) and its [M, K, H] tangents are
         // never stored; elsewhere the ops as they always ran
-        let fused = e.fuses_unary_into_linear(self.hidden, 3);
+        let readout = e.shape(&p[3]);
+        let fused = e.fuses_unary_into_linear(readout[0], readout[1]);
         for t in 0..batch.steps() {
             let pre = e.linear(None, T::one(), &[(&y, c_in)], Some(c_bias))?;
             y = if fused {
